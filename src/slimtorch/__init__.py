@@ -1,0 +1,51 @@
+"""slimtorch: make PyTorch models smaller and faster without changing what they compute.
+
+    masks = slimtorch.compute_masks(model, config_list, example_inputs=x)   # pruning phase (pure)
+    slimtorch.apply_masks_(model, masks)                                    # masked: same size
+    print(slimtorch.report(model, x).to_markdown())
+"""
+
+from slimtorch.config import Granularity, PruneTarget, load_config_list, parse_config_list
+from slimtorch.errors import (
+    CheckpointError,
+    CompactionError,
+    ConfigError,
+    NoMatchError,
+    SlimError,
+    SlimWarning,
+    TraceError,
+    UnsupportedOpError,
+)
+from slimtorch.io import load_masks, save_masks
+from slimtorch.prune import apply_masks_, compute_masks, get_masks, is_masked, remove_masks_
+from slimtorch.report import Report, report, sparsity_table
+from slimtorch.select import select_modules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CompactionError",
+    "ConfigError",
+    "Granularity",
+    "NoMatchError",
+    "PruneTarget",
+    "Report",
+    "SlimError",
+    "SlimWarning",
+    "TraceError",
+    "UnsupportedOpError",
+    "__version__",
+    "apply_masks_",
+    "compute_masks",
+    "get_masks",
+    "is_masked",
+    "load_config_list",
+    "load_masks",
+    "parse_config_list",
+    "remove_masks_",
+    "report",
+    "save_masks",
+    "select_modules",
+    "sparsity_table",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from slimtorch.cli.main import main
+
+sys.exit(main())

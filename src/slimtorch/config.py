@@ -1,0 +1,318 @@
+"""Config lists: what to prune and how much, parsed at the boundary into frozen, validated dataclasses.
+
+A config list is a list of entries, each selecting modules and saying how sparse to make them. The keys
+are NNI's, so a config list from the NNI docs or the book works unchanged::
+
+    >>> from slimtorch.config import parse_config_list
+    >>> cfg = parse_config_list([
+    ...     {"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5},
+    ...     {"op_names": ["fc2"], "exclude": True},
+    ... ])
+    >>> cfg[0].sparse_ratio, cfg[1].exclude
+    (0.5, True)
+
+Later entries override earlier ones for the modules they match (NNI's rule); ``exclude: True`` removes
+the modules it matches from pruning. Aliases accepted: ``sparsity`` and ``sparsity_per_layer`` for
+``sparse_ratio``; ``max_sparsity_per_layer`` for ``max_sparse_ratio``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimtorch.errors import ConfigError
+
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "PruneTarget",
+    "load_config_list",
+    "parse_config_list",
+]
+
+#: Named granularities (the unit that is kept or pruned as a whole). Besides these, ``"N:M"`` strings
+#: (keep N of every M consecutive weights) and ``"block(h,w)"`` / lists of block sizes are accepted.
+GRANULARITIES = {
+    "fine": "single weights (unstructured)",
+    "vector": "rows of the last weight dimension (a kernel row of a conv, a row of a Linear)",
+    "kernel": "whole k x k kernels of a conv (one input channel of one filter)",
+    "out_channel": "whole output channels: conv filters, Linear output neurons (structured)",
+    "in_channel": "whole input channels of a layer (structured)",
+    "head": "whole attention heads (structured)",
+    "layer": "a whole layer or block",
+}
+_ALIASES = {
+    "default": None,
+    "element": "fine",
+    "unstructured": "fine",
+    "filter": "out_channel",
+    "channel": "out_channel",
+    "neuron": "out_channel",
+    "row": "vector",
+}
+_STRUCTURED = frozenset({"out_channel", "in_channel", "head", "layer"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Granularity:
+    """The unit of pruning. ``kind`` is a key of :data:`GRANULARITIES`, ``"block"`` or ``"n:m"``."""
+
+    kind: str
+    block: tuple[int, ...] = ()
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "block":
+            if not self.block or any(b == 0 or b < -1 for b in self.block):
+                raise ConfigError(f"block granularity needs positive sizes (or -1 for a whole dim), got {self.block}")
+        elif self.kind == "n:m":
+            if not (0 < self.n < self.m):
+                raise ConfigError(f"N:M granularity needs 0 < N < M, got {self.n}:{self.m}; e.g. '2:4'")
+        elif self.kind not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.kind!r}; allowed: {_allowed_granularities()}")
+
+    @property
+    def structured(self) -> bool:
+        """True when whole channels/heads/layers go, so the model can be physically compacted."""
+        return self.kind in _STRUCTURED
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        """The sparsity an N:M pattern fixes (1 - N/M); None for other granularities."""
+        return 1.0 - self.n / self.m if self.kind == "n:m" else None
+
+    @classmethod
+    def parse(cls, value: Any) -> Granularity | None:
+        """Parse ``"fine"``, ``"filter"``, ``"2:4"``, ``"block(4,4)"`` or ``[4, 4]`` (NNI block sizes)."""
+        if value is None or isinstance(value, Granularity):
+            return value
+        if isinstance(value, (list, tuple)):
+            return cls(kind="block", block=tuple(_as_int(v, "granularity block size") for v in value))
+        if not isinstance(value, str):
+            raise ConfigError(f"granularity must be a string or a list of block sizes, got {value!r}")
+        text = value.strip().lower()
+        if (match := re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)) is not None:
+            return cls(kind="n:m", n=int(match[1]), m=int(match[2]))
+        if (match := re.fullmatch(r"block\(([-\d,\s]+)\)", text)) is not None:
+            return cls(kind="block", block=tuple(int(v) for v in match[1].split(",") if v.strip()))
+        kind = _ALIASES.get(text, text)
+        return None if kind is None else cls(kind=kind)
+
+    def to_value(self) -> str | list[int]:
+        """The plain value ``parse`` accepts back."""
+        if self.kind == "block":
+            return list(self.block)
+        if self.kind == "n:m":
+            return f"{self.n}:{self.m}"
+        return self.kind
+
+
+def _allowed_granularities() -> str:
+    return ", ".join([*GRANULARITIES, "'N:M' (e.g. '2:4')", "'block(h,w)' or [h, w]", *_ALIASES])
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneTarget:
+    """One config-list entry: which modules, and how sparse. Validated on construction.
+
+    Exactly one of ``sparse_ratio`` (each matched layer), ``total_sparsity`` (across all the layers this
+    entry matches, ranked globally, each capped by ``max_sparse_ratio``) or ``sparse_threshold`` (prune
+    every unit scoring below it) is set, unless ``exclude`` is true or the granularity is N:M.
+    """
+
+    op_types: tuple[str, ...] = ()
+    op_names: tuple[str, ...] = ()
+    op_partial_names: tuple[str, ...] = ()
+    exclude_op_names: tuple[str, ...] = ()
+    exclude: bool = False
+    sparse_ratio: float | None = None
+    total_sparsity: float | None = None
+    max_sparse_ratio: float | None = None
+    sparse_threshold: float | None = None
+    granularity: Granularity | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("op_types", "op_names", "op_partial_names", "exclude_op_names"):
+            _check_names(name, getattr(self, name))
+        if not (self.op_types or self.op_names or self.op_partial_names):
+            raise ConfigError(
+                "a config entry needs at least one selector: 'op_types', 'op_names' or 'op_partial_names'"
+            )
+        for name in ("sparse_ratio", "total_sparsity"):
+            _check_fraction(name, getattr(self, name), upper_closed=False)
+        _check_fraction("max_sparse_ratio", self.max_sparse_ratio, upper_closed=True)
+        if self.sparse_threshold is not None and (
+            not _is_number(self.sparse_threshold) or self.sparse_threshold < 0
+        ):
+            raise ConfigError(f"'sparse_threshold' must be a number >= 0, got {self.sparse_threshold!r}")
+        self._check_amounts()
+
+    def _check_amounts(self) -> None:
+        amounts = [k for k in ("sparse_ratio", "total_sparsity", "sparse_threshold") if getattr(self, k) is not None]
+        if self.exclude:
+            if amounts:
+                raise ConfigError(f"an 'exclude: True' entry prunes nothing; remove {amounts} from it")
+            return
+        implied = self.granularity.implied_sparsity if self.granularity else None
+        if implied is not None:
+            given = self.sparse_ratio
+            if self.total_sparsity is not None or self.sparse_threshold is not None or (
+                given is not None and not math.isclose(given, implied)
+            ):
+                raise ConfigError(
+                    f"granularity {self.granularity.to_value()!r} fixes the sparsity at {implied:g}; "
+                    f"drop {amounts} or set 'sparse_ratio': {implied:g}"
+                )
+            return
+        if len(amounts) != 1:
+            raise ConfigError(
+                "a config entry needs exactly one of 'sparse_ratio' (alias 'sparsity_per_layer', 'sparsity'), "
+                f"'total_sparsity' or 'sparse_threshold'; got {amounts or 'none'}"
+            )
+        if self.max_sparse_ratio is not None and self.total_sparsity is None:
+            raise ConfigError("'max_sparse_ratio' caps layers under 'total_sparsity'; use it with 'total_sparsity'")
+
+    @property
+    def sparsity(self) -> float | None:
+        """The requested fraction pruned (per layer, or in total); None for threshold entries."""
+        if self.granularity is not None and self.granularity.implied_sparsity is not None:
+            return self.granularity.implied_sparsity
+        return self.sparse_ratio if self.sparse_ratio is not None else self.total_sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict (NNI keys) that :meth:`from_dict` accepts back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                out.update(value)
+            elif f.name == "granularity":
+                if value is not None:
+                    out[f.name] = value.to_value()
+            elif value not in (None, (), False):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> PruneTarget:
+        """Parse one config-list dict, with NNI's keys and aliases. Unknown keys are an error."""
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"each config-list entry must be a dict, got {type(entry).__name__}: {entry!r}")
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in entry.items():
+            canon = _KEY_ALIASES.get(key, key)
+            if canon in _EXTRA_KEYS:
+                extra[key] = value
+                continue
+            if canon not in _FIELD_NAMES:
+                raise ConfigError(f"unknown config key {key!r}; allowed keys: {sorted(ALLOWED_KEYS)}")
+            if canon in kwargs:
+                raise ConfigError(f"config key {key!r} given twice (directly and through an alias)")
+            kwargs[canon] = _coerce(canon, value)
+        return cls(**kwargs, extra=extra)
+
+
+_FIELD_NAMES = {f.name for f in dataclasses.fields(PruneTarget)} - {"extra"}
+_KEY_ALIASES = {
+    "sparsity": "sparse_ratio",
+    "sparsity_per_layer": "sparse_ratio",
+    "max_sparsity_per_layer": "max_sparse_ratio",
+}
+#: Keys NNI accepts that only matter to other stages (quantization); kept and round-tripped untouched.
+_EXTRA_KEYS = {"quant_types", "quant_bits", "quant_dtype", "quant_scheme"}
+ALLOWED_KEYS = _FIELD_NAMES | set(_KEY_ALIASES) | _EXTRA_KEYS
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("op_types", "op_names", "op_partial_names", "exclude_op_names"):
+        if isinstance(value, str):
+            raise ConfigError(f"{key!r} must be a list of strings, got the string {value!r}; write [{value!r}]")
+        if not isinstance(value, Iterable):
+            raise ConfigError(f"{key!r} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if key == "exclude":
+        if not isinstance(value, bool):
+            raise ConfigError(f"'exclude' must be True or False, got {value!r}")
+        return value
+    if key == "granularity":
+        return Granularity.parse(value)
+    return value
+
+
+def _check_names(key: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key!r} must hold non-empty strings, got {name!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fraction(key: str, value: Any, *, upper_closed: bool) -> None:
+    if value is None:
+        return
+    ok = _is_number(value) and value >= 0 and (value <= 1 if upper_closed else value < 1)
+    if not ok:
+        interval = "[0, 1]" if upper_closed else "[0, 1)"
+        raise ConfigError(
+            f"{key!r} must be a number in {interval}, got {value!r}; "
+            "it is the fraction of weights to remove (0.5 removes half)"
+        )
+
+
+def parse_config_list(config_list: Sequence[Mapping[str, Any] | PruneTarget]) -> tuple[PruneTarget, ...]:
+    """Parse and validate a whole config list (dicts or :class:`PruneTarget`) into frozen targets."""
+    if isinstance(config_list, (Mapping, str)) or not isinstance(config_list, Sequence):
+        raise ConfigError(
+            f"a config list must be a list of dicts, got {type(config_list).__name__}; wrap a single entry in [...]"
+        )
+    if not config_list:
+        raise ConfigError("the config list is empty; give at least one entry such as "
+                          "{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}")
+    targets = []
+    for i, entry in enumerate(config_list):
+        try:
+            targets.append(entry if isinstance(entry, PruneTarget) else PruneTarget.from_dict(entry))
+        except ConfigError as err:
+            raise type(err)(f"config list entry {i}: {err}") from None
+    if all(t.exclude for t in targets):
+        raise ConfigError("every config-list entry is 'exclude: True', so nothing would be pruned")
+    return tuple(targets)
+
+
+def load_config_list(source: str | Path) -> tuple[PruneTarget, ...]:
+    """Read a config list from a YAML (or JSON) file, or from YAML text, and parse it.
+
+    The file may hold the list itself or a mapping with a ``config_list`` key.
+    """
+    try:
+        import yaml
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("reading YAML config lists needs PyYAML: pip install 'slimtorch[yaml]'") from err
+    path = Path(source) if not isinstance(source, str) or "\n" not in source else None
+    if path is not None and not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text() if path is not None else str(source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config is not valid YAML: {err}") from None
+    if isinstance(data, Mapping) and "config_list" in data:
+        data = data["config_list"]
+    return parse_config_list(data)

@@ -1,0 +1,209 @@
+"""Masks, the contract between stages: ``dict[param_name, Tensor]``, bool (or 0/1), same shape as the param.
+
+``apply_masks_`` makes a model compute as pruned while keeping every shape and every parameter object
+(so an optimizer built before still works), and keeps pruned weights at zero through training,
+``copy.deepcopy`` and ``state_dict`` round trips. ``remove_masks_`` bakes the zeros in and removes every
+trace of the masking::
+
+    >>> import torch, torch.nn as nn
+    >>> from slimtorch import apply_masks_, remove_masks_
+    >>> net = nn.Linear(3, 2)
+    >>> apply_masks_(net, {"weight": torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)})
+    >>> (net.weight == 0).sum().item()
+    2
+    >>> remove_masks_(net)
+    >>> hasattr(net, "weight_mask")
+    False
+
+Why not ``torch.nn.utils.prune`` or ``parametrize``: both rename the parameter (``weight_orig`` /
+``parametrizations.weight.original``), which breaks state-dict keys and the dependency graph's view of
+the model. Here the parameter stays a plain ``weight``; the mask is a buffer ``weight_mask`` saved in the
+state dict; a forward pre-hook and a state-dict hook re-zero pruned entries in place, and a gradient hook
+zeroes their gradient so no optimizer (momentum, Adam, weight decay) moves them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from slimtorch.errors import ConfigError, NoMatchError, closest
+
+__all__ = [
+    "MASK_SUFFIX",
+    "apply_masks_",
+    "check_masks",
+    "get_masks",
+    "is_masked",
+    "mask_sparsity",
+    "remove_masks_",
+]
+
+MASK_SUFFIX = "_mask"
+
+# Gradient hooks installed, by id(parameter) -> (weak reference to it, handle). Tensor hooks are not
+# copied by ``copy.deepcopy``, so the forward pre-hook (which is) installs them lazily on whatever
+# parameter object the module holds now. (A WeakKeyDictionary cannot hold tensors: it compares keys
+# with ``==``, which is elementwise for tensors.)
+_GRAD_HOOKS: dict[int, tuple[weakref.ref, torch.utils.hooks.RemovableHandle]] = {}
+
+
+def _has_grad_hook(param: torch.Tensor) -> bool:
+    entry = _GRAD_HOOKS.get(id(param))
+    return entry is not None and entry[0]() is param
+
+
+def _add_grad_hook(param: torch.Tensor, mask: torch.Tensor) -> None:
+    for key in [k for k, (ref, _) in _GRAD_HOOKS.items() if ref() is None]:
+        del _GRAD_HOOKS[key]  # forget parameters that no longer exist
+    _GRAD_HOOKS[id(param)] = (weakref.ref(param), param.register_hook(_GradMask(mask)))
+
+
+def _drop_grad_hook(param: torch.Tensor) -> None:
+    if _has_grad_hook(param):
+        _GRAD_HOOKS.pop(id(param))[1].remove()
+
+
+class _MaskHook:
+    """Forward pre-hook and state-dict pre-hook of a masked module. Holds names only, never tensors, so a
+    deep-copied module's copy of the hook works on the copy's own parameters and masks."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def enforce(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                param = module._parameters[name]
+                mask = module._buffers[name + MASK_SUFFIX]
+                param.mul_(mask)
+                if param.requires_grad and not _has_grad_hook(param):
+                    _add_grad_hook(param, mask)
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        self.enforce(module)
+
+    def state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        self.enforce(module)
+
+
+class _GradMask:
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.mask
+
+
+def _find_hook(module: nn.Module) -> tuple[int, _MaskHook] | None:
+    # Hooks are looked up in the module's hook dicts (not kept as handles) because handles do not
+    # survive deepcopy.
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, _MaskHook):
+            return key, hook
+    return None
+
+
+def _split(name: str) -> tuple[str, str]:
+    module_name, _, param_name = name.rpartition(".")
+    return module_name, param_name
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise a clear error unless every key names a parameter of ``model`` and every mask fits it."""
+    if not isinstance(masks, Mapping):
+        raise ConfigError(f"masks must be a dict of parameter name -> tensor, got {type(masks).__name__}")
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise NoMatchError(f"mask {name!r} names no parameter of the model; {closest(name, params)}")
+        if not isinstance(mask, torch.Tensor):
+            raise ConfigError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise ConfigError(
+                f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}"
+            )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ConfigError(f"mask {name!r} must be bool or hold only 0 and 1")
+
+
+def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Make ``model`` compute as pruned (same shapes); pruned entries stay zero from now on.
+
+    Applying again replaces the masks of the parameters named and keeps the others. All masks are
+    checked before anything changes.
+    """
+    check_masks(model, masks)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, mask in masks.items():
+        module_name, param_name = _split(name)
+        by_module.setdefault(module_name, {})[param_name] = mask
+    for module_name, module_masks in by_module.items():
+        _apply_module_(model.get_submodule(module_name), module_masks)
+
+
+def _apply_module_(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    found = _find_hook(module)
+    names = list(found[1].names) if found else []
+    for param_name, mask in masks.items():
+        param = module._parameters[param_name]
+        buffer_name = param_name + MASK_SUFFIX
+        mask = mask.to(device=param.device, dtype=torch.bool)
+        if param_name in names:
+            module._buffers[buffer_name].copy_(mask)  # in place: the gradient hook holds this tensor
+            continue
+        if buffer_name in module._buffers or hasattr(module, buffer_name):
+            raise ConfigError(f"{type(module).__name__} already has an attribute {buffer_name!r}; cannot mask it")
+        module.register_buffer(buffer_name, mask.clone())
+        names.append(param_name)
+    if found is None:
+        hook = _MaskHook(tuple(names))
+        module.register_forward_pre_hook(hook)
+        module.register_state_dict_pre_hook(hook.state_dict_hook)
+    else:
+        hook = found[1]
+        hook.names = tuple(names)
+    hook.enforce(module)
+
+
+def is_masked(model: nn.Module) -> bool:
+    """True when any module of ``model`` carries masks from :func:`apply_masks_`."""
+    return any(_find_hook(m) is not None for m in model.modules())
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks currently applied to ``model`` (copies), keyed by parameter name."""
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        found = _find_hook(module)
+        if found is None:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name in found[1].names:
+            out[prefix + name] = module._buffers[name + MASK_SUFFIX].detach().clone()
+    return out
+
+
+def remove_masks_(model: nn.Module) -> None:
+    """Bake the masks in (pruned entries are exactly zero) and remove buffers and hooks."""
+    for module in model.modules():
+        found = _find_hook(module)
+        if found is None:
+            continue
+        key, hook = found
+        hook.enforce(module)
+        del module._forward_pre_hooks[key]
+        for sd_key, sd_hook in list(module._state_dict_pre_hooks.items()):
+            if getattr(sd_hook, "__self__", None) is hook:
+                del module._state_dict_pre_hooks[sd_key]
+        for name in hook.names:
+            _drop_grad_hook(module._parameters[name])
+            del module._buffers[name + MASK_SUFFIX]
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Fraction of zeros in each mask, keyed like the masks."""
+    return {name: 1.0 - float(m.float().mean()) if m.numel() else 0.0 for name, m in masks.items()}

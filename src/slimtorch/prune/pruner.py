@@ -1,0 +1,217 @@
+"""``compute_masks``: config list + criterion -> masks. Pure: the model is read, never changed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch import compute_masks
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], criterion="l1")
+    >>> sorted(masks), int(masks["0.weight"].any(dim=(1, 2, 3)).sum())
+    (['0.bias', '0.weight'], 2)
+
+Each selected layer's weight is cut into units (its granularity, or the criterion's default), each unit
+is scored by the criterion, and the lowest-scoring units are pruned: per layer (``sparse_ratio``),
+below a threshold (``sparse_threshold``), ranked across all layers of an entry (``total_sparsity``,
+each capped by ``max_sparse_ratio``), or N of every M kept (``"2:4"``). Structured masks (whole output
+channels) also mask the bias. With ``example_inputs``, structured masks are made consistent across
+coupled layers through the dependency graph, so the masked model computes what the compacted one will.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.config import PruneTarget
+from slimtorch.errors import ConfigError
+from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
+from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
+from slimtorch.select import select_modules
+
+__all__ = ["LayerPlan", "compute_masks", "plan_layers", "units_to_prune"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One selected layer, cut into units and scored. ``scores`` is float64 on the CPU, one per unit."""
+
+    name: str
+    module: nn.Module
+    target: PruneTarget
+    entry: int
+    view: UnitView
+    scores: torch.Tensor
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+
+def units_to_prune(num_units: int, sparsity: float, *, structured: bool) -> int:
+    """How many of ``num_units`` a sparsity removes: rounded half up, never all units of a structured
+    layer (an emptied layer cannot compute)."""
+    count = math.floor(sparsity * num_units + 0.5)
+    return min(count, num_units - 1) if structured else min(count, num_units)
+
+
+def plan_layers(
+    model: nn.Module,
+    config_list: Sequence[Mapping[str, Any] | PruneTarget],
+    criterion: str | Criterion,
+    *,
+    stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+) -> list[LayerPlan]:
+    """Select layers and score their units (the pure first half of :func:`compute_masks`)."""
+    crit = get_criterion(criterion)
+    selected = select_modules(model, config_list)
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for name, sel in selected.items():
+        gran = sel.target.granularity or crit.default_granularity
+        weight = sel.module.weight.detach()
+        view = unit_view(sel.module, weight.shape, gran)
+        ctx = ScoreContext(name, sel.module, view, (stats or {}).get(name, {}), generator)
+        for key in crit.needs:
+            ctx.stat(key, crit.name)
+        with torch.no_grad():
+            scores = crit.fn(view.units(weight), ctx)
+        if scores.shape != (view.num_units,):
+            raise RuntimeError(f"criterion {crit.name!r} returned {tuple(scores.shape)} for {view.num_units} units")
+        plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view, scores.detach().double().cpu()))
+    return plans
+
+
+def _keep_lowest_pruned(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep mask with the ``count`` lowest scores pruned (ties: the earlier unit goes first)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(scores, stable=True).indices
+        keep[order[:count]] = False
+    return keep
+
+
+def _n_m_keep(plan: LayerPlan) -> torch.Tensor:
+    m, n = plan.view.group_size, plan.view.keep_per_group
+    groups = plan.scores.reshape(-1, m)  # (num_groups, M)
+    top = torch.topk(groups, n, dim=1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
+    return keep.reshape(-1)
+
+
+def _global_counts(plans: list[LayerPlan], total: float, cap: float) -> list[int]:
+    """Units to prune per layer so that ``total`` of all their weights go, ranked across layers.
+
+    Scores are compared per weight (score / unit size) so that units of different sizes compare
+    fairly. A layer that would exceed its cap is fixed at the cap and the rest re-ranked
+    (water-filling), so the total is met whenever the caps allow it.
+    """
+    sizes = [p.view.unit_size for p in plans]
+    caps = [units_to_prune(p.view.num_units, cap, structured=p.view.structured) for p in plans]
+    target = math.floor(total * sum(p.view.num_units * s for p, s in zip(plans, sizes, strict=True)) + 0.5)
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(plans)) if i not in fixed]
+        remaining = target - sum(fixed[i] * sizes[i] for i in fixed)
+        counts = dict(fixed)
+        if free and remaining > 0:
+            per_weight = torch.cat([plans[i].scores / sizes[i] for i in free])
+            owner = torch.cat([torch.full((plans[i].view.num_units,), i) for i in free])
+            size = torch.tensor([sizes[i] for i in free]).repeat_interleave(
+                torch.tensor([plans[i].view.num_units for i in free])
+            )
+            order = torch.sort(per_weight, stable=True).indices
+            cum = torch.cumsum(size[order], 0)
+            count = int(torch.searchsorted(cum, torch.tensor(remaining)))  # cum[count] >= remaining
+            if count < len(cum) and cum[count] - remaining < remaining - (cum[count - 1] if count else 0):
+                count += 1
+            chosen = torch.bincount(owner[order[:count]], minlength=len(plans))
+            counts.update({i: int(chosen[i]) for i in free})
+        else:
+            counts.update({i: 0 for i in free})
+        over = [i for i in free if counts[i] > caps[i]]
+        if not over:
+            return [counts[i] for i in range(len(plans))]
+        fixed.update({i: caps[i] for i in over})
+
+
+def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """Per-unit keep flags of every planned layer, by layer name."""
+    keep: dict[str, torch.Tensor] = {}
+    pools: dict[int, list[LayerPlan]] = {}
+    for plan in plans:
+        target, view = plan.target, plan.view
+        if view.group_size:
+            keep[plan.name] = _n_m_keep(plan)
+        elif target.sparse_threshold is not None:
+            keep[plan.name] = plan.scores >= target.sparse_threshold
+            if view.structured and not keep[plan.name].any():
+                keep[plan.name][plan.scores.argmax()] = True  # never empty a structured layer
+        elif target.total_sparsity is not None:
+            pools.setdefault(plan.entry, []).append(plan)
+        else:
+            count = units_to_prune(view.num_units, target.sparse_ratio or 0.0, structured=view.structured)
+            keep[plan.name] = _keep_lowest_pruned(plan.scores, count)
+    for pool in pools.values():
+        target = pool[0].target
+        cap = target.max_sparse_ratio if target.max_sparse_ratio is not None else 1.0
+        for plan, count in zip(pool, _global_counts(pool, target.total_sparsity or 0.0, cap), strict=True):
+            keep[plan.name] = _keep_lowest_pruned(plan.scores, count)
+    return keep
+
+
+def _layer_masks(plan: LayerPlan, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    device = plan.module.weight.device
+    masks = {plan.weight_name: plan.view.expand(keep).to(device)}
+    bias = plan.module._parameters.get("bias")
+    out_dim = channel_dims(plan.module)[0]
+    if (
+        plan.view.granularity.kind == "out_channel"
+        and isinstance(bias, torch.Tensor)
+        and bias.shape == (plan.module.weight.shape[out_dim],)
+    ):
+        masks[f"{plan.name}.bias"] = keep.to(device)
+    return masks
+
+
+def compute_masks(
+    model: nn.Module,
+    config_list: Sequence[Mapping[str, Any] | PruneTarget],
+    *,
+    example_inputs: Any = None,
+    criterion: str | Criterion = "l1",
+    stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Masks (``param name -> bool tensor``, True = keep) for the layers ``config_list`` selects.
+
+    Args:
+        model: the model to score; it is not changed.
+        config_list: NNI-style entries (dicts or :class:`~slimtorch.config.PruneTarget`).
+        example_inputs: a batch (tensor, tuple or dict) for the dependency graph: with it, structured
+            masks are made consistent across coupled layers and extended to every parameter that
+            produces or normalises a pruned channel.
+        criterion: a registered criterion name (``"l1"``, ``"l2"``, ``"fpgm"``, ``"magnitude"``,
+            ``"random"``, ...). Its default granularity applies where an entry gives none: the norm
+            criteria default to whole output channels (as NNI's norm pruners), magnitude to single weights.
+        stats: per-layer statistics for data-driven criteria, ``{layer_name: {"grad": ...}}``.
+        seed: seed of the random criterion.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plans = plan_layers(model, config_list, criterion, stats=stats, seed=seed)
+    keep = unit_keep(plans)
+    if example_inputs is not None and any(p.view.structured for p in plans):
+        from slimtorch.prune.coupled import coupled_masks
+
+        masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], keep)
+        plans = [p for p in plans if not p.view.structured]
+    else:
+        masks = {}
+    for plan in plans:
+        masks.update(_layer_masks(plan, keep[plan.name]))
+    return masks

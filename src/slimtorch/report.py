@@ -1,0 +1,246 @@
+"""Measurements: parameters, non-zeros, MACs/FLOPs, saved size, CPU latency and throughput.
+
+Every report says what it looked at: a *dense* model, a *masked* one (pruned values are zero but the
+model is exactly as large and as slow as before) or a *compacted* one (really smaller)::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch import report
+    >>> r = report(nn.Linear(8, 4), torch.randn(2, 8), runs=3)
+    >>> r.params, r.macs, r.state
+    (36, 64, 'dense')
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+from slimtorch.prune.masks import is_masked
+
+__all__ = [
+    "COMPACTION_ATTR",
+    "Report",
+    "compare_markdown",
+    "count_flops",
+    "count_nonzero",
+    "count_params",
+    "measure_latency",
+    "model_state",
+    "report",
+    "saved_size",
+    "sparsity_table",
+]
+
+#: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
+COMPACTION_ATTR = "slimtorch_compaction"
+
+
+def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one, so on CPU a transformer's
+# attention would count as zero FLOPs. Same formula as torch's own for the other kernels.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+}
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Number of parameters that are not exactly zero."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """Forward FLOPs of one call on ``example_inputs`` (a multiply-add counts 2), attention included."""
+    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
+        _call(model, example_inputs)
+    return int(fc.get_total_flops())
+
+
+def saved_size(model: nn.Module) -> int:
+    """Bytes of the model's weights saved as safetensors (masks and other buffers included)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        # safetensors refuses shared storage; a tied weight is saved once.
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().cpu().contiguous()
+    return len(save(tensors))
+
+
+def measure_latency(
+    model: nn.Module, example_inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int | None = None
+) -> float:
+    """Median wall time (seconds) of one forward call under ``torch.inference_mode``."""
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                start = time.perf_counter()
+                _call(model, example_inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def model_state(model: nn.Module) -> str:
+    """``"masked"``, ``"compacted"`` or ``"dense"``."""
+    if is_masked(model):
+        return "masked"
+    if getattr(model, COMPACTION_ATTR, None):
+        return "compacted"
+    return "dense"
+
+
+def _batch_size(example_inputs: Any) -> int:
+    first = example_inputs
+    while not isinstance(first, torch.Tensor):
+        if isinstance(first, Mapping) and first:
+            first = next(iter(first.values()))
+        elif isinstance(first, Sequence) and first:
+            first = first[0]
+        else:
+            return 1
+    return int(first.shape[0]) if first.dim() else 1
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`report` measured. ``latency_s`` is the median of ``runs`` calls."""
+
+    state: str
+    params: int
+    nonzero_params: int
+    flops: int
+    size_bytes: int
+    latency_s: float | None
+    throughput: float | None
+    batch_size: int
+    threads: int
+
+    @property
+    def macs(self) -> int:
+        return self.flops // 2
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "macs": self.macs, "sparsity": self.sparsity}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self, title: str = "model") -> str:
+        return compare_markdown({title: self})
+
+
+def report(
+    model: nn.Module, example_inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int | None = None
+) -> Report:
+    """Measure ``model`` on ``example_inputs`` (the model is put in eval mode for the measurement and
+    restored after). ``runs=0`` skips the latency measurement."""
+    was_training = model.training
+    model.eval()
+    try:
+        latency = measure_latency(model, example_inputs, runs=runs, warmup=warmup, threads=threads) if runs else None
+        batch = _batch_size(example_inputs)
+        return Report(
+            state=model_state(model),
+            params=count_params(model),
+            nonzero_params=count_nonzero(model),
+            flops=count_flops(model, example_inputs),
+            size_bytes=saved_size(model),
+            latency_s=latency,
+            throughput=batch / latency if latency else None,
+            batch_size=batch,
+            threads=threads or torch.get_num_threads(),
+        )
+    finally:
+        model.train(was_training)
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}{unit}"
+    return f"{value:.4g}{unit}"
+
+
+def compare_markdown(reports: Mapping[str, Report]) -> str:
+    """A Markdown table of several reports side by side; ratios are against the first one."""
+    names = list(reports)
+    base = reports[names[0]]
+    lines = [
+        "| model | state | params | non-zero | MACs | size | latency | throughput | params ratio | MACs ratio "
+        "| speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        r = reports[name]
+        speedup = f"{base.latency_s / r.latency_s:.2f}x" if base.latency_s and r.latency_s else "-"
+        lines.append(
+            f"| {name} | {r.state} | {_fmt(r.params)} | {_fmt(r.nonzero_params)} | {_fmt(r.macs)} | "
+            f"{_fmt(r.size_bytes, 'B')} | {_fmt(r.latency_s * 1e3 if r.latency_s else None, ' ms')} | "
+            f"{_fmt(r.throughput, '/s')} | {r.params / base.params:.3f} | "
+            f"{(r.macs / base.macs) if base.macs else float('nan'):.3f} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def sparsity_table(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per masked parameter: shape, kept and total entries, sparsity, and whole output units kept
+    (rows along dim 0 with at least one kept entry) — what a pruner actually achieved."""
+    params = dict(model.named_parameters())
+    rows = []
+    for name, mask in masks.items():
+        mask = mask.bool()
+        units = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() else mask.reshape(1)
+        rows.append(
+            {
+                "param": name,
+                "shape": list(params[name].shape) if name in params else list(mask.shape),
+                "kept": int(mask.sum()),
+                "total": mask.numel(),
+                "sparsity": 1.0 - float(mask.float().mean()) if mask.numel() else 0.0,
+                "units_kept": int(units.sum()),
+                "units": int(units.numel()),
+            }
+        )
+    return rows

@@ -1,0 +1,126 @@
+"""Which modules a config list selects. A selector that matches nothing is an error, never a silent no-op.
+
+    >>> import torch.nn as nn
+    >>> from slimtorch.select import select_modules
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> sorted(select_modules(net, [{"op_types": ["Linear"], "sparse_ratio": 0.5},
+    ...                              {"op_names": ["2"], "exclude": True}]))
+    ['0']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.config import PruneTarget, parse_config_list
+from slimtorch.errors import ConfigError, NoMatchError, closest
+
+__all__ = ["Selected", "prunable_modules", "select_modules", "type_names"]
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A module chosen for pruning and the config entry that governs it (the last one that matched)."""
+
+    name: str
+    module: nn.Module
+    target: PruneTarget
+    entry: int
+
+
+def type_names(module: nn.Module) -> set[str]:
+    """The class name of ``module`` and of its bases, so ``'Linear'`` also selects subclasses of Linear."""
+    return {cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)}
+
+
+def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own a parameter called ``weight`` directly: the things a config list can prune."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if name and isinstance(mod._parameters.get("weight"), torch.Tensor)
+    }
+
+
+def _known_module_types(model: nn.Module) -> set[str]:
+    known = {n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module)}
+    for mod in model.modules():
+        known |= type_names(mod)
+    return known
+
+
+def _check_selectors(target: PruneTarget, names: list[str], known_types: set[str]) -> None:
+    for op_type in target.op_types:
+        if op_type not in known_types:
+            raise ConfigError(
+                f"op type {op_type!r} is not a module class (neither in torch.nn nor in this model); "
+                f"use a class name such as 'Conv2d' or 'Linear' ({closest(op_type, known_types)})"
+            )
+    for key in ("op_names", "exclude_op_names"):
+        for name in getattr(target, key):
+            if name not in names:
+                raise NoMatchError(f"{key} entry {name!r} matches no module of the model; {closest(name, names)}")
+    for part in target.op_partial_names:
+        if not any(part in n for n in names):
+            raise NoMatchError(
+                f"op_partial_names entry {part!r} is part of no module name; {closest(part, names)}"
+            )
+
+
+def _within(name: str, roots: tuple[str, ...]) -> bool:
+    """``name`` is one of ``roots`` or inside one of them (naming a block selects the layers in it)."""
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def _matches(target: PruneTarget, name: str, module: nn.Module) -> bool:
+    if target.op_types and not (type_names(module) & set(target.op_types)):
+        return False
+    if target.op_names and not _within(name, target.op_names):
+        return False
+    if target.op_partial_names and not any(p in name for p in target.op_partial_names):
+        return False
+    return not _within(name, target.exclude_op_names)
+
+
+def _describe(target: PruneTarget) -> str:
+    keys = ("op_types", "op_names", "op_partial_names")
+    return ", ".join(f"{k}={list(getattr(target, k))}" for k in keys if getattr(target, k))
+
+
+def select_modules(
+    model: nn.Module, config_list: Sequence[Mapping[str, Any] | PruneTarget]
+) -> dict[str, Selected]:
+    """Resolve a config list against ``model``: module name -> :class:`Selected`, in model order.
+
+    A name in ``op_names`` / ``exclude_op_names`` that is a block (``"layer2"``) stands for every
+    prunable layer inside it.
+
+    Raises :class:`~slimtorch.errors.NoMatchError` when a name, partial name or whole entry matches no
+    module, and :class:`~slimtorch.errors.ConfigError` when an op type is not a module class.
+    Pure: the model is not touched.
+    """
+    targets = parse_config_list(config_list)
+    all_names = [n for n, _ in model.named_modules() if n]
+    known_types = _known_module_types(model)
+    candidates = prunable_modules(model)
+    chosen: dict[str, Selected] = {}
+    for index, target in enumerate(targets):
+        _check_selectors(target, all_names, known_types)
+        matched = [n for n, m in candidates.items() if _matches(target, n, m)]
+        if not matched:
+            raise NoMatchError(
+                f"config list entry {index} ({_describe(target)}) matches no prunable module; "
+                f"prunable modules: {list(candidates)[:12]}{' ...' if len(candidates) > 12 else ''}"
+            )
+        for name in matched:
+            if target.exclude:
+                chosen.pop(name, None)
+            else:
+                chosen[name] = Selected(name, candidates[name], target, index)
+    order = {n: i for i, n in enumerate(candidates)}
+    return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
