@@ -1,0 +1,62 @@
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch import apply_masks_, compute_masks, report
+from slimtorch.models import MnistNet
+from slimtorch.report import COMPACTION_ATTR, compare_markdown, count_flops, model_state, saved_size
+
+
+def test_linear_and_conv_flops_hand_computed():
+    assert count_flops(nn.Linear(8, 4), torch.randn(2, 8)) == 2 * (2 * 8 * 4)
+    # Conv2d(1 -> 2, 3x3) on 5x5: 3x3 outputs per channel, each 9 multiply-adds.
+    assert count_flops(nn.Conv2d(1, 2, 3), torch.randn(1, 1, 5, 5)) == 2 * (2 * 3 * 3 * 9)
+
+
+class _Attention(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_cpu_attention_is_counted():
+    q = torch.randn(1, 2, 8, 4)  # (B, heads, T, head_dim)
+    # QK^T and AV: each 2 * B * heads * T * T * head_dim.
+    assert count_flops(_Attention(), q) == 2 * (2 * 1 * 2 * 8 * 8 * 4)
+
+
+def test_report_fields_and_states():
+    model = MnistNet()
+    x = torch.randn(4, 1, 28, 28)
+    dense = report(model, x, runs=2, warmup=1)
+    assert dense.state == "dense" and dense.params == 431080 and dense.nonzero_params == dense.params
+    assert dense.batch_size == 4 and dense.latency_s > 0 and dense.throughput == 4 / dense.latency_s
+    assert dense.size_bytes > 4 * dense.params
+    masks = compute_masks(model, [{"op_types": ["Linear"], "sparse_ratio": 0.5, "granularity": "fine"}],
+                          criterion="magnitude")
+    apply_masks_(model, masks)
+    masked = report(model, x, runs=0)
+    assert masked.state == "masked" and masked.latency_s is None
+    assert masked.params == dense.params and masked.flops == dense.flops  # a masked model is not smaller
+    assert masked.nonzero_params < dense.params
+    assert model.training  # the mode is restored
+
+
+def test_compacted_state_and_outputs():
+    model = nn.Linear(3, 3)
+    setattr(model, COMPACTION_ATTR, {"removed": 1})
+    assert model_state(model) == "compacted"
+    r = report(model, torch.randn(2, 3), runs=1, warmup=0)
+    data = json.loads(r.to_json())
+    assert data["state"] == "compacted" and data["macs"] == r.macs == 18
+    table = compare_markdown({"before": r, "after": r})
+    assert table.count("\n") == 3 and "| after | compacted |" in table
+
+
+def test_saved_size_counts_tied_weights_once():
+    emb = nn.Embedding(100, 16)
+    head = nn.Linear(16, 100, bias=False)
+    head.weight = emb.weight
+    tied = nn.ModuleDict({"emb": emb, "head": head})
+    assert saved_size(tied) < 2 * 100 * 16 * 4
