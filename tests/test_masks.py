@@ -42,7 +42,8 @@ def test_apply_zeroes_and_keeps_parameter_objects():
 def test_training_keeps_pruned_weights_zero(opt_cls):
     net = _net()
     masks = _masks(net)
-    opt = opt_cls(net.parameters(), lr=0.1, weight_decay=0.1, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {}))
+    extra = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+    opt = opt_cls(net.parameters(), lr=0.1, weight_decay=0.1, **extra)
     apply_masks_(net, masks)
     for _ in range(5):
         opt.zero_grad()
