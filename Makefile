@@ -16,11 +16,11 @@ demo: $(STAMP)
 	$(PY) -m slimtorch demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests $(wildcard benchmarks)
 	$(PY) -m pytest -n 2 --durations=25
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests $(wildcard benchmarks)
 
 clean:
 	rm -rf $(VENV) runs
