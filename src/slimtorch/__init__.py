@@ -5,6 +5,7 @@
     print(slimtorch.report(model, x).to_markdown())
 """
 
+from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, load_config_list, parse_config_list
 from slimtorch.errors import (
     CheckpointError,
@@ -37,6 +38,7 @@ __all__ = [
     "UnsupportedOpError",
     "__version__",
     "apply_masks_",
+    "compact_",
     "compute_masks",
     "get_masks",
     "is_masked",
