@@ -183,6 +183,7 @@ class _Tracer(TorchFunctionMode):
             frame = self.stack.pop()
             if frame.rule is not None:
                 self.atomic = 0
+                self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
                 with torch._C.DisableTorchFunction():
                     frame.rule(ModuleContext(self, module, name, *frame.call, out))
             elif self.atomic:
