@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
+from slimtorch.errors import ConfigError
 from slimtorch.prune.masks import apply_masks_, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.select import select_modules
@@ -138,7 +139,8 @@ def _flat_masks(model: nn.Module, masks: Any) -> dict[str, torch.Tensor]:
     for module, params in masks.items():
         prefix = names.get(id(module), module) if isinstance(module, nn.Module) else module
         if isinstance(module, nn.Module) and id(module) not in names:
-            raise ValueError(f"a mask key is a {type(module).__name__} that is not part of the model")
+            raise ConfigError(f"a mask key is a {type(module).__name__} that is not part of the model; key the masks "
+                              "by the model's own modules or their names")
         for param, mask in params.items():
             flat[f"{prefix}.{param}" if prefix else param] = mask
     return flat
