@@ -189,3 +189,11 @@ def test_plan_is_pure():
     plan = plan_compaction(model, _masks(model, IMAGE, ["Conv2d"], "head"), example_inputs=IMAGE)
     assert plan.removed_count == plan.requested > 0 and plan.modules
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_mixed_train_and_eval_modes_are_kept_module_by_module():
+    model = Residual().train()
+    model.a.eval()  # e.g. a frozen part: compaction runs the model in eval mode and must give each its own back
+    modes = [m.training for m in model.modules()]
+    compact_(model, _masks(model, IMAGE, ["Conv2d"], "fc"), example_inputs=IMAGE)
+    assert [m.training for m in model.modules()] == modes

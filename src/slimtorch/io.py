@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,14 +138,33 @@ def _read_description(directory: Path) -> dict[str, Any]:
     return description
 
 
+def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
+    """Strict ``load_state_dict`` from a safetensors file. Unlike ``safetensors.torch.load_model`` it keeps
+    the model's own state-dict metadata (module versions, which e.g. torchvision's MNASNet requires), and
+    accepts a missing key only where the model ties it to a loaded tensor (``save_model`` drops such aliases)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    own = model.state_dict()
+    def storage(key: str) -> int | None:  # None for empty tensors, whose data pointers say nothing
+        return own[key].untyped_storage().data_ptr() if own[key].numel() else None
+
+    loaded = {storage(k) for k in state if k in own} - {None}
+    aliases = [k for k in own if k not in state and storage(k) in loaded]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(aliases))
+    if missing or unexpected:
+        raise CheckpointError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # per-module versions
+    model.load_state_dict(ordered, strict=False)
+
+
 def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     """Load a model saved by :func:`save_compacted` onto ``model``, a freshly built instance of the class it
     was saved from: replay its compaction steps, then load the weights (strictly, no pickle). A missing,
     corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and leaves ``model`` as it was.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     from slimtorch.compact.compact import _Snapshot, replay_
     from slimtorch.report import COMPACTION_ATTR
 
@@ -159,8 +179,8 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     try:
         replay_(model, description["steps"])
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
-    except (SafetensorError, Exception) as err:
+        _load_weights_(model, directory / WEIGHTS, device)
+    except Exception as err:  # safetensors, shape and replay errors alike: the file does not fit the model
         snapshot.restore(model)
         raise CheckpointError(f"{str(directory)!r} does not match this model: {err}") from None
     setattr(model, COMPACTION_ATTR, {**description["summary"], "steps": description["steps"]})
