@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
-from slimtorch.select import select_modules, type_names
+from slimtorch.select import select_layers as select_layers_by
+from slimtorch.select import type_names
 
 __all__ = ["convert_qat", "quantize", "quantize_", "select_layers", "sqnr"]
 
@@ -34,16 +34,16 @@ def select_layers(model: nn.Module, config: QuantConfig) -> tuple[str, ...]:
     """Names of the layers ``config`` quantizes, in model order (pure). A selector that matches nothing,
     or a selected layer the method cannot quantize, is an error; nothing is skipped silently."""
     spec = config.spec
-    entries = [
-        PruneTarget(op_types=config.op_types or spec.default_op_types, op_names=config.op_names, sparse_ratio=0.0)
-    ]
-    if config.exclude_op_names:
-        entries.append(PruneTarget(op_names=config.exclude_op_names, exclude=True))
-    chosen = select_modules(model, entries)
-    for name, sel in chosen.items():
-        if not type_names(sel.module) & set(spec.layer_types):
+    chosen = select_layers_by(
+        model,
+        op_types=config.op_types or spec.default_op_types,
+        op_names=config.op_names,
+        exclude_op_names=config.exclude_op_names,
+    )
+    for name, layer in chosen.items():
+        if not type_names(layer) & set(spec.layer_types):
             raise ConfigError(
-                f"{config.method} cannot quantize layer {name!r} ({type(sel.module).__name__}); it handles "
+                f"{config.method} cannot quantize layer {name!r} ({type(layer).__name__}); it handles "
                 f"{list(spec.layer_types)}: exclude the layer with exclude_op_names or choose op_types"
             )
     if not chosen:
