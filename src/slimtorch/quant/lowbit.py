@@ -51,9 +51,13 @@ def pack_int4(weight: torch.Tensor, *, group_size: int) -> dict[str, torch.Tenso
 def unpack_int4(packed: dict[str, torch.Tensor], *, group_size: int) -> torch.Tensor:
     """The float weight that :func:`pack_int4` stored, shape (out, in)."""
     qweight, scale = packed["qweight"], packed["scale"]
-    q = torch.stack((qweight & 15, qweight >> 4), dim=-1)  # (out, in/2, 2): low nibble first
+    # Float arithmetic (exact for 0..255) rather than shifts: ONNX has no shift for signed types and the
+    # exporter does not keep uint8 through one, so this form also exports.
+    byte = qweight.float()
+    high = torch.floor(byte / 16)
+    q = torch.stack((byte - 16 * high, high), dim=-1)  # (out, in/2, 2): low nibble first
     out_f = q.shape[0]
-    q = q.reshape(out_f, -1, group_size).float() - 8  # (out, groups, g)
+    q = q.reshape(out_f, -1, group_size) - 8  # (out, groups, g)
     return (q * scale[..., None]).reshape(out_f, -1)
 
 
