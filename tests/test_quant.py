@@ -186,3 +186,14 @@ def test_untraceable_model_gets_trace_error_naming_alternative():
 def test_dynamic_int8_saves_a_quarter_of_the_size():
     model = nn.Sequential(nn.Linear(256, 256))
     assert saved_size(quantize(model, QuantConfig(method="dynamic_int8"))) < 0.3 * saved_size(model)
+
+
+def test_dynamic_int8_embeddings_are_int8_rows():
+    model = nn.Sequential(nn.Embedding(100, 64), nn.Linear(64, 8)).eval()
+    tokens = torch.randint(0, 100, (4, 12))
+    q = quantize(model, QuantConfig(method="dynamic_int8"))
+    assert quant_info(q).layers == ("0", "1")
+    assert q[0].weight().is_quantized
+    with torch.no_grad():
+        assert sqnr(model(tokens), q(tokens)) >= SQNR_FLOOR["dynamic_int8"]
+    assert saved_size(q) < 0.35 * saved_size(model)

@@ -33,7 +33,7 @@ from slimtorch.quant.api import sqnr
 from slimtorch.quant.config import QuantConfig, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 
-__all__ = ["OnnxCheck", "export_onnx", "export_program", "onnx_session", "quantize_onnx", "run_onnx"]
+__all__ = ["OnnxCheck", "OnnxModule", "export_onnx", "export_program", "onnx_session", "quantize_onnx", "run_onnx"]
 
 _INT8_ALTERNATIVE = (
     "export the float model with export_onnx(float_model, example_inputs, path) and quantize the file with "
@@ -117,6 +117,27 @@ def run_onnx(session: Any, example_inputs: Any) -> list[torch.Tensor]:
         feed = dict(zip(names, args, strict=False))
     outs = session.run(None, {k: v.detach().cpu().numpy() for k, v in feed.items()})
     return [torch.from_numpy(o) for o in outs]
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file behind the ``nn.Module`` call interface, so :func:`slimtorch.report.report`,
+    ``evaluate`` and any loop measure ONNX Runtime exactly as they measure PyTorch (inference only).
+
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> path = os.path.join(tempfile.mkdtemp(), "fc.onnx")
+    >>> _ = export_onnx(nn.Linear(4, 2), torch.randn(3, 4), path)
+    >>> OnnxModule(path)(torch.randn(5, 4)).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(self, path: str | Path, *, threads: int = 1) -> None:
+        super().__init__()
+        self.path, self.session = str(path), onnx_session(path, threads=threads)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = run_onnx(self.session, kwargs if kwargs else tuple(args))
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

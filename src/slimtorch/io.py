@@ -43,10 +43,10 @@ def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
         return {}  # e.g. the dtype torch.ao stores beside packed weights: metadata, not data
     if not value.is_quantized:
         return {name: value.detach()}
-    if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        scale, zero = value.q_per_channel_scales(), value.q_per_channel_zero_points()
-    else:
+    if value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         scale, zero = torch.tensor([value.q_scale()]), torch.tensor([value.q_zero_point()])
+    else:  # per channel (also the float-qparams scheme of quantized embeddings)
+        scale, zero = value.q_per_channel_scales(), value.q_per_channel_zero_points()
     # torch keeps per-channel scales in float64 and zero points in int64; a deployed file needs 32 bits.
     return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero.int()}
 

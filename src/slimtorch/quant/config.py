@@ -105,7 +105,8 @@ def get_method(name: str) -> QuantMethod:
 class QuantConfig:
     """How to quantize. ``method`` is a key of :func:`quant_methods`:
 
-    ``dynamic_int8``   int8 weights, activations quantized per call (torch's fbgemm/x86 kernels; Linear)
+    ``dynamic_int8``   int8 weights, activations quantized per call (torch's fbgemm/x86 kernels; Linear),
+                       and int8 Embedding tables (weight-only)
     ``static_int8``    int8 weights and activations, scales from calibration batches (FX graph, real kernels)
     ``qat_int8``       like static_int8, but fake-quantized for training first (see :func:`convert_qat`)
     ``fp16``/``bf16``  layers computed in half precision

@@ -56,15 +56,24 @@ def _engine() -> str:
 
 @register_quant_method(
     "dynamic_int8", backend="torch.ao dynamic (fbgemm/x86)", kernels="real", bits=(8, 8), in_place=True,
-    note="activations quantized on each call (7-bit range on x86 to avoid int16 overflow)",
+    layer_types=("Linear", "Embedding"),
+    note="Linear: activations quantized on each call (7-bit range on x86 to avoid int16 overflow); "
+         "Embedding: int8 rows with a scale each (weight-only lookup)",
 )
 def _dynamic_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Any) -> nn.Module:
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float_qparams_weight_only_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
 
     _engine()
-    qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
+    linear = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
+    spec = {name: float_qparams_weight_only_qconfig if isinstance(model.get_submodule(name), nn.Embedding)
+            else linear for name in layers}
     with _quiet_torch_ao():
-        quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return model
 
 
