@@ -197,3 +197,23 @@ def test_dynamic_int8_embeddings_are_int8_rows():
     with torch.no_grad():
         assert sqnr(model(tokens), q(tokens)) >= SQNR_FLOOR["dynamic_int8"]
     assert saved_size(q) < 0.35 * saved_size(model)
+
+
+@pytest.mark.parametrize("method", ["qat_int4_weight", "qat_binary_weight"])
+def test_low_bit_qat_trains_float_weights_and_packs_what_it_simulated(method):
+    model = cnn()
+    x = torch.randn(8, 3, 16, 16)
+    qat = quantize(model, QuantConfig(method=method, op_types=("Linear",), group_size=16))
+    assert set(qat.state_dict()) == set(model.state_dict())  # same keys: checkpoints keep loading
+    before = qat[7].weight.detach().clone()
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        qat(x).square().mean().backward()
+        assert qat[7].weight.grad.abs().sum() > 0  # the straight-through estimator reaches the float weight
+        opt.step()
+    assert not torch.equal(qat[7].weight, before)
+    packed = convert_qat(qat.eval())
+    assert quant_info(packed).method == method.removeprefix("qat_")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), qat(x), atol=1e-5, rtol=1e-4)

@@ -24,6 +24,7 @@ from torch import nn
 
 from slimtorch.errors import ConfigError
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
+from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 
@@ -120,9 +121,13 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
     _attach(model, spec, layers)
 
 
+_CONVERTED = {"qat_int8": "static_int8", "qat_int4_weight": "int4_weight", "qat_binary_weight": "binary_weight"}
+
+
 def convert_qat(model: nn.Module) -> nn.Module:
-    """The real-int8 model of a ``qat_int8`` model after training (pure; returns the converted copy, in eval
-    mode).
+    """The deployable model of a quantization-aware-trained one (pure; returns the converted copy, in eval
+    mode): ``qat_int8`` becomes real int8 (``static_int8``), ``qat_int4_weight`` / ``qat_binary_weight``
+    become packed 4-/1-bit layers computing exactly what training simulated.
 
     >>> import torch
     >>> from torch import nn
@@ -133,19 +138,29 @@ def convert_qat(model: nn.Module) -> nn.Module:
     >>> quant_info(convert_qat(qat)).kernels
     'real'
     """
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    from slimtorch.quant.methods import _quiet_torch_ao
-
     info = quant_info(model)
-    if info is None or info.method != "qat_int8":
+    if info is None or info.method not in _CONVERTED:
         got = info.method if info else "a float model"
-        raise ConfigError(f"convert_qat takes a model from quantize(..., QuantConfig(method='qat_int8')), got {got}")
-    with _quiet_torch_ao():
-        converted = convert_fx(copy.deepcopy(model).eval())
-    spec = dataclasses.replace(get_method("static_int8"), note="converted after quantization-aware training")
-    _attach(converted, spec, info.layers)
-    return converted
+        raise ConfigError(f"convert_qat takes a model quantized with one of {sorted(_CONVERTED)}, got {got}")
+    target = get_method(_CONVERTED[info.method])
+    work = copy.deepcopy(model).eval()
+    if info.method == "qat_int8":
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        from slimtorch.quant.methods import _quiet_torch_ao
+
+        with _quiet_torch_ao():
+            work = convert_fx(work)
+    else:
+        # The fake-quantized layers are still Linear/Conv2d: pack them with the post-training method.
+        codec = "int4" if info.method == "qat_int4_weight" else "binary"
+        for name in info.layers:
+            layer = work.get_submodule(name)
+            packed = (LowBitConv2d if isinstance(layer, nn.Conv2d) else LowBitLinear)(
+                layer, codec=codec, group_size=layer.group_size)
+            work.set_submodule(name, packed)
+    _attach(work, dataclasses.replace(target, note=f"{target.note}; after quantization-aware training"), info.layers)
+    return work
 
 
 def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:

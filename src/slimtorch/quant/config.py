@@ -112,6 +112,8 @@ class QuantConfig:
     ``fp16``/``bf16``  layers computed in half precision
     ``int4_weight``    4-bit weights in groups of ``group_size``, expanded to float per call (simulated)
     ``binary_weight``  1-bit weights (sign x per-channel mean magnitude), expanded per call (simulated)
+    ``qat_int4_weight``/``qat_binary_weight``  float weights trained through 4-/1-bit fake quantization
+                       (straight-through gradients); :func:`convert_qat` packs them
 
     ``op_types``/``op_names`` restrict the layers (empty: the method's default), ``exclude_op_names``
     keeps layers in float. ``per_channel=False`` (one scale per tensor) is for ``dynamic_int8`` only; static

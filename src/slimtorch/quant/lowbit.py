@@ -25,8 +25,11 @@ from torch import nn
 from slimtorch.errors import ConfigError
 
 __all__ = [
+    "FakeLowBitConv2d",
+    "FakeLowBitLinear",
     "LowBitConv2d",
     "LowBitLinear",
+    "fake_quantize",
     "pack_binary",
     "pack_int4",
     "unpack_binary",
@@ -149,3 +152,52 @@ class LowBitConv2d(_LowBitWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight().to(x.dtype)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def fake_quantize(weight: torch.Tensor, *, codec: str, group_size: int = 32) -> torch.Tensor:
+    """``weight`` as it would be stored in ``codec`` (``"int4"`` or ``"binary"``), with a straight-through
+    gradient: the forward value is the low-bit one, the gradient reaches the float weight unchanged.
+
+    >>> import torch
+    >>> w = torch.randn(2, 8, requires_grad=True)
+    >>> fake_quantize(w, codec="binary").sum().backward()
+    >>> bool((w.grad == 1).all())       # straight through
+    True
+    """
+    if codec == "int4":
+        rows = weight.reshape(weight.shape[0], -1)  # (out, fan_in): groups run along a row
+        low = unpack_int4(pack_int4(rows, group_size=group_size), group_size=group_size).reshape(weight.shape)
+    elif codec == "binary":
+        low = unpack_binary(pack_binary(weight), weight.shape)
+    else:
+        raise ConfigError(f"codec must be 'int4' or 'binary', got {codec!r}")
+    return weight + (low.to(weight.dtype) - weight).detach()
+
+
+class FakeLowBitLinear(nn.Linear):
+    """Quantization-aware training stand-in for a Linear: a float weight that trains (same parameter
+    objects and state-dict keys as the layer it replaces), used in its low-bit form on every call."""
+
+    def __init__(self, layer: nn.Linear, *, codec: str, group_size: int = 32) -> None:
+        super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        self.weight, self.bias = layer.weight, layer.bias  # share: an optimizer built on the layer still works
+        self.codec, self.group_size = codec, group_size
+        fake_quantize(self.weight.detach(), codec=codec, group_size=group_size)  # fail now on a bad group size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, fake_quantize(self.weight, codec=self.codec, group_size=self.group_size), self.bias)
+
+
+class FakeLowBitConv2d(nn.Conv2d):
+    """Quantization-aware training stand-in for a Conv2d (see :class:`FakeLowBitLinear`)."""
+
+    def __init__(self, layer: nn.Conv2d, *, codec: str, group_size: int = 32) -> None:
+        super().__init__(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        self.weight, self.bias = layer.weight, layer.bias
+        self.codec, self.group_size = codec, group_size
+        fake_quantize(self.weight.detach(), codec=codec, group_size=group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = fake_quantize(self.weight, codec=self.codec, group_size=self.group_size)
+        return self._conv_forward(x, weight, self.bias)

@@ -27,7 +27,7 @@ from torch import nn
 
 from slimtorch.errors import ConfigError, TraceError
 from slimtorch.quant.config import QuantConfig, register_quant_method
-from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
+from slimtorch.quant.lowbit import FakeLowBitConv2d, FakeLowBitLinear, LowBitConv2d, LowBitLinear
 
 __all__: list[str] = []
 
@@ -191,12 +191,14 @@ def _bf16(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batche
     return _cast(model, layers, torch.bfloat16)
 
 
-def _swap_low_bit(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], codec: str) -> nn.Module:
+def _swap_low_bit(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], codec: str, *,
+                  fake: bool = False) -> nn.Module:
     # Build every replacement before swapping any, so a layer that cannot be packed leaves the model intact.
     new = {}
     for name in layers:
         layer = model.get_submodule(name)
-        cls = LowBitConv2d if isinstance(layer, nn.Conv2d) else LowBitLinear
+        conv = isinstance(layer, nn.Conv2d)
+        cls = (FakeLowBitConv2d if conv else FakeLowBitLinear) if fake else (LowBitConv2d if conv else LowBitLinear)
         try:
             new[name] = cls(layer, codec=codec, group_size=config.group_size)
         except ConfigError as err:
@@ -223,3 +225,22 @@ def _int4_weight(model: nn.Module, config: QuantConfig, layers: tuple[str, ...],
 def _binary_weight(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Any) -> nn.Module:
     return _swap_low_bit(model, config, layers, "binary")
 
+
+
+_QAT_NOTE = "float weights train through {} fake quantization (straight-through gradients); convert_qat packs them"
+
+
+@register_quant_method(
+    "qat_int4_weight", backend="slimtorch fake quant", kernels="simulated", bits=(4, None), in_place=True,
+    layer_types=("Linear", "Conv2d"), default_op_types=("Linear",), note=_QAT_NOTE.format("int4"),
+)
+def _qat_int4_weight(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Any) -> nn.Module:
+    return _swap_low_bit(model, config, layers, "int4", fake=True)
+
+
+@register_quant_method(
+    "qat_binary_weight", backend="slimtorch fake quant", kernels="simulated", bits=(1, None), in_place=True,
+    layer_types=("Linear", "Conv2d"), note=_QAT_NOTE.format("1-bit"),
+)
+def _qat_binary_weight(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Any) -> nn.Module:
+    return _swap_low_bit(model, config, layers, "binary", fake=True)
