@@ -37,9 +37,10 @@ from torch import nn
 
 import slimtorch
 from slimtorch import apply_masks_, compute_masks, is_masked, remove_masks_
-from slimtorch.export import OnnxModule, export_onnx, quantize_onnx
+from slimtorch.export import OnnxModule, export_onnx
 from slimtorch.models import BookCNN
 from slimtorch.quant import QuantConfig, quant_info, quantize
+from slimtorch.quant.onnx import quantize_onnx
 from slimtorch.recover.finetune import evaluate, train
 from slimtorch.report import _call, count_params, measure_latency, model_state, saved_size
 

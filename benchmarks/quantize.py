@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from slimtorch.errors import SlimError
-from slimtorch.export import export_onnx, onnx_session, quantize_onnx, run_onnx
+from slimtorch.export import export_onnx, onnx_session, run_onnx
 from slimtorch.models import BookCNN
 from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr
+from slimtorch.quant.onnx import quantize_onnx
 from slimtorch.report import _call, saved_size
 
 SENTENCES = [

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from slimtorch.errors import ConfigError, ExportError
-from slimtorch.export import export_onnx, export_program, onnx_session, quantize_onnx, run_onnx
+from slimtorch.export import export_onnx, export_program, onnx_session, run_onnx
 from slimtorch.lora import LoRAConfig, add_lora_, merge_lora_
 from slimtorch.lowrank import LowRankConfig, factorize_
 from slimtorch.quant import QuantConfig, quantize, sqnr
+from slimtorch.quant.onnx import quantize_onnx
 
 
 def cnn(hidden=64):
