@@ -19,6 +19,7 @@ from slimtorch.errors import (
 )
 from slimtorch.io import load_masks, save_masks
 from slimtorch.prune import apply_masks_, compute_masks, get_masks, is_masked, remove_masks_
+from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
 
@@ -32,6 +33,7 @@ __all__ = [
     "Granularity",
     "NoMatchError",
     "PruneTarget",
+    "QuantConfig",
     "Report",
     "SlimError",
     "SlimWarning",
@@ -45,6 +47,9 @@ __all__ = [
     "load_config_list",
     "load_masks",
     "parse_config_list",
+    "quant_info",
+    "quantize",
+    "quantize_",
     "remove_masks_",
     "report",
     "save_masks",
