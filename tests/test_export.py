@@ -32,14 +32,15 @@ def test_float_export_matches_pytorch_at_other_batch_sizes(tmp_path):
         torch.testing.assert_close(run_onnx(onnx_session(check.path), x5)[0], model(x5), atol=1e-5, rtol=1e-4)
 
 
-def test_factorized_and_lora_merged_models_export(tmp_path):
+def test_factorized_and_lora_models_export(tmp_path):
     model = cnn()
     factorize_(model, LowRankConfig(rank=8, op_names=("5",)))
     add_lora_(model, LoRAConfig(r=2, target_modules=("7",)))
     with torch.no_grad():
         model.get_submodule("7").lora_B.weight.normal_()
+    assert export_onnx(model, X, tmp_path / "adapted.onnx").max_abs_diff < 1e-5
     merge_lora_(model)
-    assert export_onnx(model, X, tmp_path / "f.onnx").max_abs_diff < 1e-5
+    assert export_onnx(model, X, tmp_path / "merged.onnx").max_abs_diff < 1e-5
 
 
 @pytest.mark.parametrize("method", ["int4_weight", "binary_weight"])
