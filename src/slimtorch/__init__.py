@@ -11,6 +11,7 @@ from slimtorch.errors import (
     CheckpointError,
     CompactionError,
     ConfigError,
+    ExportError,
     NoMatchError,
     SlimError,
     SlimWarning,
@@ -19,6 +20,7 @@ from slimtorch.errors import (
 )
 from slimtorch.io import load_masks, save_masks
 from slimtorch.prune import apply_masks_, compute_masks, get_masks, is_masked, remove_masks_
+from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
 
@@ -28,9 +30,11 @@ __all__ = [
     "CheckpointError",
     "CompactionError",
     "ConfigError",
+    "ExportError",
     "Granularity",
     "NoMatchError",
     "PruneTarget",
+    "QuantConfig",
     "Report",
     "SlimError",
     "SlimWarning",
@@ -45,6 +49,9 @@ __all__ = [
     "load_config_list",
     "load_masks",
     "parse_config_list",
+    "quant_info",
+    "quantize",
+    "quantize_",
     "remove_masks_",
     "report",
     "save_masks",
