@@ -182,7 +182,7 @@ def hybrid(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     return torch.minimum(weight / weight.mean().clamp_min(_TINY), grad / grad.mean().clamp_min(_TINY))
 
 
-@register_criterion("taylor", default_granularity="out_channel", needs=("grad_sq",), aliases=("taylor_fo",))
+@register_criterion("taylor", default_granularity="out_channel", needs=("grad_sq",), aliases=("taylor_fo", "taylorfo"))
 def taylor(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     """First-order Taylor importance: sum over the unit of (w * dL/dw)^2, averaged over the batches (the
     squared loss change of zeroing each weight; Molchanov et al. 2019, NNI's TaylorFOWeightPruner)."""

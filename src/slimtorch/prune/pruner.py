@@ -149,21 +149,21 @@ def _global_counts(plans: list[LayerPlan], total: float, cap: float) -> list[int
             counts.update({i: 0 for i in free})
         over = [i for i in free if counts[i] > caps[i]]
         if not over:
-            _warn_if_short(plans, counts, target, sizes)
+            _warn_if_short(plans, counts, total, sizes)
             return [counts[i] for i in range(len(plans))]
         fixed.update({i: caps[i] for i in over})
 
 
-def _warn_if_short(plans: list[LayerPlan], counts: dict[int, int], target: int, sizes: list[int]) -> None:
+def _warn_if_short(plans: list[LayerPlan], counts: dict[int, int], requested: float, sizes: list[int]) -> None:
     """Say with numbers when the caps (or never emptying a structured layer) keep the total below target."""
     pruned = sum(counts[i] * sizes[i] for i in counts)
     total = sum(p.view.num_units * s for p, s in zip(plans, sizes, strict=True))
-    if target - pruned > max(sizes):
+    if requested * total - pruned > max(sizes) / 2:  # more than rounding to whole units explains
         warnings.warn(
-            f"total_sparsity {target / total:.3f} cannot be reached within the per-layer caps "
+            f"total_sparsity {requested:.3f} cannot be reached within the per-layer caps "
             f"(max_sparse_ratio, never emptying a structured layer); reached {pruned / total:.3f}",
             SlimWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
