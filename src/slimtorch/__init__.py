@@ -19,7 +19,20 @@ from slimtorch.errors import (
     UnsupportedOpError,
 )
 from slimtorch.io import load_masks, save_masks
-from slimtorch.prune import apply_masks_, compute_masks, get_masks, is_masked, remove_masks_
+from slimtorch.prune import (
+    DynamicSparsity,
+    Evaluator,
+    GradualPruner,
+    LotteryTicket,
+    Schedule,
+    apply_masks_,
+    collect_stats,
+    compute_masks,
+    get_masks,
+    is_masked,
+    remove_masks_,
+    sensitivity_analysis,
+)
 from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
@@ -30,18 +43,24 @@ __all__ = [
     "CheckpointError",
     "CompactionError",
     "ConfigError",
+    "DynamicSparsity",
+    "Evaluator",
     "ExportError",
+    "GradualPruner",
     "Granularity",
+    "LotteryTicket",
     "NoMatchError",
     "PruneTarget",
     "QuantConfig",
     "Report",
+    "Schedule",
     "SlimError",
     "SlimWarning",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
     "apply_masks_",
+    "collect_stats",
     "compact_",
     "compute_masks",
     "get_masks",
@@ -56,5 +75,6 @@ __all__ = [
     "report",
     "save_masks",
     "select_modules",
+    "sensitivity_analysis",
     "sparsity_table",
 ]

@@ -20,7 +20,15 @@ from torch import nn
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
-__all__ = ["Selected", "prunable_modules", "select_layers", "select_modules", "type_names"]
+__all__ = [
+    "Selected",
+    "bias_param_name",
+    "prunable_modules",
+    "select_layers",
+    "select_modules",
+    "type_names",
+    "weight_param_name",
+]
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,23 @@ def type_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)}
 
 
+def weight_param_name(module: nn.Module) -> str | None:
+    """The name of the parameter a config list prunes in ``module``: ``"weight"``, or ``"in_proj_weight"``
+    (the stacked q, k, v projections) of an ``nn.MultiheadAttention``; None when it has neither."""
+    for name in ("weight", "in_proj_weight"):
+        if isinstance(module._parameters.get(name), torch.Tensor):
+            return name
+    return None
+
+
+def bias_param_name(module: nn.Module) -> str:
+    """The name of the bias that goes with :func:`weight_param_name` (it may be absent or None)."""
+    return "in_proj_bias" if weight_param_name(module) == "in_proj_weight" else "bias"
+
+
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own a parameter called ``weight`` directly: the things a config list can prune."""
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if name and isinstance(mod._parameters.get("weight"), torch.Tensor)
-    }
+    """Modules that own a weight directly (see :func:`weight_param_name`): what a config list can prune."""
+    return {name: mod for name, mod in model.named_modules() if name and weight_param_name(mod) is not None}
 
 
 def _known_module_types(model: nn.Module) -> set[str]:
