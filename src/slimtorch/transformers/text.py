@@ -155,10 +155,12 @@ def split_sentences(text: str, *, min_words: int = 5, max_words: int = 60) -> li
     sentences)."""
     pieces: list[str] = []
     for line in text.splitlines():
+        line_pieces: list[str] = []
         for part in _SENTENCE_END.split(line):
             part = part.strip()
-            if pieces and pieces[-1].endswith(tuple(f" {a}." for a in _ABBREVIATIONS)):
-                pieces[-1] = f"{pieces[-1]} {part}"  # "Dr." ended no sentence: glue the piece back
+            if line_pieces and line_pieces[-1].split()[-1].rstrip(".") in _ABBREVIATIONS:
+                line_pieces[-1] = f"{line_pieces[-1]} {part}"  # "Dr." ended no sentence: glue the piece back
             elif part:
-                pieces.append(part)
+                line_pieces.append(part)
+        pieces.extend(line_pieces)
     return [p for p in pieces if min_words <= len(p.split()) <= max_words]
