@@ -37,11 +37,75 @@ from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
 __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
 
+_REMOTE_FILE = "slimtorch_model.py"
+_REMOTE_CODE = """\"\"\"Rebuilds a model compacted by slimtorch: after the usual construction from the config,
+every block shrinks to the size config.slimtorch_blocks records; Hugging Face then loads the weights.\"\"\"
+
+from transformers import {base}
+
+from slimtorch.transformers.pretrained import shrink_to_config_
+
+
+class Slim{base}({base}):
+    def __init__(self, config, *args):
+        super().__init__(config, *args)
+        shrink_to_config_(self)
+"""
+_AUTO_MAPPINGS = (
+    ("AutoModel", "MODEL_MAPPING_NAMES"),
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+)
+
+
+def _auto_class(model_class: type) -> str | None:
+    """The ``transformers`` Auto class that maps a config to ``model_class`` (e.g. AutoModelForCausalLM)."""
+    from transformers.models.auto import modeling_auto
+
+    for auto_name, table in _AUTO_MAPPINGS:
+        for value in getattr(modeling_auto, table, {}).values():
+            if model_class.__name__ in ((value,) if isinstance(value, str) else tuple(value)):
+                return auto_name
+    return None
+
+
+def _config_rebuilds_shapes(model: nn.Module) -> bool:
+    """True when building the model class from its config alone gives every parameter its current shape."""
+    import torch
+
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    shapes = {k: p.shape for k, p in fresh.named_parameters()}
+    return all(shapes.get(k) == p.shape for k, p in model.named_parameters())
+
+
 def save_compacted(model: nn.Module, path: str | Path) -> None:
-    """``model.save_pretrained(path)`` (safetensors weights, config with the kept sizes)."""
-    if is_masked(model):
+    """Save a compacted Hugging Face model (or a SentenceTransformer around one) to ``path``.
+
+    Weights go to safetensors through ``save_pretrained`` (``SentenceTransformer.save``), sizes to
+    config.json. When the config cannot describe the sizes (per-layer head counts), a small
+    ``slimtorch_model.py`` and an ``auto_map`` entry are written as well, so that Hugging Face's own
+    ``from_pretrained(path, trust_remote_code=True)`` and ``SentenceTransformer(path,
+    trust_remote_code=True)`` rebuild it; :func:`load_compacted` needs neither.
+    """
+    path = Path(path)
+    hf_model = model[0].auto_model if hasattr(model, "_first_module") else model  # a SentenceTransformer
+    if is_masked(hf_model):
         raise CheckpointError("the model still carries masks; compact it (compact_hf_) or remove_masks_ it first")
-    model.save_pretrained(str(path))
+    config = hf_model.config
+    auto = None if _config_rebuilds_shapes(hf_model) else _auto_class(type(hf_model))
+    if auto is not None:
+        config.auto_map = {auto: f"{_REMOTE_FILE[:-3]}.Slim{type(hf_model).__name__}"}
+    elif hasattr(config, "auto_map") and _REMOTE_FILE[:-3] in str(config.auto_map):
+        del config.auto_map
+    if hasattr(model, "_first_module"):
+        model.save(str(path))
+    else:
+        model.save_pretrained(str(path))
+    if auto is not None:
+        (path / _REMOTE_FILE).write_text(_REMOTE_CODE.format(base=type(hf_model).__name__))
 
 
 def _first_units(units: int, kv_units: int, kept: int, kept_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -92,8 +156,8 @@ def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = No
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
     if model_class is None:
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, arch or "", None)
+        arch = (getattr(config, "architectures", None) or [None])[0] or ""
+        model_class = getattr(transformers, arch, None) or getattr(transformers, arch.removeprefix("Slim"), None)
         if model_class is None:
             raise CheckpointError(f"cannot tell the model class of {str(path)!r} (architectures={arch!r}); pass "
                                   "model_class=")
