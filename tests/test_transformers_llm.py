@@ -173,3 +173,16 @@ def test_trained_lm_learns_and_is_cached(tmp_path):
     for a, b in zip(lm.model.parameters(), again.model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert not math.isnan(lm.record["final_train_loss"])
+
+
+def test_wanda_keeps_the_largest_weight_times_input_norm_of_each_row():
+    from slimtorch.prune.criteria import CRITERIA
+
+    if "wanda" not in CRITERIA:
+        pytest.skip("the wanda criterion is not registered in this installation")
+    weight = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 3.0, 2.0, 0.5]])
+    xtx = torch.diag(torch.tensor([16.0, 1.0, 4.0, 9.0], dtype=torch.float64))  # input norms 4, 1, 2, 3
+    # scores: row 0 -> 4, 1, 2, 3 (keep inputs 0 and 3); row 1 -> 16, 3, 4, 1.5 (keep inputs 0 and 2)
+    new_weight, keep = ONE_SHOT_METHODS["wanda"](weight, xtx, 10, 0.5, None)
+    assert keep.tolist() == [[True, False, False, True], [True, False, True, False]]
+    assert new_weight.tolist() == [[1.0, 0.0, 0.0, 1.0], [4.0, 0.0, 2.0, 0.0]]

@@ -207,10 +207,22 @@ def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = Non
         if len(plan.keep) < plan.units or len(plan.keep_kv) < (specs[plan.name].kv_units or 0):
             shrink_block_(specs[plan.name], plan)
     _update_config_(model, specs, plans)
+    _record_(model, plans)
+
+
+def _record_(model: nn.Module, plans: list[BlockPlan]) -> None:
+    """Update ``model.slimtorch_compaction``: units kept and heads pruned, as indices of the original
+    model (a block compacted twice reports the heads it lost in both rounds by their first numbers)."""
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
-    info["pruned_heads"] = {**info.get("pruned_heads", {}), **{p.name: p.removed for p in plans
-                                                               if p.kind == "attention" and p.removed}}
-    info["ffn_kept"] = {**info.get("ffn_kept", {}), **{p.name: len(p.keep) for p in plans if p.kind == "ffn"}}
+    kept = dict(info.get("kept_units", {}))
+    pruned = {k: list(v) for k, v in info.get("pruned_heads", {}).items()}
+    for plan in plans:
+        original = kept.get(plan.name, list(range(plan.units)))
+        kept[plan.name] = [original[u] for u in plan.keep]
+        if plan.kind == "attention" and plan.removed:
+            pruned[plan.name] = sorted(pruned.get(plan.name, []) + [original[u] for u in plan.removed])
+    info.update(kept_units=kept, pruned_heads=pruned,
+                ffn_kept={p.name: len(p.keep) for p in plans if p.kind == "ffn"})
     setattr(model, COMPACTION_ATTR, info)
 
 
