@@ -93,14 +93,14 @@ def minilm_table(levels: list[tuple[float, float]], distil_steps: int, steps: in
     heldout = heldout_sentences(256)
     teacher_emb = encode(teacher, tokenizer, heldout)
     train = [s for d in text_splits().train for s in split_sentences(d.text, min_words=6, max_words=40)]
-    batches = _batches(tokenizer, train[::7][:16 * 64], 16)  # 1024 Wikipedia sentences, batches of 16
+    batches = _batches(tokenizer, train[::7][:8 * 64], 8)  # 512 Wikipedia sentences, batches of 8
     example = dict(tokenizer(heldout[:8], padding=True, truncation=True, max_length=64, return_tensors="pt"))
     base = report(teacher, example, runs=30, warmup=5, threads=1)
     lines = [
         f"all-MiniLM-L6-v2 (22.7M parameters): {len(heldout)} held-out news sentences (cosine to the original's "
         f"embeddings, nearest-neighbour agreement top-1 and top-10); latency: batch of 8 sentences "
         f"({example['input_ids'].shape[1]} tokens), 1 thread, median of 30; distillation: {distil_steps} steps "
-        f"of 16 Wikipedia sentences (encoder only, embeddings frozen) after each of {steps} pruning steps per "
+        f"of 8 Wikipedia sentences (encoder only, embeddings frozen) after each of {steps} pruning steps per "
         "stage (heads, then FFN).",
         "",
         "| model | params | MACs | latency | speed-up | cosine mean | cosine min | top-1 NN | top-10 NN |",
@@ -128,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("perplexity", "minilm", "all"), nargs="?", default="all")
     parser.add_argument("--calibration", type=int, default=128, help="calibration windows for one-shot pruning")
-    parser.add_argument("--distil-steps", type=int, default=15, help="distillation steps after each pruning step")
+    parser.add_argument("--distil-steps", type=int, default=10, help="distillation steps after each pruning step")
     parser.add_argument("--steps", type=int, default=2, help="pruning steps per stage (heads, then FFN)")
     args = parser.parse_args()
     print(f"<!-- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
