@@ -8,11 +8,11 @@ accuracy after every step. Runs in about a minute on two CPU cores and writes ``
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from slimtorch.models.modelfile import compaction_available
 from slimtorch.recipes.outputs import stages_markdown, write_outputs
 from slimtorch.recipes.plots import plot_layers, plot_stages
 from slimtorch.recipes.runner import run_recipe
@@ -25,15 +25,6 @@ CONFIG_LIST = [
     {"op_types": ["Conv2d"], "sparse_ratio": 0.5},
     {"op_names": ["stem.0"], "exclude": True},
 ]
-
-
-def compaction_available() -> bool:
-    """True when this build has the compaction stage (``slimtorch.compact.compact_``)."""
-    if importlib.util.find_spec("slimtorch.compact") is None:
-        return False
-    import slimtorch.compact
-
-    return hasattr(slimtorch.compact, "compact_")
 
 
 def demo_recipe(*, epochs: int = 8, finetune_epochs: int = 4, seed: int = 0) -> Recipe:

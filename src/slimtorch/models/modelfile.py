@@ -34,7 +34,7 @@ from slimtorch.models.registry import ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, get_masks
 from slimtorch.report import model_state
 
-__all__ = ["LoadedModel", "load_model", "save_model"]
+__all__ = ["LoadedModel", "compact_like_", "compaction_available", "load_model", "save_model"]
 
 FORMAT = "slimtorch-model-v1"
 
@@ -78,6 +78,17 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
+
+
+def compaction_available() -> bool:
+    """True when this build has the compaction stage (``slimtorch.compact.compact_``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("slimtorch.compact") is None:
+        return False
+    import slimtorch.compact
+
+    return hasattr(slimtorch.compact, "compact_")
 
 
 def compact_like_(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["plot_layers", "plot_stages"]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -23,7 +23,7 @@ def _pyplot():
 def plot_layers(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "kept per layer") -> None:
     """Bar chart of the fraction of output units and of weights kept per pruned weight
     (``rows`` from :func:`slimtorch.report.sparsity_table`)."""
-    plt = _pyplot()
+    plt = pyplot()
     weights = [r for r in rows if str(r["param"]).endswith("weight")]
     names = [str(r["param"]).removesuffix(".weight") for r in weights]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 3.8))
@@ -72,7 +72,7 @@ def _curves(ax, stages: Sequence[Mapping[str, Any]]) -> None:
 def plot_stages(stages: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "workflow") -> None:
     """Three panels: test accuracy after every stage; parameters, MACs and latency relative to the trained
     dense model; test accuracy per training epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
     acc = [100 * s["accuracy"] for s in stages]
     left.bar([s["stage"] for s in stages], acc, color="tab:blue")

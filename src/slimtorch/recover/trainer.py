@@ -47,13 +47,15 @@ __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
+AUGMENTS = ("none", "flip", "flip-crop")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Hyper-parameters of :func:`fit`. ``batch_size`` is the global batch (split across processes);
     ``checkpoint_every`` counts steps (0: at the end of each epoch only); ``grad_topk`` is the fraction
-    of each gradient sent under DDP (0: dense all-reduce)."""
+    of each gradient sent under DDP (0: dense all-reduce); ``augment`` flips images left-right
+    (``"flip"``) and also shifts them by up to 4 pixels (``"flip-crop"``), drawn from torch's global RNG."""
 
     epochs: int
     batch_size: int = 64
@@ -65,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     grad_topk: float = 0.0
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +79,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}"),
             (0.0 <= self.grad_topk <= 1.0, f"grad_topk must be in [0, 1] (0 = off), got {self.grad_topk}"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -156,6 +160,22 @@ def _fetch(data: Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     else:
         x, y = default_collate([data[int(i)] for i in index])
     return x, y
+
+
+def _augment(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Random left-right flips, and with ``"flip-crop"`` random shifts of up to 4 pixels (zero padded),
+    of a (B, C, H, W) image batch."""
+    if kind == "none" or x.dim() != 4:
+        return x
+    flip = torch.rand(len(x)) < 0.5  # (B,) which images to mirror
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "flip-crop":
+        pad = 4
+        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 8, W + 8)
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x))).tolist()
+        h, w = x.shape[-2:]
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(x))])
+    return x
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -279,6 +299,7 @@ def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | 
     for index in todo:
         start = time.perf_counter()
         x, y = _fetch(data, index)
+        x = _augment(x, run.config.augment)
         run.optimizer.zero_grad(set_to_none=True)
         loss = run.net(x, y)
         loss.backward()
