@@ -111,10 +111,6 @@ steps:
 """
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
 @pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_same_model(tmp_path):
     recipe = tmp_path / "recipe.yaml"
@@ -136,7 +132,8 @@ def test_killed_cli_run_resumes_to_the_same_model(tmp_path):
 
     assert main(["recipe", str(recipe), "--out", str(killed_out), "--resume", "--threads", "1"]) == 0
     assert main(["recipe", str(recipe), "--out", str(tmp_path / "straight"), "--threads", "1"]) == 0
-    resumed, straight = _tensors(killed_out / "model.safetensors"), _tensors(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(str(killed_out / "model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key

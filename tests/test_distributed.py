@@ -36,7 +36,7 @@ def test_topk_hook_error_feedback_loses_nothing(single_process_group):
     sent = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     true = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     numel = sum(p.numel() for p in model.parameters())
-    for step in range(6):
+    for _ in range(6):
         x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
         ddp.zero_grad()
         reference.zero_grad()
