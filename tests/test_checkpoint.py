@@ -40,7 +40,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, monkeypat
     interrupted = _net()
     import slimtorch.recover.trainer as trainer
 
-    real_fetch, calls = trainer._fetch, []
+    real_fetch, calls = trainer.fetch, []
 
     def dying_fetch(data, index):
         calls.append(1)
@@ -48,10 +48,10 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_fetch(data, index)
 
-    monkeypatch.setattr(trainer, "_fetch", dying_fetch)
+    monkeypatch.setattr(trainer, "fetch", dying_fetch)
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, _data(), CONFIG, checkpoint=tmp_path / "ck.safetensors")
-    monkeypatch.setattr(trainer, "_fetch", real_fetch)
+    monkeypatch.setattr(trainer, "fetch", real_fetch)
     torch.manual_seed(99)  # a different process state: everything must come from the checkpoint
     resumed = _net()
     result = fit(resumed, _data(), CONFIG, checkpoint=tmp_path / "ck.safetensors", resume=True)

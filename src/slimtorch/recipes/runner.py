@@ -186,6 +186,20 @@ def _initial_model(recipe: Recipe, data: TensorSplit) -> tuple[nn.Module, ModelS
     return build_model(spec), spec, {}
 
 
+def _check_fits(model: nn.Module, recipe: Recipe, example: torch.Tensor) -> None:
+    """Fail before any training when the model cannot take the dataset's samples."""
+    try:
+        with torch.no_grad():
+            model.eval()(example[:2])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"model {recipe.model!r} cannot run on {recipe.data.dataset} samples of shape "
+            f"{tuple(example.shape[1:])} ({first}); pick a model for this data or set model_kwargs "
+            "(e.g. in_channels, num_classes)"
+        ) from None
+
+
 def run_recipe(
     recipe: Recipe, out_dir: str | Path, *, data_dir: str | Path | None = None, resume: bool = False,
     quiet: bool = False,
@@ -197,6 +211,7 @@ def run_recipe(
                         normalize=spec_data.normalize, image_size=spec_data.image_size, seed=recipe.seed)
     torch.manual_seed(recipe.seed)
     model, spec, masks = _initial_model(recipe, data)
+    _check_fits(model, recipe, data.x_test)
     state = _State(model, spec, data, recipe.seed, masks=dict(masks))
     say = (lambda msg: None) if quiet or not dist_info().is_main else print
     stages = [_measure(state, "initial", None)]

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset
 
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.progress import progress
+from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy, fetch
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
-from slimtorch.recover.distributed import DistInfo, all_reduce_sum, dist_info
+from slimtorch.recover.distributed import all_reduce_sum, dist_info
 
 __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
 
@@ -143,41 +144,6 @@ class _TrainStep(nn.Module):
         return self.loss_fn(self.model, x, y)
 
 
-def _batch_indices(n: int, config: TrainConfig, epoch: int, info: DistInfo) -> list[torch.Tensor]:
-    """This process's sample indices for every step of ``epoch``: a permutation seeded by (seed, epoch),
-    cut into global batches, each cut into ``world_size`` nearly equal shares."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    batches = torch.randperm(n, generator=generator).split(config.batch_size)
-    if not info.distributed:
-        return list(batches)
-    # a final batch smaller than the world cannot give every process a sample: it is dropped
-    return [b.tensor_split(info.world_size)[info.rank] for b in batches if len(b) >= info.world_size]
-
-
-def _fetch(data: Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, TensorDataset):
-        x, y = data.tensors[0][index], data.tensors[1][index]  # fast path: one gather per tensor
-    else:
-        x, y = default_collate([data[int(i)] for i in index])
-    return x, y
-
-
-def _augment(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Random left-right flips, and with ``"flip-crop"`` random shifts of up to 4 pixels (zero padded),
-    of a (B, C, H, W) image batch."""
-    if kind == "none" or x.dim() != 4:
-        return x
-    flip = torch.rand(len(x)) < 0.5  # (B,) which images to mirror
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if kind == "flip-crop":
-        pad = 4
-        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 8, W + 8)
-        dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x))).tolist()
-        h, w = x.shape[-2:]
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(x))])
-    return x
-
-
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -189,26 +155,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     return None
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: nn.Module, data: Dataset, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy over ``data`` (eval mode, restored after). Under DDP each process scores a share
-    and the counts are summed."""
-    info = dist_info()
-    was_training = model.training
-    model.eval()
-    correct, count = 0, 0
-    try:
-        shard = torch.arange(len(data))[info.rank :: info.world_size]  # (n / world,) this process's samples
-        for index in shard.split(batch_size):
-            x, y = _fetch(data, index)
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            count += len(y)
-    finally:
-        model.train(was_training)
-    correct, count = all_reduce_sum([correct, count])
-    return correct / max(count, 1)
 
 
 @dataclass
@@ -237,7 +183,7 @@ class _Run:
             self.net = nn.parallel.DistributedDataParallel(self.step_module)
             if config.grad_topk:
                 self.hook = register_topk_hook_(self.net, config.grad_topk)
-        self.steps_per_epoch = len(_batch_indices(n_samples, config, 0, self.info))
+        self.steps_per_epoch = len(batch_indices(n_samples, config, 0, self.info))
         self.optimizer = _optimizer(list(self.step_module.parameters()), config)
         self.scheduler = _scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.modules = {"model": model, **({"loss": loss_fn} if isinstance(loss_fn, nn.Module) else {})}
@@ -291,15 +237,15 @@ class _Run:
 
 def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | None) -> None:
     """Train the rest of the current epoch (from ``state.step``), updating ``state`` as it goes."""
-    indices = _batch_indices(len(data), run.config, state.epoch, run.info)
+    indices = batch_indices(len(data), run.config, state.epoch, run.info)
     todo = indices[state.step :]
     if run.info.is_main:
         todo = progress(todo, desc=f"epoch {state.epoch + 1}/{run.config.epochs}", total=len(todo))
     every = run.config.checkpoint_every
     for index in todo:
         start = time.perf_counter()
-        x, y = _fetch(data, index)
-        x = _augment(x, run.config.augment)
+        x, y = fetch(data, index)
+        x = augment(x, run.config.augment)
         run.optimizer.zero_grad(set_to_none=True)
         loss = run.net(x, y)
         loss.backward()
