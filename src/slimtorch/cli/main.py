@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-epochs", type=positive_int, default=4, help="distillation epochs after pruning")
     demo.add_argument("--seed", type=int, default=0)
     add_threads_arg(demo)
-    demo.set_defaults(func=_demo)
+    # one thread: the demo's model is tiny, and a second thread only adds overhead (more on a busy machine)
+    demo.set_defaults(func=_demo, threads=1)
     return parser
 
 
