@@ -62,7 +62,7 @@ class ModelSpec:
         if self.source == "reference":
             if self.name.lower() not in canonical:
                 raise ConfigError(
-                    f"unknown model {self.name!r}; {closest(self.name, model_names())} "
+                    f"unknown model {self.name!r}; {closest(self.name, list(REFERENCE_MODELS) + _torchvision_names())} "
                     "(or give the path of a saved slimtorch model)"
                 )
             object.__setattr__(self, "name", canonical[self.name.lower()])
