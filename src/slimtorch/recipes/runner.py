@@ -84,6 +84,7 @@ class _State:
     seed: int
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: nn.Module | None = None
+    compacted: bool = False
 
     @property
     def train_set(self) -> TensorDataset:
@@ -126,6 +127,7 @@ def _coupling_available() -> bool:
 
 @register_step("prune")
 def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
+    assert not state.compacted, "Recipe validation forbids pruning after compaction"
     if state.teacher is None:
         state.teacher = copy.deepcopy(state.model)  # the unpruned model: the default teacher
     example = state.example if _coupling_available() else None
@@ -140,6 +142,7 @@ def _compact(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
     if not state.masks:
         raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
     compact_like_(state.model, state.masks, tuple(state.example.shape[1:]))
+    state.compacted = True
 
 
 def _teacher(state: _State, step: Step) -> nn.Module:
