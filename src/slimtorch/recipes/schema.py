@@ -147,8 +147,6 @@ class Recipe:
         if "compact" in kinds and "prune" in kinds[kinds.index("compact") :]:
             # a saved model is rebuilt from one set of masks; a second round would need the whole sequence
             raise ConfigError("a prune step after a compact step is not supported; put every prune step before it")
-        if "compact" in kinds and "prune" not in kinds[: kinds.index("compact")]:
-            raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_kwargs": dict(self.model_kwargs), "data": self.data.to_dict(),
