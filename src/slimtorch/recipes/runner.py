@@ -169,11 +169,13 @@ def _distill(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitRe
 def _measure(state: _State, stage: str, result: FitResult | None) -> StageResult:
     accuracy = evaluate_accuracy(state.model, state.test_set)  # collective under DDP: every process
     # only process 0 reports (and times the model alone, not next to the other processes' timing runs)
-    rep = report(state.model, state.example, runs=10, warmup=2) if dist_info().is_main else None
-    history = [asdict(e) for e in result.epochs] if result else []
-    return StageResult(stage, rep.state if rep else "", rep.params if rep else 0, rep.nonzero_params if rep else 0,
-                       rep.macs if rep else 0, rep.size_bytes if rep else 0, rep.latency_s if rep else None,
-                       accuracy, result.train_seconds if result else 0.0, history, result.comm if result else None)
+    sizes: tuple[Any, ...] = ("", 0, 0, 0, 0, None)
+    if dist_info().is_main:
+        rep = report(state.model, state.example, runs=10, warmup=2)
+        sizes = (rep.state, rep.params, rep.nonzero_params, rep.macs, rep.size_bytes, rep.latency_s)
+    if result is None:
+        return StageResult(stage, *sizes, accuracy, 0.0)
+    return StageResult(stage, *sizes, accuracy, result.train_seconds, [asdict(e) for e in result.epochs], result.comm)
 
 
 def _initial_model(recipe: Recipe, data: TensorSplit) -> tuple[nn.Module, ModelSpec, dict[str, torch.Tensor]]:
