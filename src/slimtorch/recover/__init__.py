@@ -1,6 +1,6 @@
 """Recovery after pruning: fine-tuning and distillation, with checkpoints, exact resume and DDP."""
 
-from slimtorch.recover.distill import DistillConfig, Distiller, distill_loss
+from slimtorch.recover.distill import DistillConfig, Distiller, distill_loss, prune_and_distill_
 from slimtorch.recover.trainer import EpochStats, FitResult, TrainConfig, evaluate_accuracy, fit
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "distill_loss",
     "evaluate_accuracy",
     "fit",
+    "prune_and_distill_",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,12 @@ from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
-__all__ = ["DistillConfig", "Distiller", "distill_loss"]
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from slimtorch.recover.trainer import FitResult, TrainConfig
+
+__all__ = ["DistillConfig", "Distiller", "distill_loss", "feature_pairs", "prune_and_distill_"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,3 +233,47 @@ def feature_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"bad feature pair {item!r}; write 'student_layer=teacher_layer' or one layer name")
         out.append((student, teacher or student))
     return tuple(out)
+
+
+def prune_and_distill_(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    train_data: Dataset,
+    config: TrainConfig,
+    *,
+    distill: DistillConfig | None = None,
+    eval_data: Dataset | None = None,
+    example_inputs: torch.Tensor | None = None,
+) -> FitResult:
+    """Prune ``model`` with ``masks`` and recover it by distillation from its unpruned self (the seeds'
+    recipe: the unpruned model is the teacher). With ``example_inputs`` the model is also compacted
+    (really made smaller) before training. Returns the :class:`~slimtorch.recover.FitResult`.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import TensorDataset
+        >>> from slimtorch import compute_masks
+        >>> from slimtorch.recover import TrainConfig
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}])
+        >>> result = prune_and_distill_(net, masks, data, TrainConfig(epochs=1, batch_size=8))
+        >>> int((net[0].weight.abs().sum(dim=1) == 0).sum()), result.steps
+        (8, 4)
+    """
+    import copy
+
+    from slimtorch.prune.masks import apply_masks_
+    from slimtorch.recover.trainer import fit
+
+    teacher = copy.deepcopy(model)
+    apply_masks_(model, masks)
+    if example_inputs is not None:
+        from slimtorch.models.modelfile import compact_like_
+
+        compact_like_(model, masks, tuple(example_inputs.shape[1:]))
+    distiller = Distiller(teacher, model, distill, example_inputs=example_inputs)
+    try:
+        return fit(model, train_data, config, loss_fn=distiller, eval_data=eval_data)
+    finally:
+        distiller.close()
