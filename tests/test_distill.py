@@ -103,3 +103,20 @@ def test_distillation_moves_the_student_towards_the_teacher():
     before = divergence()
     fit(student, data, TrainConfig(epochs=15, batch_size=32, lr=0.02), loss_fn=distiller)
     assert divergence() < 0.5 * before
+
+
+def test_prune_and_distill_learns_from_the_unpruned_model():
+    from slimtorch import compute_masks
+    from slimtorch.recover import prune_and_distill_
+
+    torch.manual_seed(0)
+    model = _cnn(8)
+    x = torch.randn(128, 1, 6, 6)
+    with torch.no_grad():
+        unpruned = model(x)
+    y = unpruned.argmax(dim=1)
+    masks = compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}])
+    result = prune_and_distill_(model, masks, torch.utils.data.TensorDataset(x, y),
+                                TrainConfig(epochs=10, batch_size=32, lr=0.01), distill=DistillConfig(alpha=1.0))
+    assert int((model[0].weight.abs().sum(dim=(1, 2, 3)) == 0).sum()) == 4  # still pruned
+    assert result.epochs[-1].loss < 0.5 * result.epochs[0].loss  # the divergence from the teacher shrinks
