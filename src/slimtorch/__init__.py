@@ -11,6 +11,7 @@ from slimtorch.errors import (
     CheckpointError,
     CompactionError,
     ConfigError,
+    ExportError,
     NoMatchError,
     SlimError,
     SlimWarning,
@@ -18,7 +19,21 @@ from slimtorch.errors import (
     UnsupportedOpError,
 )
 from slimtorch.io import load_masks, save_masks
-from slimtorch.prune import apply_masks_, compute_masks, get_masks, is_masked, remove_masks_
+from slimtorch.prune import (
+    DynamicSparsity,
+    Evaluator,
+    GradualPruner,
+    LotteryTicket,
+    Schedule,
+    apply_masks_,
+    collect_stats,
+    compute_masks,
+    get_masks,
+    is_masked,
+    remove_masks_,
+    sensitivity_analysis,
+)
+from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
 
@@ -28,16 +43,24 @@ __all__ = [
     "CheckpointError",
     "CompactionError",
     "ConfigError",
+    "DynamicSparsity",
+    "Evaluator",
+    "ExportError",
+    "GradualPruner",
     "Granularity",
+    "LotteryTicket",
     "NoMatchError",
     "PruneTarget",
+    "QuantConfig",
     "Report",
+    "Schedule",
     "SlimError",
     "SlimWarning",
     "TraceError",
     "UnsupportedOpError",
     "__version__",
     "apply_masks_",
+    "collect_stats",
     "compact_",
     "compute_masks",
     "get_masks",
@@ -45,9 +68,13 @@ __all__ = [
     "load_config_list",
     "load_masks",
     "parse_config_list",
+    "quant_info",
+    "quantize",
+    "quantize_",
     "remove_masks_",
     "report",
     "save_masks",
     "select_modules",
+    "sensitivity_analysis",
     "sparsity_table",
 ]

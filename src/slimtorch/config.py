@@ -44,8 +44,8 @@ GRANULARITIES = {
     "kernel": "whole k x k kernels of a conv (one input channel of one filter)",
     "out_channel": "whole output channels: conv filters, Linear output neurons (structured)",
     "in_channel": "whole input channels of a layer (structured)",
-    "head": "whole attention heads (structured)",
-    "layer": "a whole layer or block",
+    "head": "whole attention heads of a projection (structured); 'head(H)' gives the head count",
+    "layer": "a whole layer or block (dropped with slimtorch.prune.blocks, not with masks)",
 }
 _ALIASES = {
     "default": None,
@@ -61,14 +61,21 @@ _STRUCTURED = frozenset({"out_channel", "in_channel", "head", "layer"})
 
 @dataclass(frozen=True, kw_only=True)
 class Granularity:
-    """The unit of pruning. ``kind`` is a key of :data:`GRANULARITIES`, ``"block"`` or ``"n:m"``."""
+    """The unit of pruning. ``kind`` is a key of :data:`GRANULARITIES`, ``"block"`` or ``"n:m"``.
+
+    ``heads`` is the number of attention heads a ``"head"`` granularity cuts a projection into; 0 means
+    "read it from the module" (``num_heads`` of ``nn.MultiheadAttention``).
+    """
 
     kind: str
     block: tuple[int, ...] = ()
     n: int = 0
     m: int = 0
+    heads: int = 0
 
     def __post_init__(self) -> None:
+        if self.heads and (self.kind != "head" or self.heads < 0):
+            raise ConfigError(f"a head count ({self.heads}) only goes with the 'head' granularity, e.g. 'head(8)'")
         if self.kind == "block":
             if not self.block or any(b == 0 or b < -1 for b in self.block):
                 raise ConfigError(f"block granularity needs positive sizes (or -1 for a whole dim), got {self.block}")
@@ -100,6 +107,8 @@ class Granularity:
         text = value.strip().lower()
         if (match := re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)) is not None:
             return cls(kind="n:m", n=int(match[1]), m=int(match[2]))
+        if (match := re.fullmatch(r"heads?\(\s*(\d+)\s*\)", text)) is not None:
+            return cls(kind="head", heads=int(match[1]))
         if (match := re.fullmatch(r"block\(([-\d,\s]+)\)", text)) is not None:
             return cls(kind="block", block=tuple(int(v) for v in match[1].split(",") if v.strip()))
         kind = _ALIASES.get(text, text)
@@ -111,11 +120,13 @@ class Granularity:
             return list(self.block)
         if self.kind == "n:m":
             return f"{self.n}:{self.m}"
+        if self.kind == "head" and self.heads:
+            return f"head({self.heads})"
         return self.kind
 
 
 def _allowed_granularities() -> str:
-    return ", ".join([*GRANULARITIES, "'N:M' (e.g. '2:4')", "'block(h,w)' or [h, w]", *_ALIASES])
+    return ", ".join([*GRANULARITIES, "'N:M' (e.g. '2:4')", "'block(h,w)' or [h, w]", "'head(H)'", *_ALIASES])
 
 
 def _as_int(value: Any, what: str) -> int:

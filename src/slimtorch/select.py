@@ -20,7 +20,15 @@ from torch import nn
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
-__all__ = ["Selected", "prunable_modules", "select_modules", "type_names"]
+__all__ = [
+    "Selected",
+    "bias_param_name",
+    "prunable_modules",
+    "select_layers",
+    "select_modules",
+    "type_names",
+    "weight_param_name",
+]
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,23 @@ def type_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)}
 
 
+def weight_param_name(module: nn.Module) -> str | None:
+    """The name of the parameter a config list prunes in ``module``: ``"weight"``, or ``"in_proj_weight"``
+    (the stacked q, k, v projections) of an ``nn.MultiheadAttention``; None when it has neither."""
+    for name in ("weight", "in_proj_weight"):
+        if isinstance(module._parameters.get(name), torch.Tensor):
+            return name
+    return None
+
+
+def bias_param_name(module: nn.Module) -> str:
+    """The name of the bias that goes with :func:`weight_param_name` (it may be absent or None)."""
+    return "in_proj_bias" if weight_param_name(module) == "in_proj_weight" else "bias"
+
+
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own a parameter called ``weight`` directly: the things a config list can prune."""
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if name and isinstance(mod._parameters.get("weight"), torch.Tensor)
-    }
+    """Modules that own a weight directly (see :func:`weight_param_name`): what a config list can prune."""
+    return {name: mod for name, mod in model.named_modules() if name and weight_param_name(mod) is not None}
 
 
 def _known_module_types(model: nn.Module) -> set[str]:
@@ -124,3 +142,24 @@ def select_modules(
                 chosen[name] = Selected(name, candidates[name], target, index)
     order = {n: i for i, n in enumerate(candidates)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+
+def select_layers(
+    model: nn.Module,
+    *,
+    op_types: tuple[str, ...],
+    op_names: tuple[str, ...] = (),
+    exclude_op_names: tuple[str, ...] = (),
+) -> dict[str, nn.Module]:
+    """The layers of ``op_types`` (inside ``op_names`` when given, outside ``exclude_op_names``), with the
+    same matching and errors as a config list; for stages that transform layers rather than prune them.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> list(select_layers(net, op_types=("Linear",), exclude_op_names=("2",)))
+    ['0']
+    """
+    entries = [PruneTarget(op_types=op_types, op_names=op_names, sparse_ratio=0.0)]
+    if exclude_op_names:
+        entries.append(PruneTarget(op_names=exclude_op_names, exclude=True))
+    return {name: sel.module for name, sel in select_modules(model, entries).items()}

@@ -1,21 +1,52 @@
-"""The pruning phase: decide which parameters go (masks), without changing any shape."""
+"""The pruning phase: decide which parameters go (masks), without changing any shape.
+
+Criteria say what to cut, granularities which unit, schedules and methods when: one-shot
+(:func:`compute_masks`), gradual (:class:`GradualPruner`), lottery tickets (:class:`LotteryTicket`),
+sparse training (:class:`DynamicSparsity`), network slimming (:class:`SlimmingRegularizer`), whole
+blocks (:mod:`slimtorch.prune.blocks`); :func:`sensitivity_analysis` measures what each layer tolerates.
+"""
 
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
+from slimtorch.prune.iterative import GradualPruner
+from slimtorch.prune.loop import Callback, Evaluator
+from slimtorch.prune.lottery import LotteryTicket
 from slimtorch.prune.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
-from slimtorch.prune.pruner import LayerPlan, compute_masks, plan_layers
+from slimtorch.prune.pruner import LayerPlan, compute_masks, masks_from_keep, plan_layers, unit_keep
+from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
+from slimtorch.prune.schedule import SCHEDULES, Schedule, register_schedule
+from slimtorch.prune.sensitivity import SensitivityResult, sensitivity_analysis
+from slimtorch.prune.sparse_training import DynamicSparsity
+from slimtorch.prune.stats import STAT_KEYS, StatsTracker, collect_stats
 
 __all__ = [
     "CRITERIA",
+    "SCHEDULES",
+    "STAT_KEYS",
+    "Callback",
     "Criterion",
+    "DynamicSparsity",
+    "Evaluator",
+    "GradualPruner",
     "LayerPlan",
+    "LotteryTicket",
+    "Schedule",
     "ScoreContext",
+    "SensitivityResult",
+    "SlimmingRegularizer",
+    "StatsTracker",
     "apply_masks_",
+    "bn_l1_penalty",
+    "collect_stats",
     "compute_masks",
     "get_criterion",
     "get_masks",
     "is_masked",
     "mask_sparsity",
+    "masks_from_keep",
     "plan_layers",
     "register_criterion",
+    "register_schedule",
     "remove_masks_",
+    "sensitivity_analysis",
+    "unit_keep",
 ]

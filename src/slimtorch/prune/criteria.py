@@ -10,6 +10,11 @@ unit_size)`` matrix), and a :class:`ScoreContext` to one score per unit; the low
     tensor([3., 1.])
 
 Register a new one with ``@register_criterion("name", default_granularity="fine")``.
+
+Weight criteria need only the weights: ``l1``, ``l2``, ``magnitude`` (alias ``level``), ``fpgm``,
+``random``. Data-driven criteria read per-layer statistics (``ctx.stats``, collected by
+:mod:`slimtorch.prune.stats`): ``gradient``, ``hybrid``, ``taylor``, ``movement``, ``wanda``, ``apoz``,
+``mean_activation``; ``bn_scale`` (alias ``slim``) reads a normalisation layer's scales.
 """
 
 from __future__ import annotations
@@ -61,20 +66,33 @@ class Criterion:
     default_granularity: Granularity
     needs: tuple[str, ...] = ()
     doc: str = ""
+    size_power: float = 1.0
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
 def register_criterion(
-    name: str, *, default_granularity: str = "fine", needs: tuple[str, ...] = (), aliases: tuple[str, ...] = ()
+    name: str,
+    *,
+    default_granularity: str = "fine",
+    needs: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (),
+    size_power: float = 1.0,
 ) -> Callable[[CriterionFn], CriterionFn]:
-    """Register ``fn(units, ctx) -> scores`` under ``name`` (and aliases)."""
+    """Register ``fn(units, ctx) -> scores`` under ``name`` (and aliases).
+
+    ``needs`` names the statistics the criterion reads from ``ctx.stats``. ``size_power`` says how a
+    score grows with the unit size (1: a sum over the unit's weights, 0: a mean or a per-unit quantity,
+    0.5: a Euclidean norm); global ranking divides scores by ``unit_size ** size_power`` so that units
+    of different sizes in different layers compare fairly.
+    """
 
     def deco(fn: CriterionFn) -> CriterionFn:
         gran = Granularity.parse(default_granularity)
         assert gran is not None
-        crit = Criterion(name, fn, gran, needs, (fn.__doc__ or "").strip().splitlines()[0])
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        crit = Criterion(name, fn, gran, needs, doc, size_power)
         for key in (name, *aliases):
             CRITERIA[key] = crit
         return fn
@@ -97,19 +115,19 @@ def l1(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     return units.abs().sum(dim=1)
 
 
-@register_criterion("l2", default_granularity="out_channel", aliases=("l2_norm",))
+@register_criterion("l2", default_granularity="out_channel", aliases=("l2_norm",), size_power=0.5)
 def l2(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     """L2 norm of each unit."""
     return torch.linalg.vector_norm(units, ord=2, dim=1)
 
 
-@register_criterion("magnitude", default_granularity="fine", aliases=("level",))
+@register_criterion("magnitude", default_granularity="fine", aliases=("level",), size_power=0.0)
 def magnitude(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     """Mean absolute weight of each unit (a single weight's magnitude at fine granularity): level pruning."""
     return units.abs().mean(dim=1)
 
 
-@register_criterion("fpgm", default_granularity="out_channel")
+@register_criterion("fpgm", default_granularity="out_channel", size_power=0.5)
 def fpgm(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     """Sum of L2 distances from each unit to all others (He et al. 2019, "Filter Pruning via Geometric
     Median"): units near the geometric median are the most replaceable and score lowest."""
@@ -117,8 +135,98 @@ def fpgm(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     return torch.cdist(flat[None], flat[None])[0].sum(dim=1).to(units.dtype)
 
 
-@register_criterion("random", default_granularity="fine")
+@register_criterion("random", default_granularity="fine", size_power=0.0)
 def random(units: torch.Tensor, ctx: ScoreContext | None) -> torch.Tensor:
     """Uniform random scores: the baseline every other criterion must beat."""
     gen = ctx.generator if ctx is not None else None
     return torch.rand(units.shape[0], generator=gen, dtype=torch.float64).to(units.dtype)
+
+
+# Data-driven criteria. Statistics are weight-shaped (cut into units by ``ctx.view.units``) or
+# per-channel vectors; see slimtorch.prune.stats for how each is collected.
+
+_TINY = 1e-12
+
+
+def _unit_stat(ctx: ScoreContext, key: str, criterion: str) -> torch.Tensor:
+    """A weight-shaped statistic cut into the same units as the weights: (num_units, unit_size)."""
+    return ctx.view.units(ctx.stat(key, criterion).to(torch.float32))
+
+
+def _channel_stat(ctx: ScoreContext, key: str, criterion: str) -> torch.Tensor:
+    """A per-output-channel statistic, checked to line up one-to-one with the units."""
+    stat = ctx.stat(key, criterion).to(torch.float32)
+    if ctx.view.granularity.kind != "out_channel" or stat.shape != (ctx.view.num_units,):
+        raise ConfigError(
+            f"criterion {criterion!r} scores whole output channels, but layer {ctx.name!r} is cut into "
+            f"{ctx.view.num_units} {ctx.view.granularity.to_value()!r} units for {stat.numel()} channels; "
+            "use granularity 'out_channel'"
+        )
+    return stat
+
+
+@register_criterion("gradient", default_granularity="fine", needs=("grad_sq",), size_power=0.0, aliases=("grad",))
+def gradient(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """Gradient magnitude: mean over the unit of each weight's root-mean-square gradient over the batches
+    (with one batch, the mean |dL/dw|); weights the loss barely reacts to go first."""
+    return _unit_stat(ctx, "grad_sq", "gradient").sqrt().mean(dim=1)
+
+
+@register_criterion("hybrid", default_granularity="fine", needs=("grad_sq",), size_power=0.0)
+def hybrid(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """Weight and gradient magnitude together: the smaller of mean |w| and RMS gradient, each relative to
+    its layer mean, so a unit survives only if large in both. ``sparse_threshold: t`` keeps exactly the
+    units with |w| >= t * mean|w| and |g| >= t * mean|g| (two thresholds, one per quantity)."""
+    weight = units.abs().mean(dim=1)
+    grad = _unit_stat(ctx, "grad_sq", "hybrid").sqrt().mean(dim=1)
+    return torch.minimum(weight / weight.mean().clamp_min(_TINY), grad / grad.mean().clamp_min(_TINY))
+
+
+@register_criterion("taylor", default_granularity="out_channel", needs=("grad_sq",), aliases=("taylor_fo", "taylorfo"))
+def taylor(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """First-order Taylor importance: sum over the unit of (w * dL/dw)^2, averaged over the batches (the
+    squared loss change of zeroing each weight; Molchanov et al. 2019, NNI's TaylorFOWeightPruner)."""
+    return (units.pow(2) * _unit_stat(ctx, "grad_sq", "taylor")).sum(dim=1)
+
+
+@register_criterion("movement", default_granularity="fine", needs=("movement",))
+def movement(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """Movement (Sanh et al. 2020): -sum over training steps of w * dL/dw, summed over the unit; weights
+    that fine-tuning moves towards zero score lowest. Track it during fine-tuning with a StatsTracker."""
+    return _unit_stat(ctx, "movement", "movement").sum(dim=1)
+
+
+@register_criterion("wanda", default_granularity="fine", needs=("input_norm",))
+def wanda(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |w| times the L2 norm of the input feature it multiplies, over the
+    calibration data; summed over the unit."""
+    from slimtorch.prune.stats import expand_input_stat
+
+    norm = expand_input_stat(ctx.module, ctx.stat("input_norm", "wanda").to(torch.float32), ctx.view.shape)
+    return (units.abs() * ctx.view.units(norm)).sum(dim=1)
+
+
+@register_criterion("apoz", default_granularity="out_channel", needs=("apoz",), size_power=0.0)
+def apoz(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """1 - APoZ (Hu et al. 2016): the share of non-zero activations of each output channel over the
+    calibration batches; channels whose activations are mostly zero go first."""
+    return 1.0 - _channel_stat(ctx, "apoz", "apoz")
+
+
+@register_criterion("mean_activation", default_granularity="out_channel", needs=("mean_activation",), size_power=0.0)
+def mean_activation(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """Mean activation of each output channel over the calibration batches (Molchanov et al. 2017)."""
+    return _channel_stat(ctx, "mean_activation", "mean_activation")
+
+
+@register_criterion("bn_scale", default_granularity="out_channel", size_power=0.0, aliases=("slim",))
+def bn_scale(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+    """|gamma| of each channel of a normalisation layer (network slimming, Liu et al. 2017). Train with
+    :func:`slimtorch.prune.regularize.bn_l1_penalty` first so that unneeded channels' scales shrink."""
+    if ctx is not None and len(ctx.view.shape) != 1:
+        raise ConfigError(
+            f"criterion 'bn_scale' scores the per-channel scales of normalisation layers, but layer {ctx.name!r} "
+            f"({type(ctx.module).__name__}) has a {len(ctx.view.shape)}-D weight; select BatchNorm layers, "
+            "e.g. op_types ['BatchNorm2d']"
+        )
+    return units.abs().sum(dim=1)

@@ -211,3 +211,57 @@ def _n_m(module: nn.Module, shape: tuple[int, ...], g: Granularity) -> UnitView:
         return u.reshape(permuted).permute(inverse)
 
     return UnitView(shape, g, to_units, from_units, numel, group_size=g.m, keep_per_group=g.n)
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+
+
+def _head_count(module: nn.Module, g: Granularity) -> int:
+    if g.heads:
+        return g.heads
+    for attr in _HEAD_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise ConfigError(
+        f"head granularity needs the number of heads of this {type(module).__name__}, which has no "
+        f"{'/'.join(_HEAD_ATTRS)} attribute; give it in the granularity, e.g. 'head(8)'"
+    )
+
+
+@register_granularity("head")
+def _head(module: nn.Module, shape: tuple[int, ...], g: Granularity) -> UnitView:
+    """Units are attention heads: the projection's output rows cut into ``heads`` consecutive groups.
+
+    ``nn.MultiheadAttention`` stacks the q, k and v projections in ``in_proj_weight`` (3E, E); a head
+    is then its rows in all three, so pruning it removes the head's queries, keys and values together.
+    """
+    heads = _head_count(module, g)
+    projections = 3 if isinstance(module, nn.MultiheadAttention) else 1
+    out_dim = channel_dims(module)[0] if len(shape) > 1 else 0
+    rows = shape[out_dim]
+    if rows % (projections * heads):
+        raise ConfigError(
+            f"{type(module).__name__} has {rows} output rows, which do not split into {heads} heads"
+            f"{' x 3 projections' if projections == 3 else ''}; give the right count, e.g. 'head(H)'"
+        )
+    head_dim = rows // (projections * heads)
+    moved = (rows, *shape[:out_dim], *shape[out_dim + 1 :])
+
+    def to_units(t: torch.Tensor) -> torch.Tensor:
+        grouped = t.movedim(out_dim, 0).reshape(projections, heads, head_dim, -1)  # (proj, H, head_dim, fan_in)
+        return grouped.transpose(0, 1).reshape(heads, -1)  # (H, proj * head_dim * fan_in)
+
+    def from_units(u: torch.Tensor) -> torch.Tensor:
+        grouped = u.reshape(heads, projections, head_dim, -1).transpose(0, 1)  # (proj, H, head_dim, fan_in)
+        return grouped.reshape(moved).movedim(0, out_dim)
+
+    return UnitView(shape, g, to_units, from_units, heads)
+
+
+@register_granularity("layer")
+def _layer(module: nn.Module, shape: tuple[int, ...], g: Granularity) -> UnitView:
+    raise ConfigError(
+        "whole layers or blocks are not pruned with masks: rank them with "
+        "slimtorch.prune.blocks.plan_block_drop and remove them with drop_blocks_"
+    )

@@ -18,7 +18,9 @@ coupled layers through the dependency graph, so the masked model computes what t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,17 +29,21 @@ import torch
 from torch import nn
 
 from slimtorch.config import PruneTarget
-from slimtorch.errors import ConfigError
+from slimtorch.errors import ConfigError, SlimWarning
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
 from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
-from slimtorch.select import select_modules
+from slimtorch.select import bias_param_name, select_modules, weight_param_name
 
-__all__ = ["LayerPlan", "compute_masks", "plan_layers", "units_to_prune"]
+__all__ = ["LayerPlan", "compute_masks", "masks_from_keep", "plan_layers", "unit_keep", "units_to_prune"]
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One selected layer, cut into units and scored. ``scores`` is float64 on the CPU, one per unit."""
+    """One selected layer, cut into units and scored. ``scores`` is float64 on the CPU, one per unit.
+
+    ``param`` is the scored parameter (``"weight"``, or ``"in_proj_weight"`` of a MultiheadAttention);
+    ``size_power`` is the criterion's (how its scores grow with the unit size, for global ranking).
+    """
 
     name: str
     module: nn.Module
@@ -45,10 +51,12 @@ class LayerPlan:
     entry: int
     view: UnitView
     scores: torch.Tensor
+    param: str = "weight"
+    size_power: float = 1.0
 
     @property
     def weight_name(self) -> str:
-        return f"{self.name}.weight"
+        return f"{self.name}.{self.param}"
 
 
 def units_to_prune(num_units: int, sparsity: float, *, structured: bool) -> int:
@@ -73,7 +81,9 @@ def plan_layers(
     plans = []
     for name, sel in selected.items():
         gran = sel.target.granularity or crit.default_granularity
-        weight = sel.module.weight.detach()
+        param = weight_param_name(sel.module)
+        assert param is not None  # select_modules only returns modules that own a weight
+        weight = sel.module._parameters[param].detach()
         view = unit_view(sel.module, weight.shape, gran)
         ctx = ScoreContext(name, sel.module, view, (stats or {}).get(name, {}), generator)
         for key in crit.needs:
@@ -82,7 +92,10 @@ def plan_layers(
             scores = crit.fn(view.units(weight), ctx)
         if scores.shape != (view.num_units,):
             raise RuntimeError(f"criterion {crit.name!r} returned {tuple(scores.shape)} for {view.num_units} units")
-        plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view, scores.detach().double().cpu()))
+        if bool(scores.isnan().any()):
+            raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {name!r}; check its statistics")
+        plan = LayerPlan(name, sel.module, sel.target, sel.entry, view, scores.detach().double().cpu(), param)
+        plans.append(dataclasses.replace(plan, size_power=crit.size_power))
     return plans
 
 
@@ -106,9 +119,10 @@ def _n_m_keep(plan: LayerPlan) -> torch.Tensor:
 def _global_counts(plans: list[LayerPlan], total: float, cap: float) -> list[int]:
     """Units to prune per layer so that ``total`` of all their weights go, ranked across layers.
 
-    Scores are compared per weight (score / unit size) so that units of different sizes compare
-    fairly. A layer that would exceed its cap is fixed at the cap and the rest re-ranked
-    (water-filling), so the total is met whenever the caps allow it.
+    Scores are compared per weight (score / unit size ** the criterion's size power) so that units of
+    different sizes compare fairly. A layer that would exceed its cap is fixed at the cap and the rest
+    re-ranked (water-filling), so the total is met whenever the caps allow it (a SlimWarning says so
+    when they do not).
     """
     sizes = [p.view.unit_size for p in plans]
     caps = [units_to_prune(p.view.num_units, cap, structured=p.view.structured) for p in plans]
@@ -119,7 +133,7 @@ def _global_counts(plans: list[LayerPlan], total: float, cap: float) -> list[int
         remaining = target - sum(fixed[i] * sizes[i] for i in fixed)
         counts = dict(fixed)
         if free and remaining > 0:
-            per_weight = torch.cat([plans[i].scores / sizes[i] for i in free])
+            per_weight = torch.cat([plans[i].scores / sizes[i] ** plans[i].size_power for i in free])
             owner = torch.cat([torch.full((plans[i].view.num_units,), i) for i in free])
             size = torch.tensor([sizes[i] for i in free]).repeat_interleave(
                 torch.tensor([plans[i].view.num_units for i in free])
@@ -135,8 +149,22 @@ def _global_counts(plans: list[LayerPlan], total: float, cap: float) -> list[int
             counts.update({i: 0 for i in free})
         over = [i for i in free if counts[i] > caps[i]]
         if not over:
+            _warn_if_short(plans, counts, total, sizes)
             return [counts[i] for i in range(len(plans))]
         fixed.update({i: caps[i] for i in over})
+
+
+def _warn_if_short(plans: list[LayerPlan], counts: dict[int, int], requested: float, sizes: list[int]) -> None:
+    """Say with numbers when the caps (or never emptying a structured layer) keep the total below target."""
+    pruned = sum(counts[i] * sizes[i] for i in counts)
+    total = sum(p.view.num_units * s for p, s in zip(plans, sizes, strict=True))
+    if requested * total - pruned > max(sizes) / 2:  # more than rounding to whole units explains
+        warnings.warn(
+            f"total_sparsity {requested:.3f} cannot be reached within the per-layer caps "
+            f"(max_sparse_ratio, never emptying a structured layer); reached {pruned / total:.3f}",
+            SlimWarning,
+            stacklevel=5,
+        )
 
 
 def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
@@ -165,16 +193,39 @@ def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
 
 
 def _layer_masks(plan: LayerPlan, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    device = plan.module.weight.device
-    masks = {plan.weight_name: plan.view.expand(keep).to(device)}
-    bias = plan.module._parameters.get("bias")
-    out_dim = channel_dims(plan.module)[0]
-    if (
-        plan.view.granularity.kind == "out_channel"
-        and isinstance(bias, torch.Tensor)
-        and bias.shape == (plan.module.weight.shape[out_dim],)
-    ):
-        masks[f"{plan.name}.bias"] = keep.to(device)
+    """The weight mask of one layer, and its bias mask when whole output rows (channels, heads) go."""
+    weight = plan.module._parameters[plan.param]
+    mask = plan.view.expand(keep).to(weight.device)
+    masks = {plan.weight_name: mask}
+    bias_name = bias_param_name(plan.module)
+    bias = plan.module._parameters.get(bias_name)
+    if plan.view.granularity.kind in ("out_channel", "head") and isinstance(bias, torch.Tensor):
+        out_dim = channel_dims(plan.module)[0] if mask.dim() > 1 else 0
+        rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1).any(dim=1)  # (out,): row kept or not
+        if bias.shape == rows.shape:
+            masks[f"{plan.name}.{bias_name}"] = rows
+    return masks
+
+
+def masks_from_keep(
+    model: nn.Module,
+    plans: Sequence[LayerPlan],
+    keep: Mapping[str, torch.Tensor],
+    *,
+    example_inputs: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Turn per-unit keep flags (:func:`unit_keep`) into parameter masks (the last step of
+    :func:`compute_masks`); with ``example_inputs``, structured masks go through the dependency graph."""
+    plans = list(plans)
+    if example_inputs is not None and any(p.view.structured for p in plans):
+        from slimtorch.prune.coupled import coupled_masks
+
+        masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], dict(keep))
+        plans = [p for p in plans if not p.view.structured]
+    else:
+        masks = {}
+    for plan in plans:
+        masks.update(_layer_masks(plan, keep[plan.name]))
     return masks
 
 
@@ -204,14 +255,4 @@ def compute_masks(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     plans = plan_layers(model, config_list, criterion, stats=stats, seed=seed)
-    keep = unit_keep(plans)
-    if example_inputs is not None and any(p.view.structured for p in plans):
-        from slimtorch.prune.coupled import coupled_masks
-
-        masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], keep)
-        plans = [p for p in plans if not p.view.structured]
-    else:
-        masks = {}
-    for plan in plans:
-        masks.update(_layer_masks(plan, keep[plan.name]))
-    return masks
+    return masks_from_keep(model, plans, unit_keep(plans), example_inputs=example_inputs)
