@@ -168,3 +168,22 @@ def test_add_dropconnect_keeps_parameters_and_keys():
     assert torch.equal(model.eval()(x), model.eval()(x))
     with pytest.raises(ConfigError, match="p must be in \\[0, 1\\)"):
         add_dropconnect_(model, 1.0)
+
+
+@pytest.mark.slow
+def test_seed_finding_on_mnist_convolutions_are_more_sensitive(data_dir):
+    # The set-up of benchmarks/sensitivity.py (whose full table is in docs/pruning.md), at fewer sparsities.
+    from slimtorch.data import load_mnist
+    from slimtorch.models import MnistNet
+
+    data = load_mnist(data_dir, limit=30000)
+    train = [(data.x_train[i : i + 128], data.y_train[i : i + 128]) for i in range(0, 30000, 128)]
+    test = [(data.x_test[i : i + 500], data.y_test[i : i + 500]) for i in range(0, 2000, 500)]
+    model = MnistNet()
+    evaluator = Evaluator(train_data=train, eval_data=test, lr=1e-3)
+    evaluator.train_(model, epochs=1)
+    sparsities = (0.9, 0.95, 0.98)
+    result = sensitivity_analysis(model, evaluator.evaluate, sparsities=sparsities)
+    drop = {layer: sum(result.drop(layer, s) for s in sparsities) / 3 for layer in result.layers}
+    # The seeds' finding (AlexNet): convolutions are more sensitive than fully-connected layers, the first most.
+    assert drop["conv1"] > drop["conv2"] > drop["fc2"] > drop["fc1"]
