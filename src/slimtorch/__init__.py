@@ -5,11 +5,13 @@
     print(slimtorch.report(model, x).to_markdown())
 """
 
+from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, load_config_list, parse_config_list
 from slimtorch.errors import (
     CheckpointError,
     CompactionError,
     ConfigError,
+    ExportError,
     NoMatchError,
     SlimError,
     SlimWarning,
@@ -31,6 +33,7 @@ from slimtorch.prune import (
     remove_masks_,
     sensitivity_analysis,
 )
+from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
 
@@ -42,11 +45,13 @@ __all__ = [
     "ConfigError",
     "DynamicSparsity",
     "Evaluator",
+    "ExportError",
     "GradualPruner",
     "Granularity",
     "LotteryTicket",
     "NoMatchError",
     "PruneTarget",
+    "QuantConfig",
     "Report",
     "Schedule",
     "SlimError",
@@ -56,12 +61,16 @@ __all__ = [
     "__version__",
     "apply_masks_",
     "collect_stats",
+    "compact_",
     "compute_masks",
     "get_masks",
     "is_masked",
     "load_config_list",
     "load_masks",
     "parse_config_list",
+    "quant_info",
+    "quantize",
+    "quantize_",
     "remove_masks_",
     "report",
     "save_masks",

@@ -8,7 +8,8 @@ Hierarchy::
     ├── UnsupportedOpError                 the dependency graph meets an op whose channel rule is unknown
     ├── TraceError                         the model could not be traced with the given example inputs
     ├── CompactionError                    masks cannot be turned into a smaller model (e.g. a layer emptied)
-    └── CheckpointError (also ValueError)  a saved file is corrupt, truncated or does not match the model
+    ├── CheckpointError (also ValueError)  a saved file is corrupt, truncated or does not match the model
+    └── ExportError                        a model cannot be exported (or its export does not reproduce it)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "CompactionError",
     "ConfigError",
+    "ExportError",
     "NoMatchError",
     "SlimError",
     "SlimWarning",
@@ -55,6 +57,10 @@ class CompactionError(SlimError):
 
 class CheckpointError(SlimError, ValueError):
     """A saved file is corrupt, truncated, of the wrong format or does not match the model."""
+
+
+class ExportError(SlimError):
+    """The model cannot go through torch.export / ONNX as it is; the message names the alternative."""
 
 
 class SlimWarning(UserWarning):

@@ -19,7 +19,7 @@ import torch
 
 from slimtorch.errors import CheckpointError
 
-__all__ = ["atomic_write", "load_masks", "save_masks"]
+__all__ = ["atomic_write", "load_masks", "plain_state", "save_masks"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -34,6 +34,35 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
+    if isinstance(value, (tuple, list)):  # torch.ao packs (int8 weight, bias) into one state entry
+        return {k: t for i, v in enumerate(value) for k, t in _plain_tensors(f"{name}.{i}", v).items()}
+    if not isinstance(value, torch.Tensor):
+        return {}  # e.g. the dtype torch.ao stores beside packed weights: metadata, not data
+    if not value.is_quantized:
+        return {name: value.detach()}
+    if value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        scale, zero = torch.tensor([value.q_scale()]), torch.tensor([value.q_zero_point()])
+    else:  # per channel (also the float-qparams scheme of quantized embeddings)
+        scale, zero = value.q_per_channel_scales(), value.q_per_channel_zero_points()
+    # torch keeps per-channel scales in float64 and zero points in int64; a deployed file needs 32 bits.
+    return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero.int()}
+
+
+def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as plain tensors safetensors can hold: a quantized tensor becomes its integer
+    values plus its scales and zero points; packed (weight, bias) tuples are flattened. Pure.
+
+    >>> from torch import nn
+    >>> sorted(plain_state(nn.Linear(2, 1)))
+    ['bias', 'weight']
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        out.update(_plain_tensors(name, value))
+    return out
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:

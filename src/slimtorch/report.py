@@ -81,12 +81,15 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
 
 
 def saved_size(model: nn.Module) -> int:
-    """Bytes of the model's weights saved as safetensors (masks and other buffers included)."""
+    """Bytes of the model's weights saved as safetensors (masks and other buffers included; quantized
+    weights as their integers plus scales)."""
     from safetensors.torch import save
+
+    from slimtorch.io import plain_state
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, t in model.state_dict().items():
+    for name, t in plain_state(model).items():
         # safetensors refuses shared storage; a tied weight is saved once.
         key = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen:

@@ -20,7 +20,15 @@ from torch import nn
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
-__all__ = ["Selected", "bias_param_name", "prunable_modules", "select_modules", "type_names", "weight_param_name"]
+__all__ = [
+    "Selected",
+    "bias_param_name",
+    "prunable_modules",
+    "select_layers",
+    "select_modules",
+    "type_names",
+    "weight_param_name",
+]
 
 
 @dataclass(frozen=True)
@@ -134,3 +142,24 @@ def select_modules(
                 chosen[name] = Selected(name, candidates[name], target, index)
     order = {n: i for i, n in enumerate(candidates)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+
+def select_layers(
+    model: nn.Module,
+    *,
+    op_types: tuple[str, ...],
+    op_names: tuple[str, ...] = (),
+    exclude_op_names: tuple[str, ...] = (),
+) -> dict[str, nn.Module]:
+    """The layers of ``op_types`` (inside ``op_names`` when given, outside ``exclude_op_names``), with the
+    same matching and errors as a config list; for stages that transform layers rather than prune them.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> list(select_layers(net, op_types=("Linear",), exclude_op_names=("2",)))
+    ['0']
+    """
+    entries = [PruneTarget(op_types=op_types, op_names=op_names, sparse_ratio=0.0)]
+    if exclude_op_names:
+        entries.append(PruneTarget(op_names=exclude_op_names, exclude=True))
+    return {name: sel.module for name, sel in select_modules(model, entries).items()}

@@ -1,0 +1,33 @@
+"""The dependency graph: which channels of which parameters must be kept or removed together.
+
+Stands alone: imports torch only, never pruning or compaction code.
+
+    >>> import torch
+    >>> from torchvision.models import resnet18
+    >>> from slimtorch.graph import build_graph
+    >>> graph = build_graph(resnet18(), torch.randn(1, 3, 32, 32))
+    >>> len(graph.group_of("layer1.0.conv2.weight").units)   # the 64-channel residual stream of stage 1
+    64
+"""
+
+from slimtorch.graph import layers, modules, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph.fixes import FixSite, apply_fix
+from slimtorch.graph.graph import ChannelGroup, DependencyGraph, Member, Sink
+from slimtorch.graph.rules import find_module_rule, find_rule, register_module_rule, register_rule
+from slimtorch.graph.trace import ModuleContext, OpContext, build_graph
+
+__all__ = [
+    "ChannelGroup",
+    "DependencyGraph",
+    "FixSite",
+    "Member",
+    "ModuleContext",
+    "OpContext",
+    "Sink",
+    "apply_fix",
+    "build_graph",
+    "find_module_rule",
+    "find_rule",
+    "register_module_rule",
+    "register_rule",
+]

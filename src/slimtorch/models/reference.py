@@ -58,11 +58,13 @@ class BookCNN(nn.Module):
 
 class DigitsCNN(nn.Module):
     """A small CNN for scikit-learn's 8x8 digits (the offline demo): conv-BN-ReLU blocks, one residual
-    connection, global pooling and a linear classifier."""
+    connection, global pooling and a linear classifier (``in_channels=3`` for colour images)."""
 
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.block = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),

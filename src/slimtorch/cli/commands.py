@@ -1,0 +1,169 @@
+"""``slimtorch prune``, ``compact`` and ``report``: one model in, files and a table out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from slimtorch.cli.common import (
+    MODEL_HELP,
+    add_data_args,
+    add_threads_arg,
+    apply_threads,
+    parse_shape,
+    positive_int,
+    resolve_model,
+    write_json,
+    write_text,
+)
+from slimtorch.config import load_config_list, parse_config_list
+from slimtorch.errors import CompactionError, ConfigError
+from slimtorch.io import save_masks
+from slimtorch.models.modelfile import compact_like_, save_model
+from slimtorch.prune import apply_masks_, compute_masks
+from slimtorch.prune.criteria import CRITERIA
+from slimtorch.recipes.plots import plot_layers
+from slimtorch.report import compare_markdown, report, sparsity_table
+
+__all__ = ["add_commands"]
+
+
+def _example(model: torch.nn.Module, shape: tuple[int, ...], batch: int) -> torch.Tensor:
+    """A random batch of ``shape`` samples, checked to run through ``model``."""
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"the model cannot run on inputs of shape {tuple(x.shape)} ({first}); "
+                          "give one sample's shape with --input-shape, e.g. 3,32,32") from None
+    return x
+
+
+def _config_list(args: argparse.Namespace) -> list[dict] | tuple:
+    if args.config is not None:
+        if args.sparsity is not None or args.op_types or args.exclude:
+            raise ConfigError("give either --config or --sparsity/--op-types/--exclude, not both")
+        return load_config_list(args.config)
+    if args.sparsity is None:
+        raise ConfigError("say how much to prune: --sparsity 0.5 (with --op-types), or --config config.yaml")
+    entries: list[dict] = [{"op_types": args.op_types or ["Conv2d"], "sparse_ratio": args.sparsity}]
+    if args.exclude:
+        entries.append({"op_names": args.exclude, "exclude": True})
+    parse_config_list(entries)
+    return entries
+
+
+def _prune(args: argparse.Namespace) -> int:
+    apply_threads(args)
+    loaded = resolve_model(args.model, input_shape=args.input_shape)
+    config_list = _config_list(args)
+    x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
+    before = report(loaded.model, x, runs=args.runs)
+    masks = compute_masks(loaded.model, config_list, criterion=args.criterion)
+    apply_masks_(loaded.model, masks)
+    after = report(loaded.model, x, runs=args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_masks(masks, out / "masks.safetensors")
+    save_model(out / "model.safetensors", loaded.model, loaded.spec)
+    rows = sparsity_table(loaded.model, masks)
+    table = compare_markdown({"before": before, "pruned (masked)": after})
+    write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{table}\n")
+    write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows})
+    plot_layers(rows, out / "layers.png", title=f"{args.model}: kept per layer")
+    print(f"{table}\n\nwrote {out}/masks.safetensors, model.safetensors, report.md, report.json, layers.png")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    apply_threads(args)
+    loaded = resolve_model(args.model, masks=args.masks)
+    if not loaded.masks or loaded.state != "masked":
+        raise ConfigError(f"{args.model!r} has no masks to compact: give a pruned model file or --masks FILE")
+    x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
+    masked = report(loaded.model, x, runs=args.runs)
+    with torch.no_grad():
+        expected = loaded.model.eval()(x)
+    compact_like_(loaded.model, loaded.masks, loaded.spec.input_shape or ())
+    with torch.no_grad():
+        diff = float((loaded.model.eval()(x) - expected).abs().max())
+    if diff > 1e-3 * max(1.0, float(expected.abs().max())):
+        raise CompactionError(f"the compacted model computes differently from the masked one (max diff {diff:.3g})")
+    compacted = report(loaded.model, x, runs=args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model.safetensors", loaded.model, loaded.spec, masks=loaded.masks)
+    table = compare_markdown({"masked": masked, "compacted": compacted})
+    text = f"# slimtorch compact {args.model}\n\n{table}\n\nmax |output difference|: {diff:.3g}\n"
+    write_text(out / "report.md", text)
+    write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(), "max_diff": diff})
+    print(f"{table}\n\nmax |output difference| {diff:.3g}; wrote {out}/model.safetensors, report.md, report.json")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from slimtorch.data.sources import load_dataset
+    from slimtorch.recover.trainer import evaluate_accuracy
+
+    apply_threads(args)
+    loaded = resolve_model(args.model, input_shape=args.input_shape, masks=args.masks)
+    x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
+    rep = report(loaded.model, x, runs=args.runs)
+    data: dict = {"model": args.model, **rep.to_dict()}
+    if args.dataset is not None:
+        split = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit)
+        data["accuracy"] = evaluate_accuracy(loaded.model, torch.utils.data.TensorDataset(split.x_test, split.y_test))
+    text = rep.to_markdown(args.model) + (f"\n\ntest accuracy ({args.dataset}): {data['accuracy']:.2%}"
+                                           if "accuracy" in data else "")
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "report.md", f"# slimtorch report {args.model}\n\n{text}\n")
+        write_json(out / "report.json", data)
+        if loaded.masks:
+            plot_layers(sparsity_table(loaded.model, loaded.masks), out / "layers.png", title=args.model)
+    print(json.dumps(data, indent=2) if args.format == "json" else text)
+    return 0
+
+
+def _measure_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the measured input")
+    parser.add_argument("--runs", type=int, default=20, help="timed forward calls (0: skip latency)")
+    add_threads_arg(parser)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add prune, compact and report to the ``slimtorch`` parser."""
+    p = sub.add_parser("prune", help="compute and apply masks; writes masks, the masked model and a report")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of units to prune in each layer")
+    p.add_argument("--op-types", nargs="+", default=None, help="layer types to prune (default Conv2d)")
+    p.add_argument("--exclude", nargs="+", default=None, help="layer names to leave alone")
+    p.add_argument("--config", default=None, help="a YAML config list (NNI keys) instead of the flags above")
+    p.add_argument("--criterion", choices=sorted(CRITERIA), default="l1")
+    p.add_argument("--input-shape", type=parse_shape, default=None, help="one sample's shape, e.g. 3,32,32")
+    _measure_args(p)
+    p.set_defaults(func=_prune)
+
+    c = sub.add_parser("compact", help="turn a pruned (masked) model into a really smaller one")
+    c.add_argument("model", help="a pruned model file from `slimtorch prune`, or a model with --masks")
+    c.add_argument("--masks", default=None, help="a masks file (.safetensors) to apply first")
+    c.add_argument("--out", required=True, help="output folder")
+    _measure_args(c)
+    c.set_defaults(func=_compact)
+
+    r = sub.add_parser("report", help="parameters, non-zeros, MACs, size, latency (and accuracy with --dataset)")
+    r.add_argument("model", help=MODEL_HELP)
+    r.add_argument("--masks", default=None, help="a masks file (.safetensors) to apply first")
+    r.add_argument("--input-shape", type=parse_shape, default=None, help="one sample's shape, e.g. 3,32,32")
+    r.add_argument("--format", choices=("md", "json"), default="md", help="what to print")
+    r.add_argument("--out", default=None, help="folder for report.md, report.json (and layers.png if pruned)")
+    add_data_args(r)
+    _measure_args(r)
+    r.set_defaults(func=_report)

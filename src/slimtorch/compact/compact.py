@@ -1,0 +1,240 @@
+"""``compact_``: turn a masked model into a really smaller one that computes the same thing.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import slimtorch
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> masks = slimtorch.compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+    >>> slimtorch.compact_(net, masks, example_inputs=x)
+    >>> net[0].out_channels, net[4].in_features
+    (4, 144)
+
+Plan first (pure, :func:`~slimtorch.compact.plan.plan_compaction`), then apply: bake the masks in, fold
+constants, run each layer's shrink function, hook the rewrites of hard-coded sizes, and check that the
+result reproduces the masked model's outputs on ``example_inputs``. If anything fails, the model is put
+back exactly as it was and the error says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from slimtorch.compact.fixer import ShapeFixer
+from slimtorch.compact.plan import CompactionPlan, plan_compaction
+from slimtorch.compact.surgery import SHRINKS
+from slimtorch.errors import CompactionError, SlimError, SlimWarning
+from slimtorch.prune.masks import is_masked, remove_masks_
+from slimtorch.report import COMPACTION_ATTR
+
+__all__ = ["COMPACTION_ATTR", "compact_", "replay_"]
+
+
+
+class _Snapshot:
+    """Every module's class and attributes, so that a failed compaction can be undone exactly. Shrink
+    functions replace tensors (never write into them), so shallow copies are enough."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = []
+        for module in model.modules():
+            state = {k: (type(v)(v) if isinstance(v, (dict, list)) else v) for k, v in module.__dict__.items()}
+            self.saved.append((module, module.__class__, state))
+
+    def restore(self, model: nn.Module) -> None:
+        for module, cls, state in self.saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(state)  # mask buffers and hooks, if any, come back with it
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    return model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+
+
+def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], example_inputs: Any) -> Any:
+    """The masked model's eval-mode output (``masked``: masked parameter values), without touching the model."""
+    state = {**dict(model.named_parameters()), **masked}
+    state.update({n: b.clone() for n, b in model.named_buffers()})
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                return torch.func.functional_call(model, state, (), dict(example_inputs))
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            return torch.func.functional_call(model, state, args)
+    finally:
+        model.train(was)
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = getattr(module, attr)
+    setattr(module, attr, nn.Parameter(value.detach(), requires_grad=old.requires_grad))
+
+
+def _keeps(change: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.long) for k, v in change["keeps"].items()}
+
+
+def replay_(model: nn.Module, steps: list[dict[str, Any]]) -> list[Any]:
+    """Apply recorded compaction steps (:meth:`CompactionPlan.to_dict`) to ``model``'s shapes: the
+    surgery and the call rewrites, not the values (a checkpoint loads those). Returns hook handles."""
+    handles: list[Any] = []
+    for step in steps:
+        for name, change in step["modules"].items():
+            kind = change["kind"]
+            if kind not in SHRINKS:
+                raise CompactionError(f"no shrink function registered for {kind!r} (module {name!r})")
+            SHRINKS[kind](model.get_submodule(name), _keeps(change), change["options"])
+    fixes = [f for step in steps for f in step["fixes"]]
+    if fixes:
+        handles += ShapeFixer(fixes).install(model)
+    return handles
+
+
+def _needed_fixes(model: nn.Module, fixes: list[dict[str, Any]], example_inputs: Any) -> list[dict[str, Any]]:
+    """Run once with every rewrite, remembering which ones changed a call (others compute right already)."""
+    probe = ShapeFixer(fixes, probing=True)
+    handles = probe.install(model)
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                _call(model, example_inputs)
+            finally:
+                model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return [f for f in fixes if (f["module"], f["op"], f["occurrence"]) in probe.needed]
+
+
+def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> dict:
+    if is_masked(model):
+        remove_masks_(model)
+    for name, value in plan.masked.items():
+        _set_param(model, name, value)
+    params = dict(model.named_parameters())
+    for name, delta in plan.folds.items():
+        _set_param(model, name, params[name].detach() + delta.to(params[name]))
+    step = plan.to_dict()
+    for name, change in step["modules"].items():
+        SHRINKS[change["kind"]](model.get_submodule(name), _keeps(change), change["options"])
+    if step["fixes"]:
+        step["fixes"] = _needed_fixes(model, step["fixes"], example_inputs)
+        ShapeFixer(step["fixes"]).install(model)
+    return step
+
+
+def _compare(got: Any, want: Any, rtol: float, atol: float) -> float | None:
+    """Largest difference relative to the tolerance, or None if within it."""
+    a, b = tree_leaves(got), tree_leaves(want)
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.shape != y.shape:
+            return float("inf")
+        if x.is_floating_point():
+            diff = (x.detach().float() - y.detach().float()).abs().max().item() if x.numel() else 0.0
+            bound = atol + rtol * (y.detach().float().abs().max().item() if y.numel() else 0.0)
+            worst = max(worst, diff / bound if bound else diff)
+        elif not torch.equal(x, y):
+            return float("inf")
+    return worst if worst > 1 else None
+
+
+def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) -> dict[str, Any]:
+    previous = getattr(model, COMPACTION_ATTR, None) or {}
+    return {
+        "params_before": previous.get("params_before", before),
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "channels_requested": plan.requested,
+        "channels_removed": plan.removed_count,
+        "kept_against_masks": dict(plan.kept),
+        "folded_biases": sorted(plan.folds),
+        "zero_padded_norms": sorted(n for n, c in plan.modules.items() if "full_size" in c["options"]),
+        "rewritten_calls": len(step["fixes"]),
+        "unreached_layers": list(plan.graph.unreached),
+        "steps": [*previous.get("steps", []), step],
+    }
+
+
+def compact_(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    *,
+    example_inputs: Any,
+    verify: bool = True,
+    unknown_ops: str = "error",
+) -> None:
+    """Remove the channels ``masks`` prune from ``model``, in place, keeping what it computes.
+
+    Args:
+        model: the model (masked or not: the masks given are the truth).
+        masks: ``{param_name: bool tensor}`` as :func:`~slimtorch.compute_masks` returns.
+        example_inputs: a batch the model accepts (tensor, tuple of positional inputs or dict of keyword
+            inputs), used to trace it and to check the result.
+        verify: check that the compacted model reproduces the masked one on ``example_inputs`` (eval
+            mode); on a mismatch the model is restored and :class:`~slimtorch.errors.CompactionError` raised.
+        unknown_ops: ``"error"`` or ``"keep"`` (channels touched by an op without a channel rule stay).
+
+    Train/eval mode, dtype, device and ``requires_grad`` are kept; ``model.slimtorch_compaction`` (a dict)
+    says what changed, and a :class:`~slimtorch.errors.SlimWarning` says how many channels the masks
+    prune had to stay, and why.
+    """
+    plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops)
+    if plan.graph.training or model.training:
+        reference = _masked_reference(model, plan.masked, example_inputs)
+    else:
+        reference = plan.graph.output
+    before = sum(p.numel() for p in model.parameters())
+    snapshot = _Snapshot(model)
+    try:
+        step = _apply(model, plan, example_inputs)
+        if verify:
+            _verify(model, example_inputs, reference)
+    except BaseException as err:
+        snapshot.restore(model)
+        if isinstance(err, SlimError) or not isinstance(err, Exception):
+            raise
+        raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
+    setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
+    if plan.kept:
+        reasons = "; ".join(f"{n} {why}" for why, n in plan.kept.items())
+        warnings.warn(
+            f"compaction removed {plan.removed_count} of the {plan.requested} channels the masks prune; kept: "
+            f"{reasons}. The compacted model computes exactly what the masked one does.",
+            SlimWarning,
+            stacklevel=2,
+        )
+
+
+def _verify(model: nn.Module, example_inputs: Any, reference: Any, rtol: float = 1e-3, atol: float = 1e-4) -> None:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            got = _call(model, example_inputs)
+    finally:
+        model.train(was)
+    worst = _compare(got, reference, rtol, atol)
+    if worst is not None:
+        raise CompactionError(
+            f"the compacted model does not reproduce the masked one on the example inputs (difference {worst:.3g}x "
+            "the tolerance); the model was restored. Please report the model: an op's channel rule is wrong"
+        )

@@ -1,0 +1,293 @@
+"""Planning a compaction (pure): which channels go, what every layer keeps, what is folded and rewritten.
+
+A channel (a unit of the dependency graph) is *requested* for removal when the masks zero every weight
+slice that produces it (or every weight slice that reads it). It is *removed* when, in addition,
+removing it cannot change what the masked model computes:
+
+* wherever it is consumed, the consuming weight slice is masked, or the channel's value is exactly zero
+  there, or (eval mode, a Linear or unpadded conv with a bias) a constant that is folded into the bias;
+* it is not blocked (it does not reach the model output, a softmax over channels, an unknown op...);
+* every equal-count constraint (conv groups, attention heads, chunks) still holds, and every parameter
+  used directly in arithmetic keeps a rectangular block.
+
+Requested channels that stay are reported with the reason and their number; nothing is silently changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
+from slimtorch.errors import CompactionError
+from slimtorch.graph import DependencyGraph, Member, build_graph
+from slimtorch.prune.masks import check_masks
+
+__all__ = ["CompactionPlan", "plan_compaction"]
+
+
+@dataclass
+class CompactionPlan:
+    """Everything :func:`~slimtorch.compact_` needs to change the model, computed without changing it.
+
+    ``modules`` maps a module name to ``{"kind", "keeps", "options"}`` (the registered shrink function and
+    what it keeps); ``folds`` maps a bias name to the constant added to it; ``fixes`` lists call sites to
+    rewrite; ``kept`` explains, with numbers, each requested channel that stays."""
+
+    graph: DependencyGraph
+    removed: torch.Tensor
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folds: dict[str, torch.Tensor] = field(default_factory=dict)
+    fixes: list[dict[str, Any]] = field(default_factory=list)
+    requested: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+    masked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def removed_count(self) -> int:
+        return int(self.removed.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able part: enough to replay the surgery on a fresh instance of the model."""
+        modules = {
+            name: {"kind": c["kind"], "options": c["options"], "keeps": {k: v.tolist() for k, v in c["keeps"].items()}}
+            for name, c in self.modules.items()
+        }
+        return {"modules": modules, "fixes": self.fixes}
+
+
+def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per label of ``member``: is the weight slice it indexes entirely masked?"""
+    size = member.labels.numel()
+    if mask is None:
+        return torch.zeros(size, dtype=torch.bool)
+    keep = mask.bool().cpu()
+    if member.groups > 1:
+        moved = keep.movedim((member.other_dim, member.dim), (0, 1))  # (other, dim, rest...)
+        g = member.groups
+        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).any(dim=3).any(dim=1)  # (groups, dim)
+        return ~alive.reshape(-1)
+    return ~keep.movedim(member.dim, 0).reshape(keep.shape[member.dim], -1).any(dim=1)
+
+
+def _at(per_unit: torch.Tensor, roots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``per_unit`` looked up at every label position (False where there is no label)."""
+    return per_unit[roots[labels.clamp(min=0)]] & (labels >= 0)
+
+
+def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
+              params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(requested, input-independent) per unit: which units the masks ask to remove, and which have
+    every producing weight slice masked (their values do not depend on the input)."""
+    n = roots.numel()
+    all_ = {r: torch.ones(n, dtype=torch.int8) for r in ("out", "in")}
+    any_ = {r: torch.zeros(n, dtype=torch.bool) for r in ("out", "in")}
+    for m in graph.members.values():
+        if m.role not in all_ or m.is_buffer or m.name not in params or params[m.name].dim() < 2:
+            continue
+        valid = m.labels >= 0
+        units = roots[m.labels[valid]]
+        any_[m.role][units] = True
+        all_[m.role].scatter_reduce_(0, units, _dead(m, masks.get(m.name))[valid].to(torch.int8), "amin")
+    independent = any_["out"] & all_["out"].bool()
+    return independent | (any_["in"] & all_["in"].bool()), independent
+
+
+@dataclass
+class _Fold:
+    member: tuple
+    position: int
+    value: float
+    unit: int
+
+
+def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.Tensor, independent: torch.Tensor,
+                 masks: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list[_Fold]]:
+    """Per unit: may it go as far as its sinks are concerned; and the constants to fold if it does."""
+    allowed = torch.ones(roots.numel(), dtype=torch.bool)
+    folds: list[_Fold] = []
+    for sink in graph.sinks:
+        labels = sink.labels.reshape(-1)
+        units = roots[labels.clamp(min=0)]
+        asked = _at(requested, roots, labels)
+        if not bool(asked.any()):
+            continue
+        zero = (sink.absmax.reshape(-1) == 0) & _at(independent, roots, labels)
+        if sink.kind == "consumer":
+            member = graph.members[sink.member]
+            dead = _dead(member, masks.get(member.name))
+            const = (sink.vmin == sink.vmax).reshape(-1) & _at(independent, roots, labels)
+            const &= sink.foldable and not graph.training
+            ok = dead | zero | const
+            folds += [_Fold(sink.member, int(p), float(sink.vmin.reshape(-1)[p]), int(units[p]))
+                      for p in torch.nonzero(asked & ~dead & ~zero & const).flatten()]
+        elif sink.kind == "pair":
+            other = sink.other
+            other_units = roots[other.labels.reshape(-1).clamp(min=0)]
+            zero_a = torch.ones_like(allowed).scatter_reduce_(0, units, zero, "amin")
+            other_zero = (other.absmax.reshape(-1) == 0) & independent[other_units]
+            zero_b = torch.ones_like(allowed).scatter_reduce_(0, other_units, other_zero, "amin")
+            ok = (zero_a | zero_b)[units]
+        else:
+            ok = zero
+        allowed[units[asked & ~ok]] = False
+    return allowed, folds
+
+
+def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, kept: dict[str, int]) -> None:
+    """Give back removed units until every equal-count constraint and rectangular slice holds (in place)."""
+    for _ in range(50):
+        before = int(removed.sum())
+        for rows in graph.constraints:
+            gone = _at(removed, roots, rows)
+            counts = gone.sum(dim=1)
+            if bool((counts == counts[0]).all()):
+                continue
+            excess = gone & (gone.cumsum(dim=1) > counts.min())  # keep the first min(count) of each row removed
+            back = torch.unique(roots[rows[excess]])
+            removed[back] = False
+            kept["to keep equal channel counts (conv groups, heads, chunks, layers)"] = (
+                kept.get("to keep equal channel counts (conv groups, heads, chunks, layers)", 0) + back.numel())
+        for m in graph.members.values():
+            if m.role != "element":
+                continue
+            keep = ~_at(removed, roots, m.labels)
+            rect = torch.ones_like(keep)
+            for d in range(keep.dim()):
+                rect &= keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1).reshape(
+                    [keep.shape[d] if i == d else 1 for i in range(keep.dim())])
+            if not torch.equal(rect, keep):
+                back = torch.unique(roots[m.labels[~keep]])
+                removed[back] = False
+                kept[f"so that {m.name} keeps a rectangular block"] = back.numel()
+        if int(removed.sum()) == before:
+            return
+    raise CompactionError("could not satisfy the channel constraints of the graph; please report this model")
+
+
+def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> None:
+    for m in graph.members.values():
+        if m.role == "element" or m.is_buffer:
+            continue
+        valid = m.labels >= 0
+        if bool(valid.any()) and bool(_at(removed, roots, m.labels)[valid].all()) and bool(valid.all()):
+            side = {"out": "output", "in": "input"}.get(m.role, "")
+            raise CompactionError(
+                f"the masks remove every {side} channel of {m.name!r} ({m.labels.numel()} of them); a layer cannot "
+                "be emptied: keep at least one of its channels"
+            )
+
+
+def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
+    """(module name, module, attribute path) of a parameter, where a module whose shrink function handles
+    its children (e.g. an attention block) owns its children's parameters."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        prefix = ".".join(parts[:i])
+        module = model.get_submodule(prefix)
+        if shrink_kind(module) in CLAIMS_CHILDREN:
+            return prefix, module, ".".join(parts[i:])
+    prefix = ".".join(parts[:-1])
+    return prefix, model.get_submodule(prefix), parts[-1]
+
+
+def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tensor,
+                    removed: torch.Tensor) -> dict[str, dict[str, Any]]:
+    changes: dict[str, dict[str, Any]] = {}
+    for m in graph.members.values():
+        keep = ~_at(removed, roots, m.labels)
+        if bool(keep.all()):
+            continue
+        owner, module, attr = _owner(model, m.name)
+        entry = changes.setdefault(owner, {"kind": shrink_kind(module), "keeps": {}, "options": {}})
+        if m.role == "element":
+            if entry["kind"] != "tensors":
+                raise CompactionError(f"{m.name!r} is used directly in arithmetic and also by its {entry['kind']} "
+                                      "layer; its channels cannot be removed")
+            for d in range(keep.dim()):
+                along = keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1)
+                if not bool(along.all()):
+                    entry["keeps"][f"{attr}:dim:{d}"] = torch.nonzero(along).flatten()
+            continue
+        entry["keeps"][f"{attr}:{m.role}:{m.dim}"] = torch.nonzero(keep).flatten()
+        if entry["kind"] == "layernorm":
+            shape = tuple(module.normalized_shape)
+            entry["options"]["full_size"] = int(getattr(module, "full_size", torch.Size(shape).numel()))
+    return changes
+
+
+def _fixes(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> list[dict[str, Any]]:
+    found: dict[tuple, list[Any]] = {}
+    for site in graph.fix_sites:
+        fix = site.compacted(None if site.labels is None else ~_at(removed, roots, site.labels))
+        found.setdefault(site.key, []).append(fix)
+    out = []
+    for key, fixes in found.items():
+        distinct = {repr(f) for f in fixes}
+        if len(distinct) > 1 and fixes[0] is not None and fixes[0]["kind"] == "scalar":
+            continue  # a module called with different numbers each time: nothing to pin
+        if len(distinct) > 1:
+            raise CompactionError(f"{key[1]!r} in module {key[0] or '<root>'!r} runs several times with sizes that "
+                                  "would compact differently; leave those channels unpruned")
+        if fixes[0] is not None:
+            out.append({"module": key[0], "occurrence": key[2], **fixes[0]})
+    return out
+
+
+def _fold_deltas(model: nn.Module, folds: list[_Fold], removed: torch.Tensor,
+                 params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bias changes that carry removed constant channels: bias += sum over the kernel of W[:, c] * value."""
+    deltas: dict[str, torch.Tensor] = {}
+    for fold in folds:
+        if not bool(removed[fold.unit]):
+            continue
+        weight_name = fold.member[0]
+        bias_name = weight_name.rsplit(".", 1)[0] + ".bias" if "." in weight_name else "bias"
+        column = params[weight_name].detach().select(1, fold.position)  # (out, *kernel)
+        delta = column.reshape(column.shape[0], -1).sum(dim=1) * fold.value
+        deltas[bias_name] = deltas.get(bias_name, 0) + delta
+    return deltas
+
+
+def plan_compaction(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    *,
+    example_inputs: Any,
+    unknown_ops: str = "error",
+) -> CompactionPlan:
+    """Work out, without changing ``model``, how :func:`~slimtorch.compact_` would compact it.
+
+    Raises :class:`~slimtorch.errors.CompactionError` when the masks would empty a layer.
+    """
+    check_masks(model, masks)
+    params = dict(model.named_parameters())
+    masked = {n: params[n].detach().masked_fill(~masks[n].to(params[n].device).bool(), 0) for n in masks}
+    graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True)
+    roots = graph.uf.roots()
+    requested, independent = _requests(graph, roots, masks, params)
+    allowed, folds = _check_sinks(graph, roots, requested, independent, masks)
+    blocked = torch.zeros_like(requested)
+    blocked[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = True
+    removed = requested & allowed & ~blocked
+    kept: dict[str, int] = {}
+    for why, which in (("their values are not zero where they are used and cannot be folded", requested & ~allowed),
+                       ("they reach the output or an op that depends on every channel", requested & allowed & blocked)):
+        if int(which.sum()):
+            kept[why] = int(which.sum())
+    _enforce(graph, roots, removed, kept)
+    _check_not_emptied(graph, roots, removed)
+    return CompactionPlan(
+        graph=graph,
+        removed=removed,
+        modules=_module_changes(model, graph, roots, removed),
+        folds=_fold_deltas(model, folds, removed, masked | {n: p for n, p in params.items() if n not in masked}),
+        fixes=_fixes(graph, roots, removed),
+        requested=int(requested.sum()),
+        kept=kept,
+        masked=masked,
+    )

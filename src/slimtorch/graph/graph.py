@@ -1,0 +1,257 @@
+"""The dependency graph: which channels of which parameters are kept or removed together.
+
+A :class:`DependencyGraph` is what :func:`~slimtorch.graph.build_graph` returns after one real forward
+pass. Its vocabulary:
+
+* a **member** is one parameter (or buffer) dim whose indices are channels: a conv weight's output dim
+  (``role="out"``), its input dim (``"in"``), a BatchNorm weight (``"norm"``), or, for a parameter used
+  directly in arithmetic such as a position embedding, every element (``"element"``);
+* a **unit** is a set of channels that must go together (a residual add ties channel i of both
+  branches); units are identified by an integer, the root of their union-find class;
+* a **group** is the set of units that share members (all channels of one residual stream), the thing
+  a pruner ranks and cuts as a whole;
+* a unit is **blocked** when removing it would change what the model computes in a way compaction
+  cannot reproduce (it reaches the model output, a softmax over channels, an unknown op...);
+* an **equal-count constraint** says that some blocks of channels must keep the same number of channels
+  each (a grouped conv's groups, attention heads, the halves of a ``chunk``);
+* a **sink** records the values measured where channels are consumed, so that compaction can check
+  that a removed channel is really zero there (or fold its constant value into a bias);
+* a **fix site** is a call with hard-coded sizes or indices (``x.view(-1, 800)``) that must see other
+  numbers once the model is smaller.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch.graph import build_graph
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> graph = build_graph(net, torch.randn(1, 3, 8, 8))
+    >>> group = graph.group_of("0.weight")
+    >>> len(group.units), sorted({m.name for m in group.members})
+    (8, ['0.bias', '0.weight', '1.bias', '1.running_mean', '1.running_var', '1.weight', '3.weight'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slimtorch.errors import NoMatchError, closest
+from slimtorch.graph.labels import UnionFind
+
+__all__ = ["ChannelGroup", "DependencyGraph", "Member", "Sink"]
+
+ROLES = ("out", "in", "norm", "element")
+
+
+@dataclass
+class Member:
+    """One parameter or buffer dim indexed by channels. ``labels`` has one label per index of ``dim``
+    (for ``role="element"``: one per element, shaped like the tensor); -1 where no channel lives.
+    ``groups`` > 1 marks a grouped conv's dim that holds one group's channels: ``labels`` then covers all
+    ``groups * shape[dim]`` channels, and block j of them pairs with block j of ``other_dim`` (a conv's
+    input dim holds ``C_in / groups`` channels, read by the j-th block of output channels)."""
+
+    name: str
+    dim: int | None
+    role: str
+    labels: torch.Tensor
+    is_buffer: bool = False
+    groups: int = 1
+    other_dim: int = 0
+
+    @property
+    def key(self) -> tuple[str, int | None, str]:
+        return (self.name, self.dim, self.role)
+
+    def expand(self, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A tensor-shaped bool mask from per-label keep flags (``keep`` shaped like ``labels``)."""
+        if self.dim is None:
+            return keep.reshape(shape)
+        if self.groups > 1:
+            per_group = keep.reshape(self.groups, -1)  # (groups, shape[dim])
+            # Each index of other_dim belongs to one group and sees that group's row of flags.
+            rows = per_group.repeat_interleave(shape[self.other_dim] // self.groups, dim=0)  # (other, dim)
+            if self.other_dim > self.dim:
+                rows = rows.transpose(0, 1)
+            view = [1] * len(shape)
+            view[self.other_dim], view[self.dim] = shape[self.other_dim], shape[self.dim]
+            return rows.reshape(view).expand(shape)
+        view = [1] * len(shape)
+        view[self.dim] = shape[self.dim]
+        return keep.reshape(view).expand(shape)
+
+
+@dataclass
+class Sink:
+    """Values measured where channels are consumed (per label position, over every other dim).
+
+    ``kind``: ``"consumer"`` (a layer's weight reads them; ``member`` names it), ``"zero"`` (they must be
+    exactly zero to be removed: normalisation statistics, sums over channels) or ``"pair"`` (a dot
+    product: removable when either side is zero; ``other`` holds the second side's statistics)."""
+
+    kind: str
+    labels: torch.Tensor
+    absmax: torch.Tensor
+    vmin: torch.Tensor
+    vmax: torch.Tensor
+    member: tuple[str, int | None, str] | None = None
+    foldable: bool = False
+    other: Sink | None = None
+
+
+@dataclass
+class ChannelGroup:
+    """Units that share members: pruning any of them touches every member listed."""
+
+    index: int
+    units: torch.Tensor
+    members: list[Member]
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({m.name for m in self.members if not m.is_buffer})
+
+
+@dataclass
+class DependencyGraph:
+    """Result of tracing a model: members, units, groups, constraints, sinks and fix sites."""
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    members: dict[tuple[str, int | None, str], Member] = field(default_factory=dict)
+    blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    constraints: list[torch.Tensor] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
+    fix_sites: list[Any] = field(default_factory=list)
+    unknown: list[tuple[str, str, list[torch.Tensor]]] = field(default_factory=list)
+    output: Any = None
+    training: bool = False
+    called: set[str] = field(default_factory=set)
+    used: set[str] = field(default_factory=set)
+    unreached: list[str] = field(default_factory=list)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- recording (used by rules while tracing) -------------------------------------------------
+
+    def fresh(self, name: str, dim: int | None, role: str, size: int | tuple[int, ...], **extra: Any) -> torch.Tensor:
+        """The labels of a member that creates channels (memoised: a shared weight reuses them); ``size`` is
+        a shape for an element member."""
+        key = (name, dim, role)
+        if key not in self.members:
+            shape = (size,) if isinstance(size, int) else tuple(size)
+            self.members[key] = Member(name, dim, role, self.uf.new(math.prod(shape)).reshape(shape), **extra)
+        return self.members[key].labels
+
+    def attach(self, name: str, dim: int | None, role: str, labels: torch.Tensor, **extra: Any) -> None:
+        """Record that ``name``'s ``dim`` is indexed by ``labels`` (tied to earlier uses of it)."""
+        key = (name, dim, role)
+        old = self.members.get(key)
+        if old is None:
+            self.members[key] = Member(name, dim, role, labels.clone(), **extra)
+            return
+        if old.labels.shape != labels.shape:
+            raise RuntimeError(f"{name} dim {dim} is used with {labels.shape} and {old.labels.shape} channels")
+        self.uf.union(old.labels, labels)
+        old.labels = torch.where(old.labels >= 0, old.labels, labels)
+
+    def block(self, labels: torch.Tensor | None, reason: str) -> None:
+        if labels is not None and bool((labels >= 0).any()):
+            self.blocks.append((labels[labels >= 0].unique(), reason))
+
+    def equal_count(self, blocks: torch.Tensor) -> None:
+        """Rows of ``blocks`` (num_blocks, block_len) must each keep the same number of channels."""
+        if blocks.dim() == 2 and blocks.shape[0] > 1 and bool((blocks >= 0).any()):
+            self.constraints.append(blocks)
+
+    def couple(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Tie more channels together after the trace (e.g. a pruner's head = a block of channels)."""
+        self.uf.union(a, b)
+        self._cache.clear()
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def unit_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """Unit id (union-find root) of each label; -1 stays -1."""
+        return self.uf.find(labels)
+
+    def member(self, name: str, role: str = "out", dim: int | None = None) -> Member:
+        """The member of parameter ``name`` with ``role`` (and ``dim`` when several match)."""
+        found = [m for m in self.members.values() if m.name == name and m.role == role and dim in (None, m.dim)]
+        if not found:
+            known = sorted({m.name for m in self.members.values()})
+            raise NoMatchError(f"no {role!r} channels of {name!r} in the graph; {closest(name, known)}")
+        return found[0]
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        if "groups" not in self._cache:
+            self._cache["groups"] = self._make_groups()
+        return self._cache["groups"]
+
+    def group_of(self, name: str, role: str = "out") -> ChannelGroup:
+        units = self.unit_of(self.member(name, role).labels)
+        unit = int(units[units >= 0][0])
+        return next(g for g in self.groups if bool((g.units == unit).any()))
+
+    def blocked_units(self) -> dict[int, str]:
+        """Unit id -> first reason it cannot be removed."""
+        if "blocked" not in self._cache:
+            out: dict[int, str] = {}
+            for labels, reason in self.blocks:
+                for unit in self.unit_of(labels).tolist():
+                    out.setdefault(unit, reason)
+            self._cache["blocked"] = out
+        return self._cache["blocked"]
+
+    def _make_groups(self) -> list[ChannelGroup]:
+        roots = self.uf.roots()
+        family = UnionFind()
+        family.new(self.uf.size)
+        for m in self.members.values():
+            units = roots[m.labels[m.labels >= 0]]
+            if units.numel() > 1:
+                family.union(units[:1].expand_as(units), units)
+        fam = family.find(roots)
+        by_family: dict[int, list[Member]] = {}
+        for m in self.members.values():
+            units = roots[m.labels[m.labels >= 0]]
+            if units.numel():
+                by_family.setdefault(int(fam[units[0]]), []).append(m)
+        groups = []
+        for i, (f, members) in enumerate(sorted(by_family.items())):
+            units = torch.unique(roots[(fam == f) & (roots == torch.arange(roots.numel()))])
+            groups.append(ChannelGroup(i, units, members))
+        return groups
+
+    def keep_flags(self, removed: torch.Tensor) -> dict[tuple[str, int | None, str], torch.Tensor]:
+        """Per member, one keep flag per label, given ``removed`` (bool per unit id)."""
+        out = {}
+        for key, m in self.members.items():
+            units = self.unit_of(m.labels)
+            out[key] = (units < 0) | ~removed[units.clamp(min=0)]
+        return out
+
+    def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
+        masks: dict[str, torch.Tensor] = {}
+        for key, keep in self.keep_flags(removed).items():
+            m = self.members[key]
+            if m.is_buffer or m.name not in tensors or bool(keep.all()):
+                continue
+            shape = tensors[m.name].shape
+            mask = m.expand(keep, shape)
+            masks[m.name] = masks[m.name] & mask if m.name in masks else mask.clone()
+        return masks
+
+    def describe(self, names: Iterable[str] | None = None) -> str:
+        """One line per group: units, blocked units, members (for reports and debugging)."""
+        blocked = self.blocked_units()
+        lines = []
+        for g in self.groups:
+            params = g.params if names is None else [p for p in g.params if p in set(names)]
+            nb = sum(int(u) in blocked for u in g.units.tolist())
+            lines.append(f"group {g.index}: {len(g.units)} units ({nb} blocked): {', '.join(params[:6])}"
+                         + (" ..." if len(params) > 6 else ""))
+        return "\n".join(lines)

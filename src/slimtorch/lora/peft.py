@@ -1,0 +1,81 @@
+"""Adapters on disk in PEFT's layout: ``adapter_model.safetensors`` (keys
+``base_model.model.<layer>.lora_A.weight``) and ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtorch.errors import CheckpointError, ConfigError
+from slimtorch.io import atomic_write
+from slimtorch.lora.config import LoRAConfig
+from slimtorch.lora.layers import CONV, LORA_ATTR, adapters, add_lora_, lora_targets
+from slimtorch.quant.lowbit import LowBitConv2d
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_lora_", "lora_state_dict", "save_lora"]
+
+WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+_PREFIX = "base_model.model."  # PEFT wraps the model twice; its saved keys carry this prefix
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights under PEFT's key names (``base_model.model.<layer>.lora_A.weight``)."""
+    return {f"{_PREFIX}{name}.{part}.weight": getattr(layer, part).weight.detach().cpu().contiguous()
+            for name, layer in adapters(model).items() for part in ("lora_A", "lora_B")}
+
+
+def save_lora(model: nn.Module, directory: str | Path) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (PEFT's layout) into ``directory``."""
+    from safetensors.torch import save_file
+
+    if not getattr(model, LORA_ATTR, None):
+        raise ConfigError("the model has no LoRA adapters to save; add them with add_lora_ first")
+    config = LoRAConfig.from_dict(getattr(model, LORA_ATTR))
+    directory = Path(directory)
+    tensors = lora_state_dict(model)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config.to_peft(), indent=2, sort_keys=True)
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        config = LoRAConfig.from_peft(json.loads((directory / CONFIG_NAME).read_text()))
+        return config, load_file(str(directory / WEIGHTS_NAME))
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ConfigError) as err:
+        raise CheckpointError(f"{str(directory)!r} is not a readable LoRA adapter folder: {err}") from None
+
+
+def _adapter_shapes(module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of lora_A and lora_B for a target layer (what PEFT stores, too)."""
+    if isinstance(module, CONV):
+        w = module.weight_shape if isinstance(module, LowBitConv2d) else tuple(module.weight.shape)
+        return (r, w[1], *w[2:]), (w[0], r, 1, 1)  # A: (r, in, kh, kw), B: (out, r, 1, 1)
+    return (r, module.in_features), (module.out_features, r)
+
+
+def load_lora_(model: nn.Module, directory: str | Path) -> None:
+    """Add the adapters saved in ``directory`` (by :func:`save_lora` or PEFT) to ``model`` and load their
+    weights. Keys or shapes that do not match raise CheckpointError before the model is changed."""
+    config, tensors = _read_adapter(Path(directory))
+    expected = {}
+    for name, module in lora_targets(model, config).items():
+        a_shape, b_shape = _adapter_shapes(module, config.r)
+        expected[f"{_PREFIX}{name}.lora_A.weight"] = a_shape
+        expected[f"{_PREFIX}{name}.lora_B.weight"] = b_shape
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                              f"wrong shapes {wrong[:3]}")
+    add_lora_(model, config)
+    with torch.no_grad():
+        for name, layer in adapters(model).items():
+            layer.lora_A.weight.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
+            layer.lora_B.weight.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])

@@ -1,0 +1,180 @@
+"""Group-consistent structured masks: channels that the dependency graph ties together are pruned together.
+
+:func:`~slimtorch.compute_masks` calls :func:`coupled_masks` for structured layer plans when it is given
+``example_inputs``. Each coupled group (say, the residual stream of a ResNet stage: every conv writing
+to it, every BatchNorm normalising it, every conv reading it) is ranked as a whole: a channel's score is
+the mean of its planned layers' scores (each layer's scores divided by their mean, so that layers of
+different scale weigh the same), and the requested fraction of the group's channels is pruned, respecting
+the graph's constraints (conv groups and heads keep equal sizes, channels that reach the output stay).
+Every parameter that produces, normalises or reads a pruned channel is masked, so the masked model
+computes exactly what the compacted one will::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch import compute_masks
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=torch.randn(1, 3, 8, 8))
+    >>> sorted(masks), int(masks["3.weight"].any(dim=(0, 2, 3)).sum())     # conv 3 reads 4 channels
+    (['0.bias', '0.weight', '1.bias', '1.weight', '3.weight'], 4)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.errors import NoMatchError, SlimWarning
+from slimtorch.graph import DependencyGraph, Member, build_graph
+from slimtorch.prune.granularity import channel_dims
+from slimtorch.prune.pruner import LayerPlan, _layer_masks
+
+__all__ = ["coupled_masks", "implied_param_count"]
+
+
+def implied_param_count(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
+    """Parameters of ``model`` once compacted, as group-consistent masks imply: every masked entry goes,
+    every kept one stays (true for masks from :func:`coupled_masks`, which mask whole slices everywhere).
+
+    >>> net = nn.Linear(4, 2)
+    >>> implied_param_count(net, {"weight": torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]]).bool()})
+    6
+    """
+    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
+
+
+def _channel_units(graph: DependencyGraph, plan: LayerPlan) -> tuple[Member, torch.Tensor] | None:
+    """The graph member a plan's units cut (output or input channels) and each channel's plan unit."""
+    view = plan.view
+    out_dim, in_dim = channel_dims(plan.module)
+    if view.granularity.kind == "out_channel":
+        candidates = [("out", out_dim, torch.arange(view.num_units))]
+    else:
+        ids = torch.arange(view.num_units)[:, None].expand(view.num_units, view.unit_size).contiguous()
+        grid = view.from_units(ids)  # weight-shaped: the plan unit of every weight
+        candidates = []
+        for role, dim in (("out", out_dim), ("in", in_dim)):
+            per = grid.movedim(dim, 0).reshape(grid.shape[dim], -1)  # (channels, rest)
+            if bool((per == per[:, :1]).all()):
+                candidates.append((role, dim, per[:, 0]))
+    for role, dim, units in candidates:
+        try:
+            member = graph.member(plan.weight_name, role, dim)
+        except NoMatchError:
+            return None
+        if member.labels.numel() == units.numel():
+            return member, units
+    return None
+
+
+def _balance(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, score: torch.Tensor,
+             free: torch.Tensor) -> None:
+    """Make every equal-count constraint hold: rows keep the same number of channels (in place)."""
+    for rows in graph.constraints:
+        for _ in range(4):
+            units = roots[rows.clamp(min=0)]
+            gone = removed[units] & (rows >= 0)
+            counts = gone.sum(dim=1)
+            if bool((counts == counts[0]).all()):
+                break
+            target = round(float(counts.float().mean()))
+            for r in range(rows.shape[0]):
+                row_units = units[r][rows[r] >= 0]
+                extra = int(counts[r]) - target
+                if extra > 0:  # give back the best-scored removed channels of this row
+                    back = row_units[removed[row_units]]
+                    removed[back[torch.argsort(score[back], descending=True, stable=True)[:extra]]] = False
+                elif extra < 0:  # remove the worst-scored free channels of this row
+                    more = row_units[~removed[row_units] & free[row_units]]
+                    removed[more[torch.argsort(score[more], stable=True)[:-extra]]] = True
+        else:
+            units = roots[rows.clamp(min=0)]
+            removed[units[rows >= 0]] = False  # could not balance: this structure stays whole
+
+
+def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, score: torch.Tensor) -> None:
+    """Never empty a layer: give back its best-scored channel when all would go (in place)."""
+    for m in graph.members.values():
+        if m.role in ("out", "in") and not m.is_buffer and bool((m.labels >= 0).all()):
+            units = roots[m.labels]
+            if bool(removed[units].all()):
+                removed[units[torch.argmax(score[units])]] = False
+
+
+def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor]], keep: Mapping[str, torch.Tensor],
+            roots: torch.Tensor, score: torch.Tensor, planned: torch.Tensor, free: torch.Tensor,
+            removed: torch.Tensor) -> list[str]:
+    """Per group, remove the requested fraction of its planned channels, lowest scores first (in place)."""
+    notes = []
+    plan_units = [(plan, torch.unique(roots[m.labels[m.labels >= 0]])) for plan, m, _ in plans]
+    for group in groups:
+        here = [plan for plan, units in plan_units if bool(torch.isin(units, group.units).any())]
+        if not here:
+            continue
+        fraction = sum(int((~keep[p.name]).sum()) for p in here) / sum(keep[p.name].numel() for p in here)
+        candidates = group.units[planned[group.units]]
+        target = math.floor(fraction * candidates.numel() + 0.5)
+        usable = candidates[free[candidates]]
+        chosen = usable[torch.argsort(score[usable], stable=True)[:target]]
+        removed[chosen] = True
+        if chosen.numel() < target:
+            notes.append(f"{here[0].name} and coupled layers: {chosen.numel()} of the {target} channels asked "
+                         f"({target - chosen.numel()} reach the output or an op that needs all channels)")
+    return notes
+
+
+def coupled_masks(
+    model: nn.Module, example_inputs: Any, plans: list[LayerPlan], keep: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Masks for structured ``plans`` made consistent across coupled layers (see the module docstring).
+
+    ``keep`` holds each plan's per-unit keep flags as the per-layer selection made them: their fraction is
+    the fraction of the coupled group pruned. A layer that never runs on ``example_inputs`` (in eval or
+    train mode) is not pruned; a plan whose units the graph cannot map (e.g. a grouped conv's input
+    channels) gets its per-layer mask unchanged.
+    """
+    graph = build_graph(model, example_inputs, cover=True)
+    masks: dict[str, torch.Tensor] = {}
+    mapped = []
+    for plan in plans:
+        if plan.name in graph.unreached:
+            warnings.warn(f"{plan.name!r} does not run on the example inputs; it is not pruned", SlimWarning,
+                          stacklevel=3)
+            continue
+        found = _channel_units(graph, plan)
+        if found is None:
+            masks.update(_layer_masks(plan, keep[plan.name]))
+        else:
+            mapped.append((plan, *found))
+    for _plan, member, units in mapped:  # a unit of several channels (a head) goes as a whole
+        for u in torch.unique(units):
+            block = member.labels[units == u]
+            if block.numel() > 1:
+                graph.couple(block[:1].expand_as(block), block)
+    roots = graph.uf.roots()
+    score = torch.full((roots.numel(),), -1.0, dtype=torch.float64)
+    total, count = torch.zeros_like(score), torch.zeros_like(score)
+    for plan, member, units in mapped:
+        s = plan.scores[units]
+        s = s / s.mean() if float(s.mean()) > 0 else s
+        valid = member.labels >= 0
+        total.index_add_(0, roots[member.labels[valid]], s[valid])
+        count.index_add_(0, roots[member.labels[valid]], torch.ones_like(s[valid]))
+    score = torch.where(count > 0, total / count.clamp(min=1), score)
+    planned = count > 0
+    free = planned.clone()
+    free[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = False
+    removed = torch.zeros(roots.numel(), dtype=torch.bool)
+    notes = _select(graph.groups, mapped, keep, roots, score, planned, free, removed)
+    _balance(graph, roots, removed, score, free)
+    _keep_one(graph, roots, removed, score)
+    if notes:
+        warnings.warn("coupled pruning could not prune as much as asked: " + "; ".join(notes), SlimWarning,
+                      stacklevel=3)
+    params = dict(model.named_parameters())
+    masks.update(graph.masks(removed, params))
+    return masks

@@ -1,0 +1,1 @@
+"""Workflows as data: recipes (YAML), their runner, and the reproduced experiments."""

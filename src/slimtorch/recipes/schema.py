@@ -1,0 +1,182 @@
+"""Recipes: a whole workflow (train, prune, compact, distil, fine-tune) as one YAML file.
+
+    >>> from slimtorch.recipes.schema import Recipe
+    >>> recipe = Recipe.from_dict({
+    ...     "model": "DigitsCNN",
+    ...     "data": {"dataset": "digits"},
+    ...     "steps": [
+    ...         {"train": {"epochs": 4, "lr": 0.003}},
+    ...         {"prune": {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]}},
+    ...         {"compact": {}},
+    ...         {"distill": {"epochs": 2, "temperature": 4.0}},
+    ...     ],
+    ... })
+    >>> [s.kind for s in recipe.steps], recipe.steps[3].distill.temperature
+    (['train', 'prune', 'compact', 'distill'], 4.0)
+
+Every step is a mapping with one key, its kind: ``train`` / ``finetune`` (keys of
+:class:`~slimtorch.recover.TrainConfig`), ``prune`` (``config_list``, ``criterion``), ``compact`` (no
+keys), ``distill`` (training keys plus ``temperature``, ``alpha``, ``features``, ``feature_weight`` and
+``teacher``: ``"dense"``, the model as it was before the first prune step, or a saved model file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimtorch.config import parse_config_list
+from slimtorch.data.sources import DATASETS
+from slimtorch.errors import ConfigError, closest
+from slimtorch.recover.distill import DistillConfig
+from slimtorch.recover.trainer import TrainConfig
+
+__all__ = ["STEP_KINDS", "DataSpec", "Recipe", "Step", "load_recipe"]
+
+STEP_KINDS = ("train", "finetune", "prune", "compact", "distill")
+_DISTILL_KEYS = {"temperature", "alpha", "features", "feature_weight"}
+
+
+def _check_keys(data: Any, allowed: set[str], what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}: {data!r}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s) {unknown}; allowed: {sorted(allowed)}")
+    return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Which dataset: one of ``digits``, ``mnist``, ``cifar10``, ``imagefolder`` (the last three read from
+    ``data_dir``, which the command line's ``--data-dir`` overrides)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    limit: int | None = None
+    normalize: bool = True
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; {closest(self.dataset, DATASETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
+        return cls(**_check_keys(data, set(cls.__dataclass_fields__), "data"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One step of a recipe; only the fields of its ``kind`` are set."""
+
+    kind: str
+    train: TrainConfig | None = None
+    distill: DistillConfig | None = None
+    config_list: tuple[dict[str, Any], ...] = ()
+    criterion: str = "l1"
+    teacher: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS:
+            raise ConfigError(f"unknown step {self.kind!r}; {closest(self.kind, STEP_KINDS)}")
+        if self.kind in ("train", "finetune", "distill") and self.train is None:
+            raise ConfigError(f"a {self.kind} step needs training settings (at least epochs)")
+        if self.kind == "prune":
+            if not self.config_list:
+                raise ConfigError("a prune step needs a config_list, e.g. [{op_types: [Conv2d], sparse_ratio: 0.5}]")
+            parse_config_list(self.config_list)  # validate now, not in the middle of a run
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.train is not None:
+            body.update(self.train.to_dict())
+        if self.kind == "distill":
+            body.update({**(self.distill or DistillConfig()).to_dict(), "teacher": self.teacher})
+        if self.kind == "prune":
+            body.update({"config_list": [dict(e) for e in self.config_list], "criterion": self.criterion})
+        return {self.kind: body}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Step:
+        if not isinstance(data, Mapping) or len(data) != 1:
+            raise ConfigError(f"a step is a mapping with one key, its kind (one of {list(STEP_KINDS)}); got {data!r}")
+        ((kind, body),) = data.items()
+        body = dict(body or {})
+        if kind == "prune":
+            body = dict(_check_keys(body, {"config_list", "criterion"}, "prune step"))
+            entries = body.get("config_list") or ()
+            if not isinstance(entries, Sequence) or isinstance(entries, str):
+                raise ConfigError(f"config_list must be a list of entries, got {entries!r}")
+            return cls(kind=kind, config_list=tuple(dict(e) for e in entries), criterion=body.get("criterion", "l1"))
+        if kind == "compact":
+            _check_keys(body, set(), "compact step")
+            return cls(kind=kind)
+        if kind not in STEP_KINDS:
+            raise ConfigError(f"unknown step {kind!r}; {closest(str(kind), STEP_KINDS)}")
+        train_keys = set(TrainConfig.__dataclass_fields__)
+        extra = _DISTILL_KEYS | {"teacher"} if kind == "distill" else set()
+        _check_keys(body, train_keys | extra, f"{kind} step")
+        train = TrainConfig.from_dict({k: v for k, v in body.items() if k in train_keys})
+        if kind != "distill":
+            return cls(kind=kind, train=train)
+        distill = DistillConfig.from_dict({k: v for k, v in body.items() if k in _DISTILL_KEYS})
+        return cls(kind=kind, train=train, distill=distill, teacher=str(body.get("teacher", "dense")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A model, a dataset and the steps to run on it. ``model`` is a reference model name,
+    ``torchvision:<name>`` or a saved slimtorch model file."""
+
+    model: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    data: DataSpec = field(default_factory=DataSpec)
+    steps: tuple[Step, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ConfigError("a recipe needs at least one step (train, prune, compact, distill, finetune)")
+        kinds = [s.kind for s in self.steps]
+        if "compact" in kinds and "prune" in kinds[kinds.index("compact") :]:
+            # a saved model is rebuilt from one set of masks; a second round would need the whole sequence
+            raise ConfigError("a prune step after a compact step is not supported; put every prune step before it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "model_kwargs": dict(self.model_kwargs), "data": self.data.to_dict(),
+                "steps": [s.to_dict() for s in self.steps], "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        data = _check_keys(data, {"model", "model_kwargs", "data", "steps", "seed"}, "recipe")
+        if "model" not in data:
+            raise ConfigError("a recipe needs a model: a reference name (DigitsCNN), torchvision:<name> or a file")
+        steps = data.get("steps") or []
+        if not isinstance(steps, Sequence) or isinstance(steps, str):
+            raise ConfigError(f"steps must be a list, got {steps!r}")
+        return cls(model=str(data["model"]), model_kwargs=dict(data.get("model_kwargs") or {}),
+                   data=DataSpec.from_dict(data.get("data") or {}), steps=tuple(Step.from_dict(s) for s in steps),
+                   seed=int(data.get("seed", 0)))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML ({first}); check its indentation") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping with model, data and steps")
+    return Recipe.from_dict(data)

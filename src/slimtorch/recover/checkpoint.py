@@ -1,0 +1,172 @@
+"""Training checkpoints without pickle: one safetensors file, written atomically.
+
+Tensors (model and loss-module state, optimizer moments, torch RNG states) are safetensors entries;
+everything else (optimizer hyper-parameters, scheduler state, Python and NumPy RNG states, progress)
+is JSON in the file's metadata. The file is written to a temporary name and renamed over the old one,
+so a run killed mid-write leaves the previous checkpoint intact::
+
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from slimtorch.recover.checkpoint import load_checkpoint, save_checkpoint
+    >>> net = nn.Linear(3, 2)
+    >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    >>> net(torch.randn(4, 3)).sum().backward(); opt.step()
+    >>> path = os.path.join(tempfile.mkdtemp(), "last.safetensors")
+    >>> save_checkpoint(path, modules={"model": net}, optimizer=opt, extra={"epoch": 1})
+    >>> net2 = nn.Linear(3, 2)
+    >>> opt2 = torch.optim.Adam(net2.parameters(), lr=0.5)
+    >>> extra, _ = load_checkpoint(path, modules={"model": net2}, optimizer=opt2)
+    >>> extra["epoch"], torch.equal(net.weight, net2.weight), opt2.param_groups[0]["lr"]
+    (1, True, 0.01)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtorch.errors import CheckpointError
+from slimtorch.io import atomic_write
+
+__all__ = ["load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state", "write_checkpoint"]
+
+FORMAT = "slimtorch-checkpoint-v1"
+
+
+def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write tensors and JSON-able ``meta`` to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared or strided storage: save contiguous private copies.
+    flat = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+    header = {"format": FORMAT, "meta": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`write_checkpoint`; a missing, corrupt or foreign file is a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run without --resume to start afresh")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint ({err}); delete it to start afresh"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a slimtorch checkpoint (format {header.get('format')!r})")
+    return tensors, json.loads(header["meta"])
+
+
+def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state dict -> (tensors keyed ``optim.<param id>.<key>``, the JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"plain": plain, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta["plain"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[torch.Tensor, dict[str, Any]]:
+    """This process's RNG states: the torch CPU generator (a uint8 tensor) and Python's and NumPy's (JSON)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return torch.get_rng_state(), plain
+
+
+def set_rng_state(torch_state: torch.Tensor, plain: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(torch_state)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    extra: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Save modules' state dicts, optimizer and scheduler state and ``extra`` (JSON) atomically to ``path``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}::{k}": v for k, v in module.state_dict().items()})
+    meta: dict[str, Any] = {"modules": list(modules), "extra": dict(extra or {})}
+    if optimizer is not None:
+        optim_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(optim_tensors)
+    if scheduler is not None:
+        meta["scheduler"] = scheduler.state_dict()
+    tensors.update({f"extra::{k}": v for k, v in (extra_tensors or {}).items()})
+    try:
+        write_checkpoint(path, tensors, meta)
+    except TypeError as err:  # json refuses an object: name what could not be saved
+        raise CheckpointError(f"cannot save checkpoint {str(path)!r}: {err}") from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load what :func:`save_checkpoint` wrote into ``modules`` / ``optimizer`` / ``scheduler`` (in place).
+
+    Returns ``(extra, extra_tensors)``. Everything is read and checked before anything is loaded.
+    """
+    tensors, meta = read_checkpoint(path)
+    missing = sorted(set(modules) - set(meta["modules"]))
+    if missing or (optimizer is not None and "optimizer" not in meta):
+        raise CheckpointError(f"{str(path)!r} lacks {missing or 'optimizer state'}: it was written by another run")
+    states = {p: {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{p}::")} for p in modules}
+    for prefix, module in modules.items():
+        own = module.state_dict()
+        bad = sorted(k for k in set(own) | set(states[prefix])
+                     if k not in own or k not in states[prefix] or own[k].shape != states[prefix][k].shape)
+        if bad:
+            raise CheckpointError(
+                f"{str(path)!r} does not match the {prefix}: {len(bad)} entries differ (first {bad[:3]}); "
+                "it was written for another model or config: run without --resume to start afresh"
+            )
+    for prefix, module in modules.items():
+        module.load_state_dict(states[prefix])
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    extra_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("extra::")}
+    return meta["extra"], extra_tensors

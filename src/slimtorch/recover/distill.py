@@ -1,0 +1,279 @@
+"""Knowledge distillation: a pruned student learns from its unpruned teacher.
+
+The loss is Hinton's: the KL divergence between the teacher's and the student's softened output
+distributions (temperature ``T``, scaled by ``T**2`` so its gradients keep their size as ``T`` grows),
+mixed with the task's cross-entropy, plus optional intermediate-feature matching (mean squared error,
+through a learned 1x1 projection where pruning left the student narrower than the teacher)::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch.recover.distill import DistillConfig, Distiller
+    >>> teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> student = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    >>> config = DistillConfig(temperature=4.0, alpha=0.7, features=(("0", "0"),), feature_weight=1.0)
+    >>> loss_fn = Distiller(teacher, student, config, example_inputs=torch.randn(2, 4))
+    >>> [tuple(p.shape) for p in loss_fn.parameters()]  # the projection: 5 student features -> 8 teacher ones
+    [(8, 5), (8,)]
+    >>> loss = loss_fn(student, torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    >>> loss.dim(), bool(loss > 0)
+    (0, True)
+
+A :class:`Distiller` is a ``loss_fn(model, x, y)``: it plugs into :func:`slimtorch.recover.fit`, into
+:func:`slimtorch.recover.finetune.train`, or into any loop of the user's. Its projections are
+parameters: give them to the optimizer too (``fit`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch.errors import ConfigError, NoMatchError, closest
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from slimtorch.recover.trainer import FitResult, TrainConfig
+
+__all__ = ["DistillConfig", "Distiller", "distill_loss", "feature_pairs", "prune_and_distill_"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """How the student learns from the teacher.
+
+    Args:
+        temperature: softens both output distributions (``T >= 1``; 1 is plain softmax).
+        alpha: weight of the distillation term; the task loss gets ``1 - alpha``.
+        features: ``(student_layer, teacher_layer)`` pairs whose outputs are matched.
+        feature_weight: weight of the feature-matching term (the mean over pairs).
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.7
+    features: tuple[tuple[str, str], ...] = ()
+    feature_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; 1 to 8 is usual")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1] (the weight of the distillation term), got {self.alpha}")
+        if self.feature_weight < 0:
+            raise ConfigError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        pairs = tuple(tuple(p) for p in self.features)
+        if any(len(p) != 2 or not all(isinstance(n, str) for n in p) for p in pairs):
+            raise ConfigError(f"features must be (student_layer, teacher_layer) name pairs, got {self.features!r}")
+        object.__setattr__(self, "features", pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "features": [list(p) for p in self.features]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        allowed = {"temperature", "alpha", "features", "feature_weight"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown distillation key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**{**data, "features": tuple(tuple(p) for p in data.get("features", ()))})
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+) -> torch.Tensor:
+    """``alpha * T**2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * cross_entropy(s, y)``.
+
+    The KL term is averaged over the batch (``batchmean``: the true KL divergence per sample).
+
+        >>> import torch
+        >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+        >>> round(float(distill_loss(s, t, torch.tensor([0]), temperature=1.0, alpha=1.0)), 4)
+        1.5232
+    """
+    t = temperature
+    # (B, classes) log-probabilities of the softened distributions
+    log_p_student = F.log_softmax(student_logits / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    kd = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+    if alpha == 1.0:
+        return kd
+    return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, target)
+
+
+def _projection(student_shape: torch.Size, teacher_shape: torch.Size, pair: tuple[str, str]) -> nn.Module:
+    """Maps student features to the teacher's width: 1x1 conv for (B, C, H, W), linear on the last dim else."""
+    if student_shape == teacher_shape:
+        return nn.Identity()
+    if len(student_shape) == 4 and len(teacher_shape) == 4 and student_shape[2:] == teacher_shape[2:]:
+        return nn.Conv2d(student_shape[1], teacher_shape[1], kernel_size=1)
+    if len(student_shape) == len(teacher_shape) and student_shape[:-1] == teacher_shape[:-1]:
+        return nn.Linear(student_shape[-1], teacher_shape[-1])
+    raise ConfigError(
+        f"cannot match student layer {pair[0]!r} output {tuple(student_shape)} to teacher layer {pair[1]!r} "
+        f"output {tuple(teacher_shape)}: only the channel (or last) dimension may differ; pick layers with "
+        "the same spatial size"
+    )
+
+
+class _Capture:
+    """Forward hook that keeps the latest output of a layer."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: object, output: Any) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor; "
+                              "match a layer that outputs one tensor")
+        self.value = output
+
+
+def _hook(model: nn.Module, name: str, role: str) -> tuple[_Capture, torch.utils.hooks.RemovableHandle]:
+    names = dict(model.named_modules())
+    if name not in names:
+        raise NoMatchError(f"{role} has no layer {name!r}; {closest(name, names)}")
+    capture = _Capture()
+    return capture, names[name].register_forward_hook(capture)
+
+
+class Distiller(nn.Module):
+    """``loss_fn(student, x, y)``: distillation loss against a fixed teacher (see the module docstring).
+
+    Args:
+        teacher: the model to learn from, usually the unpruned one; it is put in eval mode and never
+            trained (no gradients flow into it).
+        student: the model that will be trained; feature hooks are installed on it (``close()`` removes them).
+        config: temperature, mixing weight and the layers whose features are matched.
+        example_inputs: one batch, needed when ``config.features`` is set (it sizes the projections).
+    """
+
+    def __init__(
+        self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None, *, example_inputs: Any = None
+    ) -> None:
+        super().__init__()
+        self.config = config or DistillConfig()
+        # A plain list keeps the teacher out of this module's parameters, state dict and optimizer.
+        self._teacher = [teacher.eval()]
+        self._captures: list[tuple[_Capture, _Capture]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.projections = nn.ModuleList()
+        if self.config.features:
+            self._install(student, example_inputs)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def _install(self, student: nn.Module, example_inputs: Any) -> None:
+        if example_inputs is None:
+            raise ConfigError("feature matching needs example_inputs (one batch) to size its projections")
+        for pair in self.config.features:
+            s_cap, s_handle = _hook(student, pair[0], "the student")
+            t_cap, t_handle = _hook(self.teacher, pair[1], "the teacher")
+            self._captures.append((s_cap, t_cap))
+            self._handles += [s_handle, t_handle]
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            student(example_inputs)
+            self.teacher(example_inputs)
+        student.train(was_training)
+        for pair, (s_cap, t_cap) in zip(self.config.features, self._captures, strict=True):
+            assert s_cap.value is not None and t_cap.value is not None
+            self.projections.append(_projection(s_cap.value.shape, t_cap.value.shape, pair))
+        first = next(student.parameters(), None)
+        if first is not None:
+            self.projections.to(first.device)
+
+    def close(self) -> None:
+        """Remove the feature hooks from student and teacher."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def feature_loss(self) -> torch.Tensor:
+        """Mean over the matched pairs of the MSE between projected student and teacher features."""
+        losses = []
+        for projection, (s_cap, t_cap) in zip(self.projections, self._captures, strict=True):
+            assert s_cap.value is not None and t_cap.value is not None
+            losses.append(F.mse_loss(projection(s_cap.value), t_cap.value.detach()))
+        return torch.stack(losses).mean()
+
+    def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        student_logits = student(x)
+        cfg = self.config
+        loss = distill_loss(student_logits, teacher_logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
+        if self._captures and cfg.feature_weight > 0:
+            loss = loss + cfg.feature_weight * self.feature_loss()
+        return loss
+
+
+def feature_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Parse ``"student_layer=teacher_layer"`` strings (or one name used for both) into pairs.
+
+        >>> feature_pairs(["layer1", "block.0=block.2"])
+        (('layer1', 'layer1'), ('block.0', 'block.2'))
+    """
+    out = []
+    for item in pairs:
+        student, _, teacher = item.partition("=")
+        if not student:
+            raise ConfigError(f"bad feature pair {item!r}; write 'student_layer=teacher_layer' or one layer name")
+        out.append((student, teacher or student))
+    return tuple(out)
+
+
+def prune_and_distill_(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    train_data: Dataset,
+    config: TrainConfig,
+    *,
+    distill: DistillConfig | None = None,
+    eval_data: Dataset | None = None,
+    example_inputs: torch.Tensor | None = None,
+) -> FitResult:
+    """Prune ``model`` with ``masks`` and recover it by distillation from its unpruned self (the seeds'
+    recipe: the unpruned model is the teacher). With ``example_inputs`` the model is also compacted
+    (really made smaller) before training. Returns the :class:`~slimtorch.recover.FitResult`.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import TensorDataset
+        >>> from slimtorch import compute_masks
+        >>> from slimtorch.recover import TrainConfig
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}])
+        >>> result = prune_and_distill_(net, masks, data, TrainConfig(epochs=1, batch_size=8))
+        >>> int((net[0].weight.abs().sum(dim=1) == 0).sum()), result.steps
+        (8, 4)
+    """
+    import copy
+
+    from slimtorch.prune.masks import apply_masks_
+    from slimtorch.recover.trainer import fit
+
+    teacher = copy.deepcopy(model)
+    apply_masks_(model, masks)
+    if example_inputs is not None:
+        from slimtorch.models.modelfile import compact_like_
+
+        compact_like_(model, masks, tuple(example_inputs.shape[1:]))
+    distiller = Distiller(teacher, model, distill, example_inputs=example_inputs)
+    try:
+        return fit(model, train_data, config, loss_fn=distiller, eval_data=eval_data)
+    finally:
+        distiller.close()

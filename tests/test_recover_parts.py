@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from slimtorch import apply_masks_, compute_masks
+from slimtorch.data.sources import load_dataset
+from slimtorch.errors import CheckpointError, ConfigError
+from slimtorch.models.modelfile import load_model, save_model
+from slimtorch.models.registry import ModelSpec, build_model, model_names
+from slimtorch.recipes.schema import Recipe, Step
+from slimtorch.recover import TrainConfig, evaluate_accuracy, fit
+from slimtorch.recover.batches import augment, batch_indices
+from slimtorch.recover.distributed import DistInfo
+
+
+def test_fit_is_deterministic_and_keeps_masks():
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.01, augment="flip-crop")
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = build_model(ModelSpec(name="DigitsCNN", kwargs={"width": 4}))
+        apply_masks_(net, compute_masks(net, [{"op_names": ["down.0"], "sparse_ratio": 0.5}]))
+        fit(net, data, config)
+        nets.append(net)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    weight = nets[0].down[0].weight
+    assert int((weight.abs().sum(dim=(1, 2, 3)) == 0).sum()) == 4  # pruned filters stayed zero through training
+
+
+def test_batches_split_across_processes_cover_each_global_batch():
+    config = TrainConfig(epochs=1, batch_size=8)
+    whole = batch_indices(20, config, 0, DistInfo(0, 1))
+    halves = [batch_indices(20, config, 0, DistInfo(r, 2)) for r in range(2)]
+    for step, batch in enumerate(whole[:2]):
+        assert torch.equal(torch.cat([halves[0][step], halves[1][step]]), batch)
+    assert [len(b) for b in whole] == [8, 8, 4] and len(halves[0]) == 3
+    assert not torch.equal(whole[0], batch_indices(20, config, 1, DistInfo(0, 1))[0])  # reshuffled per epoch
+
+
+def test_augment_keeps_shapes_and_content():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    flipped = augment(x, "flip")
+    for original, out in zip(x, flipped, strict=True):
+        assert torch.equal(out, original) or torch.equal(out, original.flip(-1))
+    assert augment(x, "flip-crop").shape == x.shape
+    assert augment(x, "none") is x
+
+
+def test_train_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        TrainConfig(epochs=1, optimizer="lamb")
+    with pytest.raises(ConfigError, match=r"unknown training key\(s\) \['lrate'\]"):
+        TrainConfig.from_dict({"epochs": 1, "lrate": 0.1})
+    assert TrainConfig.from_dict(TrainConfig(epochs=3, lr=0.5).to_dict()) == TrainConfig(epochs=3, lr=0.5)
+    with pytest.raises(ConfigError, match="empty"):
+        fit(nn.Linear(2, 2), TensorDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)), TrainConfig(epochs=1))
+
+
+def test_model_files_round_trip_and_refuse_foreign_files(tmp_path):
+    spec = ModelSpec(name="bookcnn")  # names are case-insensitive
+    assert spec.name == "BookCNN" and spec.input_shape == (3, 32, 32)
+    net = build_model(spec)
+    save_model(tmp_path / "dense.safetensors", net, spec)
+    loaded = load_model(tmp_path / "dense.safetensors")
+    assert loaded.state == "dense" and torch.equal(loaded.model.fc2.weight, net.fc2.weight)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not a slimtorch model file"):
+        load_model(tmp_path / "foreign.safetensors")
+    with pytest.raises(ConfigError, match="closest real names"):
+        ModelSpec.parse("BookCN")
+    assert ModelSpec.parse("resnet18").source == "torchvision"
+    assert "torchvision:resnet18" in model_names() and "MnistNet" in model_names()
+    assert type(build_model(ModelSpec.parse("torchvision:resnet18"))).__name__ == "ResNet"
+
+
+def test_datasets_by_name():
+    digits = load_dataset("digits", limit=10)
+    assert len(digits.y_train) == 10 and len(digits.y_test) == 10
+    with pytest.raises(ConfigError, match="closest"):
+        load_dataset("cifar100")
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_dataset("mnist", data_dir="/nonexistent/folder")
+
+
+def test_mnist_from_local_files(data_dir):
+    split = load_dataset("mnist", data_dir=data_dir, limit=32)
+    net = build_model(ModelSpec(name="MnistNet"))
+    assert 0.0 <= evaluate_accuracy(net, TensorDataset(split.x_test, split.y_test)) <= 1.0
+    assert tuple(split.x_train.shape) == (32, 1, 28, 28)
+
+
+def test_recipe_round_trips_and_rejects_bad_steps():
+    recipe = Recipe.from_dict({"model": "DigitsCNN", "steps": [
+        {"train": {"epochs": 1}}, {"prune": {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0.3}]}},
+        {"compact": {}}, {"distill": {"epochs": 1, "alpha": 0.5, "teacher": "dense"}}]})
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(ConfigError, match="sparse_ratio"):
+        Step.from_dict({"prune": {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 2}]}})
+    with pytest.raises(ConfigError, match="needs a config_list"):
+        Step.from_dict({"prune": {}})
+    prune = {"prune": {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0.3}]}}
+    with pytest.raises(ConfigError, match="prune step after a compact step"):
+        Recipe.from_dict({"model": "DigitsCNN", "steps": [prune, {"compact": {}}, prune]})
+    with pytest.raises(ConfigError, match="at least one step"):
+        Recipe.from_dict({"model": "DigitsCNN", "steps": []})
