@@ -12,6 +12,10 @@ files are absent. One small CNN with BatchNorm (so network slimming applies) is 
    fine-tuning, gradual pruning with regrowth, lottery ticket (rewound to an early step, retrained for
    the dense budget), SET and RigL (sparse from scratch for the dense budget), at 90% unstructured and
    at 50% channels.
+
+Channel-pruned models are compacted (``slimtorch.compact_``) at the end, so their parameter count and
+latency are those of the really smaller model; unstructured ones stay masked (same size and speed as
+the dense model, the non-zero count is what shrinks).
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch import apply_masks_, collect_stats, compute_masks
+from slimtorch import apply_masks_, collect_stats, compact_, compute_masks, get_masks, remove_masks_
 from slimtorch.data import load_digits, load_mnist
 from slimtorch.models import DigitsCNN
 from slimtorch.prune import DynamicSparsity, Evaluator, GradualPruner, LotteryTicket, Schedule, StatsTracker
 from slimtorch.prune.criteria import get_criterion
 from slimtorch.prune.regularize import SlimmingRegularizer
-from slimtorch.report import count_nonzero
+from slimtorch.report import model_state, report
 
 
 class SmallCNN(nn.Module):
@@ -94,14 +98,29 @@ def _stats(model, evaluator, criterion, config_list):
     return collect_stats(model, batches, keys=needs, loss_fn=evaluator.loss_fn, config_list=config_list)
 
 
-def _prune(model, config_list, criterion, evaluator):
-    masks = compute_masks(model, config_list, criterion=criterion, stats=_stats(model, evaluator, criterion,
-                                                                             config_list))
+def _prune(model, config_list, criterion, evaluator, example):
+    stats = _stats(model, evaluator, criterion, config_list)
+    # example_inputs: channel masks go through the dependency graph, so they compact exactly
+    masks = compute_masks(model, config_list, criterion=criterion, stats=stats, example_inputs=example)
     apply_masks_(model, masks)
     return masks
 
 
-def criteria_rows(base, evaluator, fine, conv_cfg, norm_cfg, args) -> list[dict]:
+def _measure(model, example, args, *, compact: bool) -> dict:
+    """Compact a channel-pruned model (``compact_`` checks it still computes the masked model's outputs),
+    then measure parameters, non-zero parameters and latency on the example batch."""
+    state = model_state(model)
+    if compact:
+        compact_(model, get_masks(model), example_inputs=example)
+        state = model_state(model)
+    else:  # baked: the mask hooks would add their own cost; a zeroed dense weight costs what a dense one does
+        remove_masks_(model)
+    r = report(model, example, runs=args.latency_runs, threads=args.threads)
+    return {"params": r.params, "nonzero": r.nonzero_params, "state": state, "ms": 1e3 * r.latency_s}
+
+
+def criteria_rows(base, evaluator, example, configs, args) -> list[dict]:
+    fine, conv_cfg, norm_cfg = configs
     runs = [(c, "90% weights", fine) for c in
             ("magnitude", "gradient", "hybrid", "taylor", "movement", "wanda", "random")]
     runs += [(c, "50% conv channels", conv_cfg) for c in
@@ -113,36 +132,39 @@ def criteria_rows(base, evaluator, fine, conv_cfg, norm_cfg, args) -> list[dict]
         start = time.perf_counter()
         if criterion.endswith("slimming"):  # network slimming: one epoch with an L1 push on BN scales first
             evaluator.train_(model, epochs=1, callbacks=[SlimmingRegularizer(model, args.slim_strength)])
-        _prune(model, cfg, criterion.split(" ")[0], evaluator)
+        _prune(model, cfg, criterion.split(" ")[0], evaluator, example)
         pruned = evaluator.evaluate(model)
         evaluator.train_(model, max_steps=args.finetune_steps)
-        rows.append({"criterion": criterion, "scope": scope, "pruned": pruned, "tuned": evaluator.evaluate(model),
-                     "nonzero": count_nonzero(model), "seconds": time.perf_counter() - start})
+        tuned = evaluator.evaluate(model)
+        size = _measure(model, example, args, compact=cfg is not fine)
+        rows.append({"criterion": criterion, "scope": scope, "pruned": pruned, "tuned": tuned, **size,
+                     "seconds": time.perf_counter() - start})
     return rows
 
 
-def _one_shot(base, cfg, criterion, evaluator, args):
+def _one_shot(base, cfg, criterion, evaluator, args, example):
     model = copy.deepcopy(base)
-    _prune(model, cfg, criterion, evaluator)
+    _prune(model, cfg, criterion, evaluator, example)
     evaluator.train_(model, epochs=args.finetune_epochs)
     return model
 
 
-def _gradual(base, cfg, criterion, evaluator, args, *, regrow):
+def _gradual(base, cfg, criterion, evaluator, args, example, *, regrow=False):
     model = copy.deepcopy(base)
     steps = args.finetune_epochs * len(evaluator.train_data)
     end = int(0.75 * steps)
     schedule = Schedule(kind="agp", start=0, end=end, every=max(1, end // 10))
-    pruner = GradualPruner(model, cfg, schedule=schedule, criterion=criterion, regrow=regrow)
+    pruner = GradualPruner(model, cfg, schedule=schedule, criterion=criterion, regrow=regrow,
+                           example_inputs=example)
     evaluator.train_(model, epochs=args.finetune_epochs, max_steps=end, callbacks=[pruner])
     pruner.finish_()
     evaluator.train_(model, max_steps=steps - end)
     return model
 
 
-def _lottery(base, cfg, criterion, evaluator, args, rewind_state):
+def _lottery(base, cfg, criterion, evaluator, args, example, rewind_state):
     model = copy.deepcopy(base)
-    ticket = LotteryTicket(model, cfg, rounds=1, criterion=criterion, rewind_step=10**9)
+    ticket = LotteryTicket(model, cfg, rounds=1, criterion=criterion, rewind_step=10**9, example_inputs=example)
     ticket.rewind_state = rewind_state  # recorded early in the dense run
     ticket.next_round_()
     evaluator.train_(model, epochs=args.epochs)
@@ -171,32 +193,34 @@ def _sparse_from_scratch(init, cfg, evaluator, args, regrow):
     return model
 
 
-def method_rows(base, init, rewind_state, evaluator, fine, conv_cfg, args) -> list[dict]:
+def method_rows(base, init, rewind_state, evaluator, example, configs, args) -> list[dict]:
+    fine, conv_cfg, _ = configs
     ft, dense = f"{args.finetune_epochs} (fine-tune)", f"{args.epochs} (retrain)"
     scratch = f"{args.epochs} (from scratch)"
     unstructured = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9}, *fine[1:]]
+    w, c = "90% weights", "50% conv channels"
+    common = (evaluator, args, example)
     runs = [
-        ("one-shot + fine-tune", "90% weights", ft, lambda: _one_shot(base, fine, "magnitude", evaluator, args)),
-        ("AGP", "90% weights", ft, lambda: _gradual(base, fine, "magnitude", evaluator, args, regrow=False)),
-        ("AGP with regrowth", "90% weights", ft, lambda: _gradual(base, fine, "magnitude", evaluator, args,
-                                                                  regrow=True)),
-        ("movement, gradual", "90% weights", ft, lambda: _movement(base, fine, evaluator, args)),
-        ("lottery ticket", "90% weights", dense, lambda: _lottery(base, fine, "magnitude", evaluator, args,
-                                                                   rewind_state)),
-        ("SET", "90% weights", scratch, lambda: _sparse_from_scratch(init, unstructured, evaluator, args, "random")),
-        ("RigL", "90% weights", scratch, lambda: _sparse_from_scratch(init, unstructured, evaluator, args,
-                                                                      "gradient")),
-        ("one-shot + fine-tune", "50% conv channels", ft, lambda: _one_shot(base, conv_cfg, "l1", evaluator, args)),
-        ("AGP", "50% conv channels", ft, lambda: _gradual(base, conv_cfg, "l1", evaluator, args, regrow=False)),
-        ("lottery ticket", "50% conv channels", dense, lambda: _lottery(base, conv_cfg, "l1", evaluator, args,
-                                                                         rewind_state)),
+        ("dense (no pruning)", "-", "-", lambda: copy.deepcopy(base)),
+        ("one-shot + fine-tune", w, ft, lambda: _one_shot(base, fine, "magnitude", *common)),
+        ("AGP", w, ft, lambda: _gradual(base, fine, "magnitude", *common)),
+        ("AGP with regrowth", w, ft, lambda: _gradual(base, fine, "magnitude", *common, regrow=True)),
+        ("movement, gradual", w, ft, lambda: _movement(base, fine, evaluator, args)),
+        ("lottery ticket", w, dense, lambda: _lottery(base, fine, "magnitude", *common, rewind_state)),
+        ("SET", w, scratch, lambda: _sparse_from_scratch(init, unstructured, evaluator, args, "random")),
+        ("RigL", w, scratch, lambda: _sparse_from_scratch(init, unstructured, evaluator, args, "gradient")),
+        ("one-shot + fine-tune", c, ft, lambda: _one_shot(base, conv_cfg, "l1", *common)),
+        ("AGP", c, ft, lambda: _gradual(base, conv_cfg, "l1", *common)),
+        ("lottery ticket", c, dense, lambda: _lottery(base, conv_cfg, "l1", *common, rewind_state)),
     ]
     rows = []
     for method, scope, epochs, run in runs:
         start = time.perf_counter()
         model = run()
-        rows.append({"method": method, "scope": scope, "epochs": epochs, "accuracy": evaluator.evaluate(model),
-                     "nonzero": count_nonzero(model), "seconds": time.perf_counter() - start})
+        accuracy = evaluator.evaluate(model)
+        size = _measure(model, example, args, compact=scope == c)
+        rows.append({"method": method, "scope": scope, "epochs": epochs, "accuracy": accuracy, **size,
+                     "seconds": time.perf_counter() - start})
     return rows
 
 
@@ -209,7 +233,8 @@ def _aggregate(runs: list[list[dict]], keys: tuple[str, ...], values: tuple[str,
             column = torch.tensor([float(r[v]) for r in rows])
             spread = f" ± {column.std().item():.4f}" if len(rows) > 1 else ""
             out[v] = f"{column.mean().item():.4f}{spread}"
-        out["seconds"] = sum(r["seconds"] for r in rows) / len(rows)
+        for v in ("seconds", "ms", "params", "nonzero"):  # sizes differ by seed only where compaction kept channels
+            out[v] = sum(r[v] for r in rows) / len(rows)
         assert all(r[k] == rows[0][k] for r in rows for k in keys)
         merged.append(out)
     return merged
@@ -226,35 +251,38 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="folder with mnist_*.npz (default: digits)")
-    parser.add_argument("--train-limit", type=int, default=30000, help="training images used (MNIST)")
-    parser.add_argument("--epochs", type=int, default=2, help="dense training epochs")
+    parser.add_argument("--train-limit", type=int, default=20000, help="training images used (MNIST)")
+    parser.add_argument("--epochs", type=int, default=1, help="dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--finetune-steps", type=int, default=100, help="fine-tune of the criteria table")
+    parser.add_argument("--finetune-steps", type=int, default=50, help="fine-tune of the criteria table")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--slim-strength", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="one avoids thread contention on busy machines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--latency-runs", type=int, default=20, help="timed forward passes per model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     criteria_runs, method_runs, dense = [], [], []
     for seed in args.seeds:
         args.seed = seed
         torch.manual_seed(seed)
-        data, factory, name, fine, conv_cfg, norm_cfg = _setup(args)
+        data, factory, name, *configs = _setup(args)
         evaluator = _evaluator(data, args)
+        example = data.x_test[:256]  # dependency graph, compaction check and latency batch
+        fine = configs[0]
         init = factory()
         base = copy.deepcopy(init)
         early = LotteryTicket(base, fine, rounds=1, rewind_step=max(1, len(evaluator.train_data) // 4))
         start = time.perf_counter()
         evaluator.train_(base, epochs=args.epochs, callbacks=[early])
         dense.append((evaluator.evaluate(base), time.perf_counter() - start))
-        criteria_runs.append(criteria_rows(base, evaluator, fine, conv_cfg, norm_cfg, args))
-        method_runs.append(method_rows(base, init, early.rewind_state, evaluator, fine, conv_cfg, args))
-    _print(name, args, base, dense, criteria_runs, method_runs)
+        criteria_runs.append(criteria_rows(base, evaluator, example, configs, args))
+        method_runs.append(method_rows(base, init, early.rewind_state, evaluator, example, configs, args))
+    _print(name, args, base, example, dense, criteria_runs, method_runs)
 
 
-def _print(name, args, base, dense, criteria_runs, method_runs) -> None:
+def _print(name, args, base, example, dense, criteria_runs, method_runs) -> None:
     print(f"# Pruning criteria and methods on {name}\n")
     print(f"{platform.platform()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {datetime.date.today()}; command: python {' '.join(sys.argv)}\n")
@@ -264,13 +292,15 @@ def _print(name, args, base, dense, criteria_runs, method_runs) -> None:
     crit = _aggregate(criteria_runs, ("criterion", "scope"), ("pruned", "tuned"))
     print(f"## Criteria: accuracy right after pruning and after {args.finetune_steps} fine-tuning steps\n")
     print(_table(crit, [("criterion", "criterion", "s"), ("scope", "pruned", "s"), ("pruned", "after pruning", "s"),
-                        ("tuned", "after fine-tune", "s"), ("nonzero", "non-zero params", "d"),
-                        ("seconds", "s", ".0f")]))
+                        ("tuned", "after fine-tune", "s"), ("state", "model", "s"), ("params", "params", ",.0f"),
+                        ("nonzero", "non-zero params", ",.0f"), ("seconds", "s", ".0f")]))
     methods = _aggregate(method_runs, ("method", "scope"), ("accuracy",))
-    print("\n## Methods (masked models: same size, pruned weights zero)\n")
+    print(f"\n## Methods: accuracy at the end; latency of one batch of {len(example)} (eval, median)\n")
     print(_table(methods, [("method", "method", "s"), ("scope", "pruned", "s"), ("epochs", "training epochs", "s"),
-                           ("accuracy", "accuracy", "s"), ("nonzero", "non-zero params", "d"),
+                           ("accuracy", "accuracy", "s"), ("state", "model", "s"), ("params", "params", ",.0f"),
+                           ("nonzero", "non-zero params", ",.0f"), ("ms", "latency ms", ".2f"),
                            ("seconds", "s", ".0f")]))
+
 
 if __name__ == "__main__":
     main()

@@ -141,6 +141,26 @@ def test_slimming_training_shrinks_scales_then_bn_scale_prunes_them():
     assert not masks["1.weight"][smallest].any() and int(masks["1.bias"].sum()) == 2
 
 
+def test_bn_scale_masks_reach_the_conv_and_compact():
+    import slimtorch
+    from slimtorch.prune.masks import apply_masks_
+
+    net = _bn_net().eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, -0.01, 2.0, 0.02]))
+    x = torch.randn(3, 1, 6, 6)
+    masks = compute_masks(net, [{"op_types": ["BatchNorm2d"], "sparse_ratio": 0.5}], criterion="bn_scale",
+                          example_inputs=x)
+    # channels 1 and 3 (smallest |gamma|) go from the conv that makes them and the Linear that reads them
+    assert masks["0.weight"].flatten(1).all(dim=1).tolist() == [True, False, True, False]
+    assert masks["4.weight"].reshape(2, 4, 16).all(dim=(0, 2)).tolist() == [True, False, True, False]
+    masked = copy.deepcopy(net)
+    apply_masks_(masked, masks)
+    slimtorch.compact_(net, masks, example_inputs=x)
+    assert (net[0].out_channels, net[1].num_features, net[4].in_features) == (2, 2, 32)
+    torch.testing.assert_close(net(x), masked(x))
+
+
 def test_drop_connect_drops_weights_not_outputs():
     gen = torch.Generator().manual_seed(0)
     w = torch.ones(200, 50)
