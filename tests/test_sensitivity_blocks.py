@@ -14,6 +14,7 @@ from slimtorch.prune.blocks import block_drop_loss, block_influence, drop_blocks
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.sensitivity import SensitivityResult, SensitivityRow, sensitivity_analysis
+from slimtorch.report import report
 
 
 def _mlp():
@@ -90,9 +91,16 @@ def test_blocks_are_scored_planned_and_dropped_exactly():
     skipped = copy.deepcopy(model)
     for name in plan:
         skipped[int(name)].register_forward_hook(lambda m, args, out: args[0])
+    before = sum(p.numel() for p in model.parameters())
     drop_blocks_(model, plan)
     assert isinstance(model[2], nn.Identity) and isinstance(model[3], nn.Identity)
     torch.testing.assert_close(model(x), skipped(x))
+    # a really smaller model: two of the three residual blocks' parameters are gone
+    block = sum(p.numel() for p in skipped[1].parameters())
+    after = report(model, x, runs=0)
+    assert after.state == "compacted" and after.params == before - 2 * block
+    assert model.slimtorch_compaction == {"params_before": before, "params_after": before - 2 * block,
+                                          "dropped_blocks": ["2", "3"]}
 
 
 def test_block_drop_loss_and_errors():
