@@ -64,6 +64,7 @@ def _setup(args: argparse.Namespace):
     """Data, model factory and the two pruning configurations for the data set at hand."""
     if args.data_dir is not None and (Path(args.data_dir) / "mnist_train.npz").is_file():
         data = load_mnist(args.data_dir)
+        args.epochs, args.finetune_epochs = args.epochs or 1, args.finetune_epochs or 1
         data = type(data)(data.x_train[: args.train_limit], data.y_train[: args.train_limit],
                           data.x_test, data.y_test, data.classes)
         factory, name = SmallCNN, f"MNIST ({len(data.y_train)} train / {len(data.y_test)} test images)"
@@ -72,6 +73,7 @@ def _setup(args: argparse.Namespace):
         channels = {"convs": ["conv1", "conv2"], "norms": ["bn1", "bn2"]}
     else:
         data = load_digits()
+        args.epochs, args.finetune_epochs = args.epochs or 10, args.finetune_epochs or 5  # a small set: more passes
         factory, name = (lambda: DigitsCNN(width=16)), "scikit-learn digits (8x8)"
         fine = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9, "granularity": "fine"},
                 {"op_names": ["stem"], "exclude": True}]
@@ -252,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="folder with mnist_*.npz (default: digits)")
     parser.add_argument("--train-limit", type=int, default=20000, help="training images used (MNIST)")
-    parser.add_argument("--epochs", type=int, default=1, help="dense training epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (1 MNIST, 10 digits)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="(default 1 MNIST, 5 digits)")
     parser.add_argument("--finetune-steps", type=int, default=50, help="fine-tune of the criteria table")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
