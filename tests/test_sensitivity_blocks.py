@@ -49,11 +49,11 @@ def _result():
     return SensitivityResult(0.9, tuple(rows))
 
 
-def test_allocation_uses_the_smallest_common_tolerance():
+def test_allocation_takes_the_least_harmful_steps_first():
     result = _result()
-    # Tolerance 0.002 lets b go to 90% alone: 270 of 400 weights = 0.675 >= 0.6.
+    # b's steps up to 90% all cost at most 0.002, less than any step of a: 270 of 400 weights = 0.675 >= 0.6.
     assert result.allocate(0.6) == {"a": 0.0, "b": 0.9}
-    # 0.8 needs tolerance 0.01: a at 50% too, (50 + 270) / 400 = 0.8.
+    # 0.8 needs the next cheapest step, a at 50% (drop 0.01): (50 + 270) / 400 = 0.8.
     expected = [{"op_names": ["a"], "sparse_ratio": 0.5}, {"op_names": ["b"], "sparse_ratio": 0.9}]
     assert result.config_list(0.8) == expected
     with pytest.raises(ConfigError, match="beyond the analysed range"):
