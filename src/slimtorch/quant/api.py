@@ -61,9 +61,11 @@ def _check_float(model: nn.Module) -> None:
         )
 
 
-def _attach(model: nn.Module, spec: QuantMethod, layers: tuple[str, ...], source: nn.Module) -> None:
+def _attach(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
+            source: nn.Module) -> None:
     info = QuantInfo(spec.name, spec.backend, spec.kernels, spec.weight_bits, spec.activation_bits, layers, spec.note)
-    setattr(model, QUANT_ATTR, info.to_dict())
+    # The config travels with the record: saving and loading (slimtorch.quant.saving) rebuild the layers from it.
+    setattr(model, QUANT_ATTR, {**info.to_dict(), "config": config.to_dict()})
     # Graph-rebuilding methods return a new module: what compaction recorded must survive quantization.
     compaction = getattr(source, COMPACTION_ATTR, None)
     if compaction and model is not source:
@@ -92,7 +94,7 @@ def quantize(
     result = spec.apply(copy.deepcopy(model), config, layers, batches)
     if spec.in_place:
         result.train(was_training)
-    _attach(result, spec, layers, model)
+    _attach(result, spec, config, layers, model)
     return result
 
 
@@ -123,7 +125,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
         )
     layers = select_layers(model, config)
     spec.apply(model, config, layers, None)
-    _attach(model, spec, layers, model)
+    _attach(model, spec, config, layers, model)
 
 
 _CONVERTED = {"qat_int8": "static_int8", "qat_int4_weight": "int4_weight", "qat_binary_weight": "binary_weight"}
@@ -164,8 +166,10 @@ def convert_qat(model: nn.Module) -> nn.Module:
             packed = (LowBitConv2d if isinstance(layer, nn.Conv2d) else LowBitLinear)(
                 layer, codec=codec, group_size=layer.group_size)
             work.set_submodule(name, packed)
-    _attach(work, dataclasses.replace(target, note=f"{target.note}; after quantization-aware training"), info.layers,
-            model)
+    trained = getattr(model, QUANT_ATTR).get("config") or {"method": info.method, "op_names": list(info.layers)}
+    config = QuantConfig.from_dict({**trained, "method": target.name})
+    _attach(work, dataclasses.replace(target, note=f"{target.note}; after quantization-aware training"), config,
+            info.layers, model)
     return work
 
 
