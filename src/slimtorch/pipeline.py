@@ -13,8 +13,9 @@
     [('dense', 676), ('prune', 676), ('compact', 340), ('quantize', 340)]
 
 Every stage works on a copy (the model given is never changed) and is measured the same way:
-parameters (quantized weights included), saved size, median latency on ``example_inputs`` with the
-thread count set, and the caller's quality score. Compaction is :func:`slimtorch.compact_` (traced
+parameters (quantized weights included), saved size, the caller's quality score, and the median
+latency on ``example_inputs`` with the thread count set (all stages timed together at the end,
+round-robin, so that they share a busy machine's load alike). Compaction is :func:`slimtorch.compact_` (traced
 graph) or :func:`slimtorch.transformers.hf.compact_hf_` (heads and FFN neurons of Hugging Face blocks);
 recovery is any ``recover(student, teacher) -> description`` function, e.g. :func:`distil_recovery`.
 """
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +39,7 @@ from slimtorch.errors import ConfigError
 from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.quant import QuantConfig, quant_info, quantize
-from slimtorch.report import count_params, measure_latency, model_state, saved_size
+from slimtorch.report import _call, count_params, model_state, saved_size
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -175,11 +178,33 @@ class _Meter:
         state = model_state(onnx_of if onnx_of is not None else model)
         state += f", {info.method} ({info.kernels} kernels)" if info else (", ONNX Runtime" if onnx_of else "")
         params = count_params(onnx_of if onnx_of is not None else model)
-        latency = measure_latency(model, self.example_inputs, runs=self.config.runs, threads=self.config.threads)
         with torch.no_grad():
             quality = float(self.score(model))
-        self.stages.append(Stage(stage, state, params, saved_size(model) if size is None else size, latency,
+        # latency_s is filled in by time_all(), once every stage exists
+        self.stages.append(Stage(stage, state, params, saved_size(model) if size is None else size, 0.0,
                                  quality, note, model))
+
+    def time_all(self) -> None:
+        """Median latency of every stage's model, timed round-robin (one call of each per round): on a
+        shared machine the load changes over minutes, and interleaving gives every stage the same share
+        of it, so the ratios between stages hold even where the absolute times drift."""
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.threads)
+        times: list[list[float]] = [[] for _ in self.stages]
+        try:
+            with torch.inference_mode():
+                for stage in self.stages:
+                    for _ in range(3):  # warm-up: first calls allocate and pick kernels
+                        _call(stage.model, self.example_inputs)
+                for _ in range(self.config.runs):
+                    for stage, seconds in zip(self.stages, times, strict=True):
+                        start = time.perf_counter()
+                        _call(stage.model, self.example_inputs)
+                        seconds.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(old_threads)
+        for stage, seconds in zip(self.stages, times, strict=True):
+            stage.latency_s = statistics.median(seconds)
 
 
 def _float(model: nn.Module) -> nn.Module:
@@ -260,5 +285,6 @@ def run_pipeline(
         meter("quantize", q, f"{config.quant.method} by {info.backend}" if info else config.quant.method)
     if config.onnx:
         with tempfile.TemporaryDirectory() as folder:
-            _onnx_stages(meter, _float(work), config, batches, folder)
+            _onnx_stages(meter, _float(work), config, batches, folder)  # sessions hold the files in memory
+    meter.time_all()
     return PipelineResult(meter.stages, masks)
