@@ -135,8 +135,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     print(f"# Pipeline: prune -> compact -> distil -> quantize -> export\n\n{platform.machine()}, torch "
-          f"{torch.__version__}, {args.threads} thread(s), median of {args.runs} runs, {time.strftime('%Y-%m-%d')}; "
-          "speed-up and size ratio against each model's dense row\n", flush=True)
+          f"{torch.__version__}, {args.threads} thread(s), median (best) of {args.runs} runs timed round-robin over "
+          f"the stages, {time.strftime('%Y-%m-%d')}; speed-up and size ratio against each model's dense row\n",
+          flush=True)
     runs = {"bookcnn": (bookcnn, "top-1"), "minilm": (minilm, "cosine")}
     for name in args.models:
         fn, quality = runs[name]

@@ -52,6 +52,7 @@ def test_prune_compact_distil_quantize_export(trained):
     assert s["export"].state == "compacted, ONNX Runtime"
     assert abs(s["quantize (ONNX Runtime)"].quality - s["recover"].quality) <= 0.03
     assert "| recover | compacted |" in result.to_markdown("top-1")
+    assert all(0 < st.latency_best_s <= st.latency_s for st in result.stages)
     # Group-consistent masks: every conv weight, and the batch norms that share their channels.
     assert {n for n, p in model.named_parameters() if p.dim() == 4} < set(result.masks)
 
