@@ -56,6 +56,9 @@ def save_model(
     compacted with (so that loading can rebuild its shapes); a masked one carries its own."""
     from safetensors.torch import save_file
 
+    if getattr(model, "slimtorch_quantization", None):
+        raise CheckpointError("save_model stores float models (dense, masked or compacted); save a quantized model "
+                              "with slimtorch.quant.saving.save_quantized")
     state = model_state(model)
     if state == "masked":
         masks = get_masks(model)
