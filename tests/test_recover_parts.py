@@ -108,3 +108,18 @@ def test_recipe_round_trips_and_rejects_bad_steps():
         Recipe.from_dict({"model": "DigitsCNN", "steps": [prune, {"compact": {}}, prune]})
     with pytest.raises(ConfigError, match="at least one step"):
         Recipe.from_dict({"model": "DigitsCNN", "steps": []})
+
+
+def test_recipe_compact_step_keeps_what_the_masked_model_computes(tmp_path):
+    from slimtorch.recipes.runner import run_recipe
+
+    prune = {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}, {"op_names": ["stem.0"], "exclude": True}]}
+    recipe = Recipe.from_dict({"model": "DigitsCNN", "model_kwargs": {"width": 8},
+                               "data": {"dataset": "digits", "limit": 256},
+                               "steps": [{"train": {"epochs": 1}}, {"prune": prune}, {"compact": {}}]})
+    result = run_recipe(recipe, tmp_path, quiet=True)
+    masked, compacted = result.stages[-2], result.stages[-1]
+    assert (masked.state, compacted.state) == ("masked", "compacted")
+    assert compacted.params == masked.nonzero_params < 0.4 * masked.params  # the zeros are gone, nothing else
+    assert compacted.flops < 0.4 * masked.flops and compacted.accuracy == masked.accuracy
+    assert result.model.down[0].out_channels == 8 and result.model.block[0].out_channels == 4

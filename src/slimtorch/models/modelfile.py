@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtorch.compact import compact_
 from slimtorch.errors import CheckpointError, CompactionError
 from slimtorch.io import atomic_write
 from slimtorch.models.registry import ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, get_masks
 from slimtorch.report import model_state
 
-__all__ = ["LoadedModel", "compact_like_", "compaction_available", "load_model", "save_model"]
+__all__ = ["LoadedModel", "compact_like_", "example_batch", "load_model", "save_model"]
 
 FORMAT = "slimtorch-model-v1"
 
@@ -80,24 +81,20 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
 
 
-def compaction_available() -> bool:
-    """True when this build has the compaction stage (``slimtorch.compact.compact_``)."""
-    import importlib.util
-
-    if importlib.util.find_spec("slimtorch.compact") is None:
-        return False
-    import slimtorch.compact
-
-    return hasattr(slimtorch.compact, "compact_")
+def example_batch(input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
+    """A seeded random batch ``(batch, *input_shape)`` for tracing and verifying a model whose data is not
+    at hand (a zero batch would hide wrong weights behind zero activations). Pure and deterministic."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_shape, generator=generator)
 
 
 def compact_like_(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> None:
-    """Compact ``model`` with ``masks`` (the compaction stage, traced on a zero batch of ``input_shape``)."""
-    try:
-        from slimtorch.compact import compact_
-    except ImportError:
-        raise CompactionError("this slimtorch build has no compaction stage (slimtorch.compact.compact_)") from None
-    compact_(model, dict(masks), example_inputs=torch.zeros(1, *input_shape))
+    """Compact ``model`` with ``masks`` (:func:`slimtorch.compact_`, traced and verified on
+    :func:`example_batch`). Compaction is deterministic, so a fresh model compacted with the masks a saved
+    model was compacted with has that model's shapes."""
+    if not input_shape:
+        raise CompactionError("compacting needs the model's input shape; build it with ModelSpec(input_shape=...)")
+    compact_(model, dict(masks), example_inputs=example_batch(tuple(input_shape)))
 
 
 def load_model(path: str | Path) -> LoadedModel:
