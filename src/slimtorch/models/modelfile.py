@@ -1,8 +1,9 @@
 """Saved slimtorch models: one safetensors file, never pickle.
 
 A model file holds how to build the architecture (a :class:`~slimtorch.models.registry.ModelSpec`, as
-JSON metadata), the state dict, and for a pruned model its masks. A compacted model is rebuilt by
-compacting a fresh model with the same masks (compaction is deterministic), then loading the weights::
+JSON metadata), the state dict, and for a pruned model its masks. A compacted model also records what
+compaction did (``model.slimtorch_compaction``, JSON): loading replays those steps on a fresh model
+(:func:`slimtorch.compact.replay_`, no tracing), then loads the weights::
 
     >>> import os, tempfile, torch
     >>> from slimtorch import apply_masks_, compute_masks
@@ -28,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtorch.compact import compact_
+from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError
 from slimtorch.io import atomic_write
 from slimtorch.models.registry import ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, get_masks
-from slimtorch.report import model_state
+from slimtorch.report import COMPACTION_ATTR, model_state
 
-__all__ = ["LoadedModel", "compact_like_", "example_batch", "load_model", "save_model"]
+__all__ = ["LoadedModel", "load_model", "save_model"]
 
 FORMAT = "slimtorch-model-v1"
 
@@ -53,19 +54,19 @@ class LoadedModel:
 def save_model(
     path: str | Path, model: nn.Module, spec: ModelSpec, *, masks: Mapping[str, torch.Tensor] | None = None
 ) -> None:
-    """Save ``model`` (dense, masked or compacted) atomically. A compacted model needs the ``masks`` it was
-    compacted with (so that loading can rebuild its shapes); a masked one carries its own."""
+    """Save ``model`` (dense, masked or compacted) atomically. A masked model carries its own masks; give
+    a compacted one the ``masks`` it was compacted with to keep them in the file (for reports)."""
     from safetensors.torch import save_file
 
     state = model_state(model)
     if state == "masked":
         masks = get_masks(model)
-    if state == "compacted" and not masks:
-        raise CompactionError("saving a compacted model needs the masks it was compacted with: save_model(..., masks=)")
     tensors = {f"state::{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask::{k}": v.to(torch.bool) for k, v in (masks or {}).items()})
     flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": FORMAT, "spec": json.dumps(spec.to_dict()), "state": state}
+    if state == "compacted":
+        header["compaction"] = json.dumps(getattr(model, COMPACTION_ATTR))  # the steps that rebuild its shapes
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
 
 
@@ -81,20 +82,15 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
 
 
-def example_batch(input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
-    """A seeded random batch ``(batch, *input_shape)`` for tracing and verifying a model whose data is not
-    at hand (a zero batch would hide wrong weights behind zero activations). Pure and deterministic."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *input_shape, generator=generator)
-
-
-def compact_like_(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> None:
-    """Compact ``model`` with ``masks`` (:func:`slimtorch.compact_`, traced and verified on
-    :func:`example_batch`). Compaction is deterministic, so a fresh model compacted with the masks a saved
-    model was compacted with has that model's shapes."""
-    if not input_shape:
-        raise CompactionError("compacting needs the model's input shape; build it with ModelSpec(input_shape=...)")
-    compact_(model, dict(masks), example_inputs=example_batch(tuple(input_shape)))
+def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
+    """Give a fresh ``model`` the shapes of the compacted one saved in ``path``."""
+    try:
+        compaction = json.loads(header["compaction"])
+        replay_(model, compaction["steps"])
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, CompactionError) as err:
+        raise CheckpointError(f"{str(path)!r} says the model was compacted but its compaction record is missing "
+                              f"or does not fit a {type(model).__name__} ({type(err).__name__}: {err})") from None
+    setattr(model, COMPACTION_ATTR, compaction)
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -111,7 +107,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if header["state"] == "masked":
         apply_masks_(model, masks)
     elif header["state"] == "compacted":
-        compact_like_(model, masks, spec.input_shape or ())
+        _replay_(model, header, path)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
