@@ -253,3 +253,19 @@ def test_load_rejects_foreign_and_corrupt_folders(tmp_path):
 def test_format_pruned_heads_prints_one_line_per_layer():
     lines = format_pruned_heads({"l.0": [2, 4], "l.2": [0]}, ["l.0", "l.1", "l.2"])
     assert lines == ["layer 0 prune 2 head: [2, 4]", "layer 1 prune 0 head: []", "layer 2 prune 1 head: [0]"]
+
+
+def test_recorded_steps_replay_on_a_fresh_model():
+    from slimtorch.compact import replay_
+
+    torch.manual_seed(0)
+    model, inputs = _gpt2()
+    torch.manual_seed(0)
+    fresh, _ = _gpt2()
+    masks = unit_masks(model, {"transformer.h.0.attn": [1], "transformer.h.1.mlp": range(0, 128, 4)})
+    _oracle(model, inputs, masks, engine=True)
+    replay_(fresh, model.slimtorch_compaction["steps"])  # the engine's own reload path: shapes only
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_output(fresh.eval(), inputs), _output(model, inputs))
+    assert fresh.transformer.h[0].attn.num_heads == 3 and fresh.transformer.h[1].mlp.c_fc.nf == 96

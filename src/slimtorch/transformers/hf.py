@@ -1,13 +1,11 @@
-"""Compaction of Hugging Face transformers: attention heads and FFN neurons whose output the masks make
-exactly zero are physically removed, sizes and the config are updated, and the result saves and loads.
+"""Compaction of Hugging Face transformers: attention heads and FFN neurons that the masks prune are
+physically removed by the compaction engine (:func:`slimtorch.compact_`, with the attention rules of
+:mod:`slimtorch.transformers.engine`), then the config and the record of pruned heads are updated so
+that the result saves and loads (:mod:`slimtorch.transformers.pretrained`).
 
-A head (FFN neuron) is removed when its masks make its output zero: its value rows or its columns in
-the output projection fully masked (an FFN neuron: its column in the second layer, or its row in the
-first when the activation maps 0 to 0). A head that is only partly masked stays, with its masked
-weights at zero, exactly as the seeds' workflow does, so the compacted model computes what the masked
-one does. With grouped-query attention a key/value head goes when all its query heads go, and every
-key/value head keeps the same number of query heads (HF computes the group size once per layer); a
-head kept only for that reason is reported with a :class:`~slimtorch.errors.SlimWarning`::
+:func:`compact_hf_` is ``compact_`` with inputs made from the config and the model's applied masks; a
+head that is only partly masked stays, with its masked weights at zero, as the seeds' workflow does.
+:func:`unit_masks` masks whole heads or neurons by index::
 
     >>> import torch
     >>> from transformers import BertConfig, BertModel
@@ -30,7 +28,7 @@ from torch import nn
 
 from slimtorch.compact.compact import AFTER_COMPACTION
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.prune.masks import check_masks, get_masks, is_masked
+from slimtorch.prune.masks import get_masks, is_masked
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import BlockSpec, Slice, find_blocks
 from slimtorch.transformers.engine import attention_layout, slice_params_
@@ -41,7 +39,6 @@ __all__ = [
     "compact_hf_",
     "example_inputs_for",
     "format_pruned_heads",
-    "plan_hf_compaction",
     "shrink_block_",
     "unit_masks",
 ]
@@ -52,15 +49,14 @@ CONFIG_KEY = "slimtorch_blocks"
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """What compaction does to one block: the query units (heads / neurons) and key/value heads kept,
-    and how many units the masks asked to remove but had to stay."""
+    """The query units (heads / neurons) and key/value heads of one block to keep (the loader rebuilds
+    saved shapes with it)."""
 
     name: str
     kind: str
     units: int
     keep: tuple[int, ...]
     keep_kv: tuple[int, ...] = ()
-    kept_against_masks: int = 0
 
     @property
     def removed(self) -> list[int]:
@@ -70,48 +66,6 @@ class BlockPlan:
 def _positions(s: Slice, unit: int) -> slice:
     start = s.offset + unit * s.width
     return slice(start, start + s.width)
-
-
-def _slice_masked(spec: BlockSpec, masks: Mapping[str, torch.Tensor], s: Slice, unit: int) -> bool:
-    """True when every entry of ``unit``'s positions in ``s`` is masked (a parameter without a mask is kept)."""
-    mask = masks.get(f"{spec.name}.{s.param}" if spec.name else s.param)
-    if mask is None:
-        return False
-    part = mask.bool().movedim(s.dim, 0)[_positions(s, unit)]  # (width, rest...) of this unit
-    return not bool(part.any())
-
-
-def removable_units(spec: BlockSpec, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per query unit, True when the masks make its output exactly zero."""
-    out = torch.zeros(spec.units, dtype=torch.bool)
-    for unit in range(spec.units):
-        for option in spec.zeroing:
-            if all(_slice_masked(spec, masks, s, unit // spec.group if s.kv else unit) for s in option):
-                out[unit] = True
-                break
-    return out
-
-
-def _plan_block(spec: BlockSpec, masks: Mapping[str, torch.Tensor]) -> BlockPlan:
-    gone = removable_units(spec, masks)
-    if not spec.kv_units:
-        keep = [u for u in range(spec.units) if not gone[u]] or [0]  # never empty a block: keep one zero unit
-        return BlockPlan(spec.name, spec.kind, spec.units, tuple(keep), (), len(keep) - int((~gone).sum()))
-    groups = gone.reshape(spec.kv_units, spec.group)  # (kv heads, query heads per kv head)
-    keep_kv = [g for g in range(spec.kv_units) if not groups[g].all()] or [0]
-    per_group = max(int((~groups[g]).sum()) for g in keep_kv) or 1
-    keep = []
-    for g in keep_kv:
-        needed = [h for h in range(spec.group) if not groups[g, h]]
-        extra = [h for h in range(spec.group) if groups[g, h]][: per_group - len(needed)]  # equal group sizes
-        keep.extend(g * spec.group + h for h in sorted(needed + extra))
-    return BlockPlan(spec.name, spec.kind, spec.units, tuple(keep), tuple(keep_kv), len(keep) - int((~gone).sum()))
-
-
-def plan_hf_compaction(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[BlockPlan]:
-    """Pure: the heads and FFN neurons :func:`compact_hf_` would keep in every recognised block."""
-    check_masks(model, masks)
-    return [_plan_block(spec, masks) for spec in find_blocks(model).values()]
 
 
 def _keep_index(spec: BlockSpec, plan: BlockPlan, param: str, dim: int, size: int) -> torch.Tensor | None:
