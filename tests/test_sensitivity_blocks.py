@@ -101,6 +101,14 @@ def test_blocks_are_scored_planned_and_dropped_exactly():
     assert after.state == "compacted" and after.params == before - 2 * block
     assert model.slimtorch_compaction == {"params_before": before, "params_after": before - 2 * block,
                                           "dropped_blocks": ["2", "3"]}
+    # a later channel compaction keeps the record of the dropped blocks and the first parameter count
+    import slimtorch
+
+    masks = compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], criterion="l1", example_inputs=x)
+    slimtorch.compact_(model, masks, example_inputs=x)
+    record = model.slimtorch_compaction
+    assert record["dropped_blocks"] == ["2", "3"] and record["params_before"] == before
+    assert record["params_after"] == sum(p.numel() for p in model.parameters()) < before - 2 * block
 
 
 def test_block_drop_loss_and_errors():

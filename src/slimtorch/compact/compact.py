@@ -155,6 +155,7 @@ def _compare(got: Any, want: Any, rtol: float, atol: float) -> float | None:
 def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) -> dict[str, Any]:
     previous = getattr(model, COMPACTION_ATTR, None) or {}
     return {
+        **previous,  # what other size changes recorded (dropped blocks, pruned heads) stays
         "params_before": previous.get("params_before", before),
         "params_after": sum(p.numel() for p in model.parameters()),
         "channels_requested": plan.requested,
