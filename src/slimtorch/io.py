@@ -1,5 +1,27 @@
 """Saving and loading without pickle: safetensors for tensors, JSON for descriptions.
 
+A compacted model is saved as a folder with ``model.safetensors`` (its weights) and ``compaction.json``
+(the class it was built from and the compaction steps: what each layer kept, the rewritten calls). It is
+loaded onto a freshly built instance of the same class: the steps are replayed on that instance's shapes,
+then the weights are loaded, strictly::
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from slimtorch.io import load_compacted_, save_compacted
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4)
+    >>> from slimtorch import compact_
+    >>> compact_(net, {"0.weight": torch.arange(8)[:, None].expand(8, 4) < 5, "0.bias": torch.arange(8) < 5},
+    ...          example_inputs=x)
+    >>> folder = tempfile.mkdtemp()
+    >>> save_compacted(net, folder)
+    >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> load_compacted_(fresh, folder)
+    >>> fresh[0].out_features, torch.equal(fresh(x), net(x))
+    (5, True)
+
+Masks:
+
     >>> import torch, tempfile, os
     >>> from slimtorch.io import save_masks, load_masks
     >>> path = os.path.join(tempfile.mkdtemp(), "masks.safetensors")
@@ -10,16 +32,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from slimtorch.errors import CheckpointError
 
-__all__ = ["atomic_write", "load_masks", "plain_state", "save_masks"]
+__all__ = [
+    "atomic_write",
+    "load_compacted_",
+    "load_masks",
+    "load_plain_state_",
+    "plain_state",
+    "save_compacted",
+    "save_masks",
+]
+
+FORMAT = "slimtorch-compacted-v1"
+WEIGHTS, DESCRIPTION = "model.safetensors", "compaction.json"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -47,8 +84,10 @@ def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
         scale, zero = torch.tensor([value.q_scale()]), torch.tensor([value.q_zero_point()])
     else:  # per channel (also the float-qparams scheme of quantized embeddings)
         scale, zero = value.q_per_channel_scales(), value.q_per_channel_zero_points()
-    # torch keeps per-channel scales in float64 and zero points in int64; a deployed file needs 32 bits.
-    return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero.int()}
+    # torch keeps per-channel scales in float64 and zero points in int64 (float for embeddings' float
+    # qparams, which must stay float); a deployed file needs 32 bits.
+    zero = zero.float() if zero.is_floating_point() else zero.int()
+    return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero}
 
 
 def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,6 +102,51 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         out.update(_plain_tensors(name, value))
     return out
+
+
+def _from_plain(name: str, like: object, tensors: Mapping[str, torch.Tensor], used: set[str]) -> object:
+    """The state-dict value ``like`` (from the target model) rebuilt from :func:`plain_state`'s tensors."""
+    if isinstance(like, (tuple, list)):
+        return type(like)(_from_plain(f"{name}.{i}", v, tensors, used) for i, v in enumerate(like))
+    if not isinstance(like, torch.Tensor):
+        return like  # metadata such as torch.ao's packed dtype: the target model's own
+    keys = [name, f"{name}.scale", f"{name}.zero_point"] if like.is_quantized else [name]
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"the file has no {missing[0]!r}; it was saved from a different model or quantization")
+    used.update(keys)
+    values = tensors[name]
+    if tuple(values.shape) != tuple(like.shape):
+        raise CheckpointError(f"{name!r} is {tuple(values.shape)} in the file but {tuple(like.shape)} in the model")
+    if not like.is_quantized:
+        return values.to(like.dtype)
+    scale, zero = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+    if like.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return torch._make_per_tensor_quantized_tensor(values, float(scale), int(zero))
+    return torch._make_per_channel_quantized_tensor(values, scale.double(), zero, like.q_per_channel_axis())
+
+
+def load_plain_state_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load :func:`plain_state`'s tensors into ``model``, which must be built (and quantized) like the one
+    they came from: integer values, scales and zero points become quantized tensors again. Every value is
+    checked before any is loaded, so a file that does not fit leaves the model as it was.
+
+    >>> from torch import nn
+    >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> load_plain_state_(b, plain_state(a))
+    >>> torch.equal(a.weight, b.weight)
+    True
+    """
+    used: set[str] = set()
+    template = model.state_dict()
+    state = OrderedDict((name, _from_plain(name, value, tensors, used)) for name, value in template.items())
+    # The per-module format versions: torch.ao's quantized layers read their packed weights by version.
+    state._metadata = getattr(template, "_metadata", None)  # type: ignore[attr-defined]
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"the file holds tensors the model does not have, e.g. {extra[:3]}; it was saved "
+                              "from a different model or quantization")
+    model.load_state_dict(state)
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -91,3 +175,96 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{str(path)!r} holds non-bool tensors {bad[:3]}: it is not a mask file")
     return masks
+
+
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _description(model: nn.Module) -> dict[str, Any]:
+    from slimtorch.report import COMPACTION_ATTR
+
+    info = dict(getattr(model, COMPACTION_ATTR, None) or {})
+    steps = info.pop("steps", [])
+    return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info}
+
+
+def save_compacted(model: nn.Module, directory: str | Path) -> None:
+    """Save ``model`` (compacted or not) as ``directory/model.safetensors`` + ``directory/compaction.json``.
+
+    The class is recorded by its import path; :func:`load_compacted_` rebuilds the shapes on a fresh instance.
+    Masked models must be compacted (or have their masks removed) first: the masking buffers are not part
+    of the architecture.
+    """
+    from safetensors.torch import save_model
+
+    from slimtorch.prune.masks import is_masked
+
+    if is_masked(model):
+        raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
+                              "(slimtorch.remove_masks_) before save_compacted")
+    directory = Path(directory)
+    description = json.dumps(_description(model), indent=1)
+    atomic_write(directory / WEIGHTS, lambda tmp: save_model(model, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / DESCRIPTION, lambda tmp: Path(tmp).write_text(description))
+
+
+def _read_description(directory: Path) -> dict[str, Any]:
+    path = directory / DESCRIPTION
+    if not path.is_file() or not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"{str(directory)!r} holds no compacted model (expected {DESCRIPTION} and {WEIGHTS})")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} description")
+    return description
+
+
+def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
+    """Strict ``load_state_dict`` from a safetensors file. Unlike ``safetensors.torch.load_model`` it keeps
+    the model's own state-dict metadata (module versions, which e.g. torchvision's MNASNet requires), and
+    accepts a missing key only where the model ties it to a loaded tensor (``save_model`` drops such aliases)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    own = model.state_dict()
+    def storage(key: str) -> int | None:  # None for empty tensors, whose data pointers say nothing
+        return own[key].untyped_storage().data_ptr() if own[key].numel() else None
+
+    loaded = {storage(k) for k in state if k in own} - {None}
+    aliases = [k for k in own if k not in state and storage(k) in loaded]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(aliases))
+    if missing or unexpected:
+        raise CheckpointError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # per-module versions
+    model.load_state_dict(ordered, strict=False)
+
+
+def load_compacted_(model: nn.Module, directory: str | Path) -> None:
+    """Load a model saved by :func:`save_compacted` onto ``model``, a freshly built instance of the class it
+    was saved from: replay its compaction steps, then load the weights (strictly, no pickle). A missing,
+    corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and leaves ``model`` as it was.
+    """
+    from slimtorch.compact.compact import _Snapshot, replay_
+    from slimtorch.report import COMPACTION_ATTR
+
+    directory = Path(directory)
+    description = _read_description(directory)
+    if description["class"] != _class_name(model):
+        raise CheckpointError(f"the checkpoint was saved from {description['class']}; got a {_class_name(model)}. "
+                              "Build an instance of the saved class and load onto it")
+    if getattr(model, COMPACTION_ATTR, None):
+        raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted")
+    snapshot = _Snapshot(model)
+    try:
+        replay_(model, description["steps"])
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        _load_weights_(model, directory / WEIGHTS, device)
+    except Exception as err:  # safetensors, shape and replay errors alike: the file does not fit the model
+        snapshot.restore(model)
+        raise CheckpointError(f"{str(directory)!r} does not match this model: {err}") from None
+    setattr(model, COMPACTION_ATTR, {**description["summary"], "steps": description["steps"]})

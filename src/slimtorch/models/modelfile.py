@@ -58,6 +58,9 @@ def save_model(
     a compacted one the ``masks`` it was compacted with to keep them in the file (for reports)."""
     from safetensors.torch import save_file
 
+    if getattr(model, "slimtorch_quantization", None):
+        raise CheckpointError("save_model stores float models (dense, masked or compacted); save a quantized model "
+                              "with slimtorch.quant.saving.save_quantized")
     state = model_state(model)
     if state == "masked":
         masks = get_masks(model)
