@@ -160,3 +160,20 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, files, capsys):
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert not (files["tmp"] / "o").exists()  # nothing half-written
+
+
+def test_a_save_compacted_folder_is_a_model(tmp_path, capsys):
+    from slimtorch import compact_, compute_masks
+    from slimtorch.io import save_compacted
+    from slimtorch.models import BookCNN
+
+    net, x = BookCNN().eval(), torch.randn(2, 3, 32, 32)
+    compact_(net, compute_masks(net, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]), example_inputs=x)
+    save_compacted(net, tmp_path / "book")
+    code, printed, _ = run(["report", tmp_path / "book", "--format", "json", "--runs", "0"], capsys)
+    assert code == 0 and json.loads(printed)["params"] == 1_059_306 and json.loads(printed)["state"] == "compacted"
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "book").model.eval()(x), net(x))
+    save_compacted(torch.nn.Linear(2, 2), tmp_path / "linear")
+    code, _, err = run(["report", tmp_path / "linear", "--runs", "0"], capsys)
+    assert code == 2 and "reference models" in err and "load_compacted_" in err

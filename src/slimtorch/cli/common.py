@@ -86,7 +86,7 @@ def resolve_model(text: str, *, input_shape: tuple[int, ...] | None = None, mask
     if path.suffix in {".pt", ".pth", ".pkl", ".bin", ".ckpt"}:
         raise ConfigError(f"{text!r} looks like a pickled file; slimtorch never loads pickles: save the model "
                           "with slimtorch (a .safetensors model file) or give a model name")
-    if path.suffix == ".safetensors" or path.is_file():
+    if path.suffix == ".safetensors" or path.is_file() or (path / "compaction.json").is_file():
         loaded = load_model(path)
         if input_shape is not None:
             loaded.spec = ModelSpec.from_dict({**loaded.spec.to_dict(), "input_shape": list(input_shape)})

@@ -7,7 +7,7 @@ compaction did (``model.slimtorch_compaction``, JSON): loading replays those ste
 
     >>> import os, tempfile, torch
     >>> from slimtorch import apply_masks_, compute_masks
-    >>> from slimtorch.models.registry import ModelSpec, build_model
+    >>> from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
     >>> from slimtorch.models.modelfile import load_model, save_model
     >>> spec = ModelSpec(name="MnistNet")
     >>> net = build_model(spec)
@@ -32,7 +32,7 @@ from torch import nn
 from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError
 from slimtorch.io import atomic_write
-from slimtorch.models.registry import ModelSpec, build_model
+from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, get_masks
 from slimtorch.report import COMPACTION_ATTR, model_state
 
@@ -96,9 +96,34 @@ def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
     setattr(model, COMPACTION_ATTR, compaction)
 
 
+def _load_compacted_folder(path: Path) -> LoadedModel:
+    """A folder written by :func:`slimtorch.io.save_compacted` from one of the reference models."""
+    from slimtorch.io import DESCRIPTION, load_compacted_
+
+    if not (path / DESCRIPTION).is_file():
+        raise CheckpointError(f"{str(path)!r} is a folder without {DESCRIPTION}; give a model file or a folder "
+                              "written by slimtorch.io.save_compacted")
+    try:
+        saved_class = json.loads((path / DESCRIPTION).read_text()).get("class")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{str(path / DESCRIPTION)!r} is not a readable compaction record ({err})") from None
+    names = [n for n, (cls, _) in REFERENCE_MODELS.items() if f"{cls.__module__}.{cls.__qualname__}" == saved_class]
+    if not names:
+        raise CheckpointError(f"{str(path)!r} holds a compacted {saved_class}; the command line rebuilds only the "
+                              f"reference models {list(REFERENCE_MODELS)} from such a folder (load it in Python "
+                              "with slimtorch.io.load_compacted_)")
+    spec = ModelSpec(name=names[0])
+    model = build_model(spec)
+    load_compacted_(model, path)  # replays the recorded steps, then loads the weights; CheckpointError if not
+    return LoadedModel(model, spec, "compacted", {})
+
+
 def load_model(path: str | Path) -> LoadedModel:
-    """Rebuild a model saved by :func:`save_model`. A foreign or corrupt file is a CheckpointError."""
+    """Rebuild a model saved by :func:`save_model`, or a folder :func:`slimtorch.io.save_compacted` wrote
+    from a reference model (default arguments). A foreign or corrupt file is a CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        return _load_compacted_folder(path)
     header, tensors = _read(path)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a slimtorch model file (format {header.get('format')!r}); "
