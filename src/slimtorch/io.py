@@ -1,5 +1,27 @@
 """Saving and loading without pickle: safetensors for tensors, JSON for descriptions.
 
+A compacted model is saved as a folder with ``model.safetensors`` (its weights) and ``compaction.json``
+(the class it was built from and the compaction steps: what each layer kept, the rewritten calls). It is
+loaded onto a freshly built instance of the same class: the steps are replayed on that instance's shapes,
+then the weights are loaded, strictly::
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from slimtorch.io import load_compacted_, save_compacted
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4)
+    >>> from slimtorch import compact_
+    >>> compact_(net, {"0.weight": torch.arange(8)[:, None].expand(8, 4) < 5, "0.bias": torch.arange(8) < 5},
+    ...          example_inputs=x)
+    >>> folder = tempfile.mkdtemp()
+    >>> save_compacted(net, folder)
+    >>> fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> load_compacted_(fresh, folder)
+    >>> fresh[0].out_features, torch.equal(fresh(x), net(x))
+    (5, True)
+
+Masks:
+
     >>> import torch, tempfile, os
     >>> from slimtorch.io import save_masks, load_masks
     >>> path = os.path.join(tempfile.mkdtemp(), "masks.safetensors")
@@ -10,17 +32,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from slimtorch.errors import CheckpointError
 
-__all__ = ["atomic_write", "load_masks", "load_plain_state_", "plain_state", "save_masks"]
+__all__ = [
+    "atomic_write",
+    "load_compacted_",
+    "load_masks",
+    "load_plain_state_",
+    "plain_state",
+    "save_compacted",
+    "save_masks",
+]
+
+FORMAT = "slimtorch-compacted-v1"
+WEIGHTS, DESCRIPTION = "model.safetensors", "compaction.json"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -139,3 +175,96 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{str(path)!r} holds non-bool tensors {bad[:3]}: it is not a mask file")
     return masks
+
+
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _description(model: nn.Module) -> dict[str, Any]:
+    from slimtorch.report import COMPACTION_ATTR
+
+    info = dict(getattr(model, COMPACTION_ATTR, None) or {})
+    steps = info.pop("steps", [])
+    return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info}
+
+
+def save_compacted(model: nn.Module, directory: str | Path) -> None:
+    """Save ``model`` (compacted or not) as ``directory/model.safetensors`` + ``directory/compaction.json``.
+
+    The class is recorded by its import path; :func:`load_compacted_` rebuilds the shapes on a fresh instance.
+    Masked models must be compacted (or have their masks removed) first: the masking buffers are not part
+    of the architecture.
+    """
+    from safetensors.torch import save_model
+
+    from slimtorch.prune.masks import is_masked
+
+    if is_masked(model):
+        raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
+                              "(slimtorch.remove_masks_) before save_compacted")
+    directory = Path(directory)
+    description = json.dumps(_description(model), indent=1)
+    atomic_write(directory / WEIGHTS, lambda tmp: save_model(model, tmp, metadata={"format": FORMAT}))
+    atomic_write(directory / DESCRIPTION, lambda tmp: Path(tmp).write_text(description))
+
+
+def _read_description(directory: Path) -> dict[str, Any]:
+    path = directory / DESCRIPTION
+    if not path.is_file() or not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"{str(directory)!r} holds no compacted model (expected {DESCRIPTION} and {WEIGHTS})")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); the file is corrupt") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} description")
+    return description
+
+
+def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
+    """Strict ``load_state_dict`` from a safetensors file. Unlike ``safetensors.torch.load_model`` it keeps
+    the model's own state-dict metadata (module versions, which e.g. torchvision's MNASNet requires), and
+    accepts a missing key only where the model ties it to a loaded tensor (``save_model`` drops such aliases)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    own = model.state_dict()
+    def storage(key: str) -> int | None:  # None for empty tensors, whose data pointers say nothing
+        return own[key].untyped_storage().data_ptr() if own[key].numel() else None
+
+    loaded = {storage(k) for k in state if k in own} - {None}
+    aliases = [k for k in own if k not in state and storage(k) in loaded]
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(aliases))
+    if missing or unexpected:
+        raise CheckpointError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # per-module versions
+    model.load_state_dict(ordered, strict=False)
+
+
+def load_compacted_(model: nn.Module, directory: str | Path) -> None:
+    """Load a model saved by :func:`save_compacted` onto ``model``, a freshly built instance of the class it
+    was saved from: replay its compaction steps, then load the weights (strictly, no pickle). A missing,
+    corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and leaves ``model`` as it was.
+    """
+    from slimtorch.compact.compact import _Snapshot, replay_
+    from slimtorch.report import COMPACTION_ATTR
+
+    directory = Path(directory)
+    description = _read_description(directory)
+    if description["class"] != _class_name(model):
+        raise CheckpointError(f"the checkpoint was saved from {description['class']}; got a {_class_name(model)}. "
+                              "Build an instance of the saved class and load onto it")
+    if getattr(model, COMPACTION_ATTR, None):
+        raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted")
+    snapshot = _Snapshot(model)
+    try:
+        replay_(model, description["steps"])
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        _load_weights_(model, directory / WEIGHTS, device)
+    except Exception as err:  # safetensors, shape and replay errors alike: the file does not fit the model
+        snapshot.restore(model)
+        raise CheckpointError(f"{str(directory)!r} does not match this model: {err}") from None
+    setattr(model, COMPACTION_ATTR, {**description["summary"], "steps": description["steps"]})

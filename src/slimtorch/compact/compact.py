@@ -19,7 +19,7 @@ back exactly as it was and the error says why.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,10 +30,14 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
+from slimtorch.graph.trace import temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
-__all__ = ["COMPACTION_ATTR", "compact_", "replay_"]
+__all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "compact_", "replay_"]
+
+#: ``fn(model)`` called after every successful compaction (e.g. to update a Hugging Face config)
+AFTER_COMPACTION: list[Callable[[nn.Module], None]] = []
 
 
 
@@ -64,16 +68,11 @@ def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], exam
     """The masked model's eval-mode output (``masked``: masked parameter values), without touching the model."""
     state = {**dict(model.named_parameters()), **masked}
     state.update({n: b.clone() for n, b in model.named_buffers()})
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example_inputs, Mapping):
-                return torch.func.functional_call(model, state, (), dict(example_inputs))
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            return torch.func.functional_call(model, state, args)
-    finally:
-        model.train(was)
+    with torch.no_grad(), temporary_mode(model, training=False):
+        if isinstance(example_inputs, Mapping):
+            return torch.func.functional_call(model, state, (), dict(example_inputs))
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        return torch.func.functional_call(model, state, args)
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -108,13 +107,8 @@ def _needed_fixes(model: nn.Module, fixes: list[dict[str, Any]], example_inputs:
     probe = ShapeFixer(fixes, probing=True)
     handles = probe.install(model)
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            try:
-                _call(model, example_inputs)
-            finally:
-                model.train(was)
+        with torch.no_grad(), temporary_mode(model, training=False):
+            _call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -214,6 +208,8 @@ def compact_(
             raise
         raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
     setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
+    for finish in AFTER_COMPACTION:
+        finish(model)
     if plan.kept:
         reasons = "; ".join(f"{n} {why}" for why, n in plan.kept.items())
         warnings.warn(
@@ -225,13 +221,8 @@ def compact_(
 
 
 def _verify(model: nn.Module, example_inputs: Any, reference: Any, rtol: float = 1e-3, atol: float = 1e-4) -> None:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            got = _call(model, example_inputs)
-    finally:
-        model.train(was)
+    with torch.no_grad(), temporary_mode(model, training=False):
+        got = _call(model, example_inputs)
     worst = _compare(got, reference, rtol, atol)
     if worst is not None:
         raise CompactionError(

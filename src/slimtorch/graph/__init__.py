@@ -5,8 +5,8 @@ Stands alone: imports torch only, never pruning or compaction code.
     >>> import torch
     >>> from torchvision.models import resnet18
     >>> from slimtorch.graph import build_graph
-    >>> graph = build_graph(resnet18(), torch.randn(1, 3, 32, 32))
-    >>> len(graph.group_of("layer1.0.conv2.weight").units)   # the 64-channel residual stream of stage 1
+    >>> g = build_graph(resnet18(), torch.randn(2, 3, 32, 32))
+    >>> len(g.group_of("layer1.0.conv2.weight").units)   # the 64-channel residual stream of stage 1
     64
 """
 

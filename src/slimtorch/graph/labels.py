@@ -44,39 +44,38 @@ class UnionFind:
 
     def find(self, labels: torch.Tensor) -> torch.Tensor:
         """The class representative (root) of every label, same shape; -1 stays -1."""
-        flat = labels.reshape(-1)
-        valid = flat >= 0
-        if not bool(valid.any()):
-            return labels.clone()
-        idx = flat[valid]
-        root = self._parent[idx]
-        while True:
-            up = self._parent[root]
-            if torch.equal(up, root):
-                break
-            root = up
-        self._parent[idx] = root  # path compression: next find is one step
-        out = flat.clone()
-        out[valid] = root
-        return out.reshape(labels.shape)
+        # Every union ends by pointing each label at its root, so one lookup is enough here.
+        parent = self._parent[: self.size]
+        return torch.where(labels >= 0, parent[labels.clamp(min=0)], labels)
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Tie ``a[i]`` to ``b[i]`` for every position where both are labels (shapes must broadcast)."""
         a, b = torch.broadcast_tensors(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
         valid = (a >= 0) & (b >= 0)
-        a, b = a[valid], b[valid]
-        while a.numel():
-            ra, rb = self.find(a), self.find(b)
-            differ = ra != rb
-            if not bool(differ.any()):
-                return
-            ra, rb = ra[differ], rb[differ]
+        ra, rb = self.find(a[valid]), self.find(b[valid])
+        differ = ra != rb
+        if not bool(differ.any()):
+            return
+        parent = self._parent[: self.size]
+        ra, rb = ra[differ], rb[differ]
+        while ra.numel():
             low, high = torch.minimum(ra, rb), torch.maximum(ra, rb)
             # Roots only ever point to a smaller id, so this converges; conflicting links to the same
             # root keep the smallest and the rest are linked on the next pass.
-            self._parent.scatter_reduce_(0, high, low, reduce="amin")
-            a, b = ra, rb
+            parent.scatter_reduce_(0, high, low, reduce="amin")
+            self._compress()
+            ra, rb = parent[ra], parent[rb]
+            keep = ra != rb
+            ra, rb = ra[keep], rb[keep]
+
+    def _compress(self) -> None:
+        parent = self._parent[: self.size]
+        while True:
+            up = parent[parent]
+            if torch.equal(up, parent):
+                return
+            parent.copy_(up)
 
     def roots(self) -> torch.Tensor:
         """Root of every label issued so far, indexed by label."""

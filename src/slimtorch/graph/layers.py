@@ -73,7 +73,9 @@ def _conv(ctx: OpContext, transposed: bool) -> None:
         return
     out = ctx.outputs[0]
     ch = x.dim() - (w.dim() - 2) - 1  # channels dim: 1 when batched, 0 for an unbatched input
-    groups = ctx.arg(7 if transposed else 6, "groups", 1)
+    # conv(x, w, b, stride, padding, dilation, groups); conv_transpose(x, w, b, stride, padding,
+    # output_padding, groups, dilation): groups is argument 6 of both
+    groups = ctx.arg(6, "groups", 1)
     c_in, c_out = x.shape[ch], out.shape[ch]
     vec = channel_labels(ctx, x, ch)
     if transposed:  # weight (C_in, C_out / groups, *k)

@@ -8,9 +8,13 @@ rule (``nn.MultiheadAttention``, LSTM...) are handled as one node: nothing insid
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,6 +187,7 @@ class _Tracer(TorchFunctionMode):
             frame = self.stack.pop()
             if frame.rule is not None:
                 self.atomic = 0
+                self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
                 with torch._C.DisableTorchFunction():
                     frame.rule(ModuleContext(self, module, name, *frame.call, out))
             elif self.atomic:
@@ -223,18 +228,32 @@ def build_graph(
     """
     if unknown_ops not in ("error", "keep"):
         raise ValueError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
+    if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
+        with contextlib.suppress(ImportError):
+            importlib.import_module("slimtorch.transformers.hf")
     graph = _trace(model, example_inputs, params, unknown_ops)
     if cover and graph.unreached and not model.training:
-        model.train()
         try:
-            trained = _trace(model, example_inputs, params, unknown_ops)
+            with temporary_mode(model, training=True):
+                trained = _trace(model, example_inputs, params, unknown_ops)
         except TraceError:  # e.g. BatchNorm cannot train on a batch of one 1x1 map
             trained = None
-        finally:
-            model.eval()
         if trained is not None and len(trained.unreached) < len(graph.unreached):
             graph = trained
     return graph
+
+
+@contextmanager
+def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
+    """Put every module in train or eval mode for the block, then give each its own mode back (a model
+    may mix them, e.g. dropout off while BatchNorm trains; ``model.train(was)`` would flatten that)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,

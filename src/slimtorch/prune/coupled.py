@@ -52,7 +52,8 @@ def _channel_units(graph: DependencyGraph, plan: LayerPlan) -> tuple[Member, tor
     view = plan.view
     out_dim, in_dim = channel_dims(plan.module)
     if view.granularity.kind == "out_channel":
-        candidates = [("out", out_dim, torch.arange(view.num_units))]
+        # a norm layer's channels (network slimming prunes BatchNorm scales) are "norm" members of the graph
+        candidates = [(role, out_dim, torch.arange(view.num_units)) for role in ("out", "norm")]
     else:
         ids = torch.arange(view.num_units)[:, None].expand(view.num_units, view.unit_size).contiguous()
         grid = view.from_units(ids)  # weight-shaped: the plan unit of every weight
@@ -65,9 +66,11 @@ def _channel_units(graph: DependencyGraph, plan: LayerPlan) -> tuple[Member, tor
         try:
             member = graph.member(plan.weight_name, role, dim)
         except NoMatchError:
-            return None
+            continue
         if member.labels.numel() == units.numel():
             return member, units
+        if member.groups > 1 and member.labels.numel() == units.numel() * member.groups:
+            return member, units.repeat(member.groups)  # a grouped dim: local index l of every group
     return None
 
 
@@ -109,12 +112,16 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
             roots: torch.Tensor, score: torch.Tensor, planned: torch.Tensor, free: torch.Tensor,
             removed: torch.Tensor) -> list[str]:
     """Per group, remove the requested fraction of its planned channels, lowest scores first (in place)."""
-    notes = []
-    plan_units = [(plan, torch.unique(roots[m.labels[m.labels >= 0]])) for plan, m, _ in plans]
+    group_of = torch.full((roots.numel(),), -1, dtype=torch.long)
     for group in groups:
-        here = [plan for plan, units in plan_units if bool(torch.isin(units, group.units).any())]
-        if not here:
-            continue
+        group_of[group.units] = group.index
+    in_group: dict[int, list[LayerPlan]] = {}
+    for plan, member, _ in plans:
+        for g in torch.unique(group_of[roots[member.labels[member.labels >= 0]]]).tolist():
+            in_group.setdefault(g, []).append(plan)
+    notes = []
+    for index, here in sorted(in_group.items()):
+        group = groups[index]
         fraction = sum(int((~keep[p.name]).sum()) for p in here) / sum(keep[p.name].numel() for p in here)
         candidates = group.units[planned[group.units]]
         target = math.floor(fraction * candidates.numel() + 0.5)
@@ -151,10 +158,11 @@ def coupled_masks(
         else:
             mapped.append((plan, *found))
     for _plan, member, units in mapped:  # a unit of several channels (a head) goes as a whole
-        for u in torch.unique(units):
-            block = member.labels[units == u]
-            if block.numel() > 1:
-                graph.couple(block[:1].expand_as(block), block)
+        if torch.unique(units).numel() == units.numel():
+            continue
+        one = torch.full((int(units.max()) + 1,), -1, dtype=torch.long)
+        one.scatter_reduce_(0, units, member.labels, "amax", include_self=False)  # one label per plan unit
+        graph.couple(one[units], member.labels)
     roots = graph.uf.roots()
     score = torch.full((roots.numel(),), -1.0, dtype=torch.float64)
     total, count = torch.zeros_like(score), torch.zeros_like(score)

@@ -1,0 +1,156 @@
+"""Compaction side by side with Torch-Pruning, in one process.
+
+For each model: the time to build the dependency graph, the time to prune (50% L1 channels, the
+classifier excepted) and compact, the MACs and parameters removed, and the realised CPU latency
+reduction (batch 8, one thread) against the MACs reduction. Prints a Markdown table.
+
+    PYTHONPATH=src python benchmarks/compaction.py                      # resnet50 mobilenet_v2 vit_b_16
+    PYTHONPATH=src python benchmarks/compaction.py --models resnet18 --runs 3 --size 112   # quick look
+
+Torch-Pruning (``pip install torch-pruning``, the ``bench`` extra) prunes with its magnitude (L1)
+importance and the same ratio; each library's own result is measured. The slimtorch result is also
+checked against the masked model (``compact_`` verifies it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from slimtorch import compact_, compute_masks
+from slimtorch.graph import build_graph
+from slimtorch.report import count_flops
+
+MODELS = ["resnet50", "mobilenet_v2", "vit_b_16"]
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def slimtorch_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+    """Graph build alone, then masks (which build the graph) and compaction (which builds it again and
+    verifies the result): the time a user waits."""
+    name, _ = _classifier(model)
+    config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": ratio}, {"exclude": True, "op_names": [name]}]
+    _, graph_s = _timed(lambda: build_graph(model, x))
+    masks, masks_s = _timed(lambda: compute_masks(model, config, example_inputs=x))
+    _, compact_s = _timed(lambda: compact_(model, masks, example_inputs=x))
+    return {"graph_s": graph_s, "prune_compact_s": masks_s + compact_s}
+
+
+def torch_pruning_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+    """Torch-Pruning's documented recipe; for ViT its parameters outside modules and its heads are declared."""
+    import torch_pruning as tp
+
+    _, head = _classifier(model)
+    extra: dict[str, Any] = {}
+    if isinstance(model, torchvision.models.VisionTransformer):
+        extra["unwrapped_parameters"] = {model.class_token: 2, model.encoder.pos_embedding: 2}
+        extra["num_heads"] = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    _, graph_s = _timed(lambda: tp.DependencyGraph().build_dependency(
+        model, example_inputs=x, unwrapped_parameters=list(extra.get("unwrapped_parameters", {}).items())))
+
+    def run() -> None:
+        pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[head], **extra)
+        pruner.step()
+        for m in model.modules():  # Torch-Pruning leaves the attention's size attributes stale
+            if isinstance(m, nn.MultiheadAttention):
+                m.embed_dim = m.in_proj_weight.shape[1]
+                m.head_dim = m.in_proj_weight.shape[0] // 3 // m.num_heads
+        if isinstance(model, torchvision.models.VisionTransformer):
+            model.hidden_dim = model.class_token.shape[-1]
+
+    _, prune_s = _timed(run)
+    return {"graph_s": graph_s, "prune_compact_s": prune_s}
+
+
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, float]:
+    """Median forward time of each model, one thread, measured in interleaved rounds so that a load change
+    on a shared machine hits every model alike (slimtorch.report.measure_latency times one model at a time)."""
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)  # warm-up
+        for _ in range(runs):
+            for k, m in models.items():
+                start = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench(name: str, size: int, batch: int, runs: int, ratio: float) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    dense = torchvision.models.get_model(name, weights=None).eval()
+    x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
+    models, rows = {"dense": dense}, []
+    for lib, prune in (("slimtorch", slimtorch_prune), ("torch-pruning", torch_pruning_prune)):
+        model = copy.deepcopy(dense)
+        try:
+            timing = prune(model, x1, ratio)
+        except Exception as err:  # a benchmark: say what failed and go on
+            rows.append({"model": name, "library": lib, "error": f"{type(err).__name__}: {str(err)[:80]}"})
+            continue
+        models[lib] = model
+        rows.append({"model": name, "library": lib, **timing})
+    lat = latencies(models, xb, runs)
+    macs0, params0 = count_flops(dense, x1) / 2, sum(p.numel() for p in dense.parameters())
+    for row in rows:
+        if "error" in row:
+            continue
+        model = models[row["library"]]
+        macs_red = 1 - count_flops(model, x1) / 2 / macs0
+        lat_red = 1 - lat[row["library"]] / lat["dense"]
+        row.update(params=f"{params0 / 1e6:.1f}M -> {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
+                   macs_red=macs_red, lat=f"{lat['dense'] * 1e3:.0f} -> {lat[row['library']] * 1e3:.0f}",
+                   lat_red=lat_red, realised=lat_red / macs_red if macs_red > 0 else float("nan"))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], batch: int) -> str:
+    head = ("| model | library | graph build (s) | prune + compact (s) | params | MACs removed | "
+            f"latency b{batch} 1 thread (ms) | latency removed | realised / MACs |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['library']} | failed: {r['error']} |" + " |" * 6)
+            continue
+        lines.append(f"| {r['model']} | {r['library']} | {r['graph_s']:.2f} | {r['prune_compact_s']:.2f} | "
+                     f"{r['params']} | {r['macs_red']:.1%} | {r['lat']} | {r['lat_red']:.1%} | {r['realised']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--batch", type=int, default=8, help="batch size of the latency measurement")
+    parser.add_argument("--runs", type=int, default=10, help="timed forward calls per model")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of channels pruned")
+    args = parser.parse_args()
+    rows = [r for name in args.models for r in bench(name, args.size, args.batch, args.runs, args.ratio)]
+    print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, input {args.size}x{args.size}, ratio {args.ratio}\n")
+    print(markdown(rows, args.batch))
+
+
+if __name__ == "__main__":
+    main()

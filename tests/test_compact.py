@@ -1,0 +1,199 @@
+"""compact_: the compacted model computes what the masked model computes, on every channel pattern."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nets import (
+    ChannelsLast,
+    Conv1d3d,
+    Dense,
+    Grouped,
+    Recurrent,
+    Residual,
+    Shuffle,
+    SplitSteps,
+    SqueezeExcite,
+    Tokens,
+    Transposed,
+    oracle,
+    randomize_,
+)
+from slimtorch import compact_, compute_masks
+from slimtorch.compact import SlimMultiheadAttention, ZeroPaddedLayerNorm, plan_compaction
+from slimtorch.compact.surgery import SHRINKS
+from slimtorch.errors import CompactionError, SlimWarning, UnsupportedOpError
+from slimtorch.graph import build_graph
+
+IMAGE = torch.randn(2, 3, 8, 8)
+
+CASES = {
+    "residual": (Residual, IMAGE, ["Conv2d"], "fc"),
+    "dense_cat": (Dense, IMAGE, ["Conv2d"], "head"),
+    "split_steps": (SplitSteps, IMAGE, ["Conv2d"], "out"),
+    "shuffle": (Shuffle, IMAGE, ["Conv2d"], "out"),
+    "grouped": (Grouped, IMAGE, ["Conv2d"], "body.6"),
+    "transposed": (Transposed, IMAGE, ["Conv2d", "ConvTranspose2d"], "body.6"),
+    "squeeze_excite": (SqueezeExcite, IMAGE, ["Conv2d"], "out"),
+    "tokens_mha": (Tokens, IMAGE, ["Conv2d", "Linear"], "head"),
+    "channels_last": (ChannelsLast, IMAGE, ["Conv2d", "Linear"], "head"),
+    "conv1d_3d": (Conv1d3d, torch.randn(2, 3, 8), ["Conv1d", "Conv3d"], "fc"),
+    "lstm": (Recurrent, torch.randint(0, 20, (2, 5)), ["Embedding"], "fc"),
+    "gru": (lambda: Recurrent(nn.GRU), torch.randint(0, 20, (2, 5)), ["Embedding"], "fc"),
+}
+
+
+def _masks(model, x, op_types, last, ratio=0.5):
+    cfg = [{"op_types": op_types, "sparse_ratio": ratio}, {"exclude": True, "op_names": [last]}]
+    return compute_masks(model, cfg, example_inputs=x)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compacted_equals_masked(case):
+    make, x, op_types, last = CASES[case]
+    model = make().eval()
+    randomize_(model)
+    masks = _masks(model, x, op_types, last)
+    before = sum(p.numel() for p in model.parameters())
+    oracle(model, masks, x)
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model.slimtorch_compaction["channels_removed"] == model.slimtorch_compaction["channels_requested"]
+
+
+@pytest.mark.parametrize("case", ["residual", "dense_cat", "shuffle", "split_steps"])
+def test_train_mode_too(case):
+    make, x, op_types, last = CASES[case]
+    model = make().train()
+    randomize_(model)
+    oracle(model, _masks(model, x, op_types, last), x, train=True)  # also checks the mode is kept
+
+
+def _unit_masks(model, x, pick):
+    """Masks removing, in every row of every equal-count constraint that ``pick(rows)`` selects, the first
+    two channels: a way to prune hidden units and heads that no config entry reaches."""
+    graph = build_graph(model, x)
+    roots = graph.uf.roots()
+    removed = torch.zeros(roots.numel(), dtype=torch.bool)
+    for rows in graph.constraints:
+        if pick(rows):
+            removed[roots[rows[:, :2]]] = True
+    return graph.masks(removed, dict(model.named_parameters()))
+
+
+def test_lstm_hidden_units_and_mha_heads():
+    lstm = Recurrent().eval()
+    x = torch.randint(0, 20, (2, 5))
+    oracle(lstm, _unit_masks(lstm, x, lambda rows: rows.shape == (4, 6)), x)
+    assert lstm.rnn.hidden_size == 4 and lstm.fc.in_features == 8
+    tokens = Tokens().eval()
+    randomize_(tokens)
+    oracle(tokens, _unit_masks(tokens, IMAGE, lambda rows: rows.shape == (8, 4)), IMAGE)
+    attn = tokens.blocks[0]["attn"]
+    assert isinstance(attn, SlimMultiheadAttention) and attn.head_dim == 2 and attn.in_proj_weight.shape == (24, 16)
+
+
+def test_layernorm_over_removed_channels_is_zero_padded():
+    model = Tokens().eval()
+    randomize_(model)
+    oracle(model, _masks(model, IMAGE, ["Conv2d"], "head"), IMAGE)
+    assert isinstance(model.ln, ZeroPaddedLayerNorm) and model.ln.full_size == 16
+    assert model.patch.out_channels == 8 and model.pos.shape == (1, 5, 8)
+
+
+def test_keeps_dtype_device_requires_grad_and_mode():
+    model = Residual().double().train()
+    model.stem[0].weight.requires_grad_(False)
+    x = IMAGE.double()
+    oracle(model, _masks(model, x, ["Conv2d"], "fc"), x, train=True)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert not model.stem[0].weight.requires_grad and model.a[0].weight.requires_grad
+
+
+def _nni_style(model, names):
+    """Masks on some convs' output channels only (what NNI's pruners produce), half the channels each."""
+    masks = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        keep = torch.arange(w.shape[0]) % 2 == 0
+        masks[f"{name}.weight"] = keep.reshape(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
+    return masks
+
+
+def test_batchnorm_offsets_are_folded_or_kept_never_dropped():
+    fold = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4,
+                         2)).eval()
+    randomize_(fold)
+    # Masks on the conv alone (not group-consistent): the BatchNorm and the Linear's inputs shrink too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimWarning)
+        oracle(fold, _nni_style(fold, ["0"]), torch.randn(2, 3, 4, 4), params=3 * 3 * 9 + 2 * 3 + 2 * 12 + 2)
+    assert fold[0].out_channels == 3 and fold.slimtorch_compaction["folded_biases"] == ["4.bias"]
+    padded = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3,
+                           padding=1)).eval()
+    randomize_(padded)
+    with pytest.warns(SlimWarning, match=r"removed 0 of the 3 channels.*3 their values are not zero"):
+        oracle(padded, _nni_style(padded, ["0"]), torch.randn(2, 3, 6, 6),
+               params=sum(p.numel() for p in padded.parameters()))
+    assert padded[0].out_channels == 6  # a BatchNorm offset seen through zero padding cannot be folded
+
+
+def test_failed_compaction_leaves_the_model_untouched(monkeypatch):
+    model = Residual().eval()
+    masks = _masks(model, IMAGE, ["Conv2d"], "fc")
+    params, state = list(model.parameters()), copy.deepcopy(model.state_dict())
+    empty = {"a.0.weight": torch.zeros_like(model.a[0].weight, dtype=torch.bool)}
+    with pytest.raises(CompactionError, match="every output channel of 'a.0.weight'"):
+        compact_(model, empty, example_inputs=IMAGE)
+
+    def broken(module, keeps, options):
+        SHRINKS_BEFORE["linear"](module, keeps, options)
+        module.weight.data.add_(1.0)
+
+    SHRINKS_BEFORE = dict(SHRINKS)
+    monkeypatch.setitem(SHRINKS, "linear", broken)
+    masks["fc.weight"] = torch.ones_like(model.fc.weight, dtype=torch.bool)
+    masks["fc.weight"][:, 0] = False  # the classifier loses an input: its shrink function runs
+    with pytest.raises(CompactionError, match="does not reproduce the masked one"):
+        compact_(model, masks, example_inputs=IMAGE)
+    assert list(model.parameters()) == params and not hasattr(model, "slimtorch_compaction")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_unknown_ops_are_named_or_kept_on_request():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.fft.fft(self.a(x)).real)
+
+    model, x = Odd(), torch.randn(2, 3)
+    masks = {"a.weight": (torch.arange(4) < 2)[:, None].expand(4, 3).clone()}
+    with pytest.raises(UnsupportedOpError, match="fft_fft"):
+        compact_(model, masks, example_inputs=x)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compact_(model, masks, example_inputs=x, unknown_ops="keep")
+    assert model.a.out_features == 4
+    assert any("removed 0 of the 2" in str(w.message) for w in record)
+
+
+def test_plan_is_pure():
+    model = Dense().eval()
+    state = copy.deepcopy(model.state_dict())
+    plan = plan_compaction(model, _masks(model, IMAGE, ["Conv2d"], "head"), example_inputs=IMAGE)
+    assert plan.removed_count == plan.requested > 0 and plan.modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_mixed_train_and_eval_modes_are_kept_module_by_module():
+    model = Residual().train()
+    model.a.eval()  # e.g. a frozen part: compaction runs the model in eval mode and must give each its own back
+    modes = [m.training for m in model.modules()]
+    compact_(model, _masks(model, IMAGE, ["Conv2d"], "fc"), example_inputs=IMAGE)
+    assert [m.training for m in model.modules()] == modes

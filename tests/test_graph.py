@@ -1,0 +1,276 @@
+"""The dependency graph: one test per channel rule, on small nets whose coupling is known by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtorch.errors import TraceError, UnsupportedOpError
+from slimtorch.graph import build_graph, register_rule
+from slimtorch.graph.labels import UnionFind, broadcast_merge, collapse, union_rows
+
+
+def _units(graph, name, role="out"):
+    return graph.unit_of(graph.member(name, role).labels)
+
+
+def _same(graph, a, b, role_a="out", role_b="in"):
+    return torch.equal(_units(graph, a, role_a), _units(graph, b, role_b))
+
+
+class Fn(nn.Module):
+    """A net defined by a function of its input and its own layers."""
+
+    def __init__(self, fn, **layers):
+        super().__init__()
+        self.fn = fn
+        for k, v in layers.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def test_union_find_and_label_helpers():
+    uf = UnionFind()
+    a, b = uf.new(4), uf.new(4)
+    uf.union(a[:2], b[2:])
+    assert uf.find(a[0]) == uf.find(b[2]) and uf.find(a[2]) != uf.find(b[2])
+    grid = torch.stack([a, b]).reshape(1, 2, 4)  # a row of a's labels and a row of b's
+    rows = union_rows(uf, grid, [2])  # a per-channel param ties a[i] to b[i]
+    assert torch.equal(uf.find(a), uf.find(b)) and rows.shape == (4,)
+    assert collapse(uf, grid).shape == (1, 1, 4)
+    merged = broadcast_merge(uf, [torch.tensor([[-1, 5]]), torch.full((2, 1), -1)])  # (1, 2) with (2, 1)
+    assert merged.tolist() == [[-1, int(uf.find(torch.tensor(5)))]]  # same in both rows: collapsed
+
+
+def test_conv_bn_conv_chain():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    g = build_graph(net, torch.randn(1, 3, 8, 8))
+    assert _same(g, "0.weight", "3.weight")
+    assert torch.equal(_units(g, "0.weight"), _units(g, "1.weight", "norm"))
+    assert torch.equal(_units(g, "0.bias"), _units(g, "0.weight"))
+    assert g.member("1.running_mean", "norm").is_buffer
+    assert len(g.blocked_units()) == 4  # conv 3 writes the output
+
+
+def test_residual_add_ties_both_branches():
+    net = Fn(lambda m, x: m.b(m.a(x)) + m.c(m.a(x)), a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(4, 6, 3, padding=1),
+             c=nn.Conv2d(4, 6, 1))
+    g = build_graph(net, torch.randn(1, 3, 5, 5))
+    assert torch.equal(_units(g, "b.weight"), _units(g, "c.weight"))
+    assert not torch.equal(_units(g, "a.weight"), _units(g, "b.weight"))
+
+
+def test_cat_maps_channels_in_order():
+    net = Fn(lambda m, x: m.c(torch.cat([m.a(x), m.b(x)], 1)), a=nn.Conv2d(3, 2, 1), b=nn.Conv2d(3, 3, 1),
+             c=nn.Conv2d(5, 1, 1))
+    g = build_graph(net, torch.randn(1, 3, 4, 4))
+    consumer = _units(g, "c.weight", "in")
+    assert torch.equal(consumer[:2], _units(g, "a.weight")) and torch.equal(consumer[2:], _units(g, "b.weight"))
+
+
+def test_flatten_repeats_each_channel_over_positions():
+    net = Fn(lambda m, x: m.fc(m.conv(x).flatten(1)), conv=nn.Conv2d(1, 3, 3), fc=nn.Linear(3 * 4, 2))
+    g = build_graph(net, torch.randn(2, 1, 4, 4))
+    assert torch.equal(_units(g, "fc.weight", "in"), _units(g, "conv.weight").repeat_interleave(4))
+
+
+def test_hard_coded_view_is_a_fix_site():
+    net = Fn(lambda m, x: m.fc(m.conv(x).view(-1, 12)), conv=nn.Conv2d(1, 3, 3), fc=nn.Linear(12, 2))
+    g = build_graph(net, torch.randn(2, 1, 4, 4))
+    (site,) = [s for s in g.fix_sites if s.kind == "shape"]
+    assert site.key == ("", "view", 0)
+    kept = torch.ones(1, 12, dtype=torch.bool)
+    kept[0, 4:8] = False  # one channel of 4 positions removed
+    assert site.compacted(kept)["sizes"] == {"1": 8}
+
+
+def test_permute_to_channels_last_and_layer_norm():
+    net = Fn(lambda m, x: m.fc(m.ln(m.conv(x).permute(0, 2, 3, 1))), conv=nn.Conv2d(3, 4, 1), ln=nn.LayerNorm(4),
+             fc=nn.Linear(4, 2))
+    g = build_graph(net, torch.randn(1, 3, 2, 2))
+    assert torch.equal(_units(g, "ln.weight", "norm"), _units(g, "conv.weight"))
+    assert _same(g, "conv.weight", "fc.weight")
+    assert any(s.kind == "zero" for s in g.sinks)  # LayerNorm statistics read every channel
+
+
+def test_channel_shuffle_ties_channel_j_of_every_group():
+    net = Fn(lambda m, x: m.b(F.channel_shuffle(m.a(x), 2)), a=nn.Conv2d(3, 6, 1), b=nn.Conv2d(6, 2, 1))
+    g = build_graph(net, torch.randn(1, 3, 2, 2))
+    produced = _units(g, "a.weight")
+    assert torch.equal(produced[:3], produced[3:])  # channel j of group 0 goes with channel j of group 1
+    assert torch.equal(_units(g, "b.weight", "in"), produced[:3].repeat_interleave(2))
+
+
+def test_view_transpose_shuffle_is_tied_like_channel_shuffle():
+    def shuffle(m, x):
+        y = m.a(x)
+        y = y.view(1, 2, 3, 2, 2).transpose(1, 2).reshape(1, 6, 2, 2)
+        return m.b(y)
+
+    g = build_graph(Fn(shuffle, a=nn.Conv2d(3, 6, 1), b=nn.Conv2d(6, 2, 1)), torch.randn(1, 3, 2, 2))
+    produced = _units(g, "a.weight")
+    assert torch.equal(produced[:3], produced[3:])
+
+
+def test_chunk_needs_equal_halves_and_split_sizes_are_fix_sites():
+    def body(m, x):
+        a, b = m.conv(x).chunk(2, dim=1)
+        c, d = m.conv2(x).split([1, 3], dim=1)
+        return a + b, c.sum() + d.sum()
+
+    g = build_graph(Fn(body, conv=nn.Conv2d(3, 4, 1), conv2=nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 2, 2))
+    halves = _units(g, "conv.weight").reshape(2, 2)
+    assert torch.equal(halves[0], halves[1])  # a + b ties them (equal counts follow)
+    assert any(c.shape == (2, 2) for c in g.constraints)
+    (split,) = [s for s in g.fix_sites if s.kind == "split"]
+    assert split.compacted(torch.tensor([[[[True]], [[False]], [[True]], [[True]]]]))["sizes"] == [1, 2]
+
+
+def test_grouped_conv_keeps_groups_equal_and_depthwise_ties_in_to_out():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=8))
+    g = build_graph(net, torch.randn(1, 3, 6, 6))
+    assert g.member("1.weight", "in").groups == 2
+    assert sum(c.shape == (2, 4) for c in g.constraints) == 2  # input and output sides of the grouped conv
+    assert _same(g, "2.weight", "2.weight", "out", "in")  # depthwise: input channel j makes output j
+
+
+def test_transposed_conv_output_channels_are_on_dim_1():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 6, 2, stride=2), nn.Conv2d(6, 1, 1))
+    g = build_graph(net, torch.randn(1, 3, 3, 3))
+    assert g.member("1.weight", "out").dim == 1 and g.member("1.weight", "in").dim == 0
+    assert _same(g, "0.weight", "1.weight") and _same(g, "1.weight", "2.weight")
+
+
+def test_group_norm_channels_go_by_whole_groups():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 1, 1))
+    g = build_graph(net, torch.randn(1, 3, 2, 2))
+    assert _units(g, "0.weight").unique().numel() == 2
+
+
+def test_squeeze_excitation_gate_ties_to_the_main_path():
+    def se(m, x):
+        y = m.conv(x)
+        gate = torch.sigmoid(m.up(F.relu(m.down(F.adaptive_avg_pool2d(y, 1)))))
+        return m.out(y * gate)
+
+    net = Fn(se, conv=nn.Conv2d(3, 8, 3), down=nn.Conv2d(8, 2, 1), up=nn.Conv2d(2, 8, 1), out=nn.Conv2d(8, 1, 1))
+    g = build_graph(net, torch.randn(1, 3, 5, 5))
+    assert torch.equal(_units(g, "up.weight"), _units(g, "conv.weight"))
+
+
+def test_embedding_and_lstm():
+    net = Fn(lambda m, x: m.fc(m.lstm(m.emb(x))[0]), emb=nn.Embedding(10, 6), lstm=nn.LSTM(6, 5, 2,
+             batch_first=True, bidirectional=True), fc=nn.Linear(10, 2))
+    g = build_graph(net, torch.randint(0, 10, (2, 3)))
+    assert _same(g, "emb.weight", "lstm.weight_ih_l0")
+    hidden = _units(g, "lstm.weight_hh_l0", "in")
+    assert torch.equal(_units(g, "lstm.weight_ih_l0"), hidden.repeat(4))  # 4 gate blocks
+    last = torch.cat([_units(g, "lstm.weight_hh_l1", "in"), _units(g, "lstm.weight_hh_l1_reverse", "in")])
+    assert torch.equal(_units(g, "fc.weight", "in"), last)
+    assert any(c.shape == (4, 5) for c in g.constraints)  # one hidden size for 2 layers x 2 directions
+
+
+def test_multihead_attention_module_rule():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    net = Fn(lambda m, x: m.fc(m.mha(m.inp(x), m.inp(x), m.inp(x))[0]), inp=nn.Linear(4, 8), mha=mha,
+             fc=nn.Linear(8, 2))
+    g = build_graph(net, torch.randn(1, 3, 4))
+    assert _same(g, "inp.weight", "mha.in_proj_weight")
+    rows = _units(g, "mha.in_proj_weight")
+    assert torch.equal(rows[:8], rows[8:16])  # query channel i pairs with key channel i
+    assert _same(g, "mha.out_proj.weight", "fc.weight")
+    assert any(c.shape == (4, 4) for c in g.constraints)  # q/k and v heads keep one head size
+
+
+def test_matmul_ties_contracted_channels_and_carries_values():
+    def attention(m, x):
+        q, k, v = m.q(x), m.k(x), m.v(x)
+        return m.o(torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v)
+
+    net = Fn(attention, q=nn.Linear(4, 6), k=nn.Linear(4, 6), v=nn.Linear(4, 6), o=nn.Linear(6, 2))
+    g = build_graph(net, torch.randn(1, 5, 4))
+    assert torch.equal(_units(g, "q.weight"), _units(g, "k.weight"))
+    assert _same(g, "v.weight", "o.weight")
+    assert any(s.kind == "pair" for s in g.sinks)
+
+
+def test_einsum_is_a_contraction():
+    net = Fn(lambda m, x: m.o(torch.einsum("b i d, b j d -> b i j", m.q(x), m.k(x))), q=nn.Linear(4, 6),
+             k=nn.Linear(4, 6), o=nn.Linear(5, 2))
+    g = build_graph(net, torch.randn(1, 5, 4))
+    assert torch.equal(_units(g, "q.weight"), _units(g, "k.weight"))
+
+
+def test_reductions_over_channels_block_or_sink():
+    net = Fn(lambda m, x: (m.a(x).mean(dim=1), m.b(x).sum(dim=1), m.c(x).softmax(dim=1)),
+             a=nn.Linear(3, 4), b=nn.Linear(3, 4), c=nn.Linear(3, 4))
+    g = build_graph(net, torch.randn(2, 3))
+    blocked = g.blocked_units()
+    assert all(int(u) in blocked for u in _units(g, "a.weight"))  # a mean depends on the channel count
+    assert "softmax" in blocked[int(_units(g, "c.weight")[0])]
+    assert any(s.kind == "zero" for s in g.sinks)  # a sum only needs removed channels to be zero
+
+
+def test_sdpa_default_scale_blocks_head_channels():
+    net = Fn(lambda m, x: F.scaled_dot_product_attention(m.q(x), m.k(x), m.v(x)), q=nn.Linear(4, 6),
+             k=nn.Linear(4, 6), v=nn.Linear(4, 6))
+    g = build_graph(net, torch.randn(1, 5, 4))
+    assert "default scale" in g.blocked_units()[int(_units(g, "q.weight")[0])]
+
+
+def test_parameters_used_directly_join_the_channels_they_meet():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.pos = nn.Parameter(torch.randn(1, 3, 4))
+            self.ln = nn.LayerNorm(4)
+
+        def forward(self, x):
+            y = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.proj(x)], dim=1) + self.pos
+            return self.ln(y)[:, 0]
+
+    g = build_graph(Tokens(), torch.randn(2, 2, 3))
+    stream = _units(g, "proj.weight")
+    assert torch.equal(_units(g, "cls", "element").reshape(4), stream)
+    assert torch.equal(_units(g, "pos", "element"), stream.expand(1, 3, 4))
+
+
+def test_unknown_op_raises_or_blocks():
+    @register_rule("unknown_test_op_never_registered")
+    def _never(ctx):  # a rule for another op does not cover torch.cumprod... on channels: use an op we lack
+        raise AssertionError
+
+    net = Fn(lambda m, x: m.b(torch.fft.fft(m.a(x)).real), a=nn.Linear(3, 4), b=nn.Linear(4, 2))
+    with pytest.raises(UnsupportedOpError, match="fft_fft"):
+        build_graph(net, torch.randn(2, 3))
+    g = build_graph(net, torch.randn(2, 3), unknown_ops="keep")
+    assert "unknown op" in g.blocked_units()[int(_units(g, "a.weight")[0])]
+
+
+def test_trace_leaves_the_model_alone_and_reports_failures():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    before = net[1].running_mean.clone()
+    build_graph(net, torch.randn(2, 3, 4, 4))
+    assert torch.equal(net[1].running_mean, before) and net.training
+    with pytest.raises(TraceError, match="failed to run"):
+        build_graph(net, torch.randn(2, 5, 4, 4))
+
+
+def test_cover_traces_train_only_branches():
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aux, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 1, 1), nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return (self.b(y), self.aux(y)) if self.training else self.b(y)
+
+    net = Aux().eval()
+    assert build_graph(net, torch.randn(1, 3, 2, 2)).unreached == ["aux"]
+    g = build_graph(net, torch.randn(1, 3, 2, 2), cover=True)
+    assert g.unreached == [] and not net.training
