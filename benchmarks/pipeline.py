@@ -67,7 +67,10 @@ def bookcnn(args: Any) -> tuple[str, PipelineResult]:
                               TrainConfig(epochs=args.recover_epochs, batch_size=64, lr=5e-4, seed=1),
                               DistillConfig(temperature=4.0, alpha=0.7))
     calibration = [data.x_train[i : i + 64] for i in range(0, 64 * 16, 64)]  # 16 batches of 64
-    result = run_pipeline(dense, data.x_test[:32], config, score=lambda m: evaluate_accuracy(m, test),
+    # load_cifar10's images are channels-last in memory (decoded from HWC): time a contiguous NCHW batch, the
+    # layout a deployed model gets (torch.ao's int8 convs are slower than float on channels-last input here).
+    example = data.x_test[:32].contiguous()
+    result = run_pipeline(dense, example, config, score=lambda m: evaluate_accuracy(m, test),
                           recover=recover, calibration=calibration)
     title = (f"BookCNN on CIFAR-10 (dense: {args.epochs} epochs, Adam 1e-3); L1 filters, 50% of both convs; "
              f"distil {args.recover_epochs} epoch(s) (T=4, alpha=0.7); static int8 with 16 calibration batches; "

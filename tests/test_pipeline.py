@@ -66,3 +66,31 @@ def test_config_is_validated_and_round_trips():
         PipelineConfig(config_list=({"op_types": ["Linear"], "sparse_ratio": 1.5},))
     with pytest.raises(ConfigError, match="unknown pipeline key"):
         PipelineConfig.from_dict({"config_list": [], "quantize": "int8"})
+
+
+def test_hugging_face_model_through_compact_hf_and_dynamic_int8():
+    transformers = pytest.importorskip("transformers")
+    from slimtorch.transformers.workflow import ffn_config
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=128, vocab_size=100)).eval()
+    batch = {"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    with torch.no_grad():
+        reference = bert(**batch).last_hidden_state
+
+    def cosine(model):
+        return float(torch.nn.functional.cosine_similarity(model(**batch).last_hidden_state, reference, dim=-1).mean())
+
+    config = PipelineConfig(config_list=tuple(ffn_config(bert, 0.5)), compactor="hf",
+                            quant=QuantConfig(method="dynamic_int8"), onnx=False, runs=2)
+    result = run_pipeline(bert, batch, config, score=cosine)
+    s = {st.stage: st for st in result.stages}
+    assert list(s) == ["dense", "prune", "compact", "quantize"]
+    removed = 2 * 64 * (32 + 1 + 32)  # per layer: 64 neurons, their rows + biases in, their columns out
+    assert s["dense"].params - s["compact"].params == removed
+    assert s["compact"].quality == pytest.approx(s["prune"].quality, abs=1e-5)  # compaction is exact
+    assert bert.config.intermediate_size == 128  # the input model is untouched
+    # Its embeddings are quantized too, and they take the strided position ids BERT slices from a buffer.
+    assert s["quantize"].state == "compacted, dynamic_int8 (real kernels)"
+    assert s["quantize"].quality > 0.9 * s["compact"].quality

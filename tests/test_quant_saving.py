@@ -6,7 +6,7 @@ from torch import nn
 
 from slimtorch import compact_, compute_masks
 from slimtorch.errors import CheckpointError, ConfigError
-from slimtorch.io import plain_state
+from slimtorch.io import plain_state, save_compacted
 from slimtorch.models.modelfile import save_model
 from slimtorch.models.registry import ModelSpec
 from slimtorch.quant import QuantConfig, quant_info, quantize
@@ -64,6 +64,9 @@ def test_compacted_quantized_model_round_trip(tmp_path):
 def test_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="save_quantized"):  # the float-model file format says where to go
         save_model(tmp_path / "m.safetensors", quantize(cnn(), QuantConfig(method="fp16")), ModelSpec(name="MnistNet"))
+    with pytest.raises(CheckpointError, match="save_quantized"):
+        save_compacted(quantize(cnn(), QuantConfig(method="int4_weight", op_types=("Linear",))), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     with pytest.raises(ConfigError, match="not quantized"):
         save_quantized(cnn(), tmp_path / "f.safetensors")
     assert not (tmp_path / "f.safetensors").exists()

@@ -203,6 +203,9 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     if is_masked(model):
         raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
                               "(slimtorch.remove_masks_) before save_compacted")
+    if getattr(model, "slimtorch_quantization", None):
+        raise CheckpointError("the model is quantized: save the compacted float model with save_compacted and the "
+                              "quantized one with slimtorch.quant.saving.save_quantized (it loads onto the former)")
     directory = Path(directory)
     description = json.dumps(_description(model), indent=1)
     atomic_write(directory / WEIGHTS, lambda tmp: save_model(model, tmp, metadata={"format": FORMAT}))

@@ -228,8 +228,8 @@ def _compact(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs: A
         return "slimtorch.compact_ (traced graph, verified against the masked model)"
     from slimtorch.transformers.hf import compact_hf_
 
-    compact_hf_(model, masks)
-    return "compact_hf_ (heads and FFN neurons removed, config updated)"
+    compact_hf_(model, masks, example_inputs=example_inputs)
+    return "compact_hf_ (heads and FFN neurons removed by slimtorch.compact_, verified; config updated)"
 
 
 def _onnx_stages(meter: _Meter, model: nn.Module, config: PipelineConfig, calibration: list[Any] | None,

@@ -74,7 +74,17 @@ def _dynamic_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...]
             else linear for name in layers}
     with _quiet_torch_ao():
         quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    for name in layers:
+        layer = model.get_submodule(name)
+        if "Embedding" in type(layer).__name__:
+            layer.register_forward_pre_hook(_contiguous_indices)
     return model
+
+
+def _contiguous_indices(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """torch.ao's int8 embedding lookup refuses strided indices, which float nn.Embedding takes (Hugging
+    Face models slice their position and token-type ids out of a buffer)."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _qconfig_mapping(config: QuantConfig, layers: tuple[str, ...], *, qat: bool) -> Any:
