@@ -6,7 +6,7 @@ from torch import nn
 
 from slimtorch import compute_masks
 from slimtorch.errors import ConfigError
-from slimtorch.prune.criteria import CRITERIA, get_criterion
+from slimtorch.prune.criteria import CRITERIA, get_criterion, register_criterion
 from slimtorch.prune.stats import collect_stats
 
 
@@ -149,3 +149,18 @@ def test_every_criterion_declares_how_scores_scale():
     assert {c.size_power for c in CRITERIA.values()} <= {0.0, 0.5, 1.0}
     assert get_criterion("magnitude").size_power == 0.0 and get_criterion("l1").size_power == 1.0
     assert get_criterion("taylorfo") is get_criterion("taylor")
+
+
+def test_registering_a_criterion_without_docstring():
+    register_criterion("largest_first", default_granularity="out_channel", size_power=0.0)(
+        lambda units, ctx: -units.abs().amax(dim=1)
+    )
+    try:
+        net = nn.Sequential(nn.Linear(2, 3))
+        with torch.no_grad():
+            net[0].weight.copy_(torch.tensor([[1.0, 0.0], [5.0, 0.0], [2.0, 0.0]]))
+        masks = compute_masks(net, [{"op_types": ["Linear"], "sparse_ratio": 1 / 3}], criterion="largest_first")
+        assert masks["0.weight"].all(dim=1).tolist() == [True, False, True]
+        assert get_criterion("largest_first").doc == ""
+    finally:
+        del CRITERIA["largest_first"]

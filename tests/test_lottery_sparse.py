@@ -141,3 +141,31 @@ def test_sparse_training_starts_from_existing_masks_and_checks_its_config():
 def test_rigl_drop_fraction_decays_with_a_cosine():
     sparse = DynamicSparsity(nn.Sequential(nn.Linear(4, 4)), CFG, drop_fraction=0.3, end=100)
     assert [sparse.fraction(s) for s in (0, 50, 100, 101)] == pytest.approx([0.3, 0.15, 0.0, 0.0])
+
+
+def test_channel_ticket_and_gradual_channels_compact_exactly():
+    import copy
+
+    from slimtorch import compact_
+    from slimtorch.prune import GradualPruner, Schedule
+
+    x = torch.randn(4, 8)
+    cfg = [{"op_names": ["0"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
+    for method in ("ticket", "gradual"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        if method == "ticket":
+            pruner = LotteryTicket(net, cfg, rounds=1, criterion="l1", example_inputs=x)
+            _train_a_bit(net)
+            pruner.next_round_()
+        else:
+            pruner = GradualPruner(net, cfg, schedule=Schedule(kind="linear", end=2), criterion="l1",
+                                   example_inputs=x)
+            _train_a_bit(net, steps=2, callback=pruner)
+        masks = get_masks(net)
+        # the graph masks the next layer's inputs too: three hidden units are gone everywhere
+        assert (~masks["2.weight"].all(dim=0)).sum() == 3 and (~masks["0.weight"].all(dim=1)).sum() == 3
+        masked = copy.deepcopy(net)
+        compact_(net, masks, example_inputs=x)
+        assert (net[0].out_features, net[2].in_features) == (3, 3), method
+        torch.testing.assert_close(net(x), masked(x))

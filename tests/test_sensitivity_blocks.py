@@ -14,6 +14,7 @@ from slimtorch.prune.blocks import block_drop_loss, block_influence, drop_blocks
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.sensitivity import SensitivityResult, SensitivityRow, sensitivity_analysis
+from slimtorch.report import report
 
 
 def _mlp():
@@ -48,11 +49,11 @@ def _result():
     return SensitivityResult(0.9, tuple(rows))
 
 
-def test_allocation_uses_the_smallest_common_tolerance():
+def test_allocation_takes_the_least_harmful_steps_first():
     result = _result()
-    # Tolerance 0.002 lets b go to 90% alone: 270 of 400 weights = 0.675 >= 0.6.
+    # b's steps up to 90% all cost at most 0.002, less than any step of a: 270 of 400 weights = 0.675 >= 0.6.
     assert result.allocate(0.6) == {"a": 0.0, "b": 0.9}
-    # 0.8 needs tolerance 0.01: a at 50% too, (50 + 270) / 400 = 0.8.
+    # 0.8 needs the next cheapest step, a at 50% (drop 0.01): (50 + 270) / 400 = 0.8.
     expected = [{"op_names": ["a"], "sparse_ratio": 0.5}, {"op_names": ["b"], "sparse_ratio": 0.9}]
     assert result.config_list(0.8) == expected
     with pytest.raises(ConfigError, match="beyond the analysed range"):
@@ -90,9 +91,16 @@ def test_blocks_are_scored_planned_and_dropped_exactly():
     skipped = copy.deepcopy(model)
     for name in plan:
         skipped[int(name)].register_forward_hook(lambda m, args, out: args[0])
+    before = sum(p.numel() for p in model.parameters())
     drop_blocks_(model, plan)
     assert isinstance(model[2], nn.Identity) and isinstance(model[3], nn.Identity)
     torch.testing.assert_close(model(x), skipped(x))
+    # a really smaller model: two of the three residual blocks' parameters are gone
+    block = sum(p.numel() for p in skipped[1].parameters())
+    after = report(model, x, runs=0)
+    assert after.state == "compacted" and after.params == before - 2 * block
+    assert model.slimtorch_compaction == {"params_before": before, "params_after": before - 2 * block,
+                                          "dropped_blocks": ["2", "3"]}
 
 
 def test_block_drop_loss_and_errors():
@@ -141,6 +149,26 @@ def test_slimming_training_shrinks_scales_then_bn_scale_prunes_them():
     assert not masks["1.weight"][smallest].any() and int(masks["1.bias"].sum()) == 2
 
 
+def test_bn_scale_masks_reach_the_conv_and_compact():
+    import slimtorch
+    from slimtorch.prune.masks import apply_masks_
+
+    net = _bn_net().eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, -0.01, 2.0, 0.02]))
+    x = torch.randn(3, 1, 6, 6)
+    masks = compute_masks(net, [{"op_types": ["BatchNorm2d"], "sparse_ratio": 0.5}], criterion="bn_scale",
+                          example_inputs=x)
+    # channels 1 and 3 (smallest |gamma|) go from the conv that makes them and the Linear that reads them
+    assert masks["0.weight"].flatten(1).all(dim=1).tolist() == [True, False, True, False]
+    assert masks["4.weight"].reshape(2, 4, 16).all(dim=(0, 2)).tolist() == [True, False, True, False]
+    masked = copy.deepcopy(net)
+    apply_masks_(masked, masks)
+    slimtorch.compact_(net, masks, example_inputs=x)
+    assert (net[0].out_channels, net[1].num_features, net[4].in_features) == (2, 2, 32)
+    torch.testing.assert_close(net(x), masked(x))
+
+
 def test_drop_connect_drops_weights_not_outputs():
     gen = torch.Generator().manual_seed(0)
     w = torch.ones(200, 50)
@@ -168,3 +196,22 @@ def test_add_dropconnect_keeps_parameters_and_keys():
     assert torch.equal(model.eval()(x), model.eval()(x))
     with pytest.raises(ConfigError, match="p must be in \\[0, 1\\)"):
         add_dropconnect_(model, 1.0)
+
+
+@pytest.mark.slow
+def test_seed_finding_on_mnist_convolutions_are_more_sensitive(data_dir):
+    # The set-up of benchmarks/sensitivity.py (whose full table is in docs/pruning.md), at fewer sparsities.
+    from slimtorch.data import load_mnist
+    from slimtorch.models import MnistNet
+
+    data = load_mnist(data_dir, limit=30000)
+    train = [(data.x_train[i : i + 128], data.y_train[i : i + 128]) for i in range(0, 30000, 128)]
+    test = [(data.x_test[i : i + 500], data.y_test[i : i + 500]) for i in range(0, 2000, 500)]
+    model = MnistNet()
+    evaluator = Evaluator(train_data=train, eval_data=test, lr=1e-3)
+    evaluator.train_(model, epochs=1)
+    sparsities = (0.9, 0.95, 0.98)
+    result = sensitivity_analysis(model, evaluator.evaluate, sparsities=sparsities)
+    drop = {layer: sum(result.drop(layer, s) for s in sparsities) / 3 for layer in result.layers}
+    # The seeds' finding (AlexNet): convolutions are more sensitive than fully-connected layers, the first most.
+    assert drop["conv1"] > drop["conv2"] > drop["fc2"] > drop["fc1"]

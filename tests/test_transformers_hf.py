@@ -5,15 +5,15 @@ removed units imply, and survives a save/load round trip."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+import slimtorch  # noqa: E402
 from slimtorch import apply_masks_, compute_masks  # noqa: E402
-from slimtorch.errors import CheckpointError, ConfigError, NoMatchError, SlimWarning  # noqa: E402
+from slimtorch.errors import CheckpointError, CompactionError, ConfigError, NoMatchError, SlimWarning  # noqa: E402
 from slimtorch.report import count_params, model_state  # noqa: E402
 from slimtorch.transformers.blocks import find_blocks  # noqa: E402
 from slimtorch.transformers.hf import compact_hf_, format_pruned_heads, unit_masks  # noqa: E402
@@ -66,13 +66,17 @@ def _randomise_biases_(model):
                 p.normal_(0, 0.5)
 
 
-def _oracle(model, inputs, masks):
-    """Compact ``model`` and check it against the masked copy; returns the removed-parameter count."""
+def _oracle(model, inputs, masks, *, engine=False):
+    """Compact ``model`` (with ``slimtorch.compact_`` itself when ``engine``, else ``compact_hf_``) and
+    check it against the masked copy; returns the removed-parameter count."""
     model.eval()
     ref = copy.deepcopy(model)
     apply_masks_(ref, masks)
     before = count_params(model)
-    compact_hf_(model, masks)
+    if engine:
+        slimtorch.compact_(model, masks, example_inputs=inputs)
+    else:
+        compact_hf_(model, masks)
     with torch.no_grad():
         torch.testing.assert_close(_output(model, inputs), _output(ref, inputs), rtol=1e-4, atol=1e-5)
     assert model_state(model) == "compacted"
@@ -91,8 +95,9 @@ def _removed_per_unit(spec, model):
     return total
 
 
+@pytest.mark.parametrize("engine", [True, False], ids=["compact_", "compact_hf_"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_head_pruning_compacts_to_the_masked_model(family, tmp_path):
+def test_head_pruning_compacts_to_the_masked_model(family, engine, tmp_path):
     model, inputs = MODELS[family]()
     _randomise_biases_(model)
     attn = _blocks(model, "attention")
@@ -103,16 +108,18 @@ def test_head_pruning_compacts_to_the_masked_model(family, tmp_path):
     masks = unit_masks(model, chosen)
     if family == "llama":  # layer 1 would have groups of 4 and 3 query heads: one head is kept, with a warning
         with pytest.warns(SlimWarning, match="key/value head"):
-            removed = _oracle(model, inputs, masks)
+            removed = _oracle(model, inputs, masks, engine=engine)
         kv_per_head = 2 * 4 * H  # k and v rows of one key/value head (no biases)
         assert removed == 4 * per_unit + kv_per_head
         assert model.model.layers[0].self_attn.num_key_value_groups == 4
         assert model.model.layers[0].self_attn.k_proj.out_features == 4
         assert model.model.layers[1].self_attn.q_proj.out_features == 8 * 4
     else:
-        removed = _oracle(model, inputs, masks)
+        removed = _oracle(model, inputs, masks, engine=engine)
         assert removed == 3 * per_unit
     assert model.slimtorch_compaction["pruned_heads"][attn[0].name] == first
+    kept_back = family == "llama"  # layer 1's head stays, with a warning (see above)
+    assert model.config.slimtorch_blocks[attn[1].name].get("pruned", []) == ([] if kept_back else [attn[1].units - 1])
     save_compacted(model, tmp_path)
     again = load_compacted(tmp_path)
     with torch.no_grad():
@@ -128,9 +135,9 @@ def test_ffn_pruning_compacts_to_the_masked_model(family, tmp_path):
     first = ffn[0].producers[0].param.rpartition(".")[0]
     if family == "gpt2":  # HF's Conv1D stores (in, out): select its neurons as block units
         masks = unit_masks(model, {s.name: range(0, s.units, 2) for s in ffn})
-    else:  # any criterion's out_channel masks on the first FFN layer; its bias goes with them
+    else:  # any criterion's out_channel masks on the first FFN layer, extended to every coupled layer
         masks = compute_masks(model, [{"op_names": [f"{s.name}.{first}" for s in ffn], "sparse_ratio": 0.5}],
-                              criterion="l1")
+                              criterion="l1", example_inputs=inputs)
     per_unit = _removed_per_unit(ffn[0], model)
     removed = _oracle(model, inputs, masks)
     assert removed == sum(s.units // 2 for s in ffn) * per_unit
@@ -207,13 +214,25 @@ def test_bad_input_leaves_the_model_intact():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_all_heads_masked_keeps_one_zero_head():
+def test_all_heads_masked_is_refused_and_the_model_stays_intact():
     model, inputs = _bert()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _oracle(model, inputs, unit_masks(model, {"encoder.layer.0.attention": range(4)}))
-    assert model.encoder.layer[0].attention.self.num_attention_heads == 1
-    assert any(issubclass(w.category, SlimWarning) for w in caught)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompactionError, match="cannot be emptied"):
+        compact_hf_(model, unit_masks(model, {"encoder.layer.0.attention": range(4)}), example_inputs=inputs)
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 4
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_gqa_keeps_query_heads_so_that_groups_stay_equal_and_warns():
+    model, inputs = _llama()
+    attn = _blocks(model, "attention")[0]
+    # Group 0 loses 3 of its 4 query heads, group 1 loses 1: group 0 keeps 3 (0 and 1 stay, zero).
+    masks = unit_masks(model, {attn.name: [0, 1, 2, 4]})
+    with pytest.warns(SlimWarning, match="2 query heads that the masks remove stay"):
+        _oracle(model, inputs, masks, engine=True)
+    layer = model.model.layers[0].self_attn
+    assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.num_key_value_groups) == (6 * 4, 2 * 4, 3)
+    assert model.slimtorch_compaction["pruned_heads"][attn.name] == [2, 4]
 
 
 def test_load_rejects_foreign_and_corrupt_folders(tmp_path):
@@ -234,3 +253,19 @@ def test_load_rejects_foreign_and_corrupt_folders(tmp_path):
 def test_format_pruned_heads_prints_one_line_per_layer():
     lines = format_pruned_heads({"l.0": [2, 4], "l.2": [0]}, ["l.0", "l.1", "l.2"])
     assert lines == ["layer 0 prune 2 head: [2, 4]", "layer 1 prune 0 head: []", "layer 2 prune 1 head: [0]"]
+
+
+def test_recorded_steps_replay_on_a_fresh_model():
+    from slimtorch.compact import replay_
+
+    torch.manual_seed(0)
+    model, inputs = _gpt2()
+    torch.manual_seed(0)
+    fresh, _ = _gpt2()
+    masks = unit_masks(model, {"transformer.h.0.attn": [1], "transformer.h.1.mlp": range(0, 128, 4)})
+    _oracle(model, inputs, masks, engine=True)
+    replay_(fresh, model.slimtorch_compaction["steps"])  # the engine's own reload path: shapes only
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_output(fresh.eval(), inputs), _output(model, inputs))
+    assert fresh.transformer.h[0].attn.num_heads == 3 and fresh.transformer.h[1].mlp.c_fc.nf == 96

@@ -19,7 +19,7 @@ back exactly as it was and the error says why.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,10 @@ from slimtorch.graph.trace import temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
-__all__ = ["COMPACTION_ATTR", "compact_", "replay_"]
+__all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "compact_", "replay_"]
+
+#: ``fn(model)`` called after every successful compaction (e.g. to update a Hugging Face config)
+AFTER_COMPACTION: list[Callable[[nn.Module], None]] = []
 
 
 
@@ -205,6 +208,8 @@ def compact_(
             raise
         raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
     setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
+    for finish in AFTER_COMPACTION:
+        finish(model)
     if plan.kept:
         reasons = "; ".join(f"{n} {why}" for why, n in plan.kept.items())
         warnings.warn(

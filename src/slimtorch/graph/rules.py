@@ -184,13 +184,14 @@ _INDEX_DATA_ONLY = {"__getitem__", "index_select", "gather", "take_along_dim", "
 def _label_call(ctx: OpContext) -> Any:
     """Run the op on float64 label tensors (exact for ids below 2**53) in place of data tensors."""
     index_ops = ctx.name in _INDEX_DATA_ONLY
-    data = [ctx.args[0], ctx.args[2]] if ctx.name == "__setitem__" else ctx.args[:1]
+    data = tree_leaves([ctx.args[0], ctx.args[2]] if ctx.name == "__setitem__" else ctx.args[:1])
 
     def sub(x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or (index_ops and not any(x is d for d in data)):
             return x
-        if ctx.labels(x) is None and not x.is_floating_point():
-            return x
+        if ctx.labels(x) is None and not x.is_floating_point() and not any(x is d for d in data):
+            return x  # e.g. the repeats of repeat_interleave: an argument, not data
+        # Data without labels (an integer buffer such as position ids) carries none: -1, not its values.
         return ctx.full_labels(x).double()
 
     args, kwargs = tree_map(sub, ctx.args), tree_map(sub, ctx.kwargs)

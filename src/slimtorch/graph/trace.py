@@ -8,6 +8,9 @@ rule (``nn.MultiheadAttention``, LSTM...) are handled as one node: nothing insid
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -225,6 +228,9 @@ def build_graph(
     """
     if unknown_ops not in ("error", "keep"):
         raise ValueError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
+    if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
+        with contextlib.suppress(ImportError):
+            importlib.import_module("slimtorch.transformers.hf")
     graph = _trace(model, example_inputs, params, unknown_ops)
     if cover and graph.unreached and not model.training:
         try:

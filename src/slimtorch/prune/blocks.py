@@ -32,6 +32,7 @@ from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.prune.loop import forward_batch
+from slimtorch.report import COMPACTION_ATTR
 
 __all__ = ["block_drop_loss", "block_influence", "drop_blocks_", "plan_block_drop"]
 
@@ -129,11 +130,21 @@ def plan_block_drop(scores: Mapping[str, float], *, count: int) -> list[str]:
 
 
 def drop_blocks_(model: nn.Module, names: Sequence[str]) -> None:
-    """Replace each named block with ``nn.Identity`` (all names are checked before anything changes)."""
+    """Replace each named block with ``nn.Identity`` (all names are checked before anything changes).
+
+    The model is then compacted: ``model.slimtorch_compaction`` records ``params_before``,
+    ``params_after`` and ``dropped_blocks``, and :func:`slimtorch.report` reports it as such.
+    """
     chosen = _blocks(model, names)
     if any(name.startswith(other + ".") for name in chosen for other in chosen):
         raise ConfigError(f"blocks {list(chosen)} overlap; drop a block or its parts, not both")
+    before = sum(p.numel() for p in model.parameters())
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         parent._modules[child] = nn.Identity()
+    info = dict(getattr(model, COMPACTION_ATTR, None) or {})  # keeps what an earlier compaction recorded
+    info.setdefault("params_before", before)
+    info["params_after"] = sum(p.numel() for p in model.parameters())
+    info["dropped_blocks"] = [*info.get("dropped_blocks", []), *chosen]
+    setattr(model, COMPACTION_ATTR, info)

@@ -52,7 +52,8 @@ def _channel_units(graph: DependencyGraph, plan: LayerPlan) -> tuple[Member, tor
     view = plan.view
     out_dim, in_dim = channel_dims(plan.module)
     if view.granularity.kind == "out_channel":
-        candidates = [("out", out_dim, torch.arange(view.num_units))]
+        # a norm layer's channels (network slimming prunes BatchNorm scales) are "norm" members of the graph
+        candidates = [(role, out_dim, torch.arange(view.num_units)) for role in ("out", "norm")]
     else:
         ids = torch.arange(view.num_units)[:, None].expand(view.num_units, view.unit_size).contiguous()
         grid = view.from_units(ids)  # weight-shaped: the plan unit of every weight
@@ -65,7 +66,7 @@ def _channel_units(graph: DependencyGraph, plan: LayerPlan) -> tuple[Member, tor
         try:
             member = graph.member(plan.weight_name, role, dim)
         except NoMatchError:
-            return None
+            continue
         if member.labels.numel() == units.numel():
             return member, units
         if member.groups > 1 and member.labels.numel() == units.numel() * member.groups:

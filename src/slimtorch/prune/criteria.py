@@ -91,7 +91,7 @@ def register_criterion(
     def deco(fn: CriterionFn) -> CriterionFn:
         gran = Granularity.parse(default_granularity)
         assert gran is not None
-        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        doc = next(iter((fn.__doc__ or "").strip().splitlines()), "")  # first line; functions may have none
         crit = Criterion(name, fn, gran, needs, doc, size_power)
         for key in (name, *aliases):
             CRITERIA[key] = crit

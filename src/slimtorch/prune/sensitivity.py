@@ -1,8 +1,8 @@
 """Sensitivity analysis: prune one layer at a time over a range of sparsities and measure the metric.
 
 The result is a table (and a plot) of how much each layer tolerates, and turns into per-layer
-sparsities for a target: every layer is pruned as far as a common tolerance on the metric drop
-allows, the tolerance chosen as small as the target permits::
+sparsities for a target: layers are pruned further, least harmful step first, until the target is
+met::
 
     >>> import torch
     >>> from torch import nn
@@ -85,7 +85,9 @@ class SensitivityResult:
             lines.append(f"| {layer} | {next(iter(rows.values())).weights} | {cells} |")
         return "\n".join(lines)
 
-    def save_plot(self, path: str | Path, *, title: str = "Sensitivity of each layer to pruning") -> None:
+    def save_plot(
+        self, path: str | Path, *, title: str = "Sensitivity of each layer to pruning", ylabel: str = "metric"
+    ) -> None:
         """Metric against sparsity, one line per layer, baseline dashed; written as an image (PNG)."""
         try:
             import matplotlib
@@ -99,25 +101,31 @@ class SensitivityResult:
             rows = sorted((r for r in self.rows if r.layer == layer), key=lambda r: r.sparsity)
             ax.plot([0.0] + [r.sparsity for r in rows], [self.baseline] + [r.metric for r in rows], "o-", label=layer)
         ax.axhline(self.baseline, color="grey", linestyle="--", linewidth=1)
-        ax.set(xlabel="sparsity of the one pruned layer", ylabel="metric", title=title)
+        ax.set(xlabel="sparsity of the one pruned layer", ylabel=ylabel, title=title)
         ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
     def allocate(self, total_sparsity: float) -> dict[str, float]:
-        """Per-layer sparsities pruning at least ``total_sparsity`` of the analysed weights with the
-        smallest common tolerance: each layer gets the largest analysed sparsity whose drop (and every
-        smaller sparsity's drop) stays within it. Raises when even the largest sparsities fall short."""
+        """Per-layer sparsities pruning at least ``total_sparsity`` of the analysed weights while keeping the
+        largest single-layer drop as small as possible.
+
+        Every (layer, sparsity) point is ranked by its drop (the largest drop at this or any smaller
+        sparsity of the layer, so a layer's points come in order); points are taken from the least harmful
+        up until the target is met, so the result overshoots by at most one step of one layer. Raises when
+        even the largest analysed sparsities fall short.
+        """
         if not 0.0 <= total_sparsity < 1.0:
             raise ConfigError(f"total_sparsity must be in [0, 1), got {total_sparsity!r}")
-        curves = self._worst_drop_curves()
         weights = {r.layer: r.weights for r in self.rows}
         total = sum(weights.values())
-        for tolerance in sorted({d for curve in curves.values() for _, d in curve} | {float("-inf")}):
-            chosen = {layer: max([s for s, d in curve if d <= tolerance], default=0.0)
-                      for layer, curve in curves.items()}
-            if sum(chosen[layer] * weights[layer] for layer in chosen) >= total_sparsity * total - 1e-9:
+        chosen = dict.fromkeys(self.layers, 0.0)
+        points = sorted((d, s, i, layer) for i, (layer, curve) in enumerate(self._worst_drop_curves().items())
+                        for s, d in curve)
+        for _, sparsity, _, layer in [(float("-inf"), 0.0, 0, self.layers[0]), *points]:
+            chosen[layer] = max(chosen[layer], sparsity)
+            if sum(chosen[n] * weights[n] for n in chosen) >= total_sparsity * total - 1e-9:
                 return chosen
         raise ConfigError(
             f"total_sparsity {total_sparsity} is beyond the analysed range; analyse larger sparsities (up to "

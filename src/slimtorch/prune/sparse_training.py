@@ -56,7 +56,7 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_scores: torch.T
         >>> drop_and_grow(mask, torch.tensor([0.1, 2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 5.0, 1.0]), 1)
         tensor([False,  True,  True, False])
     """
-    flat = mask.reshape(-1)
+    flat = mask.reshape(-1)  # (numel,): positions are flat indices from here on
     inactive = int((~flat).sum())
     count = min(count, int(flat.sum()), inactive)
     new = flat.clone()

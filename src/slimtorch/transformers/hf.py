@@ -1,13 +1,11 @@
-"""Compaction of Hugging Face transformers: attention heads and FFN neurons whose output the masks make
-exactly zero are physically removed, sizes and the config are updated, and the result saves and loads.
+"""Compaction of Hugging Face transformers: attention heads and FFN neurons that the masks prune are
+physically removed by the compaction engine (:func:`slimtorch.compact_`, with the attention rules of
+:mod:`slimtorch.transformers.engine`), then the config and the record of pruned heads are updated so
+that the result saves and loads (:mod:`slimtorch.transformers.pretrained`).
 
-A head (FFN neuron) is removed when its masks make its output zero: its value rows or its columns in
-the output projection fully masked (an FFN neuron: its column in the second layer, or its row in the
-first when the activation maps 0 to 0). A head that is only partly masked stays, with its masked
-weights at zero, exactly as the seeds' workflow does, so the compacted model computes what the masked
-one does. With grouped-query attention a key/value head goes when all its query heads go, and every
-key/value head keeps the same number of query heads (HF computes the group size once per layer); a
-head kept only for that reason is reported with a :class:`~slimtorch.errors.SlimWarning`::
+:func:`compact_hf_` is ``compact_`` with inputs made from the config and the model's applied masks; a
+head that is only partly masked stays, with its masked weights at zero, as the seeds' workflow does.
+:func:`unit_masks` masks whole heads or neurons by index::
 
     >>> import torch
     >>> from transformers import BertConfig, BertModel
@@ -21,23 +19,26 @@ head kept only for that reason is reported with a :class:`~slimtorch.errors.Slim
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.errors import ConfigError, NoMatchError, SlimWarning, closest
-from slimtorch.prune.masks import check_masks, get_masks, is_masked, remove_masks_
+from slimtorch.compact.compact import AFTER_COMPACTION
+from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.prune.masks import get_masks, is_masked
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import BlockSpec, Slice, find_blocks
+from slimtorch.transformers.engine import attention_layout, slice_params_
 
 __all__ = [
     "BlockPlan",
+    "after_compaction_",
     "compact_hf_",
+    "example_inputs_for",
     "format_pruned_heads",
-    "plan_hf_compaction",
     "shrink_block_",
     "unit_masks",
 ]
@@ -48,15 +49,14 @@ CONFIG_KEY = "slimtorch_blocks"
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """What compaction does to one block: the query units (heads / neurons) and key/value heads kept,
-    and how many units the masks asked to remove but had to stay."""
+    """The query units (heads / neurons) and key/value heads of one block to keep (the loader rebuilds
+    saved shapes with it)."""
 
     name: str
     kind: str
     units: int
     keep: tuple[int, ...]
     keep_kv: tuple[int, ...] = ()
-    kept_against_masks: int = 0
 
     @property
     def removed(self) -> list[int]:
@@ -66,48 +66,6 @@ class BlockPlan:
 def _positions(s: Slice, unit: int) -> slice:
     start = s.offset + unit * s.width
     return slice(start, start + s.width)
-
-
-def _slice_masked(spec: BlockSpec, masks: Mapping[str, torch.Tensor], s: Slice, unit: int) -> bool:
-    """True when every entry of ``unit``'s positions in ``s`` is masked (a parameter without a mask is kept)."""
-    mask = masks.get(f"{spec.name}.{s.param}" if spec.name else s.param)
-    if mask is None:
-        return False
-    part = mask.bool().movedim(s.dim, 0)[_positions(s, unit)]  # (width, rest...) of this unit
-    return not bool(part.any())
-
-
-def removable_units(spec: BlockSpec, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per query unit, True when the masks make its output exactly zero."""
-    out = torch.zeros(spec.units, dtype=torch.bool)
-    for unit in range(spec.units):
-        for option in spec.zeroing:
-            if all(_slice_masked(spec, masks, s, unit // spec.group if s.kv else unit) for s in option):
-                out[unit] = True
-                break
-    return out
-
-
-def _plan_block(spec: BlockSpec, masks: Mapping[str, torch.Tensor]) -> BlockPlan:
-    gone = removable_units(spec, masks)
-    if not spec.kv_units:
-        keep = [u for u in range(spec.units) if not gone[u]] or [0]  # never empty a block: keep one zero unit
-        return BlockPlan(spec.name, spec.kind, spec.units, tuple(keep), (), len(keep) - int((~gone).sum()))
-    groups = gone.reshape(spec.kv_units, spec.group)  # (kv heads, query heads per kv head)
-    keep_kv = [g for g in range(spec.kv_units) if not groups[g].all()] or [0]
-    per_group = max(int((~groups[g]).sum()) for g in keep_kv) or 1
-    keep = []
-    for g in keep_kv:
-        needed = [h for h in range(spec.group) if not groups[g, h]]
-        extra = [h for h in range(spec.group) if groups[g, h]][: per_group - len(needed)]  # equal group sizes
-        keep.extend(g * spec.group + h for h in sorted(needed + extra))
-    return BlockPlan(spec.name, spec.kind, spec.units, tuple(keep), tuple(keep_kv), len(keep) - int((~gone).sum()))
-
-
-def plan_hf_compaction(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[BlockPlan]:
-    """Pure: the heads and FFN neurons :func:`compact_hf_` would keep in every recognised block."""
-    check_masks(model, masks)
-    return [_plan_block(spec, masks) for spec in find_blocks(model).values()]
 
 
 def _keep_index(spec: BlockSpec, plan: BlockPlan, param: str, dim: int, size: int) -> torch.Tensor | None:
@@ -133,37 +91,30 @@ def _sync_layer_sizes(layer: nn.Module) -> None:
 
 
 def shrink_block_(spec: BlockSpec, plan: BlockPlan) -> None:
-    """Keep only ``plan``'s units in the block's parameters (slicing rows/columns), then update the size
-    attributes of its layers and of the block itself."""
-    params = {s.param for s in (*spec.producers, *spec.consumers)}
-    for param in sorted(params):
-        owner_name, _, attr = param.rpartition(".")
-        owner = spec.module.get_submodule(owner_name)
-        tensor = getattr(owner, attr)
-        new = tensor.detach()
-        for dim in range(tensor.dim()):
-            index = _keep_index(spec, plan, param, dim, tensor.shape[dim])
-            if index is not None:
-                new = new.index_select(dim, index.to(new.device))
-        setattr(owner, attr, nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad))
-        _sync_layer_sizes(owner)
+    """Keep only ``plan``'s units in the block's parameters (the slicing the engine's shrink functions do,
+    :func:`~slimtorch.transformers.engine.slice_params_`), then update the size attributes of its layers
+    and of the block itself. Used to rebuild saved shapes; compaction itself runs through the engine."""
+    keeps: dict[str, dict[int, torch.Tensor]] = {}
+    for s in (*spec.producers, *spec.consumers):
+        tensor = spec.module.get_parameter(s.param)
+        keeps.setdefault(s.param, {})[s.dim] = _keep_index(spec, plan, s.param, s.dim, tensor.shape[s.dim])
+    slice_params_(spec.module, keeps)
+    for param in keeps:
+        _sync_layer_sizes(spec.module.get_submodule(param.rpartition(".")[0]))
     spec.set_sizes(spec.module, len(plan.keep), len(plan.keep_kv) or len(plan.keep))
 
 
-def _update_config_(model: nn.Module, specs: Mapping[str, BlockSpec], plans: list[BlockPlan]) -> None:
-    """Record every block's kept sizes in the config, and set the config's own size keys where every
+def _sync_config_(model: nn.Module, specs: Mapping[str, BlockSpec], record: dict[str, dict]) -> None:
+    """Record every block's current sizes in the config, and set the config's own size keys where every
     block of a kind agrees (then plain ``from_pretrained`` rebuilds the right shapes)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    record = dict(getattr(config, CONFIG_KEY, None) or {})
-    for plan in plans:
-        record[plan.name] = {"units": len(plan.keep), "kv_units": len(plan.keep_kv)}
+    config = model.config
+    for name, spec in specs.items():
+        record.setdefault(name, {}).update(units=spec.units, kv_units=spec.kv_units)
     setattr(config, CONFIG_KEY, record)
     for kind in ("attention", "ffn"):
-        kind_plans = [p for p in plans if p.kind == kind]
-        keys = specs[kind_plans[0].name].config_keys if kind_plans else {}
-        sizes = {(record[p.name]["units"], record[p.name]["kv_units"]) for p in kind_plans}
+        kind_specs = [s for s in specs.values() if s.kind == kind]
+        keys = kind_specs[0].config_keys if kind_specs else {}
+        sizes = {(s.units, s.kv_units) for s in kind_specs}
         if not keys or len(sizes) != 1:
             continue
         units, kv_units = sizes.pop()
@@ -171,7 +122,7 @@ def _update_config_(model: nn.Module, specs: Mapping[str, BlockSpec], plans: lis
         if "kv_units" in keys:
             update[keys["kv_units"]] = kv_units or units
         if "width" in keys:
-            update[keys["width"]] = specs[kind_plans[0].name].module.head_dim
+            update[keys["width"]] = kind_specs[0].module.head_dim
         try:  # the config class validates itself (e.g. hidden size a multiple of the head count)
             type(config).from_dict({**config.to_dict(), **update})
         except Exception:  # any refusal: the sizes stay recorded in slimtorch_blocks only
@@ -180,50 +131,78 @@ def _update_config_(model: nn.Module, specs: Mapping[str, BlockSpec], plans: lis
             setattr(config, key, value)
 
 
-def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Remove every head and FFN neuron of ``model`` that ``masks`` zero out; bake the remaining masked
-    weights to zero. Plans first (pure, checks every mask), then changes the model in place.
+def _block_of(module_name: str, specs: Mapping[str, BlockSpec]) -> str:
+    """The block a compacted module belongs to (BERT's heads live in ``<block>.self``)."""
+    parent = module_name.rpartition(".")[0]
+    return module_name if module_name in specs or parent not in specs else parent
 
-    With ``masks=None`` the masks applied to the model (``apply_masks_``) are used. Records what was
-    removed in ``model.slimtorch_compaction`` and the kept sizes in ``model.config``.
+
+def _kept_heads(module: nn.Module, keeps: Mapping[str, list[int]]) -> list[int] | None:
+    """Heads (indices before this compaction) whose query rows the engine kept; None if it kept all."""
+    lay = attention_layout(module)
+    rows = next((v for k, v in keeps.items() if k.startswith(f"{lay.q.layer}.weight:out:")), None)
+    if rows is None:
+        return None
+    if lay.q.layer == "c_attn":  # fused: every kept head keeps its query, key and value columns, in order
+        rows = rows[: len(rows) // 3]
+    return sorted({r // lay.head_dim for r in rows})
+
+
+def after_compaction_(model: nn.Module) -> None:
+    """Run by :func:`slimtorch.compact_` after it compacted a model: for a Hugging Face model, record the
+    pruned heads (by their original numbers) and the kept sizes in ``model.config`` (``slimtorch_blocks``
+    and the config's size keys) and in ``model.slimtorch_compaction["pruned_heads"]``."""
+    config = getattr(model, "config", None)
+    specs = find_blocks(model)
+    if config is None or not specs:
+        return
+    info = getattr(model, COMPACTION_ATTR, None) or {}
+    record = {k: dict(v) for k, v in (getattr(config, CONFIG_KEY, None) or {}).items()}
+    step = (info.get("steps") or [{}])[-1]
+    for name, change in step.get("modules", {}).items():
+        kept = _kept_heads(model.get_submodule(name), change["keeps"]) if change["kind"] == "hf_attention" else None
+        if kept is None:
+            continue
+        entry = record.setdefault(_block_of(name, specs), {})
+        original = entry.setdefault("original", int(config.num_attention_heads))
+        alive = [h for h in range(original) if h not in entry.get("pruned", [])]
+        entry["pruned"] = sorted(set(entry.get("pruned", [])) | {h for i, h in enumerate(alive) if i not in kept})
+    for name, spec in specs.items():
+        if spec.kind == "attention":
+            record.setdefault(name, {}).setdefault("original", spec.units + len(record[name].get("pruned", [])))
+    _sync_config_(model, specs, record)
+    info["pruned_heads"] = {n: list(r["pruned"]) for n, r in record.items() if r.get("pruned")}
+    setattr(model, COMPACTION_ATTR, info)
+
+
+def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """A small batch a Hugging Face model accepts, made from its config: ``pixel_values`` for a vision
+    model, else ``input_ids`` (token ids from 1, below the vocabulary size) and an attention mask."""
+    config = model.config
+    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size)}
+    ids = torch.arange(batch * length).reshape(batch, length) % (config.vocab_size - 1) + 1  # (batch, length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, *,
+                example_inputs: Any = None) -> None:
+    """Remove every head and FFN neuron of a Hugging Face ``model`` that ``masks`` prune, through
+    :func:`slimtorch.compact_` (which bakes the remaining masked weights to zero and checks that the
+    result computes what the masked model does, restoring the model otherwise).
+
+    With ``masks=None`` the masks applied to the model (``apply_masks_``) are used; ``example_inputs``
+    default to :func:`example_inputs_for`. Records the pruned heads in ``model.slimtorch_compaction``
+    and the kept sizes in ``model.config``.
     """
+    from slimtorch.compact import compact_
+
     masks = dict(masks) if masks is not None else {}
     if is_masked(model):
         masks = {**get_masks(model), **masks}
-    specs = find_blocks(model)
-    plans = plan_hf_compaction(model, masks)
-    against = [p for p in plans if p.kept_against_masks]
-    if against:
-        warnings.warn("kept units the masks removed, so that every key/value head keeps as many query heads (or a "
-                      f"block is not emptied): {[(p.name, p.kept_against_masks) for p in against]}", SlimWarning,
-                      stacklevel=2)
-    if is_masked(model):
-        remove_masks_(model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
-    for plan in plans:
-        if len(plan.keep) < plan.units or len(plan.keep_kv) < (specs[plan.name].kv_units or 0):
-            shrink_block_(specs[plan.name], plan)
-    _update_config_(model, specs, plans)
-    _record_(model, plans)
-
-
-def _record_(model: nn.Module, plans: list[BlockPlan]) -> None:
-    """Update ``model.slimtorch_compaction``: units kept and heads pruned, as indices of the original
-    model (a block compacted twice reports the heads it lost in both rounds by their first numbers)."""
-    info = dict(getattr(model, COMPACTION_ATTR, None) or {})
-    kept = dict(info.get("kept_units", {}))
-    pruned = {k: list(v) for k, v in info.get("pruned_heads", {}).items()}
-    for plan in plans:
-        original = kept.get(plan.name, list(range(plan.units)))
-        kept[plan.name] = [original[u] for u in plan.keep]
-        if plan.kind == "attention" and plan.removed:
-            pruned[plan.name] = sorted(pruned.get(plan.name, []) + [original[u] for u in plan.removed])
-    info.update(kept_units=kept, pruned_heads=pruned,
-                ffn_kept={p.name: len(p.keep) for p in plans if p.kind == "ffn"})
-    setattr(model, COMPACTION_ATTR, info)
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    compact_(model, masks, example_inputs=inputs)
 
 
 def unit_masks(model: nn.Module, units: Mapping[str, Iterable[int]]) -> dict[str, torch.Tensor]:
@@ -253,3 +232,6 @@ def format_pruned_heads(pruned: Mapping[str, list[int]], layer_names: Iterable[s
     """Lines ``layer 0 prune 4 head: [2, 4, 9, 11]`` for every attention block, in order (as the seeds
     print them)."""
     return [f"layer {i} prune {len(pruned.get(n, []))} head: {pruned.get(n, [])}" for i, n in enumerate(layer_names)]
+
+
+AFTER_COMPACTION.append(after_compaction_)
