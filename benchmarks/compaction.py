@@ -61,10 +61,11 @@ def torch_pruning_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict
     _, head = _classifier(model)
     extra: dict[str, Any] = {}
     if isinstance(model, torchvision.models.VisionTransformer):
-        extra["unwrapped_parameters"] = {model.class_token: 2, model.encoder.pos_embedding: 2}
+        # (parameter, pruned dim) pairs: its annotation says a dict, its code iterates pairs
+        extra["unwrapped_parameters"] = [(model.class_token, 2), (model.encoder.pos_embedding, 2)]
         extra["num_heads"] = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     _, graph_s = _timed(lambda: tp.DependencyGraph().build_dependency(
-        model, example_inputs=x, unwrapped_parameters=list(extra.get("unwrapped_parameters", {}).items())))
+        model, example_inputs=x, unwrapped_parameters=extra.get("unwrapped_parameters")))
 
     def run() -> None:
         pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
@@ -99,7 +100,8 @@ def latencies(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[
 
 def bench(name: str, size: int, batch: int, runs: int, ratio: float) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    dense = torchvision.models.get_model(name, weights=None).eval()
+    extra = {"image_size": size} if name.startswith("vit_") else {}
+    dense = torchvision.models.get_model(name, weights=None, **extra).eval()
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
     models, rows = {"dense": dense}, []
     for lib, prune in (("slimtorch", slimtorch_prune), ("torch-pruning", torch_pruning_prune)):

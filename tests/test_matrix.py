@@ -19,8 +19,24 @@ SLOW = {
 }
 
 
+#: over 600M parameters: the check holds the model, its masked copy and the compacted weights (~10 GB)
+GIANT = {"regnet_y_128gf", "vit_h_14"}
+
+
+def _available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return float("inf")  # not Linux: let the test try
+
+
 def _param(name):
-    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+    marks = [pytest.mark.slow] if name in SLOW else []
+    if name in GIANT:
+        marks.append(pytest.mark.skipif(_available_gib() < 16, reason="needs ~16 GiB of free memory"))
+    return pytest.param(name, marks=marks)
 
 
 def test_the_matrix_lists_every_model():

@@ -94,7 +94,7 @@ _UNARY = [
     "clip", "clip_", "clamp_min", "clamp_max", "nan_to_num", "contiguous", "clone", "detach", "detach_",
     "float", "half", "double", "bfloat16", "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "zero_",
     "fill_", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "data", "tril", "triu", "tril_",
-    "triu_", "square_", "pow_", "sigmoid_", "__invert__", "__bool__",
+    "triu_", "square_", "pow_", "sigmoid_", "__invert__", "__bool__", "special_expit", "logit",
 ]
 
 _NARY = [
