@@ -3,8 +3,9 @@
 Rows: slimtorch's methods (PyTorch), the peers it was chosen over (torchao 0.18 configs, torch's own
 int4 CPU kernel), and ONNX Runtime on the exported float model and its quantized files. Columns: size
 of the saved weights, median latency, speed-up over fp32 PyTorch, and quality against fp32 (SQNR in
-dB; for MiniLM the cosine similarity of sentence embeddings). Ratios, not absolute times, are the
-result: run it on the target machine.
+dB; for MiniLM the cosine similarity of sentence embeddings). The rows of a table are timed round-robin
+(one call of each per round), so that a shared machine's changing load hits them alike. Ratios, not
+absolute times, are the result: run it on the target machine.
 
     PYTHONPATH=src python benchmarks/quantize.py --threads 1 --models mlp bookcnn minilm
 """
@@ -15,21 +16,26 @@ import argparse
 import copy
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import nn
+# Run as a script, this folder comes first on sys.path and its transformers.py would shadow the Hugging
+# Face package: take the folder off the path before anything imports transformers.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
-from slimtorch.errors import SlimError
-from slimtorch.export import export_onnx, onnx_session, run_onnx
-from slimtorch.models import BookCNN
-from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr
-from slimtorch.quant.onnx import quantize_onnx
-from slimtorch.report import _call, saved_size
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from slimtorch.errors import SlimError  # noqa: E402
+from slimtorch.export import export_onnx, onnx_session, run_onnx  # noqa: E402
+from slimtorch.models import BookCNN  # noqa: E402
+from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr  # noqa: E402
+from slimtorch.quant.onnx import quantize_onnx  # noqa: E402
+from slimtorch.report import _call, saved_size  # noqa: E402
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -42,15 +48,21 @@ SENTENCES = [
 ]
 
 
-def median_latency(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
-    times = []
+def interleaved_latency(calls: list[Callable[[], Any]], runs: int, warmup: int = 3) -> list[float]:
+    """Median wall time of each call, timed round-robin (one call of each per round): on a shared machine
+    the load changes over minutes, and interleaving gives every row the same share of it, so the ratios
+    between rows hold even where the absolute times drift."""
+    times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for fn in calls:
+            for _ in range(warmup):
+                fn()
+        for _ in range(runs):
+            for i, fn in enumerate(calls):
+                start = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def ffn_mlp() -> nn.Module:
@@ -96,9 +108,9 @@ class Case:
         return f"{sqnr(self.ref, out):.1f} dB"
 
 
-def torch_rows(case: Case, runs: int) -> list[dict[str, Any]]:
+def torch_rows(case: Case) -> list[dict[str, Any]]:
     rows = [{"row": "fp32 (PyTorch eager)", "kernels": "real", "size": saved_size(case.model),
-             "latency": median_latency(lambda: _call(case.model, case.inputs), runs), "quality": "reference"}]
+             "call": lambda: _call(case.model, case.inputs), "quality": "reference"}]
     for method in ("dynamic_int8", "static_int8", "fp16", "bf16", "int4_weight", "binary_weight"):
         try:
             q = quantize(case.model, QuantConfig(method=method), calibration=case.calib)
@@ -109,11 +121,11 @@ def torch_rows(case: Case, runs: int) -> list[dict[str, Any]]:
         with torch.no_grad():
             out = case.first(_call(q, case.inputs))
         rows.append({"row": f"{method} ({info.backend})", "kernels": info.kernels, "size": saved_size(q),
-                     "latency": median_latency(lambda q=q: _call(q, case.inputs), runs), "quality": case.score(out)})
+                     "call": lambda q=q: _call(q, case.inputs), "quality": case.score(out)})
     return rows
 
 
-def torchao_rows(case: Case, runs: int) -> list[dict[str, Any]]:
+def torchao_rows(case: Case) -> list[dict[str, Any]]:
     """The peers: torchao's eager configs and torch's own int4 CPU kernel, measured, not assumed."""
     import torchao.quantization as tq
 
@@ -128,14 +140,14 @@ def torchao_rows(case: Case, runs: int) -> list[dict[str, Any]]:
             with torch.no_grad():
                 out = case.first(_call(model, case.inputs))
             rows.append({"row": name, "kernels": "real", "size": None,
-                         "latency": median_latency(lambda m=model: _call(m, case.inputs), runs),
+                         "call": lambda m=model: _call(m, case.inputs),
                          "quality": case.score(out)})
         except Exception as err:  # a peer that cannot run here is a result too
             rows.append({"row": name, "note": f"fails here: {type(err).__name__}: {str(err)[:80]}"})
     return rows
 
 
-def onnx_rows(case: Case, runs: int, threads: int) -> list[dict[str, Any]]:
+def onnx_rows(case: Case, threads: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = export_onnx(case.model, case.inputs, os.path.join(tmp, "fp32.onnx"), atol=1e-3)
@@ -151,7 +163,7 @@ def onnx_rows(case: Case, runs: int, threads: int) -> list[dict[str, Any]]:
             # casts): fp16 there is a storage format only.
             kernels = "fp32 compute" if name.endswith("fp16") else "real"
             rows.append({"row": name, "kernels": kernels, "size": os.path.getsize(path),
-                         "latency": median_latency(lambda s=session: run_onnx(s, case.inputs), runs),
+                         "call": lambda s=session: run_onnx(s, case.inputs),
                          "quality": case.score(out)})
     return rows
 
@@ -176,7 +188,7 @@ def kernel_rows(runs: int) -> str:
         "aten._weight_int4pack_mm_for_cpu (int4, group 32)":
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, 32, sz),
     }
-    times = {name: median_latency(fn, runs) for name, fn in kernels.items()}
+    times = dict(zip(kernels, interleaved_latency(list(kernels.values()), runs), strict=True))
     base = times["fp32 matmul (x @ W^T)"]
     lines = ["### Raw CPU kernels, (64 x 768) @ (768 x 3072)", "", "| kernel | latency | speed-up vs fp32 |",
              "|---|---:|---:|"]
@@ -231,10 +243,13 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}\n")
     print(kernel_rows(args.runs), "\n", flush=True)
     for case in cases(args.models):
-        rows = torch_rows(case, args.runs)
+        rows = torch_rows(case)
         if not args.no_peers:
-            rows += torchao_rows(case, args.runs)
-        rows += onnx_rows(case, args.runs, args.threads)
+            rows += torchao_rows(case)
+        rows += onnx_rows(case, args.threads)
+        timed = [r for r in rows if "call" in r]
+        for row, latency in zip(timed, interleaved_latency([r["call"] for r in timed], args.runs), strict=True):
+            row["latency"] = latency
         print(table(case, rows), "\n", flush=True)
 
 

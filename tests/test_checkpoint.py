@@ -107,6 +107,7 @@ data: {dataset: digits, limit: 512}
 steps:
   - train: {epochs: 3, batch_size: 16, lr: 0.003, checkpoint_every: 8}
   - prune: {config_list: [{op_names: [down.0], sparse_ratio: 0.5}]}
+  - compact: {}
   - distill: {epochs: 1, batch_size: 32, lr: 0.001, temperature: 4.0}
 """
 
@@ -134,6 +135,7 @@ def test_killed_cli_run_resumes_to_the_same_model(tmp_path):
     assert main(["recipe", str(recipe), "--out", str(tmp_path / "straight"), "--threads", "1"]) == 0
     resumed = load_file(str(killed_out / "model.safetensors"))
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert tuple(straight["state::down.0.weight"].shape) == (8, 8, 3, 3)  # compacted: 16 filters -> 8
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), key

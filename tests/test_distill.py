@@ -120,3 +120,20 @@ def test_prune_and_distill_learns_from_the_unpruned_model():
                                 TrainConfig(epochs=10, batch_size=32, lr=0.01), distill=DistillConfig(alpha=1.0))
     assert int((model[0].weight.abs().sum(dim=(1, 2, 3)) == 0).sum()) == 4  # still pruned
     assert result.epochs[-1].loss < 0.5 * result.epochs[0].loss  # the divergence from the teacher shrinks
+
+
+def test_prune_and_distill_compacts_with_example_inputs():
+    from slimtorch import compute_masks
+    from slimtorch.recover import prune_and_distill_
+    from slimtorch.report import model_state
+
+    torch.manual_seed(0)
+    model = _cnn(8)
+    x = torch.randn(64, 1, 6, 6)
+    y = torch.randint(0, 3, (64,))
+    masks = compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x[:4])
+    before = sum(p.numel() for p in model.parameters())
+    prune_and_distill_(model, masks, torch.utils.data.TensorDataset(x, y), TrainConfig(epochs=1, batch_size=32),
+                       example_inputs=x[:4])
+    assert model_state(model) == "compacted" and model[0].out_channels == 4
+    assert sum(p.numel() for p in model.parameters()) < before

@@ -20,7 +20,8 @@ def cnn(hidden=64):
     ).eval()
 
 
-X = torch.randn(2, 3, 8, 8)
+# Seeded here, not by test order: the SQNR floors below hold for this input with margin.
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 def test_float_export_matches_pytorch_at_other_batch_sizes(tmp_path):
@@ -77,12 +78,15 @@ def test_failed_parity_leaves_no_file(tmp_path):
     assert not (tmp_path / "h.onnx").exists()
 
 
-# Static int8 quantizes the activations between every pair of layers too (per tensor, MinMax calibration).
-@pytest.mark.parametrize(("method", "floor"), [("dynamic_int8", 25), ("static_int8", 20), ("int4_weight", 15)])
+# ONNX Runtime's dynamic int8 quantizes each activation per tensor to uint8 (23-32 dB over six seeds);
+# static int8 quantizes the activations between every pair of layers too (per tensor, MinMax
+# calibration, 32-37 dB); int4 weights with groups of 16 give 18-20 dB.
+@pytest.mark.parametrize(("method", "floor"), [("dynamic_int8", 20), ("static_int8", 25), ("int4_weight", 15)])
 def test_onnx_runtime_quantization_within_stated_sqnr(tmp_path, method, floor):
     model = cnn(512)
     src = export_onnx(model, X, tmp_path / "m.onnx")
-    calib = [torch.randn(16, 3, 8, 8) for _ in range(8)]
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(8)]
     quantize_onnx(src.path, tmp_path / "q.onnx", QuantConfig(method=method, group_size=16), calibration=calib)
     with torch.no_grad():
         assert sqnr(model(X), run_onnx(onnx_session(tmp_path / "q.onnx"), X)[0]) >= floor

@@ -108,3 +108,41 @@ def test_recipe_round_trips_and_rejects_bad_steps():
         Recipe.from_dict({"model": "DigitsCNN", "steps": [prune, {"compact": {}}, prune]})
     with pytest.raises(ConfigError, match="at least one step"):
         Recipe.from_dict({"model": "DigitsCNN", "steps": []})
+
+
+def test_recipe_compact_step_keeps_what_the_masked_model_computes(tmp_path):
+    from slimtorch.recipes.runner import run_recipe
+
+    prune = {"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}, {"op_names": ["stem.0"], "exclude": True}]}
+    recipe = Recipe.from_dict({"model": "DigitsCNN", "model_kwargs": {"width": 8},
+                               "data": {"dataset": "digits", "limit": 256},
+                               "steps": [{"train": {"epochs": 1}}, {"prune": prune}, {"compact": {}}]})
+    result = run_recipe(recipe, tmp_path, quiet=True)
+    masked, compacted = result.stages[-2], result.stages[-1]
+    assert (masked.state, compacted.state) == ("masked", "compacted")
+    assert compacted.params == masked.nonzero_params < 0.4 * masked.params  # the zeros are gone, nothing else
+    assert compacted.flops < 0.4 * masked.flops and compacted.accuracy == masked.accuracy
+    assert result.model.down[0].out_channels == 8 and result.model.block[0].out_channels == 4
+
+
+def test_compacted_model_file_replays_its_shapes(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from slimtorch import compact_
+
+    spec = ModelSpec(name="MnistNet")  # its hard-coded view(-1, 800) needs a rewritten call after compaction
+    net = build_model(spec).eval()
+    x = torch.randn(3, 1, 28, 28)
+    masks = compute_masks(net, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], example_inputs=x)
+    compact_(net, masks, example_inputs=x)
+    save_model(tmp_path / "c.safetensors", net, spec, masks=masks)
+    loaded = load_model(tmp_path / "c.safetensors")
+    assert loaded.state == "compacted" and loaded.model.conv2.out_channels == 25 and set(loaded.masks) == set(masks)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), net(x))
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata={**header, "compaction": "{}"})
+    with pytest.raises(CheckpointError, match="compaction record"):
+        load_model(tmp_path / "broken.safetensors")

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,3 +61,25 @@ def test_saved_size_counts_tied_weights_once():
     head.weight = emb.weight
     tied = nn.ModuleDict({"emb": emb, "head": head})
     assert saved_size(tied) < 2 * 100 * 16 * 4
+
+
+def _small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 64),
+                         nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.parametrize("method", ["dynamic_int8", "static_int8", "int4_weight", "binary_weight", "fp16"])
+def test_quantized_models_keep_their_counts_and_say_how_they_are_stored(method):
+    from slimtorch.quant import QuantConfig, quantize
+
+    model, x = _small_cnn(), torch.randn(2, 3, 8, 8)
+    q = quantize(model, QuantConfig(method=method), calibration=[x])
+    x_in = x.half() if method == "fp16" else x
+    dense, quantized = report(model, x, runs=0), report(q, x_in, runs=0)
+    # Packed int8 / 4-bit / 1-bit weights are still the model's parameters, and still cost FLOPs.
+    assert quantized.params == dense.params and quantized.flops == dense.flops
+    assert quantized.quantization.startswith(method) and dense.quantization is None
+    bits = {"dynamic_int8": 8, "static_int8": 8, "int4_weight": 4, "binary_weight": 1, "fp16": 16}[method]
+    # The saved file holds the low-bit values plus scales: at most bits/32 of fp32 plus 10% for scales.
+    assert quantized.size_bytes < dense.size_bytes * (bits / 32 + 0.1)
+    assert f"| q | dense, {method} " in compare_markdown({"float": dense, "q": quantized})

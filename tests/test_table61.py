@@ -7,7 +7,6 @@ from PIL import Image
 
 from slimtorch.cli.main import main
 from slimtorch.errors import ConfigError
-from slimtorch.models.modelfile import compaction_available
 from slimtorch.recipes.table61 import Table61Config
 from slimtorch.recipes.table61_report import table61_markdown
 
@@ -42,10 +41,7 @@ def _smoke(data_dir, out, capsys):
     assert set(rows) == {("book", 0.0), ("book", 0.5), ("ours", 0.0), ("ours", 0.5)}
     assert rows[("book", 0.0)]["params"] == 2_122_186
     half = rows[("book", 0.5)]
-    if compaction_available():
-        assert half["state"] == "compacted" and half["params"] == 1_059_306  # the book's figure
-    else:
-        assert half["state"] == "masked" and half["nonzero_params"] < 2_122_186
+    assert half["state"] == "compacted" and half["params"] == half["nonzero_params"] == 1_059_306  # the book's
     assert all(len(r["history"]) == 1 and r["train_seconds"] > 0 for r in rows.values())
     table = (out / "table61.md").read_text()
     assert "| 50% |" in table and "89 s | 42.71%" in table and "Machine:" in table

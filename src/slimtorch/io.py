@@ -45,7 +45,15 @@ from torch import nn
 
 from slimtorch.errors import CheckpointError
 
-__all__ = ["atomic_write", "load_compacted_", "load_masks", "plain_state", "save_compacted", "save_masks"]
+__all__ = [
+    "atomic_write",
+    "load_compacted_",
+    "load_masks",
+    "load_plain_state_",
+    "plain_state",
+    "save_compacted",
+    "save_masks",
+]
 
 FORMAT = "slimtorch-compacted-v1"
 WEIGHTS, DESCRIPTION = "model.safetensors", "compaction.json"
@@ -76,8 +84,10 @@ def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
         scale, zero = torch.tensor([value.q_scale()]), torch.tensor([value.q_zero_point()])
     else:  # per channel (also the float-qparams scheme of quantized embeddings)
         scale, zero = value.q_per_channel_scales(), value.q_per_channel_zero_points()
-    # torch keeps per-channel scales in float64 and zero points in int64; a deployed file needs 32 bits.
-    return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero.int()}
+    # torch keeps per-channel scales in float64 and zero points in int64 (float for embeddings' float
+    # qparams, which must stay float); a deployed file needs 32 bits.
+    zero = zero.float() if zero.is_floating_point() else zero.int()
+    return {name: value.int_repr(), f"{name}.scale": scale.float(), f"{name}.zero_point": zero}
 
 
 def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -92,6 +102,51 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         out.update(_plain_tensors(name, value))
     return out
+
+
+def _from_plain(name: str, like: object, tensors: Mapping[str, torch.Tensor], used: set[str]) -> object:
+    """The state-dict value ``like`` (from the target model) rebuilt from :func:`plain_state`'s tensors."""
+    if isinstance(like, (tuple, list)):
+        return type(like)(_from_plain(f"{name}.{i}", v, tensors, used) for i, v in enumerate(like))
+    if not isinstance(like, torch.Tensor):
+        return like  # metadata such as torch.ao's packed dtype: the target model's own
+    keys = [name, f"{name}.scale", f"{name}.zero_point"] if like.is_quantized else [name]
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"the file has no {missing[0]!r}; it was saved from a different model or quantization")
+    used.update(keys)
+    values = tensors[name]
+    if tuple(values.shape) != tuple(like.shape):
+        raise CheckpointError(f"{name!r} is {tuple(values.shape)} in the file but {tuple(like.shape)} in the model")
+    if not like.is_quantized:
+        return values.to(like.dtype)
+    scale, zero = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+    if like.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return torch._make_per_tensor_quantized_tensor(values, float(scale), int(zero))
+    return torch._make_per_channel_quantized_tensor(values, scale.double(), zero, like.q_per_channel_axis())
+
+
+def load_plain_state_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load :func:`plain_state`'s tensors into ``model``, which must be built (and quantized) like the one
+    they came from: integer values, scales and zero points become quantized tensors again. Every value is
+    checked before any is loaded, so a file that does not fit leaves the model as it was.
+
+    >>> from torch import nn
+    >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> load_plain_state_(b, plain_state(a))
+    >>> torch.equal(a.weight, b.weight)
+    True
+    """
+    used: set[str] = set()
+    template = model.state_dict()
+    state = OrderedDict((name, _from_plain(name, value, tensors, used)) for name, value in template.items())
+    # The per-module format versions: torch.ao's quantized layers read their packed weights by version.
+    state._metadata = getattr(template, "_metadata", None)  # type: ignore[attr-defined]
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"the file holds tensors the model does not have, e.g. {extra[:3]}; it was saved "
+                              "from a different model or quantization")
+    model.load_state_dict(state)
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "count_params",
     "measure_latency",
     "model_state",
+    "quantization",
     "report",
     "saved_size",
     "sparsity_table",
@@ -63,21 +64,77 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
+def _packed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float value of a weight a quantized layer keeps outside its parameters: torch.ao's int8 layers
+    pack it (``weight()`` is a method), slimtorch's 4-/1-bit layers keep it in buffers."""
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):
+        value = weight()
+        return value.dequantize() if value.is_quantized else value
+    dequantized = getattr(module, "dequantized_weight", None)
+    return dequantized() if callable(dequantized) else None
+
+
+def _stored_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters (shared ones once) plus the packed weights and biases of quantized layers."""
+    tensors = [p.detach() for p in model.parameters()]
+    for module in model.modules():
+        weight = _packed_weight(module)
+        if weight is None:
+            continue
+        tensors.append(weight)
+        bias = getattr(module, "bias", None)
+        if callable(bias) and not isinstance(bias, torch.Tensor) and bias() is not None:
+            tensors.append(bias().detach())  # torch.ao packs the bias with the weight
+    return tensors
+
+
 def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (shared parameters counted once); the weights of quantized layers count as
+    parameters too, whatever their storage."""
+    return sum(t.numel() for t in _stored_tensors(model))
 
 
 def count_nonzero(model: nn.Module) -> int:
-    """Number of parameters that are not exactly zero."""
-    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    """Number of parameters (quantized weights included) that are not exactly zero."""
+    return sum(int(torch.count_nonzero(t)) for t in _stored_tensors(model))
+
+
+def _quantized_flop_hooks(model: nn.Module, total: list[int]) -> list[Any]:
+    """FlopCounterMode has no formula for torch.ao's int8 linear and conv kernels: count them here, as
+    ``2 * output elements * fan-in`` (the float layer's count)."""
+    handles = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not callable(weight) or isinstance(weight, torch.Tensor) or "Embedding" in type(module).__name__:
+            continue
+        fan_in = weight().shape[1:].numel()  # (out, in) or (out, in / groups, kh, kw)
+
+        def hook(_module: nn.Module, _args: Any, out: torch.Tensor, fan_in: int = fan_in) -> None:
+            total[0] += 2 * out.numel() * fan_in
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """Forward FLOPs of one call on ``example_inputs`` (a multiply-add counts 2), attention included."""
-    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
-        _call(model, example_inputs)
-    return int(fc.get_total_flops())
+    """Forward FLOPs of one call on ``example_inputs`` (a multiply-add counts 2), attention and torch.ao
+    int8 layers included.
+
+    >>> from slimtorch.quant import QuantConfig, quantize
+    >>> net, x = nn.Sequential(nn.Linear(8, 4)), torch.randn(2, 8)
+    >>> count_flops(net, x) == count_flops(quantize(net, QuantConfig(method="dynamic_int8")), x) == 128
+    True
+    """
+    quantized = [0]
+    handles = _quantized_flop_hooks(model, quantized)
+    try:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
+            _call(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(fc.get_total_flops()) + quantized[0]
 
 
 def saved_size(model: nn.Module) -> int:
@@ -119,8 +176,17 @@ def measure_latency(
         torch.set_num_threads(old_threads)
 
 
+def quantization(model: nn.Module) -> str | None:
+    """How a quantized model is stored and run (``"static_int8 (w8a8): real kernels (...)"``), or None."""
+    from slimtorch.quant.config import quant_info  # slimtorch.quant is heavier than this module
+
+    info = quant_info(model)
+    return info.describe() if info is not None else None
+
+
 def model_state(model: nn.Module) -> str:
-    """``"masked"``, ``"compacted"`` or ``"dense"``."""
+    """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
+    :func:`quantization` says how it is quantized)."""
     if is_masked(model):
         return "masked"
     if getattr(model, COMPACTION_ATTR, None):
@@ -153,6 +219,7 @@ class Report:
     throughput: float | None
     batch_size: int
     threads: int
+    quantization: str | None = None
 
     @property
     def macs(self) -> int:
@@ -192,6 +259,7 @@ def report(
             throughput=batch / latency if latency else None,
             batch_size=batch,
             threads=threads or torch.get_num_threads(),
+            quantization=quantization(model),
         )
     finally:
         model.train(was_training)
@@ -218,8 +286,9 @@ def compare_markdown(reports: Mapping[str, Report]) -> str:
     for name in names:
         r = reports[name]
         speedup = f"{base.latency_s / r.latency_s:.2f}x" if base.latency_s and r.latency_s else "-"
+        state = f"{r.state}, {r.quantization.split(':')[0]}" if r.quantization else r.state
         lines.append(
-            f"| {name} | {r.state} | {_fmt(r.params)} | {_fmt(r.nonzero_params)} | {_fmt(r.macs)} | "
+            f"| {name} | {state} | {_fmt(r.params)} | {_fmt(r.nonzero_params)} | {_fmt(r.macs)} | "
             f"{_fmt(r.size_bytes, 'B')} | {_fmt(r.latency_s * 1e3 if r.latency_s else None, ' ms')} | "
             f"{_fmt(r.throughput, '/s')} | {r.params / base.params:.3f} | "
             f"{(r.macs / base.macs) if base.macs else float('nan'):.3f} | {speedup} |"

@@ -19,10 +19,11 @@ from slimtorch.cli.common import (
     write_json,
     write_text,
 )
+from slimtorch.compact import compact_
 from slimtorch.config import load_config_list, parse_config_list
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.io import save_masks
-from slimtorch.models.modelfile import compact_like_, save_model
+from slimtorch.models.modelfile import save_model
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.prune.criteria import CRITERIA
 from slimtorch.recipes.plots import plot_layers
@@ -64,7 +65,8 @@ def _prune(args: argparse.Namespace) -> int:
     config_list = _config_list(args)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     before = report(loaded.model, x, runs=args.runs)
-    masks = compute_masks(loaded.model, config_list, criterion=args.criterion)
+    # with the example batch, coupled layers (residual adds, BN, the next layer's inputs) get consistent masks
+    masks = compute_masks(loaded.model, config_list, example_inputs=x, criterion=args.criterion)
     apply_masks_(loaded.model, masks)
     after = report(loaded.model, x, runs=args.runs)
     out = Path(args.out)
@@ -89,7 +91,7 @@ def _compact(args: argparse.Namespace) -> int:
     masked = report(loaded.model, x, runs=args.runs)
     with torch.no_grad():
         expected = loaded.model.eval()(x)
-    compact_like_(loaded.model, loaded.masks, loaded.spec.input_shape or ())
+    compact_(loaded.model, loaded.masks, example_inputs=x)  # raises (model untouched) if it cannot verify
     with torch.no_grad():
         diff = float((loaded.model.eval()(x) - expected).abs().max())
     if diff > 1e-3 * max(1.0, float(expected.abs().max())):

@@ -12,14 +12,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slimtorch.models.modelfile import compaction_available
+import torch
+
 from slimtorch.recipes.outputs import stages_markdown, write_outputs
 from slimtorch.recipes.plots import plot_layers, plot_stages
-from slimtorch.recipes.runner import run_recipe
+from slimtorch.recipes.runner import MEASURE_BATCH, StageResult, run_recipe
 from slimtorch.recipes.schema import Recipe
 from slimtorch.report import sparsity_table
 
-__all__ = ["demo_recipe", "run_demo"]
+__all__ = ["before_after_markdown", "demo_recipe", "run_demo"]
 
 CONFIG_LIST = [
     {"op_types": ["Conv2d"], "sparse_ratio": 0.5},
@@ -32,34 +33,44 @@ def demo_recipe(*, epochs: int = 8, finetune_epochs: int = 4, seed: int = 0) -> 
     steps: list[dict[str, Any]] = [
         {"train": {"epochs": epochs, "lr": 3e-3, "batch_size": 64, "seed": seed}},
         {"prune": {"config_list": CONFIG_LIST, "criterion": "l1"}},
+        {"compact": {}},
     ]
-    if compaction_available():
-        steps.append({"compact": {}})
     steps.append({"distill": {"epochs": finetune_epochs, "lr": 1e-3, "batch_size": 64, "seed": seed,
                               "temperature": 4.0, "alpha": 0.7}})
     return Recipe.from_dict({"model": "DigitsCNN", "data": {"dataset": "digits"}, "steps": steps, "seed": seed})
+
+
+def before_after_markdown(before: StageResult, after: StageResult) -> str:
+    """A Markdown table: the trained dense model against the final one, with the ratio after/before."""
+    rows = [("parameters", before.params, after.params, "{:,}"), ("FLOPs per batch", before.flops, after.flops, "{:,}"),
+            ("size", before.size_bytes / 1e3, after.size_bytes / 1e3, "{:.1f} kB"),
+            ("latency per batch", (before.latency_s or 0) * 1e3, (after.latency_s or 0) * 1e3, "{:.2f} ms"),
+            ("test accuracy", 100 * before.accuracy, 100 * after.accuracy, "{:.2f}%")]
+    lines = [f"| | before ({before.state}) | after ({after.state}) | after / before |", "|---|---:|---:|---:|"]
+    for label, old, new, fmt in rows:
+        ratio = f"{new / old:.2f}" if old else "-"
+        lines.append(f"| {label} | {fmt.format(old)} | {fmt.format(new)} | {ratio} |")
+    return "\n".join(lines)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, epochs: int = 8, finetune_epochs: int = 4, seed: int = 0) -> dict:
     """Run the demo; returns what ``report.json`` holds."""
     out = Path(out_dir)
     recipe = demo_recipe(epochs=epochs, finetune_epochs=finetune_epochs, seed=seed)
-    if not compaction_available():
-        print("note: this build has no compaction stage; the pruned model stays masked (same size)")
     result = run_recipe(recipe, out, resume=False)
     stages = {s.stage.split(" ", 1)[-1]: s for s in result.stages}
-    accuracy = {"dense": stages["train"].accuracy, "pruned": stages["prune"].accuracy,
-                "recovered": result.stages[-1].accuracy}
+    dense, final = stages["train"], result.stages[-1]
+    accuracy = {"dense": dense.accuracy, "pruned": stages["prune"].accuracy, "recovered": final.accuracy}
     summary = {"accuracy": accuracy, "recipe": recipe.to_dict()}
-    write_outputs(result, out, title="slimtorch demo: digits CNN", extra=summary)
+    table = before_after_markdown(dense, final)
+    batch = f"batch of {MEASURE_BATCH} test images, {torch.get_num_threads()} thread(s)"
+    text = (f"Before: the trained dense model. After: pruned (half the channels of every convolution but the "
+            f"first, L1 norm), compacted and recovered by distillation from the dense model. FLOPs and latency "
+            f"per {batch}.\n\n{table}")
+    write_outputs(result, out, title="slimtorch demo: digits CNN", extra=summary, summary=text)
     plot_stages([asdict(s) for s in result.stages], out / "demo.png", title="digits CNN")
     # kept fractions come from the masks alone, so they read the same for a masked and a compacted model
     plot_layers(sparsity_table(result.model, result.masks), out / "layers.png", title="what pruning kept (per layer)")
-    dense, final = stages["train"], result.stages[-1]
-    print(f"\n{stages_markdown(result.stages)}\n\n"
-          f"dense {dense.accuracy:.1%} with {dense.params:,} params -> {final.state} {final.accuracy:.1%} with "
-          f"{final.nonzero_params:,} non-zero params ({final.params / dense.params:.0%} of the parameters, "
-          f"{(final.latency_s or 0) / (dense.latency_s or 1):.0%} of the latency)\n"
-          f"wrote {out}/report.md, report.json, demo.png, layers.png, model.safetensors")
+    print(f"\n{stages_markdown(result.stages)}\n\n{table}\n\n"
+          f"wrote {out}/report.md, report.json, demo.png, layers.png, stages.png, model.safetensors")
     return {**summary, "stages": [asdict(s) for s in result.stages]}
-

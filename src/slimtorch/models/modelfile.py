@@ -1,8 +1,9 @@
 """Saved slimtorch models: one safetensors file, never pickle.
 
 A model file holds how to build the architecture (a :class:`~slimtorch.models.registry.ModelSpec`, as
-JSON metadata), the state dict, and for a pruned model its masks. A compacted model is rebuilt by
-compacting a fresh model with the same masks (compaction is deterministic), then loading the weights::
+JSON metadata), the state dict, and for a pruned model its masks. A compacted model also records what
+compaction did (``model.slimtorch_compaction``, JSON): loading replays those steps on a fresh model
+(:func:`slimtorch.compact.replay_`, no tracing), then loads the weights::
 
     >>> import os, tempfile, torch
     >>> from slimtorch import apply_masks_, compute_masks
@@ -28,13 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError
 from slimtorch.io import atomic_write
 from slimtorch.models.registry import ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, get_masks
-from slimtorch.report import model_state
+from slimtorch.report import COMPACTION_ATTR, model_state
 
-__all__ = ["LoadedModel", "compact_like_", "compaction_available", "load_model", "save_model"]
+__all__ = ["LoadedModel", "load_model", "save_model"]
 
 FORMAT = "slimtorch-model-v1"
 
@@ -52,19 +54,22 @@ class LoadedModel:
 def save_model(
     path: str | Path, model: nn.Module, spec: ModelSpec, *, masks: Mapping[str, torch.Tensor] | None = None
 ) -> None:
-    """Save ``model`` (dense, masked or compacted) atomically. A compacted model needs the ``masks`` it was
-    compacted with (so that loading can rebuild its shapes); a masked one carries its own."""
+    """Save ``model`` (dense, masked or compacted) atomically. A masked model carries its own masks; give
+    a compacted one the ``masks`` it was compacted with to keep them in the file (for reports)."""
     from safetensors.torch import save_file
 
+    if getattr(model, "slimtorch_quantization", None):
+        raise CheckpointError("save_model stores float models (dense, masked or compacted); save a quantized model "
+                              "with slimtorch.quant.saving.save_quantized")
     state = model_state(model)
     if state == "masked":
         masks = get_masks(model)
-    if state == "compacted" and not masks:
-        raise CompactionError("saving a compacted model needs the masks it was compacted with: save_model(..., masks=)")
     tensors = {f"state::{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"mask::{k}": v.to(torch.bool) for k, v in (masks or {}).items()})
     flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": FORMAT, "spec": json.dumps(spec.to_dict()), "state": state}
+    if state == "compacted":
+        header["compaction"] = json.dumps(getattr(model, COMPACTION_ATTR))  # the steps that rebuild its shapes
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
 
 
@@ -80,24 +85,15 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
 
 
-def compaction_available() -> bool:
-    """True when this build has the compaction stage (``slimtorch.compact.compact_``)."""
-    import importlib.util
-
-    if importlib.util.find_spec("slimtorch.compact") is None:
-        return False
-    import slimtorch.compact
-
-    return hasattr(slimtorch.compact, "compact_")
-
-
-def compact_like_(model: nn.Module, masks: Mapping[str, torch.Tensor], input_shape: tuple[int, ...]) -> None:
-    """Compact ``model`` with ``masks`` (the compaction stage, traced on a zero batch of ``input_shape``)."""
+def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
+    """Give a fresh ``model`` the shapes of the compacted one saved in ``path``."""
     try:
-        from slimtorch.compact import compact_
-    except ImportError:
-        raise CompactionError("this slimtorch build has no compaction stage (slimtorch.compact.compact_)") from None
-    compact_(model, dict(masks), example_inputs=torch.zeros(1, *input_shape))
+        compaction = json.loads(header["compaction"])
+        replay_(model, compaction["steps"])
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, CompactionError) as err:
+        raise CheckpointError(f"{str(path)!r} says the model was compacted but its compaction record is missing "
+                              f"or does not fit a {type(model).__name__} ({type(err).__name__}: {err})") from None
+    setattr(model, COMPACTION_ATTR, compaction)
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -114,7 +110,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if header["state"] == "masked":
         apply_masks_(model, masks)
     elif header["state"] == "compacted":
-        compact_like_(model, masks, spec.input_shape or ())
+        _replay_(model, header, path)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:

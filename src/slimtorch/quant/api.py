@@ -25,6 +25,7 @@ from torch import nn
 from slimtorch.errors import ConfigError
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
+from slimtorch.report import COMPACTION_ATTR
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 
@@ -60,9 +61,15 @@ def _check_float(model: nn.Module) -> None:
         )
 
 
-def _attach(model: nn.Module, spec: QuantMethod, layers: tuple[str, ...]) -> None:
+def _attach(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
+            source: nn.Module) -> None:
     info = QuantInfo(spec.name, spec.backend, spec.kernels, spec.weight_bits, spec.activation_bits, layers, spec.note)
-    setattr(model, QUANT_ATTR, info.to_dict())
+    # The config travels with the record: saving and loading (slimtorch.quant.saving) rebuild the layers from it.
+    setattr(model, QUANT_ATTR, {**info.to_dict(), "config": config.to_dict()})
+    # Graph-rebuilding methods return a new module: what compaction recorded must survive quantization.
+    compaction = getattr(source, COMPACTION_ATTR, None)
+    if compaction and model is not source:
+        setattr(model, COMPACTION_ATTR, copy.deepcopy(compaction))
 
 
 def quantize(
@@ -87,7 +94,7 @@ def quantize(
     result = spec.apply(copy.deepcopy(model), config, layers, batches)
     if spec.in_place:
         result.train(was_training)
-    _attach(result, spec, layers)
+    _attach(result, spec, config, layers, model)
     return result
 
 
@@ -118,7 +125,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
         )
     layers = select_layers(model, config)
     spec.apply(model, config, layers, None)
-    _attach(model, spec, layers)
+    _attach(model, spec, config, layers, model)
 
 
 _CONVERTED = {"qat_int8": "static_int8", "qat_int4_weight": "int4_weight", "qat_binary_weight": "binary_weight"}
@@ -159,7 +166,10 @@ def convert_qat(model: nn.Module) -> nn.Module:
             packed = (LowBitConv2d if isinstance(layer, nn.Conv2d) else LowBitLinear)(
                 layer, codec=codec, group_size=layer.group_size)
             work.set_submodule(name, packed)
-    _attach(work, dataclasses.replace(target, note=f"{target.note}; after quantization-aware training"), info.layers)
+    trained = getattr(model, QUANT_ATTR).get("config") or {"method": info.method, "op_names": list(info.layers)}
+    config = QuantConfig.from_dict({**trained, "method": target.name})
+    _attach(work, dataclasses.replace(target, note=f"{target.note}; after quantization-aware training"), config,
+            info.layers, model)
     return work
 
 

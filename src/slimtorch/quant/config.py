@@ -182,7 +182,8 @@ class QuantInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantInfo:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        names = {f.name for f in dataclasses.fields(cls)}  # the model's record also holds its QuantConfig
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
 
     def describe(self) -> str:
         """One line for tables: ``dynamic_int8: real int8 kernels (torch.ao x86), 4 layers``."""

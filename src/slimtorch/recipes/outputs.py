@@ -25,12 +25,12 @@ def _size(value: float, unit: str = "") -> str:
 
 def stages_markdown(stages: Sequence[StageResult]) -> str:
     """A Markdown table with one row per stage."""
-    lines = ["| stage | state | params | non-zero | MACs | size | latency | test accuracy | train time |",
+    lines = ["| stage | state | params | non-zero | FLOPs | size | latency | test accuracy | train time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in stages:
         latency = f"{s.latency_s * 1e3:.2f} ms" if s.latency_s else "-"
         train = f"{s.train_seconds:.1f} s" if s.train_seconds else "-"
-        lines.append(f"| {s.stage} | {s.state} | {s.params:,} | {s.nonzero_params:,} | {_size(s.macs)} | "
+        lines.append(f"| {s.stage} | {s.state} | {s.params:,} | {s.nonzero_params:,} | {_size(s.flops)} | "
                      f"{_size(s.size_bytes, 'B')} | {latency} | {s.accuracy:.2%} | {train} |")
     return "\n".join(lines)
 
@@ -40,14 +40,17 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_outputs(
-    result: RecipeResult, out_dir: str | Path, *, title: str = "recipe", extra: Mapping[str, Any] | None = None
+    result: RecipeResult, out_dir: str | Path, *, title: str = "recipe", extra: Mapping[str, Any] | None = None,
+    summary: str = "",
 ) -> list[Path]:
-    """Write the report (Markdown and JSON), the figure, the final model and its masks; returns the paths."""
+    """Write the report (Markdown and JSON), the figure, the final model and its masks; returns the paths.
+    ``summary`` (Markdown) goes above the per-stage table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = stages_markdown(result.stages)
     paths = [out / "report.md", out / "report.json", out / "stages.png", out / "model.safetensors"]
-    _write_text(paths[0], f"# {title}\n\n{table}\n")
+    sections = [f"# {title}", summary, "Every stage:" if summary else "", table]
+    _write_text(paths[0], "\n\n".join(part for part in sections if part) + "\n")
     _write_text(paths[1], json.dumps({**result.to_dict(), **(extra or {})}, indent=2))
     plot_stages([asdict(s) for s in result.stages], paths[2], title=title)
     save_model(paths[3], result.model, result.spec, masks=result.masks)

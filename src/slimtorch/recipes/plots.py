@@ -40,13 +40,15 @@ def plot_layers(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
 
 
 def _ratios(ax, stages: Sequence[Mapping[str, Any]]) -> None:
-    """Grouped bars: parameters, MACs and latency of every stage relative to the first trained one."""
+    """Grouped bars: parameters, FLOPs, size and latency of every stage relative to the first trained one."""
     base = next((s for s in stages if s["history"]), stages[0])
-    metrics = [("params", "params"), ("non-zero", "nonzero_params"), ("MACs", "macs"), ("latency", "latency_s")]
+    metrics = [("params", "params"), ("non-zero", "nonzero_params"), ("FLOPs", "flops"), ("size", "size_bytes"),
+               ("latency", "latency_s")]
     width = 0.8 / len(metrics)
     for j, (label, key) in enumerate(metrics):
-        values = [(s[key] or 0) / base[key] if base[key] else 0.0 for s in stages]
-        ax.bar([i + (j - 1.5) * width for i in range(len(stages))], values, width, label=label)
+        values = [(s.get(key) or 0) / base[key] if base.get(key) else 0.0 for s in stages]
+        # bar j of each group sits at its stage's index, offset so that the group is centred on it
+        ax.bar([i + (j - (len(metrics) - 1) / 2) * width for i in range(len(stages))], values, width, label=label)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(stages)), [s["stage"] for s in stages], rotation=20)
     ax.set_ylabel(f"relative to '{base['stage']}'")
@@ -70,7 +72,7 @@ def _curves(ax, stages: Sequence[Mapping[str, Any]]) -> None:
 
 
 def plot_stages(stages: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "workflow") -> None:
-    """Three panels: test accuracy after every stage; parameters, MACs and latency relative to the trained
+    """Three panels: test accuracy after every stage; parameters, FLOPs, size and latency relative to the trained
     dense model; test accuracy per training epoch."""
     plt = pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))

@@ -20,7 +20,6 @@ the recipe (training is data parallel) and process 0 writes the outputs.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,10 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimtorch.compact import compact_
 from slimtorch.data.datasets import TensorSplit
 from slimtorch.data.sources import load_dataset
 from slimtorch.errors import ConfigError
-from slimtorch.models.modelfile import compact_like_, load_model
+from slimtorch.models.modelfile import load_model
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.recipes.schema import Recipe, Step
@@ -43,7 +43,10 @@ from slimtorch.recover.distributed import dist_info
 from slimtorch.recover.trainer import FitResult, evaluate_accuracy, fit
 from slimtorch.report import report
 
-__all__ = ["STEP_RUNNERS", "RecipeResult", "StageResult", "register_step", "run_recipe"]
+__all__ = ["MEASURE_BATCH", "STEP_RUNNERS", "RecipeResult", "StageResult", "register_step", "run_recipe"]
+
+#: Test samples per batch for tracing, compaction checks, FLOPs and latency after every step.
+MEASURE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class StageResult:
     params: int
     nonzero_params: int
     macs: int
+    flops: int
     size_bytes: int
     latency_s: float | None
     accuracy: float
@@ -96,7 +100,7 @@ class _State:
 
     @property
     def example(self) -> torch.Tensor:
-        return self.data.x_test[:32]  # (B, C, H, W) a small batch for tracing and measuring
+        return self.data.x_test[:MEASURE_BATCH]  # (B, C, H, W) a small batch for tracing and measuring
 
 
 StepRunner = Callable[[_State, Step, Path, bool], FitResult | None]
@@ -121,17 +125,12 @@ def _train(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitResu
                resume=resume)
 
 
-def _coupling_available() -> bool:
-    return importlib.util.find_spec("slimtorch.prune.coupled") is not None
-
-
 @register_step("prune")
 def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
     assert not state.compacted, "Recipe validation forbids pruning after compaction"
     if state.teacher is None:
         state.teacher = copy.deepcopy(state.model)  # the unpruned model: the default teacher
-    example = state.example if _coupling_available() else None
-    masks = compute_masks(state.model, step.config_list, example_inputs=example, criterion=step.criterion,
+    masks = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
                           seed=state.seed)
     apply_masks_(state.model, masks)
     state.masks.update(masks)
@@ -141,7 +140,7 @@ def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
 def _compact(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
     if not state.masks:
         raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
-    compact_like_(state.model, state.masks, tuple(state.example.shape[1:]))
+    compact_(state.model, state.masks, example_inputs=state.example)  # verified on real test samples
     state.compacted = True
 
 
@@ -169,10 +168,10 @@ def _distill(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitRe
 def _measure(state: _State, stage: str, result: FitResult | None) -> StageResult:
     accuracy = evaluate_accuracy(state.model, state.test_set)  # collective under DDP: every process
     # only process 0 reports (and times the model alone, not next to the other processes' timing runs)
-    sizes: tuple[Any, ...] = ("", 0, 0, 0, 0, None)
+    sizes: tuple[Any, ...] = ("", 0, 0, 0, 0, 0, None)
     if dist_info().is_main:
         rep = report(state.model, state.example, runs=10, warmup=2)
-        sizes = (rep.state, rep.params, rep.nonzero_params, rep.macs, rep.size_bytes, rep.latency_s)
+        sizes = (rep.state, rep.params, rep.nonzero_params, rep.macs, rep.flops, rep.size_bytes, rep.latency_s)
     if result is None:
         return StageResult(stage, *sizes, accuracy, 0.0)
     return StageResult(stage, *sizes, accuracy, result.train_seconds, [asdict(e) for e in result.epochs], result.comm)

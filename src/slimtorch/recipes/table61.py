@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimtorch.compact import compact_
 from slimtorch.data.datasets import TensorSplit, load_cifar10
 from slimtorch.errors import ConfigError
 from slimtorch.models import BookCNN
-from slimtorch.models.modelfile import compact_like_, compaction_available
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.recipes.table61_report import BOOK_FIGURES, write_table61
 from slimtorch.recover.distill import DistillConfig, Distiller
@@ -100,12 +100,13 @@ class Row:
 
 
 def _prune(model: nn.Module, sparsity: float, example: torch.Tensor) -> str:
-    """Prune both convolutions by L1 norm and compact (when this build can); returns the model's state."""
+    """Prune both convolutions by L1 norm, then compact: the filters go, and with them conv2's and fc1's
+    matching inputs (compaction checks on ``example`` that the result computes what the masked model does).
+    Returns the model's state (``"compacted"``)."""
     config_list = [{"op_types": ["Conv2d"], "sparse_ratio": sparsity}]
     masks = compute_masks(model, config_list, criterion="l1")
     apply_masks_(model, masks)
-    if compaction_available():
-        compact_like_(model, masks, tuple(example.shape[1:]))
+    compact_(model, masks, example_inputs=example)
     return model_state(model)
 
 

@@ -269,9 +269,9 @@ def prune_and_distill_(
     teacher = copy.deepcopy(model)
     apply_masks_(model, masks)
     if example_inputs is not None:
-        from slimtorch.models.modelfile import compact_like_
+        from slimtorch.compact import compact_
 
-        compact_like_(model, masks, tuple(example_inputs.shape[1:]))
+        compact_(model, masks, example_inputs=example_inputs)
     distiller = Distiller(teacher, model, distill, example_inputs=example_inputs)
     try:
         return fit(model, train_data, config, loss_fn=distiller, eval_data=eval_data)
