@@ -16,27 +16,21 @@ model's.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this folder comes first on sys.path and its transformers.py would shadow the Hugging
-# Face package: take the folder off the path before anything imports transformers.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
-
-from slimtorch.models import BookCNN  # noqa: E402
-from slimtorch.pipeline import PipelineConfig, PipelineResult, distil_recovery, run_pipeline  # noqa: E402
-from slimtorch.quant import QuantConfig  # noqa: E402
-from slimtorch.recover import DistillConfig, TrainConfig, evaluate_accuracy  # noqa: E402
-from slimtorch.recover.finetune import train  # noqa: E402
+from slimtorch.models import BookCNN
+from slimtorch.pipeline import PipelineConfig, PipelineResult, distil_recovery, run_pipeline
+from slimtorch.quant import QuantConfig
+from slimtorch.recover import DistillConfig, TrainConfig, evaluate_accuracy
+from slimtorch.recover.finetune import train
 
 
 def train_dense_cnn(data: Any, args: Any) -> nn.Module:

