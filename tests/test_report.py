@@ -83,3 +83,12 @@ def test_quantized_models_keep_their_counts_and_say_how_they_are_stored(method):
     # The saved file holds the low-bit values plus scales: at most bits/32 of fp32 plus 10% for scales.
     assert quantized.size_bytes < dense.size_bytes * (bits / 32 + 0.1)
     assert f"| q | dense, {method} " in compare_markdown({"float": dense, "q": quantized})
+
+
+def test_report_gives_each_module_its_own_mode_back():
+    # a model training with its dropout switched off: mixed modes must survive the measurement
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    model[2].eval()
+    before = [m.training for m in model.modules()]
+    report(model, torch.randn(4, 4), runs=1, warmup=0)
+    assert [m.training for m in model.modules()] == before == [True, True, True, False, True]

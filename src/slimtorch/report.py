@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from slimtorch.graph.trace import temporary_mode
 from slimtorch.prune.masks import is_masked
 
 __all__ = [
@@ -244,9 +245,7 @@ def report(
 ) -> Report:
     """Measure ``model`` on ``example_inputs`` (the model is put in eval mode for the measurement and
     restored after). ``runs=0`` skips the latency measurement."""
-    was_training = model.training
-    model.eval()
-    try:
+    with temporary_mode(model, training=False):  # each module gets its own mode back afterwards
         latency = measure_latency(model, example_inputs, runs=runs, warmup=warmup, threads=threads) if runs else None
         batch = _batch_size(example_inputs)
         return Report(
@@ -261,8 +260,6 @@ def report(
             threads=threads or torch.get_num_threads(),
             quantization=quantization(model),
         )
-    finally:
-        model.train(was_training)
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
