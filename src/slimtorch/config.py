@@ -32,6 +32,8 @@ __all__ = [
     "GRANULARITIES",
     "Granularity",
     "PruneTarget",
+    "fields_from_dict",
+    "fields_to_dict",
     "load_config_list",
     "parse_config_list",
 ]
@@ -327,3 +329,19 @@ def load_config_list(source: str | Path) -> tuple[PruneTarget, ...]:
     if isinstance(data, Mapping) and "config_list" in data:
         data = data["config_list"]
     return parse_config_list(data)
+
+
+def fields_to_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as a plain dict (tuples as lists, for JSON and YAML)."""
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in dataclasses.fields(config)}
+
+
+def fields_from_dict(cls: type, data: Mapping[str, Any], *, what: str) -> Any:
+    """Build the config dataclass ``cls`` from a plain dict (lists back to tuples); an unknown key is a
+    ConfigError naming the allowed ones (``what`` names the config in the message)."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys {unknown}; allowed keys: {allowed}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -25,7 +25,6 @@ the result fine-tunes, quantizes and exports like any model.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import ConfigError
 from slimtorch.select import select_layers
 
@@ -86,23 +86,15 @@ class LowRankConfig:
                 raise ConfigError(f"{key!r} must be a tuple of non-empty strings, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LowRankConfig:
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            raise ConfigError(f"unknown low-rank config keys {unknown}; allowed keys: {allowed}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return fields_from_dict(cls, data, what="low-rank")
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import CheckpointError, ConfigError
 
 __all__ = ["LoRAConfig"]
@@ -46,16 +46,11 @@ class LoRAConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            raise ConfigError(f"unknown LoRA config keys {unknown}; allowed keys: {allowed}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return fields_from_dict(cls, data, what="LoRA")
 
     def to_peft(self) -> dict[str, Any]:
         """The ``adapter_config.json`` content PEFT reads."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import ConfigError, closest
 
 __all__ = [
@@ -148,21 +149,12 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) that :meth:`from_dict` accepts back."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         """Parse a dict (e.g. from YAML); unknown keys are an error naming the allowed ones."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            raise ConfigError(f"unknown quantization config keys {unknown}; allowed keys: {allowed}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+        return fields_from_dict(cls, data, what="quantization")
 
 
 @dataclass(frozen=True)
@@ -178,7 +170,7 @@ class QuantInfo:
     note: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return fields_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantInfo:
