@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from nets import randomize_, run
+from nets import assert_shapes_trace_exact, randomize_, run
 from slimtorch import apply_masks_, compact_, compute_masks
 from slimtorch.io import load_compacted_, save_compacted
 from slimtorch.prune.coupled import implied_param_count
@@ -67,10 +67,13 @@ def check_train_mode(name: str) -> None:
 
 
 def check(name: str, folder: str) -> dict[str, float]:
-    """Run every check on one model; returns the timings (seconds) of its stages."""
+    """Run every check on one model; returns the timings (seconds) of its stages (and ``shapes_only``: 1
+    when pruning's graph came from the shapes-only trace, 0 when that fell back to a real one)."""
     times, t = {}, time.perf_counter()
     model, x = build(name)
     times["build"], t = time.perf_counter() - t, time.perf_counter()
+    times["shapes_only"] = float(assert_shapes_trace_exact(model, x))
+    t = time.perf_counter()
     config = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}, {"exclude": True, "op_names": [classifier(model)]}]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers that do not run in eval mode (aux heads) are reported, not pruned

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch import apply_masks_, compact_
+from slimtorch.graph import build_graph
 from slimtorch.prune.coupled import implied_param_count
 
 
@@ -24,6 +25,35 @@ def randomize_(model: nn.Module, seed: int = 0) -> None:
         for p in model.parameters():
             if p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+
+
+def graph_structure(graph) -> tuple:
+    """A comparable description of everything pruning reads from a graph: each member's channels as a
+    partition (units renumbered by first appearance), blocked units, equal-count constraints, fix sites,
+    layers not reached and unknown ops."""
+    roots, ids = graph.uf.roots(), {}
+
+    def canon(labels):
+        if labels is None:
+            return None
+        units = torch.where(labels >= 0, roots[labels.clamp(min=0)], labels).reshape(-1).tolist()
+        return tuple(labels.shape), tuple(ids.setdefault(u, len(ids)) if u >= 0 else -1 for u in units)
+
+    members = [(k, canon(m.labels), m.groups, m.other_dim, m.is_buffer)
+               for k, m in sorted(graph.members.items(), key=lambda kv: repr(kv[0]))]
+    blocked = sorted(ids.get(u, -2) for u in graph.blocked_units())  # -2: a unit no member holds
+    constraints = sorted(canon(rows) for rows in graph.constraints)
+    fixes = [(f.key, f.kind, canon(f.labels), repr(f.data)) for f in graph.fix_sites]
+    return members, blocked, constraints, fixes, sorted(graph.unreached), [(op, m) for op, m, _ in graph.unknown]
+
+
+def assert_shapes_trace_exact(model: nn.Module, x) -> bool:
+    """The shapes-only graph (what pruning builds) has the real trace's structure; returns whether the
+    shapes-only trace was used (False: it fell back to a real trace)."""
+    fast = build_graph(model, x, cover=True, values=False)
+    real = build_graph(model, x, cover=True)
+    assert graph_structure(fast) == graph_structure(real)
+    return not fast.measured
 
 
 def run(model: nn.Module, x):

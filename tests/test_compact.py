@@ -19,6 +19,7 @@ from nets import (
     SqueezeExcite,
     Tokens,
     Transposed,
+    assert_shapes_trace_exact,
     oracle,
     randomize_,
 )
@@ -61,6 +62,15 @@ def test_compacted_equals_masked(case):
     oracle(model, masks, x)
     assert sum(p.numel() for p in model.parameters()) < before
     assert model.slimtorch_compaction["channels_removed"] == model.slimtorch_compaction["channels_requested"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pruning_graph_from_shapes_equals_the_real_trace(case):
+    make, x, _, _ = CASES[case]
+    model = make().eval()
+    assert_shapes_trace_exact(model, x)
+    model.train()
+    assert_shapes_trace_exact(model, x)
 
 
 @pytest.mark.parametrize("case", ["residual", "dense_cat", "shuffle", "split_steps"])

@@ -274,3 +274,81 @@ def test_cover_traces_train_only_branches():
     assert build_graph(net, torch.randn(1, 3, 2, 2)).unreached == ["aux"]
     g = build_graph(net, torch.randn(1, 3, 2, 2), cover=True)
     assert g.unreached == [] and not net.training
+
+
+# -- the shapes-only trace (values=False) ------------------------------------------------------------------
+
+
+def test_shapes_only_trace_is_used_and_exact_on_a_plain_net():
+    from nets import Residual, graph_structure
+
+    net, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    fast, real = build_graph(net, x, values=False), build_graph(net, x)
+    assert not fast.measured and real.measured
+    assert fast.sinks == [] and fast.output is None and real.sinks and real.output is not None
+    assert graph_structure(fast) == graph_structure(real)
+
+
+class _DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > -1e9:  # control flow on a value: a shapes-only trace cannot follow it
+            y = y.relu()
+        return self.b(y)
+
+
+class _DataIndex(nn.Module):
+    """Channels reordered by an index computed from the weights: on meta tensors that index would be
+    garbage, so the trace must fall back (a wrong order would tie the wrong channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        order = torch.argsort(self.a.weight.sum(dim=(1, 2, 3)))
+        return self.b(self.a(x)[:, order])
+
+
+class _BufferIndex(nn.Module):
+    """A channel permutation held in an integer buffer: integer tensors stay real in the shapes-only trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+        self.register_buffer("order", torch.tensor([3, 1, 5, 0, 2, 4]))
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.order])
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # one tensor under two names: its channels are the same channels
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+
+@pytest.mark.parametrize(("net", "fast"), [(_DataBranch, False), (_DataIndex, False), (_BufferIndex, True),
+                                           (_Tied, True)], ids=["branch", "data_index", "buffer_index", "tied"])
+def test_shapes_only_trace_falls_back_when_values_matter(net, fast):
+    from nets import assert_shapes_trace_exact
+
+    model = net().eval()
+    x = torch.randn(2, 4) if net is _Tied else torch.randn(2, 3, 4, 4)
+    assert assert_shapes_trace_exact(model, x) is fast
+
+
+def test_shapes_only_trace_checks_what_it_computes_itself():
+    """Ops whose output the shapes-only trace makes itself still fail where torch would (here a LayerNorm
+    sized for another width), so build_graph reports the model's error, not a graph."""
+    net = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(5))
+    with pytest.raises(TraceError):
+        build_graph(net, torch.randn(2, 3), values=False)

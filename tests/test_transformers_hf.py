@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import slimtorch  # noqa: E402
+from nets import assert_shapes_trace_exact  # noqa: E402
 from slimtorch import apply_masks_, compute_masks  # noqa: E402
 from slimtorch.errors import CheckpointError, CompactionError, ConfigError, NoMatchError, SlimWarning  # noqa: E402
 from slimtorch.report import count_params, model_state  # noqa: E402
@@ -93,6 +94,12 @@ def _removed_per_unit(spec, model):
         p = params[f"{spec.name}.{s.param}"]
         total += s.width * p.numel() // p.shape[s.dim]
     return total
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_pruning_graph_from_shapes_equals_the_real_trace(family):
+    model, inputs = MODELS[family]()
+    assert_shapes_trace_exact(model.eval(), inputs)
 
 
 @pytest.mark.parametrize("engine", [True, False], ids=["compact_", "compact_hf_"])

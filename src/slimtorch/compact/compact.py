@@ -102,20 +102,24 @@ def replay_(model: nn.Module, steps: list[dict[str, Any]]) -> list[Any]:
     return handles
 
 
-def _needed_fixes(model: nn.Module, fixes: list[dict[str, Any]], example_inputs: Any) -> list[dict[str, Any]]:
-    """Run once with every rewrite, remembering which ones changed a call (others compute right already)."""
+def _needed_fixes(model: nn.Module, fixes: list[dict[str, Any]],
+                  example_inputs: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Run once with every rewrite, remembering which ones changed a call (others compute right already).
+    Also returns the output: the rewrites left out change no call, so it is the compacted model's output."""
     probe = ShapeFixer(fixes, probing=True)
     handles = probe.install(model)
     try:
         with torch.no_grad(), temporary_mode(model, training=False):
-            _call(model, example_inputs)
+            out = _call(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-    return [f for f in fixes if (f["module"], f["op"], f["occurrence"]) in probe.needed]
+    return [f for f in fixes if (f["module"], f["op"], f["occurrence"]) in probe.needed], out
 
 
-def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> dict:
+def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple[dict, Any]:
+    """Change the model as planned; returns the step record and, when the call rewrites needed a probing
+    run, its (eval-mode) output."""
     if is_masked(model):
         remove_masks_(model)
     for name, value in plan.masked.items():
@@ -124,12 +128,13 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> dict:
     for name, delta in plan.folds.items():
         _set_param(model, name, params[name].detach() + delta.to(params[name]))
     step = plan.to_dict()
-    for name, change in step["modules"].items():
-        SHRINKS[change["kind"]](model.get_submodule(name), _keeps(change), change["options"])
+    for name, change in plan.modules.items():  # (the plan's keep tensors; the step holds them as lists)
+        SHRINKS[change["kind"]](model.get_submodule(name), change["keeps"], change["options"])
+    out = None
     if step["fixes"]:
-        step["fixes"] = _needed_fixes(model, step["fixes"], example_inputs)
+        step["fixes"], out = _needed_fixes(model, step["fixes"], example_inputs)
         ShapeFixer(step["fixes"]).install(model)
-    return step
+    return step, out
 
 
 def _compare(got: Any, want: Any, rtol: float, atol: float) -> float | None:
@@ -200,9 +205,9 @@ def compact_(
     before = sum(p.numel() for p in model.parameters())
     snapshot = _Snapshot(model)
     try:
-        step = _apply(model, plan, example_inputs)
+        step, probed = _apply(model, plan, example_inputs)
         if verify:
-            _verify(model, example_inputs, reference)
+            _verify(model, example_inputs, reference, probed)
     except BaseException as err:
         snapshot.restore(model)
         if isinstance(err, SlimError) or not isinstance(err, Exception):
@@ -221,9 +226,12 @@ def compact_(
         )
 
 
-def _verify(model: nn.Module, example_inputs: Any, reference: Any, rtol: float = 1e-3, atol: float = 1e-4) -> None:
-    with torch.no_grad(), temporary_mode(model, training=False):
-        got = _call(model, example_inputs)
+def _verify(model: nn.Module, example_inputs: Any, reference: Any, got: Any = None, rtol: float = 1e-3,
+            atol: float = 1e-4) -> None:
+    """Compare the compacted model's eval-mode output (``got``, computed here when not given) with ``reference``."""
+    if got is None:
+        with torch.no_grad(), temporary_mode(model, training=False):
+            got = _call(model, example_inputs)
     worst = _compare(got, reference, rtol, atol)
     if worst is not None:
         raise CompactionError(

@@ -65,34 +65,47 @@ def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
     size = member.labels.numel()
     if mask is None:
         return torch.zeros(size, dtype=torch.bool)
-    keep = mask.bool().cpu()
+    # amax over uint8 instead of any over bool: the same answer, an order of magnitude faster on CPU
+    keep = mask.bool().cpu().view(torch.uint8)
+    if keep.numel() == 0:
+        return torch.ones(size, dtype=torch.bool)
     if member.groups > 1:
         moved = keep.movedim((member.other_dim, member.dim), (0, 1))  # (other, dim, rest...)
         g = member.groups
-        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).any(dim=3).any(dim=1)  # (groups, dim)
-        return ~alive.reshape(-1)
-    return ~keep.movedim(member.dim, 0).reshape(keep.shape[member.dim], -1).any(dim=1)
+        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).amax(dim=(1, 3))  # (groups, dim)
+        return alive.reshape(-1) == 0
+    others = tuple(d for d in range(keep.dim()) if d != member.dim)
+    return (keep.amax(dim=others) if others else keep) == 0
 
 
-def _at(per_unit: torch.Tensor, roots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``per_unit`` looked up at every label position (False where there is no label)."""
-    return per_unit[roots[labels.clamp(min=0)]] & (labels >= 0)
+def _table(per_unit: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """``per_unit`` per label, plus a False at the end that label -1 (no channel) reads: a lookup at label
+    positions is then one gather (``table[labels]``), the plan's most frequent operation."""
+    return torch.cat([per_unit[roots], per_unit.new_zeros(1)])
 
 
 def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
-              params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+              params: dict[str, torch.Tensor], dead: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(requested, input-independent) per unit: which units the masks ask to remove, and which have
-    every producing weight slice masked (their values do not depend on the input)."""
+    every producing weight slice masked (their values do not depend on the input). Fills ``dead`` (per
+    member key, see :func:`_dead`) for :func:`_check_sinks`."""
     n = roots.numel()
     all_ = {r: torch.ones(n, dtype=torch.int8) for r in ("out", "in")}
     any_ = {r: torch.zeros(n, dtype=torch.bool) for r in ("out", "in")}
+    found: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {"out": ([], []), "in": ([], [])}
     for m in graph.members.values():
         if m.role not in all_ or m.is_buffer or m.name not in params or params[m.name].dim() < 2:
             continue
-        valid = m.labels >= 0
-        units = roots[m.labels[valid]]
-        any_[m.role][units] = True
-        all_[m.role].scatter_reduce_(0, units, _dead(m, masks.get(m.name))[valid].to(torch.int8), "amin")
+        dead[m.key] = _dead(m, masks.get(m.name))
+        found[m.role][0].append(m.labels.reshape(-1))
+        found[m.role][1].append(dead[m.key])
+    for role, (labels, flags) in found.items():  # every member of a role at once
+        if labels:
+            flat = torch.cat(labels)
+            valid = flat >= 0
+            units = roots[flat[valid]]
+            any_[role][units] = True
+            all_[role].scatter_reduce_(0, units, torch.cat(flags)[valid].to(torch.int8), "amin")
     independent = any_["out"] & all_["out"].bool()
     return independent | (any_["in"] & all_["in"].bool()), independent
 
@@ -106,21 +119,23 @@ class _Fold:
 
 
 def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.Tensor, independent: torch.Tensor,
-                 masks: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list[_Fold]]:
+                 masks: Mapping[str, torch.Tensor],
+                 dead_of: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, list[_Fold]]:
     """Per unit: may it go as far as its sinks are concerned; and the constants to fold if it does."""
     allowed = torch.ones(roots.numel(), dtype=torch.bool)
     folds: list[_Fold] = []
+    requested_at, independent_at = _table(requested, roots), _table(independent, roots)
     for sink in graph.sinks:
         labels = sink.labels.reshape(-1)
-        units = roots[labels.clamp(min=0)]
-        asked = _at(requested, roots, labels)
+        asked = requested_at[labels]
         if not bool(asked.any()):
             continue
-        zero = (sink.absmax.reshape(-1) == 0) & _at(independent, roots, labels)
+        units = roots[labels.clamp(min=0)]
+        zero = (sink.absmax.reshape(-1) == 0) & independent_at[labels]
         if sink.kind == "consumer":
             member = graph.members[sink.member]
-            dead = _dead(member, masks.get(member.name))
-            const = (sink.vmin == sink.vmax).reshape(-1) & _at(independent, roots, labels)
+            dead = dead_of[member.key] if member.key in dead_of else _dead(member, masks.get(member.name))
+            const = (sink.vmin == sink.vmax).reshape(-1) & independent_at[labels]
             const &= sink.foldable and not graph.training
             ok = dead | zero | const
             folds += [_Fold(sink.member, int(p), float(sink.vmin.reshape(-1)[p]), int(units[p]))
@@ -142,20 +157,22 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
     """Give back removed units until every equal-count constraint and rectangular slice holds (in place)."""
     for _ in range(50):
         before = int(removed.sum())
+        removed_at = _table(removed, roots)
         for rows in graph.constraints:
-            gone = _at(removed, roots, rows)
+            gone = removed_at[rows]
             counts = gone.sum(dim=1)
             if bool((counts == counts[0]).all()):
                 continue
             excess = gone & (gone.cumsum(dim=1) > counts.min())  # keep the first min(count) of each row removed
             back = torch.unique(roots[rows[excess]])
             removed[back] = False
+            removed_at = _table(removed, roots)
             kept["to keep equal channel counts (conv groups, heads, chunks, layers)"] = (
                 kept.get("to keep equal channel counts (conv groups, heads, chunks, layers)", 0) + back.numel())
         for m in graph.members.values():
             if m.role != "element":
                 continue
-            keep = ~_at(removed, roots, m.labels)
+            keep = ~removed_at[m.labels]
             rect = torch.ones_like(keep)
             for d in range(keep.dim()):
                 rect &= keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1).reshape(
@@ -163,6 +180,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
             if not torch.equal(rect, keep):
                 back = torch.unique(roots[m.labels[~keep]])
                 removed[back] = False
+                removed_at = _table(removed, roots)
                 kept[f"so that {m.name} keeps a rectangular block"] = back.numel()
         if int(removed.sum()) == before:
             return
@@ -170,11 +188,11 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
 
 
 def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> None:
+    removed_at = _table(removed, roots)
     for m in graph.members.values():
         if m.role == "element" or m.is_buffer:
             continue
-        valid = m.labels >= 0
-        if bool(valid.any()) and bool(_at(removed, roots, m.labels)[valid].all()) and bool(valid.all()):
+        if m.labels.numel() and bool(removed_at[m.labels].all()):  # every index a channel, every one removed
             side = {"out": "output", "in": "input"}.get(m.role, "")
             raise CompactionError(
                 f"the masks remove every {side} channel of {m.name!r} ({m.labels.numel()} of them); a layer cannot "
@@ -182,27 +200,28 @@ def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: tor
             )
 
 
-def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
+def _owner(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module, str]:
     """(module name, module, attribute path) of a parameter, where a module whose shrink function handles
-    its children (e.g. an attention block) owns its children's parameters."""
+    its children (e.g. an attention block) owns its children's parameters (``modules``: by name)."""
     parts = name.split(".")
     for i in range(len(parts) - 1):
         prefix = ".".join(parts[:i])
-        module = model.get_submodule(prefix)
-        if shrink_kind(module) in CLAIMS_CHILDREN:
-            return prefix, module, ".".join(parts[i:])
+        if shrink_kind(modules[prefix]) in CLAIMS_CHILDREN:
+            return prefix, modules[prefix], ".".join(parts[i:])
     prefix = ".".join(parts[:-1])
-    return prefix, model.get_submodule(prefix), parts[-1]
+    return prefix, modules[prefix], parts[-1]
 
 
 def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tensor,
                     removed: torch.Tensor) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    removed_at = _table(removed, roots)
     for m in graph.members.values():
-        keep = ~_at(removed, roots, m.labels)
+        keep = ~removed_at[m.labels]
         if bool(keep.all()):
             continue
-        owner, module, attr = _owner(model, m.name)
+        owner, module, attr = _owner(modules, m.name)
         entry = changes.setdefault(owner, {"kind": shrink_kind(module), "keeps": {}, "options": {}})
         if m.role == "element":
             if entry["kind"] != "tensors":
@@ -222,8 +241,9 @@ def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tenso
 
 def _fixes(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> list[dict[str, Any]]:
     found: dict[tuple, list[Any]] = {}
+    removed_at = _table(removed, roots)
     for site in graph.fix_sites:
-        fix = site.compacted(None if site.labels is None else ~_at(removed, roots, site.labels))
+        fix = site.compacted(None if site.labels is None else ~removed_at[site.labels])
         found.setdefault(site.key, []).append(fix)
     out = []
     for key, fixes in found.items():
@@ -269,8 +289,9 @@ def plan_compaction(
     masked = {n: params[n].detach().masked_fill(~masks[n].to(params[n].device).bool(), 0) for n in masks}
     graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True)
     roots = graph.uf.roots()
-    requested, independent = _requests(graph, roots, masks, params)
-    allowed, folds = _check_sinks(graph, roots, requested, independent, masks)
+    dead: dict[tuple, torch.Tensor] = {}
+    requested, independent = _requests(graph, roots, masks, params, dead)
+    allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
     blocked = torch.zeros_like(requested)
     blocked[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = True
     removed = requested & allowed & ~blocked

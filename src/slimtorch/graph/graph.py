@@ -128,6 +128,7 @@ class DependencyGraph:
     unknown: list[tuple[str, str, list[torch.Tensor]]] = field(default_factory=list)
     output: Any = None
     training: bool = False
+    measured: bool = True
     called: set[str] = field(default_factory=set)
     used: set[str] = field(default_factory=set)
     unreached: list[str] = field(default_factory=list)
@@ -207,41 +208,43 @@ class DependencyGraph:
 
     def _make_groups(self) -> list[ChannelGroup]:
         roots = self.uf.roots()
+        members = list(self.members.values())
+        if not members:
+            return []
+        # Every member's units in one tensor (``owner``: which member), so that the work is a few
+        # vectorised ops instead of several per member.
+        flat = torch.cat([m.labels.reshape(-1) for m in members])
+        owner = torch.repeat_interleave(torch.tensor([m.labels.numel() for m in members]))
+        valid = flat >= 0
+        units, owner = roots[flat[valid]], owner[valid]
+        one = torch.full((len(members),), -1, dtype=torch.long)  # one unit of each member (-1: none)
+        one.scatter_reduce_(0, owner, units, "amin", include_self=False)  # the smallest: one pass to link
+        # Units sharing a member are one family: tie each to that one unit of its member, in one union.
         family = UnionFind()
         family.new(self.uf.size)
-        for m in self.members.values():
-            units = roots[m.labels[m.labels >= 0]]
-            if units.numel() > 1:
-                family.union(units[:1].expand_as(units), units)
+        family.union(one[owner], units)
         fam = family.find(roots)
         by_family: dict[int, list[Member]] = {}
-        for m in self.members.values():
-            units = roots[m.labels[m.labels >= 0]]
-            if units.numel():
-                by_family.setdefault(int(fam[units[0]]), []).append(m)
-        groups = []
-        for i, (f, members) in enumerate(sorted(by_family.items())):
-            units = torch.unique(roots[(fam == f) & (roots == torch.arange(roots.numel()))])
-            groups.append(ChannelGroup(i, units, members))
-        return groups
-
-    def keep_flags(self, removed: torch.Tensor) -> dict[tuple[str, int | None, str], torch.Tensor]:
-        """Per member, one keep flag per label, given ``removed`` (bool per unit id)."""
-        out = {}
-        for key, m in self.members.items():
-            units = self.unit_of(m.labels)
-            out[key] = (units < 0) | ~removed[units.clamp(min=0)]
-        return out
+        for m, u, f in zip(members, one.tolist(), fam[one.clamp(min=0)].tolist(), strict=True):
+            if u >= 0:
+                by_family.setdefault(f, []).append(m)
+        unit_ids = torch.nonzero(roots == torch.arange(roots.numel())).flatten()  # ascending
+        order = torch.argsort(fam[unit_ids], stable=True)
+        families, counts = torch.unique_consecutive(fam[unit_ids][order], return_counts=True)
+        units_of = dict(zip(families.tolist(), torch.split(unit_ids[order], counts.tolist()), strict=True))
+        return [ChannelGroup(i, units_of[f], ms) for i, (f, ms) in enumerate(sorted(by_family.items()))]
 
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
         masks: dict[str, torch.Tensor] = {}
-        for key, keep in self.keep_flags(removed).items():
-            m = self.members[key]
-            if m.is_buffer or m.name not in tensors or bool(keep.all()):
+        keep_at = torch.cat([~removed[self.uf.roots()], removed.new_ones(1)])  # per label; the last: label -1
+        for m in self.members.values():
+            if m.is_buffer or m.name not in tensors:
                 continue
-            shape = tensors[m.name].shape
-            mask = m.expand(keep, shape)
+            keep = keep_at[m.labels]
+            if bool(keep.all()):
+                continue
+            mask = m.expand(keep, tensors[m.name].shape)
             masks[m.name] = masks[m.name] & mask if m.name in masks else mask.clone()
         return masks
 

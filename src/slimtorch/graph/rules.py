@@ -27,7 +27,7 @@ from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varyin
 if TYPE_CHECKING:
     from slimtorch.graph.trace import ModuleContext, OpContext
 
-__all__ = ["find_module_rule", "find_rule", "op_name", "register_module_rule", "register_rule"]
+__all__ = ["find_module_rule", "find_rule", "op_name", "register_module_rule", "register_rule", "tensors_in"]
 
 Rule = Callable[["OpContext"], None]
 ModuleRule = Callable[["ModuleContext"], None]
@@ -63,6 +63,30 @@ def op_name(func: Any) -> str:
     if name == "__get__":  # a property such as Tensor.T: name it after the property
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name
+
+
+_PLAIN = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
+          torch.layout, torch.Size)
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or outputs, in order. Plain tuples, lists and dicts are walked here
+    (torch's pytree, which also knows namedtuples and registered classes, costs ~10x more per call and
+    runs for every op traced); anything else goes to the pytree."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, _PLAIN):
+        return []
+    kind = type(tree)
+    if kind is tuple or kind is list or kind is dict:
+        out: list[torch.Tensor] = []
+        for item in tree.values() if kind is dict else tree:
+            if isinstance(item, torch.Tensor):
+                out.append(item)
+            elif not isinstance(item, _PLAIN):
+                out += tensors_in(item)
+        return out
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def find_rule(func: Any) -> Rule | None:
@@ -136,7 +160,7 @@ def _nary(ctx: OpContext) -> None:
     if not outs:
         return
     rank = outs[0].dim()
-    parts = [_aligned(ctx.labels(t), rank) for t in tree_leaves((ctx.args, ctx.kwargs)) if isinstance(t, torch.Tensor)]
+    parts = [_aligned(ctx.labels(t), rank) for t in tensors_in((ctx.args, ctx.kwargs))]
     merged = broadcast_merge(ctx.uf, parts)
     ctx.set_output(merged)
     note_grid(ctx, merged)

@@ -144,7 +144,7 @@ def coupled_masks(
     train mode) is not pruned; a plan whose units the graph cannot map (e.g. a grouped conv's input
     channels) gets its per-layer mask unchanged.
     """
-    graph = build_graph(model, example_inputs, cover=True)
+    graph = build_graph(model, example_inputs, cover=True, values=False)
     masks: dict[str, torch.Tensor] = {}
     mapped = []
     for plan in plans:

@@ -185,6 +185,7 @@ def _gqa_plan(ctx: ModuleContext, lay: Layout, heads: torch.Tensor, kv: torch.Te
 
 
 def _attention_rule(ctx: ModuleContext) -> None:
+    ctx.require_values()  # the head plan reads the (masked) projection weights
     lay = attention_layout(ctx.module)
     x = ctx.args[0] if ctx.args else ctx.kwargs.get("hidden_states")
     if lay is None or not isinstance(x, torch.Tensor):
