@@ -87,16 +87,20 @@ def torch_pruning_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict
 def latencies(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, float]:
     """Median forward time of each model, one thread, measured in interleaved rounds so that a load change
     on a shared machine hits every model alike (slimtorch.report.measure_latency times one model at a time)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m(x)  # warm-up
-        for _ in range(runs):
-            for k, m in models.items():
-                start = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - start)
+    try:
+        with torch.inference_mode():
+            for m in models.values():
+                m(x)  # warm-up
+            for _ in range(runs):
+                for k, m in models.items():
+                    start = time.perf_counter()
+                    m(x)
+                    times[k].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)  # the next model's graph and pruning times run as the first one's did
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -173,6 +173,27 @@ def test_failed_compaction_leaves_the_model_untouched(monkeypatch):
         assert torch.equal(v, state[k]), k
 
 
+def test_masks_that_remove_no_channel_say_so():
+    """Masks on a BatchNorm alone (or on single weights) remove no channel: compact_ says so, names the way
+    to masks that do, and leaves a model that computes what the masked one does."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    randomize_(net)
+    x = torch.randn(2, 3, 6, 6)
+    keep = torch.tensor([True, False, True, True])
+    masks = {"1.weight": keep, "1.bias": keep}
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        ref[1].weight.mul_(keep)
+        ref[1].bias.mul_(keep)
+    with pytest.warns(SlimWarning, match="removed no channel.*compute_masks"):
+        compact_(net, masks, example_inputs=x)
+    assert net[0].out_channels == 4
+    torch.testing.assert_close(net(x), ref(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full masks: nothing asked, nothing said
+        compact_(net, {"0.weight": torch.ones_like(net[0].weight, dtype=torch.bool)}, example_inputs=x)
+
+
 def test_unknown_ops_are_named_or_kept_on_request():
     class Odd(nn.Module):
         def __init__(self):

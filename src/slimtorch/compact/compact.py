@@ -216,6 +216,15 @@ def compact_(
     setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
     for finish in AFTER_COMPACTION:
         finish(model)
+    if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
+        warnings.warn(
+            "compaction removed no channel: the masks zero no whole channel of a layer's weights (they mask single "
+            "weights, or only normalisation parameters such as BatchNorm scales); the masked values were baked in. "
+            "To remove channels, mask whole output rows of the layers, e.g. with compute_masks(..., "
+            "example_inputs=...), which extends a pruned channel to every parameter that produces it.",
+            SlimWarning,
+            stacklevel=2,
+        )
     if plan.kept:
         reasons = "; ".join(f"{n} {why}" for why, n in plan.kept.items())
         warnings.warn(
