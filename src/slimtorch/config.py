@@ -32,6 +32,7 @@ __all__ = [
     "GRANULARITIES",
     "Granularity",
     "PruneTarget",
+    "check_fields",
     "fields_from_dict",
     "fields_to_dict",
     "load_config_list",
@@ -337,11 +338,17 @@ def fields_to_dict(config: Any) -> dict[str, Any]:
             for f in dataclasses.fields(config)}
 
 
+def check_fields(cls: type, data: Mapping[str, Any], *, what: str) -> None:
+    """A ConfigError naming the allowed keys when ``data`` has a key that is not a field of the config
+    dataclass ``cls`` (``what`` names the config in the message)."""
+    allowed = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s) {unknown}; allowed keys: {allowed}")
+
+
 def fields_from_dict(cls: type, data: Mapping[str, Any], *, what: str) -> Any:
     """Build the config dataclass ``cls`` from a plain dict (lists back to tuples); an unknown key is a
-    ConfigError naming the allowed ones (``what`` names the config in the message)."""
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in allowed]
-    if unknown:
-        raise ConfigError(f"unknown {what} config keys {unknown}; allowed keys: {allowed}")
+    ConfigError naming the allowed ones (:func:`check_fields`)."""
+    check_fields(cls, data, what=what)
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimtorch.config import parse_config_list
+from slimtorch.config import check_fields, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
@@ -93,10 +93,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown pipeline key(s) {unknown}; allowed: {sorted(allowed)}")
+        check_fields(cls, data, what="pipeline")
         quant = data.get("quant", {"method": "dynamic_int8"})
         return cls(**{**data, "config_list": tuple(data.get("config_list", ())),
                       "quant": QuantConfig.from_dict(quant) if quant is not None else None})

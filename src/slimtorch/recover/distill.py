@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.config import check_fields
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
 if TYPE_CHECKING:
@@ -76,10 +77,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
-        allowed = {"temperature", "alpha", "features", "feature_weight"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown distillation key(s) {unknown}; allowed: {sorted(allowed)}")
+        check_fields(cls, data, what="distillation")
         return cls(**{**data, "features": tuple(tuple(p) for p in data.get("features", ()))})
 
 

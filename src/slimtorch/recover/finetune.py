@@ -21,6 +21,7 @@ from torch import nn
 
 from slimtorch.errors import ConfigError
 from slimtorch.progress import progress
+from slimtorch.prune.loop import accuracy
 
 __all__ = ["evaluate", "train", "train_epoch"]
 
@@ -72,16 +73,5 @@ def train(
     ]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch]) -> float:
-    """Top-1 accuracy of ``model`` over ``loader`` (eval mode; the previous mode is restored)."""
-    was_training = model.training
-    model.eval()
-    correct, count = 0, 0
-    try:
-        for x, y in loader:
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            count += len(y)
-    finally:
-        model.train(was_training)
-    return correct / max(count, 1)
+#: top-1 accuracy over ``(x, y)`` batches, eval mode, the previous mode restored (the pruning loop's metric)
+evaluate = accuracy

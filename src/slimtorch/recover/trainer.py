@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from slimtorch.config import check_fields
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.progress import progress
 from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy, fetch
@@ -91,10 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown training key(s) {unknown}; allowed: {sorted(allowed)}")
+        check_fields(cls, data, what="training")
         return cls(**data)
 
 
