@@ -326,6 +326,20 @@ class _BufferIndex(nn.Module):
         return self.b(self.a(x)[:, self.order])
 
 
+class _ComputedMask(nn.Module):
+    """A mask computed from a constant (Swin's shifted-window attention mask): elementwise rules never read
+    values, so the shapes-only trace keeps going."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        mask = y.new_zeros(y.shape[-2:]) != 0
+        return self.b(y.masked_fill(mask, -1.0))
+
+
 class _Tied(nn.Module):
     def __init__(self):
         super().__init__()
@@ -337,7 +351,8 @@ class _Tied(nn.Module):
 
 
 @pytest.mark.parametrize(("net", "fast"), [(_DataBranch, False), (_DataIndex, False), (_BufferIndex, True),
-                                           (_Tied, True)], ids=["branch", "data_index", "buffer_index", "tied"])
+                                           (_ComputedMask, True), (_Tied, True)],
+                         ids=["branch", "data_index", "buffer_index", "computed_mask", "tied"])
 def test_shapes_only_trace_falls_back_when_values_matter(net, fast):
     from nets import assert_shapes_trace_exact
 

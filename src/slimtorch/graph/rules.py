@@ -27,7 +27,8 @@ from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varyin
 if TYPE_CHECKING:
     from slimtorch.graph.trace import ModuleContext, OpContext
 
-__all__ = ["find_module_rule", "find_rule", "op_name", "register_module_rule", "register_rule", "tensors_in"]
+__all__ = ["VALUE_FREE", "find_module_rule", "find_rule", "op_name", "register_module_rule", "register_rule",
+           "tensors_in"]
 
 Rule = Callable[["OpContext"], None]
 ModuleRule = Callable[["ModuleContext"], None]
@@ -146,6 +147,10 @@ def note_scalars(ctx: OpContext) -> None:
     values = {str(i): a for i, a in enumerate(ctx.args) if isinstance(a, float)}
     if values:
         ctx.graph.fix_sites.append(FixSite(ctx.site, "scalar", None, {"values": values}))
+
+
+#: ops whose rules read only labels and shapes, never the values of their tensor arguments
+VALUE_FREE = frozenset(_UNARY) | frozenset(_NARY)
 
 
 @register_rule(*_UNARY)

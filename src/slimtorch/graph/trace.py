@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.graph import DependencyGraph
-from slimtorch.graph.rules import find_module_rule, find_rule, op_name, tensors_in
+from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
 
 __all__ = ["ModuleContext", "OpContext", "build_graph"]
 
@@ -166,7 +166,7 @@ class _Tracer(TorchFunctionMode):
         site = (frame.module, name, frame.counts[name])
         frame.counts[name] += 1
         inputs = tensors_in((args, kwargs))
-        if not self.measuring:
+        if not self.measuring and name not in VALUE_FREE:
             _check_meta(inputs, name)
         leaves = [self.names[id(t)] for t in inputs if id(t) in self.names]
         self.graph.used.update(leaves)
@@ -273,7 +273,9 @@ def _shape_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _check_meta(values: list[Any], op: str) -> None:
     """A meta tensor that is not floating point (a mask or index computed from data) has no values a
-    rule could read: indexing a real tensor with it would give garbage, so trace for real instead."""
+    rule could read: indexing a real tensor with it would give garbage, so trace for real instead.
+    (Not called for elementwise ops, whose rules read labels and shapes only: a computed mask in
+    ``masked_fill`` or ``where`` is harmless there.)"""
     for t in values:
         if isinstance(t, torch.Tensor) and t.is_meta and not (t.is_floating_point() or t.is_complex()):
             raise _NeedsValues(f"{op!r} takes a {t.dtype} tensor computed from data")
