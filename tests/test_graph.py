@@ -367,3 +367,25 @@ def test_shapes_only_trace_checks_what_it_computes_itself():
     net = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(5))
     with pytest.raises(TraceError):
         build_graph(net, torch.randn(2, 3), values=False)
+
+
+def test_shapes_only_conv_output_shape_is_torchs():
+    """The shapes-only trace computes conv output shapes itself (torch's meta kernel is slow Python); over a
+    grid of strides, paddings, dilations, groups and sizes it gives torch's shape or defers to torch."""
+    import itertools
+
+    from slimtorch.graph.trace import _conv_shape
+
+    convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+    for k, stride, pad, dil, groups, size in itertools.product([1, 2, 3], [1, 2], [0, 2], [1, 2], [1, 2], [4, 9]):
+        x = torch.empty((2, 4) + (size,) * k, device="meta")
+        w = torch.empty((6, 4 // groups) + (3,) * k, device="meta")
+        mine = _conv_shape(x, (x, w, None, stride, pad, dil, groups), {})
+        try:
+            real = tuple(convs[k](x, w, None, stride, pad, dil, groups).shape)
+        except RuntimeError:  # the kernel does not fit the input: the shortcut must defer
+            real = None
+        assert mine in (real, None) and (mine is not None) == (real is not None)
+    x, w = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(6, 4, 3, 3, device="meta")
+    assert _conv_shape(x, (x, w), {"padding": "same"}) is None  # string padding: torch decides
+    assert _conv_shape(x, (x, w), {"stride": 2}) == (1, 6, 3, 3)

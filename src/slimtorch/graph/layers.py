@@ -28,14 +28,17 @@ __all__ = ["channel_labels", "consumer_sink", "placed"]
 def channel_labels(ctx: OpContext, x: torch.Tensor, dim: int) -> torch.Tensor:
     """One label per index of ``x``'s ``dim`` (-1 where none), tying labels that share a channel index."""
     labels = ctx.labels(x)
+    n = x.shape[dim]
     if labels is None:
-        return torch.full((x.shape[dim],), -1, dtype=torch.long)
-    return union_rows(ctx.uf, labels, [dim]).expand(x.shape[dim]).contiguous()
+        return torch.full((n,), -1, dtype=torch.long)
+    if labels.numel() == labels.shape[dim]:  # already one label per channel (the common case): no ties to make
+        return labels.reshape(-1).expand(n).contiguous()
+    return union_rows(ctx.uf, labels, [dim]).expand(n).contiguous()
 
 
 def placed(vec: torch.Tensor | None, rank: int, dim: int) -> torch.Tensor | None:
     """A per-channel label vector as the labels of a rank-``rank`` tensor with channels on ``dim``."""
-    if vec is None or not bool((vec >= 0).any()):
+    if vec is None or vec.numel() == 0 or int(vec.max()) < 0:  # (no channel at all)
         return None
     shape = [1] * rank
     shape[dim] = vec.numel()

@@ -235,8 +235,33 @@ class _Tracer(TorchFunctionMode):
 # argument forms, dtypes) returns None and runs torch's own meta kernel, which raises as the real op would.
 _SAME_SHAPE = {
     "relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
-    "elu", "mish", "dropout", "batch_norm", "layer_norm", "linear",
+    "elu", "mish", "dropout", "batch_norm", "layer_norm", "linear", "conv1d", "conv2d", "conv3d",
 }
+
+
+def _conv_shape(x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The output shape of conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups) for numeric
+    arguments that torch would accept; None for anything else (torch's own kernel then decides)."""
+    weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype:
+        return None
+    k = weight.dim() - 2
+    groups = _arg(args, kwargs, 6, "groups") or 1
+    if x.dim() != k + 2 or not isinstance(groups, int) or weight.shape[0] % groups \
+            or x.shape[1] != weight.shape[1] * groups or (bias is not None and bias.shape != weight.shape[:1]):
+        return None
+    given = [_arg(args, kwargs, i, key) for i, key in ((3, "stride"), (4, "padding"), (5, "dilation"))]
+    stride, padding, dilation = (
+        [v] * k if isinstance(v, int) else list(v) if isinstance(v, (tuple, list)) else None
+        for v in (1 if given[0] is None else given[0], 0 if given[1] is None else given[1],
+                  1 if given[2] is None else given[2]))
+    if any(v is None or len(v) != k or not all(isinstance(i, int) for i in v) for v in (stride, padding, dilation)):
+        return None  # e.g. padding="same": let torch work it out
+    spatial = [(n + 2 * p - d * (w - 1) - 1) // s + 1
+               for n, p, d, w, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True)]
+    if min(spatial) < 1 or min(stride) < 1:
+        return None
+    return (x.shape[0], weight.shape[0], *spatial)
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -261,6 +286,9 @@ def _shape_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
         shape, weight = tuple(_arg(args, kwargs, 1, "normalized_shape")), _arg(args, kwargs, 2, "weight")
         if tuple(x.shape[x.dim() - len(shape):]) != shape or (weight is not None and tuple(weight.shape) != shape):
             return None
+    elif name in ("conv1d", "conv2d", "conv3d"):
+        shape = _conv_shape(x, args, kwargs)
+        return None if shape is None else torch.empty(shape, dtype=x.dtype, device="meta")
     elif name == "linear":
         weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != x.dtype or x.dim() < 1 \
