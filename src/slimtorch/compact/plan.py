@@ -25,6 +25,7 @@ from torch import nn
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
+from slimtorch.graph.graph import label_table
 from slimtorch.prune.masks import check_masks
 
 __all__ = ["CompactionPlan", "plan_compaction"]
@@ -78,12 +79,6 @@ def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
     return (keep.amax(dim=others) if others else keep) == 0
 
 
-def _table(per_unit: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
-    """``per_unit`` per label, plus a False at the end that label -1 (no channel) reads: a lookup at label
-    positions is then one gather (``table[labels]``), the plan's most frequent operation."""
-    return torch.cat([per_unit[roots], per_unit.new_zeros(1)])
-
-
 def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
               params: dict[str, torch.Tensor], dead: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(requested, input-independent) per unit: which units the masks ask to remove, and which have
@@ -124,7 +119,7 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
     """Per unit: may it go as far as its sinks are concerned; and the constants to fold if it does."""
     allowed = torch.ones(roots.numel(), dtype=torch.bool)
     folds: list[_Fold] = []
-    requested_at, independent_at = _table(requested, roots), _table(independent, roots)
+    requested_at, independent_at = label_table(requested, roots), label_table(independent, roots)
     for sink in graph.sinks:
         labels = sink.labels.reshape(-1)
         asked = requested_at[labels]
@@ -157,7 +152,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
     """Give back removed units until every equal-count constraint and rectangular slice holds (in place)."""
     for _ in range(50):
         before = int(removed.sum())
-        removed_at = _table(removed, roots)
+        removed_at = label_table(removed, roots)
         for rows in graph.constraints:
             gone = removed_at[rows]
             counts = gone.sum(dim=1)
@@ -166,7 +161,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
             excess = gone & (gone.cumsum(dim=1) > counts.min())  # keep the first min(count) of each row removed
             back = torch.unique(roots[rows[excess]])
             removed[back] = False
-            removed_at = _table(removed, roots)
+            removed_at = label_table(removed, roots)
             kept["to keep equal channel counts (conv groups, heads, chunks, layers)"] = (
                 kept.get("to keep equal channel counts (conv groups, heads, chunks, layers)", 0) + back.numel())
         for m in graph.members.values():
@@ -180,7 +175,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
             if not torch.equal(rect, keep):
                 back = torch.unique(roots[m.labels[~keep]])
                 removed[back] = False
-                removed_at = _table(removed, roots)
+                removed_at = label_table(removed, roots)
                 kept[f"so that {m.name} keeps a rectangular block"] = back.numel()
         if int(removed.sum()) == before:
             return
@@ -188,7 +183,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
 
 
 def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> None:
-    removed_at = _table(removed, roots)
+    removed_at = label_table(removed, roots)
     for m in graph.members.values():
         if m.role == "element" or m.is_buffer:
             continue
@@ -216,7 +211,7 @@ def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tenso
                     removed: torch.Tensor) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
-    removed_at = _table(removed, roots)
+    removed_at = label_table(removed, roots)
     for m in graph.members.values():
         keep = ~removed_at[m.labels]
         if bool(keep.all()):
@@ -241,7 +236,7 @@ def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tenso
 
 def _fixes(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> list[dict[str, Any]]:
     found: dict[tuple, list[Any]] = {}
-    removed_at = _table(removed, roots)
+    removed_at = label_table(removed, roots)
     for site in graph.fix_sites:
         fix = site.compacted(None if site.labels is None else ~removed_at[site.labels])
         found.setdefault(site.key, []).append(fix)

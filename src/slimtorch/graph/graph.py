@@ -41,9 +41,15 @@ import torch
 from slimtorch.errors import NoMatchError, closest
 from slimtorch.graph.labels import UnionFind
 
-__all__ = ["ChannelGroup", "DependencyGraph", "Member", "Sink"]
+__all__ = ["ChannelGroup", "DependencyGraph", "Member", "Sink", "label_table"]
 
 ROLES = ("out", "in", "norm", "element")
+
+
+def label_table(per_unit: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    """``per_unit`` (one value per unit id) per label, plus a False at the end that label -1 (no channel)
+    reads: a lookup at label positions is then one gather, ``table[labels]``."""
+    return torch.cat([per_unit[roots], per_unit.new_zeros(1)])
 
 
 @dataclass
@@ -237,7 +243,7 @@ class DependencyGraph:
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
         masks: dict[str, torch.Tensor] = {}
-        keep_at = torch.cat([~removed[self.uf.roots()], removed.new_ones(1)])  # per label; the last: label -1
+        keep_at = ~label_table(removed, self.uf.roots())  # per label (label -1: kept)
         for m in self.members.values():
             if m.is_buffer or m.name not in tensors:
                 continue
