@@ -233,10 +233,21 @@ class _Tracer(TorchFunctionMode):
 # Python reference implementations (about 1 ms a call for batch_norm, hardtanh or linear: more than the
 # real op on a small input). The checks torch would make are repeated; whatever they do not cover (other
 # argument forms, dtypes) returns None and runs torch's own meta kernel, which raises as the real op would.
-_SAME_SHAPE = {
+_ACTIVATIONS = {
     "relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu",
-    "elu", "mish", "dropout", "batch_norm", "layer_norm", "linear", "conv1d", "conv2d", "conv3d",
+    "elu", "mish", "dropout",
 }
+_SHAPED = _ACTIVATIONS | {"batch_norm", "layer_norm", "linear", "conv1d", "conv2d", "conv3d"}
+
+
+def _per_dim(value: Any, default: int, k: int) -> list[int] | None:
+    """A conv's stride, padding or dilation as one int per spatial dim; None for other forms ("same")."""
+    value = default if value is None else value
+    if isinstance(value, int):
+        return [value] * k
+    if isinstance(value, (tuple, list)) and len(value) == k and all(isinstance(i, int) for i in value):
+        return list(value)
+    return None
 
 
 def _conv_shape(x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
@@ -246,16 +257,15 @@ def _conv_shape(x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[int, ...] |
     if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype:
         return None
     k = weight.dim() - 2
-    groups = _arg(args, kwargs, 6, "groups") or 1
-    if x.dim() != k + 2 or not isinstance(groups, int) or weight.shape[0] % groups \
+    groups = _arg(args, kwargs, 6, "groups")
+    groups = 1 if groups is None else groups
+    if x.dim() != k + 2 or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups \
             or x.shape[1] != weight.shape[1] * groups or (bias is not None and bias.shape != weight.shape[:1]):
         return None
-    given = [_arg(args, kwargs, i, key) for i, key in ((3, "stride"), (4, "padding"), (5, "dilation"))]
-    stride, padding, dilation = (
-        [v] * k if isinstance(v, int) else list(v) if isinstance(v, (tuple, list)) else None
-        for v in (1 if given[0] is None else given[0], 0 if given[1] is None else given[1],
-                  1 if given[2] is None else given[2]))
-    if any(v is None or len(v) != k or not all(isinstance(i, int) for i in v) for v in (stride, padding, dilation)):
+    stride = _per_dim(_arg(args, kwargs, 3, "stride"), 1, k)
+    padding = _per_dim(_arg(args, kwargs, 4, "padding"), 0, k)
+    dilation = _per_dim(_arg(args, kwargs, 5, "dilation"), 1, k)
+    if stride is None or padding is None or dilation is None:
         return None  # e.g. padding="same": let torch work it out
     spatial = [(n + 2 * p - d * (w - 1) - 1) // s + 1
                for n, p, d, w, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True)]
@@ -273,9 +283,9 @@ def _shape_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor) or not x.is_meta or not x.is_floating_point():
         return None
     name = op_name(func)
-    if name.endswith("_") and name[:-1] in _SAME_SHAPE and name != "linear_":
+    if name.endswith("_") and name[:-1] in _ACTIVATIONS:
         return x  # in place
-    if name not in _SAME_SHAPE or any(isinstance(t, torch.Tensor) and not t.is_meta for t in (*args, *kwargs.values())):
+    if name not in _SHAPED or any(isinstance(t, torch.Tensor) and not t.is_meta for t in (*args, *kwargs.values())):
         return None
     if name == "batch_norm":
         stats = _arg(args, kwargs, 1, "running_mean")
