@@ -173,6 +173,33 @@ def test_failed_compaction_leaves_the_model_untouched(monkeypatch):
         assert torch.equal(v, state[k]), k
 
 
+def test_tied_weights_stay_tied_and_masked_under_every_name():
+    """A weight shared by two layers (one tensor, two names) is masked under both: the trace runs the masked
+    value everywhere, and the compacted model keeps one tensor. (Its output channels reach the model output
+    through the second layer, so none can go.)"""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x).relu())
+
+    model = Tied().eval()
+    x = torch.randn(3, 4)
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1] = False
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.a.weight.mul_(keep)  # (ref.b.weight is the same tensor)
+    with pytest.warns(SlimWarning, match="reach the output"):
+        compact_(model, {"a.weight": keep}, example_inputs=x)
+    assert model.a.weight is model.b.weight
+    torch.testing.assert_close(model(x), ref(x))
+
+
 def test_masks_that_remove_no_channel_say_so():
     """Masks on a BatchNorm alone (or on single weights) remove no channel: compact_ says so, names the way
     to masks that do, and leaves a model that computes what the masked one does."""

@@ -389,3 +389,21 @@ def test_shapes_only_conv_output_shape_is_torchs():
     x, w = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(6, 4, 3, 3, device="meta")
     assert _conv_shape(x, (x, w), {"padding": "same"}) is None  # string padding: torch decides
     assert _conv_shape(x, (x, w), {"stride": 2}) == (1, 6, 3, 3)
+
+
+def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
+    from slimtorch.graph.trace import substituted
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    net[2].weight = net[0].weight  # tied: a value for one name holds for both
+    own = dict(net.state_dict(keep_vars=True))
+    zero = torch.zeros(3, 3)
+    with substituted(net, {"0.weight": zero, "1.running_mean": torch.ones(3)}):
+        assert net[0].weight is zero and net[2].weight is zero
+        assert torch.equal(net[1].running_mean, torch.ones(3))
+    assert all(v is own[k] for k, v in net.state_dict(keep_vars=True).items())
+    with pytest.raises(ValueError, match="one tied tensor"), substituted(net, {"0.weight": zero, "2.weight": zero + 1}):
+        pass
+    with pytest.raises(RuntimeError, match="inside"), substituted(net, {"0.weight": zero}):
+        raise RuntimeError("inside")
+    assert all(v is own[k] for k, v in net.state_dict(keep_vars=True).items())

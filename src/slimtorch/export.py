@@ -172,7 +172,7 @@ def export_onnx(
     """Export ``model`` (eval mode) to one ONNX file (weights embedded), written atomically, then run it in
     ONNX Runtime on ``example_inputs`` and compare with PyTorch's first output. A difference above ``atol``
     (relative to the output's scale) raises ExportError and leaves no file behind."""
-    from slimtorch.report import _call
+    from slimtorch.graph.trace import call_model
 
     _refuse_unexportable(model)
     args, kwargs = _args_kwargs(example_inputs)
@@ -180,7 +180,7 @@ def export_onnx(
     model.eval()
     try:
         with torch.no_grad():
-            ref = _first_tensor(_call(model, example_inputs)).float()
+            ref = _first_tensor(call_model(model, example_inputs)).float()
         shapes = _dynamic_batch(example_inputs) if dynamic_batch else None
         # The exporter's optimizer folds constant subgraphs, which would unpack 4-/1-bit weights into float
         # constants and lose the size; low-bit models are written unoptimized (ONNX Runtime optimizes on load).

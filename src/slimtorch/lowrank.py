@@ -230,12 +230,12 @@ def lowrank_sensitivity(
     The error is ``|f(x) - f_layer(x)| / |f(x)|`` on ``example_inputs``; :func:`ranks_for_tolerance` turns
     the table into per-layer ranks for ``factorize_(model, config, ranks=...)``.
     """
-    from slimtorch.report import _call
+    from slimtorch.graph.trace import call_model
 
     work = copy.deepcopy(model).eval()
     table: dict[str, list[tuple[int, float]]] = {}
     with torch.no_grad():
-        ref = _call(work, example_inputs)
+        ref = call_model(work, example_inputs)
         for name in plan_lowrank(work, config):
             original = work.get_submodule(name)
             svd = _svd(_matrix(original))  # one SVD per layer, sliced for every rank
@@ -243,7 +243,7 @@ def lowrank_sensitivity(
             rows = []
             for rank in ranks:
                 work.set_submodule(name, _factor_layers(original, rank, svd))
-                rows.append((rank, _relative_error(ref, _call(work, example_inputs))))
+                rows.append((rank, _relative_error(ref, call_model(work, example_inputs))))
             work.set_submodule(name, original)
             table[name] = rows
     return table

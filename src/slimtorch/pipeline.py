@@ -36,10 +36,11 @@ from torch import nn
 
 from slimtorch.config import check_fields, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.graph.trace import call_model
 from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.quant import QuantConfig, quant_info, quantize
-from slimtorch.report import _call, count_params, model_state, saved_size
+from slimtorch.report import count_params, model_state, saved_size
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -198,11 +199,11 @@ class _Meter:
             with torch.inference_mode():
                 for stage in self.stages:
                     for _ in range(3):  # warm-up: first calls allocate and pick kernels
-                        _call(stage.model, self.example_inputs)
+                        call_model(stage.model, self.example_inputs)
                 for _ in range(self.config.runs):
                     for stage, seconds in zip(self.stages, times, strict=True):
                         start = time.perf_counter()
-                        _call(stage.model, self.example_inputs)
+                        call_model(stage.model, self.example_inputs)
                         seconds.append(time.perf_counter() - start)
         finally:
             torch.set_num_threads(old_threads)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
-from slimtorch.graph.trace import temporary_mode
+from slimtorch.graph.trace import call_model, temporary_mode
 from slimtorch.prune.masks import is_masked
 
 __all__ = [
@@ -55,14 +55,6 @@ def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwar
 _EXTRA_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
 }
-
-
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, tuple):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def _packed_weight(module: nn.Module) -> torch.Tensor | None:
@@ -131,7 +123,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     handles = _quantized_flop_hooks(model, quantized)
     try:
         with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc:
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -169,7 +161,7 @@ def measure_latency(
         with torch.inference_mode():
             for i in range(warmup + runs):
                 start = time.perf_counter()
-                _call(model, example_inputs)
+                call_model(model, example_inputs)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
         return statistics.median(times)

@@ -30,7 +30,7 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
-from slimtorch.graph.trace import temporary_mode
+from slimtorch.graph.trace import call_model, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
@@ -58,28 +58,25 @@ class _Snapshot:
             module.__dict__.update(state)  # mask buffers and hooks, if any, come back with it
 
 
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    return model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
-
-
 def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], example_inputs: Any) -> Any:
     """The masked model's eval-mode output (``masked``: masked parameter values), without touching the model."""
-    state = {**dict(model.named_parameters()), **masked}
-    state.update({n: b.clone() for n, b in model.named_buffers()})
-    with torch.no_grad(), temporary_mode(model, training=False):
-        if isinstance(example_inputs, Mapping):
-            return torch.func.functional_call(model, state, (), dict(example_inputs))
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        return torch.func.functional_call(model, state, args)
+    buffers = {n: b.clone() for n, b in model.named_buffers(remove_duplicate=False)}
+    with torch.no_grad(), temporary_mode(model, training=False), substituted(model, {**masked, **buffers}):
+        return call_model(model, example_inputs)
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
-    old = getattr(module, attr)
-    setattr(module, attr, nn.Parameter(value.detach(), requires_grad=old.requires_grad))
+def _set_params(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
+    """Give parameters new values (new ``nn.Parameter`` objects, ``requires_grad`` kept); a parameter known
+    under several names (tied weights) gets the one new object under all of them, so it stays tied."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in values.items():
+        new = nn.Parameter(value.detach(), requires_grad=params[name].requires_grad)
+        for alias in names[id(params[name])]:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, new)
 
 
 def _keeps(change: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -110,7 +107,7 @@ def _needed_fixes(model: nn.Module, fixes: list[dict[str, Any]],
     handles = probe.install(model)
     try:
         with torch.no_grad(), temporary_mode(model, training=False):
-            out = _call(model, example_inputs)
+            out = call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -122,11 +119,9 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple
     run, its (eval-mode) output."""
     if is_masked(model):
         remove_masks_(model)
-    for name, value in plan.masked.items():
-        _set_param(model, name, value)
+    _set_params(model, plan.masked)
     params = dict(model.named_parameters())
-    for name, delta in plan.folds.items():
-        _set_param(model, name, params[name].detach() + delta.to(params[name]))
+    _set_params(model, {n: params[n].detach() + delta.to(params[n]) for n, delta in plan.folds.items()})
     step = plan.to_dict()
     for name, change in plan.modules.items():  # (the plan's keep tensors; the step holds them as lists)
         SHRINKS[change["kind"]](model.get_submodule(name), change["keeps"], change["options"])
@@ -240,7 +235,7 @@ def _verify(model: nn.Module, example_inputs: Any, reference: Any, got: Any = No
     """Compare the compacted model's eval-mode output (``got``, computed here when not given) with ``reference``."""
     if got is None:
         with torch.no_grad(), temporary_mode(model, training=False):
-            got = _call(model, example_inputs)
+            got = call_model(model, example_inputs)
     worst = _compare(got, reference, rtol, atol)
     if worst is not None:
         raise CompactionError(

@@ -34,7 +34,7 @@ from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
 
-__all__ = ["ModuleContext", "OpContext", "build_graph"]
+__all__ = ["ModuleContext", "OpContext", "build_graph", "call_model", "substituted", "temporary_mode"]
 
 
 class _NeedsValues(Exception):
@@ -332,12 +332,48 @@ def _to_meta(tree: Any, memo: dict[int, torch.Tensor]) -> Any:
     return tree_map(convert, tree)
 
 
-def _call(model: nn.Module, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model`` called on a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if isinstance(example_inputs, Mapping):
-        return torch.func.functional_call(model, state, (), dict(example_inputs))
+        return model(**example_inputs)
     if isinstance(example_inputs, tuple):
-        return torch.func.functional_call(model, state, example_inputs)
-    return torch.func.functional_call(model, state, (example_inputs,))
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+@contextmanager
+def substituted(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``model`` holds ``values`` (by parameter or buffer name) instead of its own tensors;
+    its own are put back after. A tensor known under several names (tied weights) is replaced under all of
+    them, so a value given for one name holds for its aliases; different values for two aliases are an error.
+
+    Written here rather than using ``torch.func.functional_call``, which does the same through a generic
+    accessor (~7 ms a call on a 200-module model, a fifth of a small CNN's forward pass) and rejects a value
+    given for one name of a tied pair."""
+    slots = []  # (the dict that holds the tensor, its key, the tensor), each slot once
+    seen: set[tuple[int, str]] = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is not None and (id(store), key) not in seen:
+                    seen.add((id(store), key))
+                    slots.append((store, key, t, f"{prefix}.{key}" if prefix else key))
+    by_tensor: dict[int, tuple[str, torch.Tensor]] = {}
+    for _, _, t, name in slots:
+        if name in values:
+            first = by_tensor.setdefault(id(t), (name, values[name]))
+            if first[1] is not values[name]:
+                raise ValueError(f"{first[0]!r} and {name!r} are one tied tensor but were given different values")
+    swapped = []
+    try:
+        for store, key, t, _ in slots:
+            if id(t) in by_tensor:
+                store[key] = by_tensor[id(t)][1]
+                swapped.append((store, key, t))
+        yield
+    finally:
+        for store, key, t in reversed(swapped):
+            store[key] = t
 
 
 def build_graph(
@@ -409,7 +445,9 @@ def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
 def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
            unknown_ops: str, measuring: bool) -> DependencyGraph:
     state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    state.update(params or {})
+    if params:  # a value given for one name of tied weights holds for every name of that tensor
+        given = {id(state[n]): v for n, v in params.items() if n in state}
+        state = {n: given.get(id(t), t) for n, t in state.items()}
     buffers = dict(model.named_buffers(remove_duplicate=False))
     if measuring:
         buffers = {n: b.clone() for n, b in buffers.items()}
@@ -428,8 +466,8 @@ def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
         handles.append(module.register_forward_pre_hook(tracer.pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(tracer.post_hook(name), with_kwargs=True))
     try:
-        with torch.no_grad(), tracer:
-            out = _call(model, {**state, **buffers}, example_inputs)
+        with torch.no_grad(), tracer, substituted(model, {**state, **buffers}):
+            out = call_model(model, example_inputs)
     except SlimError:
         raise
     except Exception as err:

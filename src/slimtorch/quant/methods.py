@@ -135,11 +135,11 @@ def _static_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...],
 
     first, rest = _peek(batches, "static_int8 needs calibration=<iterable of model inputs>")
     prepared = _trace(prepare_fx, model.eval(), _qconfig_mapping(config, layers, qat=False), _as_args(first))
-    from slimtorch.report import _call
+    from slimtorch.graph.trace import call_model
 
     with torch.no_grad():
         for batch in itertools.chain([first], rest):
-            _call(prepared, batch)  # observers record activation ranges
+            call_model(prepared, batch)  # observers record activation ranges
     with _quiet_torch_ao():
         return convert_fx(prepared)
 
