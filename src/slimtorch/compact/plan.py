@@ -118,24 +118,33 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
                  dead_of: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, list[_Fold]]:
     """Per unit: may it go as far as its sinks are concerned; and the constants to fold if it does."""
     allowed = torch.ones(roots.numel(), dtype=torch.bool)
-    folds: list[_Fold] = []
     requested_at, independent_at = label_table(requested, roots), label_table(independent, roots)
+    consumers = [s for s in graph.sinks if s.kind == "consumer"]
+    folds: list[_Fold] = []
+    if consumers:  # all at once (a model has one per layer): a few ops instead of a dozen per sink
+        labels = torch.cat([s.labels.reshape(-1) for s in consumers])
+        owner = torch.repeat_interleave(torch.tensor([s.labels.numel() for s in consumers]))
+        asked, independent_here = requested_at[labels], independent_at[labels]
+        units = roots[labels.clamp(min=0)]
+        zero = (torch.cat([s.absmax.reshape(-1) for s in consumers]) == 0) & independent_here
+        dead = torch.cat([_dead_at(graph.members[s.member], masks, dead_of) for s in consumers])
+        vmin = torch.cat([s.vmin.reshape(-1) for s in consumers])
+        foldable = torch.tensor([s.foldable and not graph.training for s in consumers])[owner]
+        const = (vmin == torch.cat([s.vmax.reshape(-1) for s in consumers])) & independent_here & foldable
+        allowed[units[asked & ~(dead | zero | const)]] = False
+        starts = torch.cumsum(torch.tensor([0] + [s.labels.numel() for s in consumers]), 0)
+        folds = [_Fold(consumers[i].member, p - int(starts[i]), float(vmin[p]), int(units[p]))
+                 for p, i in zip(*[t.tolist() for t in _where(asked & ~dead & ~zero & const, owner)], strict=True)]
     for sink in graph.sinks:
+        if sink.kind == "consumer":
+            continue
         labels = sink.labels.reshape(-1)
         asked = requested_at[labels]
         if not bool(asked.any()):
             continue
         units = roots[labels.clamp(min=0)]
         zero = (sink.absmax.reshape(-1) == 0) & independent_at[labels]
-        if sink.kind == "consumer":
-            member = graph.members[sink.member]
-            dead = dead_of[member.key] if member.key in dead_of else _dead(member, masks.get(member.name))
-            const = (sink.vmin == sink.vmax).reshape(-1) & independent_at[labels]
-            const &= sink.foldable and not graph.training
-            ok = dead | zero | const
-            folds += [_Fold(sink.member, int(p), float(sink.vmin.reshape(-1)[p]), int(units[p]))
-                      for p in torch.nonzero(asked & ~dead & ~zero & const).flatten()]
-        elif sink.kind == "pair":
+        if sink.kind == "pair":
             other = sink.other
             other_units = roots[other.labels.reshape(-1).clamp(min=0)]
             zero_a = torch.ones_like(allowed).scatter_reduce_(0, units, zero, "amin")
@@ -146,6 +155,17 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
             ok = zero
         allowed[units[asked & ~ok]] = False
     return allowed, folds
+
+
+def _where(flags: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions where ``flags`` holds, and the owner of each."""
+    positions = torch.nonzero(flags).flatten()
+    return positions, owner[positions]
+
+
+def _dead_at(member: Member, masks: Mapping[str, torch.Tensor], dead_of: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    found = dead_of.get(member.key)
+    return found if found is not None else _dead(member, masks.get(member.name))
 
 
 def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, kept: dict[str, int]) -> None:
@@ -182,12 +202,18 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
     raise CompactionError("could not satisfy the channel constraints of the graph; please report this model")
 
 
-def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -> None:
-    removed_at = label_table(removed, roots)
-    for m in graph.members.values():
-        if m.role == "element" or m.is_buffer:
-            continue
-        if m.labels.numel() and bool(removed_at[m.labels].all()):  # every index a channel, every one removed
+def _per_member_removed(graph: DependencyGraph, roots: torch.Tensor,
+                        removed: torch.Tensor) -> tuple[list[Member], list[torch.Tensor], torch.Tensor]:
+    """(members, each member's removed flags shaped like its labels, how many of each are removed)."""
+    members, flat, owner = graph.flat_labels()
+    gone = label_table(removed, roots)[flat]
+    counts = torch.bincount(owner[gone], minlength=len(members))
+    return members, list(torch.split(gone, [m.labels.numel() for m in members])), counts
+
+
+def _check_not_emptied(members: list[Member], counts: torch.Tensor) -> None:
+    for m, n in zip(members, counts.tolist(), strict=True):
+        if m.role != "element" and not m.is_buffer and n and n == m.labels.numel():  # every index removed
             side = {"out": "output", "in": "input"}.get(m.role, "")
             raise CompactionError(
                 f"the masks remove every {side} channel of {m.name!r} ({m.labels.numel()} of them); a layer cannot "
@@ -195,29 +221,35 @@ def _check_not_emptied(graph: DependencyGraph, roots: torch.Tensor, removed: tor
             )
 
 
-def _owner(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module, str]:
+def _owner(modules: dict[str, nn.Module], kinds: dict[str, str], name: str) -> tuple[str, nn.Module, str]:
     """(module name, module, attribute path) of a parameter, where a module whose shrink function handles
-    its children (e.g. an attention block) owns its children's parameters (``modules``: by name)."""
+    its children (e.g. an attention block) owns its children's parameters (``modules``: by name; ``kinds``:
+    their shrink kinds, filled as they are looked up)."""
     parts = name.split(".")
     for i in range(len(parts) - 1):
         prefix = ".".join(parts[:i])
-        if shrink_kind(modules[prefix]) in CLAIMS_CHILDREN:
+        if prefix not in kinds:
+            kinds[prefix] = shrink_kind(modules[prefix])
+        if kinds[prefix] in CLAIMS_CHILDREN:
             return prefix, modules[prefix], ".".join(parts[i:])
     prefix = ".".join(parts[:-1])
     return prefix, modules[prefix], parts[-1]
 
 
-def _module_changes(model: nn.Module, graph: DependencyGraph, roots: torch.Tensor,
-                    removed: torch.Tensor) -> dict[str, dict[str, Any]]:
+def _module_changes(model: nn.Module, members: list[Member], gone: list[torch.Tensor],
+                    counts: torch.Tensor) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
-    removed_at = label_table(removed, roots)
-    for m in graph.members.values():
-        keep = ~removed_at[m.labels]
-        if bool(keep.all()):
-            continue
-        owner, module, attr = _owner(modules, m.name)
-        entry = changes.setdefault(owner, {"kind": shrink_kind(module), "keeps": {}, "options": {}})
+    kinds: dict[str, str] = {}
+    for i in torch.nonzero(counts).flatten().tolist():  # the members that lose a channel
+        m = members[i]
+        keep = ~gone[i].reshape(m.labels.shape)
+        owner, module, attr = _owner(modules, kinds, m.name)
+        if owner not in changes:
+            if owner not in kinds:
+                kinds[owner] = shrink_kind(module)
+            changes[owner] = {"kind": kinds[owner], "keeps": {}, "options": {}}
+        entry = changes[owner]
         if m.role == "element":
             if entry["kind"] != "tensors":
                 raise CompactionError(f"{m.name!r} is used directly in arithmetic and also by its {entry['kind']} "
@@ -297,11 +329,12 @@ def plan_compaction(
         if int(which.sum()):
             kept[why] = int(which.sum())
     _enforce(graph, roots, removed, kept)
-    _check_not_emptied(graph, roots, removed)
+    members, gone, counts = _per_member_removed(graph, roots, removed)
+    _check_not_emptied(members, counts)
     return CompactionPlan(
         graph=graph,
         removed=removed,
-        modules=_module_changes(model, graph, roots, removed),
+        modules=_module_changes(model, members, gone, counts),
         folds=_fold_deltas(model, folds, removed, masked | {n: p for n, p in params.items() if n not in masked}),
         fixes=_fixes(graph, roots, removed),
         requested=int(requested.sum()),

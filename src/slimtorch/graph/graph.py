@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from slimtorch.errors import NoMatchError, closest
-from slimtorch.graph.labels import UnionFind
+from slimtorch.graph.labels import UnionFind, components
 
 __all__ = ["ChannelGroup", "DependencyGraph", "Member", "Sink", "label_table"]
 
@@ -179,13 +179,29 @@ class DependencyGraph:
 
     # -- queries ------------------------------------------------------------------------------------
 
+    def flat_labels(self) -> tuple[list[Member], torch.Tensor, torch.Tensor]:
+        """Every member's labels in one flat tensor: ``(members, labels, owner)``, ``owner`` giving the
+        index in ``members`` of each label's member. Per-member questions (is any channel of it removed?)
+        are then a gather and a ``bincount`` instead of a few tensor ops per member."""
+        if "flat" not in self._cache:
+            members = list(self.members.values())
+            sizes = torch.tensor([m.labels.numel() for m in members], dtype=torch.long)
+            flat = torch.cat([m.labels.reshape(-1) for m in members]) if members else torch.empty(0, dtype=torch.long)
+            self._cache["flat"] = (members, flat, torch.repeat_interleave(sizes))
+        return self._cache["flat"]
+
     def unit_of(self, labels: torch.Tensor) -> torch.Tensor:
         """Unit id (union-find root) of each label; -1 stays -1."""
         return self.uf.find(labels)
 
     def member(self, name: str, role: str = "out", dim: int | None = None) -> Member:
         """The member of parameter ``name`` with ``role`` (and ``dim`` when several match)."""
-        found = [m for m in self.members.values() if m.name == name and m.role == role and dim in (None, m.dim)]
+        if "by_name" not in self._cache:
+            by_name: dict[tuple[str, str], list[Member]] = {}
+            for m in self.members.values():
+                by_name.setdefault((m.name, m.role), []).append(m)
+            self._cache["by_name"] = by_name
+        found = [m for m in self._cache["by_name"].get((name, role), []) if dim in (None, m.dim)]
         if not found:
             known = sorted({m.name for m in self.members.values()})
             raise NoMatchError(f"no {role!r} channels of {name!r} in the graph; {closest(name, known)}")
@@ -214,22 +230,17 @@ class DependencyGraph:
 
     def _make_groups(self) -> list[ChannelGroup]:
         roots = self.uf.roots()
-        members = list(self.members.values())
+        members, flat, owner = self.flat_labels()
         if not members:
             return []
         # Every member's units in one tensor (``owner``: which member), so that the work is a few
         # vectorised ops instead of several per member.
-        flat = torch.cat([m.labels.reshape(-1) for m in members])
-        owner = torch.repeat_interleave(torch.tensor([m.labels.numel() for m in members]))
         valid = flat >= 0
         units, owner = roots[flat[valid]], owner[valid]
         one = torch.full((len(members),), -1, dtype=torch.long)  # one unit of each member (-1: none)
-        one.scatter_reduce_(0, owner, units, "amin", include_self=False)  # the smallest: one pass to link
-        # Units sharing a member are one family: tie each to that one unit of its member, in one union.
-        family = UnionFind()
-        family.new(self.uf.size)
-        family.union(one[owner], units)
-        fam = family.find(roots)
+        one.scatter_reduce_(0, owner, units, "amin", include_self=False)
+        # Units sharing a member are one family: each is tied to that one unit of its member.
+        fam = components(one[owner], units, self.uf.size)
         by_family: dict[int, list[Member]] = {}
         for m, u, f in zip(members, one.tolist(), fam[one.clamp(min=0)].tolist(), strict=True):
             if u >= 0:
@@ -243,13 +254,13 @@ class DependencyGraph:
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
         masks: dict[str, torch.Tensor] = {}
-        keep_at = ~label_table(removed, self.uf.roots())  # per label (label -1: kept)
-        for m in self.members.values():
-            if m.is_buffer or m.name not in tensors:
+        members, flat, owner = self.flat_labels()
+        gone = label_table(removed, self.uf.roots())[flat]  # per label (label -1: kept)
+        touched = torch.bincount(owner[gone], minlength=len(members)).tolist()
+        for m, keep, n in zip(members, torch.split(~gone, [m.labels.numel() for m in members]), touched, strict=True):
+            if not n or m.is_buffer or m.name not in tensors:
                 continue
-            keep = keep_at[m.labels]
-            if bool(keep.all()):
-                continue
+            keep = keep.reshape(m.labels.shape)
             mask = m.expand(keep, tensors[m.name].shape)
             masks[m.name] = masks[m.name] & mask if m.name in masks else mask.clone()
         return masks

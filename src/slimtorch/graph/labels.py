@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["UnionFind", "broadcast_merge", "collapse", "union_rows", "varying_dims"]
+__all__ = ["UnionFind", "broadcast_merge", "collapse", "components", "union_rows", "varying_dims"]
 
 _NONE = -1
 
@@ -93,6 +93,21 @@ class UnionFind:
     def roots(self) -> torch.Tensor:
         """Root of every label issued so far, indexed by label (a copy)."""
         return torch.from_numpy(self._parent[: self.size].copy())
+
+
+def components(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
+    """Connected components of the graph on ids ``0..n-1`` with edges ``a[i] - b[i]``: per id, the smallest
+    id of its component. For one large batch of edges (100k on a small CNN) min-label propagation with
+    pointer jumping in torch's scatter kernels takes a few passes and beats :class:`UnionFind`, whose
+    strength is the many small unions of a trace."""
+    comp = torch.arange(n)
+    while True:
+        low = torch.minimum(comp[a], comp[b])
+        new = comp.scatter_reduce(0, a, low, "amin").scatter_reduce_(0, b, low, "amin")
+        new = new[new]  # each id only ever points at a smaller one of its component: jumping is safe
+        if torch.equal(new, comp):
+            return comp  # every edge's ends agree: one label per component, its smallest id
+        comp = new
 
 
 def varying_dims(labels: torch.Tensor | None) -> list[int]:

@@ -101,10 +101,14 @@ def _balance(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
 
 def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, score: torch.Tensor) -> None:
     """Never empty a layer: give back its best-scored channel when all would go (in place)."""
-    for m in graph.members.values():
-        if m.role in ("out", "in") and not m.is_buffer and bool((m.labels >= 0).all()):
+    members, flat, owner = graph.flat_labels()
+    sizes = torch.bincount(owner, minlength=len(members))
+    gone = torch.bincount(owner[removed[roots[flat.clamp(min=0)]] & (flat >= 0)], minlength=len(members))
+    for i in torch.nonzero((gone == sizes) & (sizes > 0)).flatten().tolist():  # members with every channel gone
+        m = members[i]
+        if m.role in ("out", "in") and not m.is_buffer:
             units = roots[m.labels]
-            if bool(removed[units].all()):
+            if bool(removed[units].all()):  # (an earlier member's give-back may have saved it already)
                 removed[units[torch.argmax(score[units])]] = False
 
 
@@ -113,8 +117,9 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
             removed: torch.Tensor) -> list[str]:
     """Per group, remove the requested fraction of its planned channels, lowest scores first (in place)."""
     group_of = torch.full((roots.numel(),), -1, dtype=torch.long)
-    for group in groups:
-        group_of[group.units] = group.index
+    if groups:
+        group_of[torch.cat([g.units for g in groups])] = torch.repeat_interleave(
+            torch.tensor([g.index for g in groups]), torch.tensor([g.units.numel() for g in groups]))
     in_group: dict[int, list[LayerPlan]] = {}
     for plan, member, _ in plans:
         for g in torch.unique(group_of[roots[member.labels[member.labels >= 0]]]).tolist():
