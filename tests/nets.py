@@ -7,9 +7,11 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from slimtorch import apply_masks_, compact_
 from slimtorch.graph import build_graph
+from slimtorch.graph.replay import forget
 from slimtorch.prune.coupled import implied_param_count
 
 
@@ -47,12 +49,32 @@ def graph_structure(graph) -> tuple:
     return members, blocked, constraints, fixes, sorted(graph.unreached), [(op, m) for op, m, _ in graph.unknown]
 
 
+def measured_values(graph) -> list:
+    """The graph's sinks (kind, labels, member, statistics) and output, comparable with ``==``."""
+
+    def sink(s):
+        if s is None:
+            return None
+        stats = tuple(tuple(t.reshape(-1).tolist()) for t in (s.absmax, s.vmin, s.vmax))
+        return s.kind, tuple(s.labels.reshape(-1).tolist()), s.member, s.foldable, stats, sink(s.other)
+
+    outputs = [tuple(t.reshape(-1).tolist()) for t in tree_leaves(graph.output) if isinstance(t, torch.Tensor)]
+    return [[sink(s) for s in graph.sinks], outputs]
+
+
 def assert_shapes_trace_exact(model: nn.Module, x) -> bool:
-    """The shapes-only graph (what pruning builds) has the real trace's structure; returns whether the
+    """The shapes-only graph (what pruning builds) has the real trace's structure, and replaying its tape
+    (what compaction does next) gives the real trace's graph, measured values included; returns whether the
     shapes-only trace was used (False: it fell back to a real trace)."""
     fast = build_graph(model, x, cover=True, values=False)
+    torch.manual_seed(0)  # (a train-mode pass, for cover, may run dropout)
+    replayed = build_graph(model, x, cover=True)
+    forget(model)
+    torch.manual_seed(0)
     real = build_graph(model, x, cover=True)
-    assert graph_structure(fast) == graph_structure(real)
+    assert not real.replayed and replayed.replayed == (not fast.measured)
+    assert graph_structure(fast) == graph_structure(real) == graph_structure(replayed)
+    assert measured_values(replayed) == measured_values(real)
     return not fast.measured
 
 

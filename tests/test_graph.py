@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import slimtorch
 from slimtorch.errors import TraceError, UnsupportedOpError
 from slimtorch.graph import build_graph, register_rule
 from slimtorch.graph.labels import UnionFind, broadcast_merge, collapse, union_rows
@@ -287,6 +288,91 @@ def test_shapes_only_trace_is_used_and_exact_on_a_plain_net():
     assert not fast.measured and real.measured
     assert fast.sinks == [] and fast.output is None and real.sinks and real.output is not None
     assert graph_structure(fast) == graph_structure(real)
+
+
+# -- replaying a shapes-only trace's tape (values measured on one checked forward pass) ---------------------
+
+
+class _Switch(nn.Module):
+    """Takes another path when ``wide`` is flipped, with the same parameters and input shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+        self.register_buffer("order", torch.arange(6))
+        self.wide = False
+
+    def forward(self, x):
+        y = self.a(x)[:, self.order]
+        return self.b(y + y if self.wide else y.relu())
+
+
+def test_replay_measures_what_a_full_trace_measures_with_given_values():
+    from nets import graph_structure, measured_values
+    from slimtorch.graph.replay import forget
+
+    net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
+    build_graph(net, x, values=False)
+    keep = torch.arange(6) % 2 == 0
+    masked = {"a.weight": net.a.weight.detach() * keep[:, None, None, None], "a.bias": net.a.bias.detach() * keep}
+    replayed = build_graph(net, x, params=masked)
+    forget(net)
+    real = build_graph(net, x, params=masked)
+    assert replayed.replayed and replayed.measured and not real.replayed
+    assert graph_structure(replayed) == graph_structure(real)
+    assert measured_values(replayed) == measured_values(real)
+    (into_b,) = [sink for sink in replayed.sinks if sink.member == ("b.weight", 1, "in")]
+    assert bool((into_b.absmax[1::2] == 0).all()) and bool((into_b.absmax[::2] > 0).all())  # as masked
+
+
+@pytest.mark.parametrize("change", ["branch", "index", "input_shape", "mode"])
+def test_replay_traces_in_full_when_the_run_differs(change):
+    """A template is used only when the run follows it op by op: another branch, other index values,
+    other input shapes or another mode mean a full trace (whose result is then the truth)."""
+    from nets import graph_structure, measured_values
+    from slimtorch.graph.replay import forget
+
+    net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
+    build_graph(net, x, values=False)
+    if change == "branch":
+        net.wide = True
+    elif change == "index":
+        net.order.copy_(net.order.flip(0))
+    elif change == "input_shape":
+        x = torch.randn(1, 3, 5, 5)
+    else:
+        net.train()
+    graph = build_graph(net, x)
+    forget(net)
+    assert not graph.replayed
+    assert graph_structure(graph) == graph_structure(build_graph(net, x))
+    assert measured_values(graph) == measured_values(build_graph(net, x))
+
+
+def test_a_template_goes_with_its_model():
+    import gc
+    import weakref
+
+    from slimtorch.graph.replay import _TEMPLATES
+
+    net = _Switch().eval()
+    build_graph(net, torch.randn(2, 3, 4, 4), values=False)
+    assert net in _TEMPLATES
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+
+
+def test_compaction_after_pruning_replays_the_pruning_trace():
+    from nets import Residual, oracle
+    from slimtorch.compact import plan_compaction
+
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    masks = slimtorch.compute_masks(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5},
+                                            {"exclude": True, "op_names": ["fc"]}], example_inputs=x)
+    assert plan_compaction(model, masks, example_inputs=x).graph.replayed
+    oracle(model, masks, x)
 
 
 class _DataBranch(nn.Module):

@@ -135,6 +135,7 @@ class DependencyGraph:
     output: Any = None
     training: bool = False
     measured: bool = True
+    replayed: bool = False
     called: set[str] = field(default_factory=set)
     used: set[str] = field(default_factory=set)
     unreached: list[str] = field(default_factory=list)

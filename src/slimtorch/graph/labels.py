@@ -90,6 +90,12 @@ class UnionFind:
         tail = parent[lowest:]
         tail[:] = parent[tail]
 
+    def copy(self) -> UnionFind:
+        """An independent copy (later unions on either leave the other as it is)."""
+        other = UnionFind()
+        other._parent, other.size = self._parent[: max(self.size, 1)].copy(), self.size
+        return other
+
     def roots(self) -> torch.Tensor:
         """Root of every label issued so far, indexed by label (a copy)."""
         return torch.from_numpy(self._parent[: self.size].copy())

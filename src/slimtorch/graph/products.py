@@ -38,8 +38,6 @@ def _varies(spread: torch.Tensor | None, order: str) -> set[str]:
 
 
 def _pair_sink(ctx: OpContext, a: torch.Tensor, la: torch.Tensor, b: torch.Tensor, lb: torch.Tensor) -> None:
-    if not ctx.measuring:
-        return
     sinks = []
     for t, lab in ((a, la), (b, lb)):
         keep = varying_dims(lab)

@@ -37,6 +37,11 @@ from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_na
 __all__ = ["ModuleContext", "OpContext", "build_graph", "call_model", "substituted", "temporary_mode"]
 
 
+_PLAIN_TYPES = frozenset([int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.memory_format,
+                          torch.layout, torch.Size])
+_EXACT_DTYPES = frozenset([torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+
+
 class _NeedsValues(Exception):
     """Raised inside a shapes-only (meta) trace when something needs real values."""
 
@@ -114,21 +119,29 @@ class OpContext:
         self.graph.block(labels, f"{why} ({self.where})")
 
     def stats(self, t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(abs max, min, max) of ``t`` per index of the ``keep`` dims, over all other dims."""
-        x = t.detach()
-        x = x.float() if not x.is_floating_point() else x
-        others = [d for d in range(x.dim()) if d not in keep]
-        if any(x.shape[d] == 0 for d in others):
-            zero = torch.zeros([x.shape[d] for d in keep])
-            return zero, zero, zero
-        # Reduce over ``others`` in place instead of permuting into a (*keep, rest) copy: two reductions
-        # instead of a copy, an abs and three reductions; the abs max is max(-min, max), exactly.
-        vmin = x.amin(dim=others) if others else x
-        vmax = x.amax(dim=others) if others else x
-        kept = sorted(keep)  # the reductions leave the kept dims in ascending order; put them in ``keep`` order
-        order = [kept.index(d) for d in keep]
-        vmin, vmax = vmin.permute(order), vmax.permute(order)
-        return torch.maximum(-vmin, vmax).cpu(), vmin.cpu(), vmax.cpu()
+        """(abs max, min, max) of ``t`` per index of the ``keep`` dims, over all other dims. In a shapes-only
+        trace they are placeholders, filled when the graph is measured (:mod:`slimtorch.graph.replay`)."""
+        if self.tracer.measuring:
+            return measure(t, keep)
+        return self.tracer.defer(self, t, keep)
+
+
+def measure(t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(abs max, min, max) of ``t`` per index of the ``keep`` dims, over all other dims."""
+    x = t.detach()
+    x = x.float() if not x.is_floating_point() else x
+    others = [d for d in range(x.dim()) if d not in keep]
+    if any(x.shape[d] == 0 for d in others):
+        zero = torch.zeros([x.shape[d] for d in keep])
+        return zero, zero, zero
+    # Reduce over ``others`` in place instead of permuting into a (*keep, rest) copy: two reductions
+    # instead of a copy, an abs and three reductions; the abs max is max(-min, max), exactly.
+    vmin = x.amin(dim=others) if others else x
+    vmax = x.amax(dim=others) if others else x
+    kept = sorted(keep)  # the reductions leave the kept dims in ascending order; put them in ``keep`` order
+    order = [kept.index(d) for d in keep]
+    vmin, vmax = vmin.permute(order), vmax.permute(order)
+    return torch.maximum(-vmin, vmax).cpu(), vmin.cpu(), vmax.cpu()
 
 
 class ModuleContext(OpContext):
@@ -150,6 +163,14 @@ class _Tracer(TorchFunctionMode):
         self._labels: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
         self.stack = [_Frame("<outside>")]  # ops outside the model's forward are not recorded
         self.atomic = 0
+        # A shapes-only trace keeps a tape of every op it saw (see slimtorch.graph.replay), so that the values
+        # compaction needs can later be measured by a plain forward pass checked against it.
+        self.tape: list[tuple] | None = None if measuring else []
+        self.produced: dict[int, tuple[weakref.ref, int, int]] = {}  # tensor id -> (tensor, tape index, output)
+        self.current: tuple[int, list[torch.Tensor]] = (-1, [])  # the op being handled: (tape index, its tensors)
+        self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
+        self.unreplayable: str | None = None
+        self.meta_outputs: list[tuple[bool, ...]] = []  # per tape entry: which outputs had no values
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -157,14 +178,73 @@ class _Tracer(TorchFunctionMode):
         if out is None:
             out = func(*args, **kwargs)
         if self.atomic == 0 and len(self.stack) > 1:
-            self._record(func, args, kwargs, out)
+            name = op_name(func)
+            frame = self.stack[-1]
+            site = (frame.module, name, frame.counts[name])
+            frame.counts[name] += 1
+            self._op(func, site, args, kwargs, out)
         return out
 
-    def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        name = op_name(func)
-        frame = self.stack[-1]
-        site = (frame.module, name, frame.counts[name])
-        frame.counts[name] += 1
+    # -- the tape ----------------------------------------------------------------------------------
+
+    def signature(self, value: Any) -> Any:
+        """What a rule may read of an op's arguments, in comparable form: tensors by shape, dtype, where they
+        come from (a parameter's name, or which earlier op's which output) and, for integer and bool tensors
+        with values, their values; plain values as they are. The device is left out (meta in a shapes-only
+        trace). (Written for speed: it runs for every argument of every op of a tape.)"""
+        kind = type(value)
+        if kind in _PLAIN_TYPES:
+            return value
+        if kind is tuple or kind is list:
+            items = [v if type(v) in _PLAIN_TYPES else self.signature(v) for v in value]
+            return (kind is list, *items)
+        if isinstance(value, torch.Tensor):
+            i = id(value)
+            source: Any = self.names.get(i)
+            if source is None:
+                entry = self.produced.get(i)
+                source = entry[1:] if entry is not None and entry[0]() is value else None
+            exact = None if value.dtype not in _EXACT_DTYPES or value.is_meta else self._exact(value, source)
+            return (value.shape, value.dtype, source, exact)
+        if kind is dict:
+            return ("dict", *[(k, self.signature(v)) for k, v in value.items()])
+        if isinstance(value, torch.device):
+            return "device"
+        return ("object", kind.__qualname__)
+
+    def _exact(self, value: torch.Tensor, source: Any) -> bytes | None:
+        """The values of an integer or bool tensor (rules may read indices)."""
+        return value.detach().cpu().numpy().tobytes()
+
+    def _tape(self, entry: tuple, call: Any, out: Any) -> int:
+        """Append an op to the tape; its outputs are then known as this op's."""
+        index = len(self.tape)
+        self.tape.append((*entry, self.signature(call)))
+        outputs = tensors_in(out)
+        self.current = (index, [*tensors_in(call), *outputs])
+        self.meta_outputs.append(tuple(t.is_meta for t in outputs))
+        for k, t in enumerate(outputs):
+            self.produced[id(t)] = (weakref.ref(t), index, k)
+        return index
+
+    def defer(self, ctx: OpContext, t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, ...]:
+        """Placeholders for ``measure(t, keep)`` in a shapes-only trace, to be measured on replay."""
+        shape = [t.shape[d] for d in keep]
+        placeholders = (torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+        index, tensors = self.current
+        position = next((k for k, u in enumerate(tensors) if u is t), None)
+        if position is None:
+            self.unreplayable = f"a rule measured a tensor that is not an argument or result of {ctx.where}"
+        else:
+            self.pending.setdefault(index, []).append((position, list(keep), placeholders))
+        return placeholders
+
+    # -- rules -------------------------------------------------------------------------------------
+
+    def _op(self, func: Any, site: tuple, args: tuple, kwargs: dict, out: Any) -> None:
+        if self.tape is not None:
+            self._tape(("op", site, func), (args, kwargs), out)
+        name = site[1]
         inputs = tensors_in((args, kwargs))
         if not self.measuring and name not in VALUE_FREE:
             _check_meta(inputs, name)
@@ -176,9 +256,20 @@ class _Tracer(TorchFunctionMode):
         rule = find_rule(func)
         if rule is None:
             if ctx.outputs:
-                self.graph.unknown.append((name, frame.module, [ctx.labels(t) for t in inputs]))
+                self.graph.unknown.append((name, site[0], [ctx.labels(t) for t in inputs]))
             return
         rule(ctx)
+
+    def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
+        """A module handled as one node by its module-level rule (called from a module hook, where this
+        mode is active: what it does with tensors must not be traced)."""
+        with torch._C.DisableTorchFunction():
+            if self.tape is not None:
+                self._tape(("module", name, type(module)), frame.call, out)
+            self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
+            if not self.measuring:
+                _check_meta(tensors_in(frame.call), type(module).__name__)
+            frame.rule(ModuleContext(self, module, name, *frame.call, out))
 
     def _has(self, t: torch.Tensor) -> bool:
         entry = self._labels.get(id(t))
@@ -218,11 +309,7 @@ class _Tracer(TorchFunctionMode):
             frame = self.stack.pop()
             if frame.rule is not None:
                 self.atomic = 0
-                self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
-                if not self.measuring:
-                    _check_meta(tensors_in(frame.call), type(module).__name__)
-                with torch._C.DisableTorchFunction():
-                    frame.rule(ModuleContext(self, module, name, *frame.call, out))
+                self._module(module, name, frame, out)
             elif self.atomic:
                 self.atomic -= 1
 
@@ -401,26 +488,39 @@ def build_graph(
         values: record what compaction needs besides the structure (the values where channels are
             consumed, ``graph.output``). ``False`` (what pruning needs) traces shapes only when the model
             allows it, several times faster on a large model; ``graph.measured`` says which was done.
+            A shapes-only trace keeps a tape of the model's ops; a later ``values=True`` build of the same
+            model on inputs of the same shapes, in the same modes, replays it (one forward pass checked op
+            by op against the tape, values measured where the rules asked) instead of tracing again, and
+            traces in full when the run differs in anything; ``graph.replayed`` says which was done (see
+            :mod:`slimtorch.graph.replay`).
     """
     if unknown_ops not in ("error", "keep"):
         raise ValueError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
     if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
         with contextlib.suppress(ImportError):
             importlib.import_module("slimtorch.transformers.hf")
-    graph = _traced(model, example_inputs, params, unknown_ops, values)
+    from slimtorch.graph.replay import forget, remember, replay  # (it builds on this module)
+
+    if values and (measured := replay(model, example_inputs, params, unknown_ops, cover)) is not None:
+        return measured
+    graph, tracer = _traced(model, example_inputs, params, unknown_ops, values)
     if cover and graph.unreached and not model.training:
         try:
             with temporary_mode(model, training=True):
                 trained = _traced(model, example_inputs, params, unknown_ops, values)
         except TraceError:  # e.g. BatchNorm cannot train on a batch of one 1x1 map
             trained = None
-        if trained is not None and len(trained.unreached) < len(graph.unreached):
-            graph = trained
+        if trained is not None and len(trained[0].unreached) < len(graph.unreached):
+            graph, tracer = trained
+    if not graph.measured:
+        remember(model, example_inputs, unknown_ops, cover, graph, tracer)
+    elif not values:
+        forget(model)  # (the model needed values this time: an older template is no longer to be trusted)
     return graph
 
 
 def _traced(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-            values: bool) -> DependencyGraph:
+            values: bool) -> tuple[DependencyGraph, _Tracer]:
     if not values:
         # Anything that fails on shapes alone (see the module docstring) is traced for real: the real
         # trace gives the same structure, or the error the user should see.
@@ -442,8 +542,11 @@ def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
             m.training = mode
 
 
-def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
-           unknown_ops: str, measuring: bool) -> DependencyGraph:
+def run_state(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
+              measuring: bool) -> tuple[dict[str, torch.Tensor], set[str], Any, dict[int, str]]:
+    """What a traced run swaps into the model: ``(tensors by name, buffer names, inputs, tensor id -> name)``.
+    ``params`` replace parameters by name; buffers are copies (BatchNorm updates its statistics in place);
+    in a shapes-only run every floating-point tensor, inputs included, is a meta tensor."""
     state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     if params:  # a value given for one name of tied weights holds for every name of that tensor
         given = {id(state[n]): v for n, v in params.items() if n in state}
@@ -459,15 +562,18 @@ def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
     names: dict[int, str] = {}
     for n, t in [*state.items(), *buffers.items()]:
         names.setdefault(id(t), n)
-    graph = DependencyGraph(training=model.training, measured=measuring)
-    tracer = _Tracer(graph, names, set(buffers), measuring)
+    return {**state, **buffers}, set(buffers), example_inputs, names
+
+
+def run_traced(model: nn.Module, tracer: _Tracer, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
+    """Run ``model`` on ``example_inputs`` with ``state`` swapped in, under ``tracer`` and its module hooks."""
     handles = []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(tracer.pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(tracer.post_hook(name), with_kwargs=True))
     try:
-        with torch.no_grad(), tracer, substituted(model, {**state, **buffers}):
-            out = call_model(model, example_inputs)
+        with torch.no_grad(), tracer, substituted(model, state):
+            return call_model(model, example_inputs)
     except SlimError:
         raise
     except Exception as err:
@@ -475,6 +581,14 @@ def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
     finally:
         for h in handles:
             h.remove()
+
+
+def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
+           unknown_ops: str, measuring: bool) -> tuple[DependencyGraph, _Tracer]:
+    state, buffers, example_inputs, names = run_state(model, example_inputs, params, measuring)
+    graph = DependencyGraph(training=model.training, measured=measuring)
+    tracer = _Tracer(graph, names, buffers, measuring)
+    out = run_traced(model, tracer, state, example_inputs)
     graph.output = out if measuring else None
     prefix = {n: f"{n}." if n else "" for n, _ in model.named_modules()}
     graph.unreached = [n for n, m in model.named_modules() if n not in graph.called and (own := [
@@ -483,7 +597,10 @@ def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
         if isinstance(t, torch.Tensor):
             graph.block(tracer.labels(t), "reaches the model output")
     _resolve_unknown(graph, unknown_ops)
-    return graph
+    if tracer.tape is not None:  # a shapes-only graph has no measured values: its sinks wait for a replay
+        tracer.tape.append(("output", tracer.signature(out)))
+        tracer.sinks, graph.sinks = graph.sinks, []
+    return graph, tracer
 
 
 def _resolve_unknown(graph: DependencyGraph, policy: str) -> None:

@@ -1,0 +1,166 @@
+"""Measuring a known structure: the values compaction needs, from one checked forward pass.
+
+Compaction needs the dependency graph of the masked model and, besides its structure, values: the
+statistics of every tensor where channels are consumed (the graph's sinks) and the model's output. The
+structure does not depend on values, so when pruning has traced the model shapes-only
+(``build_graph(..., values=False)``), that trace keeps a *tape*: every op it saw, with its call site and
+a signature of its arguments (shapes, dtypes, where each tensor came from, the values of integer
+tensors, plain arguments), and which tensors its rules wanted measured.
+
+A later ``build_graph(..., values=True)`` of the same model on inputs of the same shapes, in the same
+modes, then *replays* the tape: the model runs once for real (with the given parameter values, e.g.
+masked ones), and a light function mode compares each op with the tape and measures where the tape
+says, without running any rule. If anything differs (another op, another shape, an integer index that
+changed, a branch taken differently), the replay is abandoned and the model is traced in full. The
+graph is then the shapes-only trace's structure, which the real trace reproduces exactly on every
+model the tests run, with values measured on this run: what a full trace would have given, at the cost
+of about one forward pass.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtorch.graph import build_graph
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    >>> x = torch.randn(1, 3, 6, 6)
+    >>> structure = build_graph(net, x, values=False)      # shapes only; keeps its tape
+    >>> graph = build_graph(net, x)                         # replays the tape: one checked forward pass
+    >>> graph.replayed, len(graph.sinks), torch.equal(graph.output, net(x))
+    (True, 1, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.graph.graph import DependencyGraph, Sink
+from slimtorch.graph.rules import tensors_in
+from slimtorch.graph.trace import _Frame, _Tracer, measure, run_state, run_traced, temporary_mode
+
+__all__ = ["forget", "remember", "replay"]
+
+
+@dataclass
+class _Template:
+    key: tuple
+    graph: DependencyGraph  # the structure (no sinks), with a union-find of its own
+    sinks: list[Sink]  # with placeholder statistics
+    tape: list[tuple]
+    pending: dict[int, list[tuple[int, list[int], tuple]]]  # tape index -> (tensor position, dims, placeholders)
+    meta_outputs: list[tuple[bool, ...]]  # tape index -> which of its outputs the shapes-only trace had on meta
+
+
+# One template per model, dropped with the model. A later shapes-only trace of it replaces the template.
+_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, _Template] = weakref.WeakKeyDictionary()
+
+
+class _Diverged(Exception):
+    """The run does not follow the tape."""
+
+
+def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -> tuple:
+    """What must be equal for a template to apply: the inputs' signature, every module's mode, the options."""
+    inputs = _Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
+    return inputs, tuple(m.training for m in model.modules()), unknown_ops, cover
+
+
+def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool, graph: DependencyGraph,
+             tracer: _Tracer) -> None:
+    """Keep the tape of a shapes-only trace of ``model`` (``graph``: its result), unless its rules measured
+    something a replay could not find again."""
+    placeholders = {id(p[0]): p for entries in tracer.pending.values() for _, _, p in entries}
+
+    def deferred(sink: Sink | None) -> bool:  # its statistics are placeholders the replay fills
+        found = placeholders.get(id(sink.absmax)) if sink is not None else None
+        return sink is None or (found is not None and found[1] is sink.vmin and found[2] is sink.vmax
+                                and deferred(sink.other))
+
+    if tracer.unreplayable is not None or not all(deferred(s) for s in tracer.sinks):
+        _TEMPLATES.pop(model, None)
+        return
+    structure = dataclasses.replace(graph, uf=graph.uf.copy(), sinks=[], _cache={})
+    _TEMPLATES[model] = _Template(_key(model, example_inputs, unknown_ops, cover), structure, tracer.sinks,
+                                  tracer.tape, tracer.pending, tracer.meta_outputs)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s template: the next ``build_graph(..., values=True)`` traces it in full."""
+    _TEMPLATES.pop(model, None)
+
+
+class _Replayer(_Tracer):
+    """Runs no rule: checks each op against the tape and measures where the tape says."""
+
+    def __init__(self, template: _Template, names: dict[int, str]) -> None:
+        super().__init__(DependencyGraph(), names, set(), measuring=True)
+        self.template = template
+        self.at = 0
+        self.measured: dict[int, tuple[torch.Tensor, ...]] = {}  # id of a placeholder -> its measured values
+
+    def _exact(self, value: torch.Tensor, source: Any) -> bytes | None:
+        # a tensor the shapes-only trace had on meta (a mask computed from floats) was recorded without
+        # values; elementwise rules took it there without reading them, and so may it be here
+        if type(source) is tuple and self.template.meta_outputs[source[0]][source[1]]:
+            return None
+        return value.detach().cpu().numpy().tobytes()
+
+    def _op(self, func: Any, site: tuple, args: tuple, kwargs: dict, out: Any) -> None:
+        self._check(("op", site, func), (args, kwargs), out)
+
+    def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
+        with torch._C.DisableTorchFunction():  # (called from a module hook: see _Tracer._module)
+            self._check(("module", name, type(module)), frame.call, out)
+
+    def _check(self, entry: tuple, call: Any, out: Any) -> None:
+        index, tape = self.at, self.template.tape
+        if index >= len(tape) or tape[index] != (*entry, self.signature(call)):
+            raise _Diverged(f"op {index}: {entry[:2]}")
+        self.at += 1
+        outputs = tensors_in(out)
+        for position, keep, placeholders in self.template.pending.get(index, ()):
+            self.measured[id(placeholders[0])] = measure([*tensors_in(call), *outputs][position], keep)
+        for k, t in enumerate(outputs):
+            self.produced[id(t)] = (weakref.ref(t), index, k)
+
+    def finish(self, out: Any) -> None:
+        tape = self.template.tape
+        if self.at != len(tape) - 1 or tape[-1] != ("output", self.signature(out)):
+            raise _Diverged("the run ended elsewhere")
+
+
+def _measured_sinks(sinks: list[Sink], measured: dict[int, tuple[torch.Tensor, ...]]) -> list[Sink]:
+    def fill(sink: Sink) -> Sink:
+        absmax, vmin, vmax = measured[id(sink.absmax)]  # (a rule's sink statistics are its placeholders)
+        other = fill(sink.other) if sink.other is not None else None
+        return dataclasses.replace(sink, absmax=absmax, vmin=vmin, vmax=vmax, other=other)
+
+    return [fill(s) for s in sinks]
+
+
+def replay(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
+           cover: bool) -> DependencyGraph | None:
+    """The graph a full ``build_graph(model, example_inputs, params=params, ...)`` would give, measured on one
+    forward pass checked against the model's template; None when there is no template for these inputs
+    and options, or the run does not follow it (the caller then traces in full)."""
+    template = _TEMPLATES.get(model)
+    if template is None or template.key != _key(model, example_inputs, unknown_ops, cover):
+        return None
+    state, _, inputs, names = run_state(model, example_inputs, params, measuring=True)
+    replayer = _Replayer(template, names)
+    # the template's graph may come from build_graph's train-mode pass (``cover``): run in that mode
+    mode = temporary_mode(model, training=True) if template.graph.training and not model.training \
+        else contextlib.nullcontext()
+    try:
+        with mode:
+            out = run_traced(model, replayer, state, inputs)
+        replayer.finish(out)
+    except Exception:  # (_Diverged, or an error the full trace will report properly)
+        return None
+    return dataclasses.replace(template.graph, uf=template.graph.uf.copy(), _cache={}, output=out, measured=True,
+                               replayed=True, sinks=_measured_sinks(template.sinks, replayer.measured))
