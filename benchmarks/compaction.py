@@ -1,9 +1,10 @@
 """Compaction side by side with Torch-Pruning, in one process.
 
 For each model: the time to build the dependency graph, the time to prune (50% L1 channels, the
-classifier excepted) and compact (each the median of ``--repeats`` runs on fresh copies), the MACs and
-parameters removed, and the realised CPU latency reduction (batch 8, one thread) against the MACs
-reduction. Prints a Markdown table.
+classifier excepted) and compact (each the median of ``--repeats`` runs on fresh copies, the libraries
+taking turns so that a load change on a shared machine hits both alike), the MACs and parameters
+removed, and the realised CPU latency reduction (batch 8, one thread) against the MACs reduction.
+Prints a Markdown table.
 
     PYTHONPATH=src python benchmarks/compaction.py                      # resnet50 mobilenet_v2 vit_b_16
     PYTHONPATH=src python benchmarks/compaction.py --models resnet18 --runs 3 --size 112   # quick look
@@ -109,18 +110,27 @@ def bench(name: str, size: int, batch: int, runs: int, ratio: float, repeats: in
     extra = {"image_size": size} if name.startswith("vit_") else {}
     dense = torchvision.models.get_model(name, weights=None, **extra).eval()
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
-    models, rows = {"dense": dense}, []
-    for lib, prune in (("slimtorch", slimtorch_prune), ("torch-pruning", torch_pruning_prune)):
-        timings = []
-        try:
-            for _ in range(repeats):  # each on a fresh copy; the median damps a shared machine's noise
-                model = copy.deepcopy(dense)
-                timings.append(prune(model, x1, ratio))
-        except Exception as err:  # a benchmark: say what failed and go on
-            rows.append({"model": name, "library": lib, "error": f"{type(err).__name__}: {str(err)[:80]}"})
+    models: dict[str, nn.Module] = {"dense": dense}
+    libraries = {"slimtorch": slimtorch_prune, "torch-pruning": torch_pruning_prune}
+    timings: dict[str, list[dict[str, float]]] = {lib: [] for lib in libraries}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):  # each on a fresh copy, the libraries in turn (a load change hits both alike)
+        for lib, prune in libraries.items():
+            if lib in errors:
+                continue
+            model = copy.deepcopy(dense)
+            try:
+                timings[lib].append(prune(model, x1, ratio))
+            except Exception as err:  # a benchmark: say what failed and go on
+                errors[lib] = f"{type(err).__name__}: {str(err)[:80]}"
+                continue
+            models[lib] = model
+    rows = []
+    for lib in libraries:
+        if lib in errors:
+            rows.append({"model": name, "library": lib, "error": errors[lib]})
             continue
-        models[lib] = model
-        medians = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+        medians = {k: statistics.median(t[k] for t in timings[lib]) for k in timings[lib][0]}  # damps noise
         rows.append({"model": name, "library": lib, **medians})
     lat = latencies(models, xb, runs)
     macs0, params0 = count_flops(dense, x1) / 2, sum(p.numel() for p in dense.parameters())

@@ -114,7 +114,7 @@ class _Replayer(_Tracer):
         self._check(("op", site, func), (args, kwargs), out)
 
     def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
-        with torch._C.DisableTorchFunction():  # (called from a module hook: see _Tracer._module)
+        with torch._C.DisableTorchFunction():  # (see _Tracer._module)
             self._check(("module", name, type(module)), frame.call, out)
 
     def _check(self, entry: tuple, call: Any, out: Any) -> None:
