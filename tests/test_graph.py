@@ -252,6 +252,15 @@ def test_unknown_op_raises_or_blocks():
     assert "unknown op" in g.blocked_units()[int(_units(g, "a.weight")[0])]
 
 
+def test_view_as_another_dtype_keeps_channels_only_when_elements_stay_whole():
+    same = Fn(lambda m, x: m.b(m.a(x).view(torch.int32).view(torch.float32)), a=nn.Linear(3, 4), b=nn.Linear(4, 2))
+    g = build_graph(same, torch.randn(2, 3), values=False)
+    assert _same(g, "a.weight", "b.weight")
+    split = Fn(lambda m, x: m.b(m.a(x).view(torch.float16).float()[..., :4]), a=nn.Linear(3, 4), b=nn.Linear(4, 2))
+    with pytest.raises(UnsupportedOpError, match="view as torch.float16"):
+        build_graph(split, torch.randn(2, 3))
+
+
 def test_trace_leaves_the_model_alone_and_reports_failures():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
     before = net[1].running_mean.clone()
@@ -475,6 +484,50 @@ def test_shapes_only_conv_output_shape_is_torchs():
     x, w = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(6, 4, 3, 3, device="meta")
     assert _conv_shape(x, (x, w), {"padding": "same"}) is None  # string padding: torch decides
     assert _conv_shape(x, (x, w), {"stride": 2}) == (1, 6, 3, 3)
+
+
+def test_shapes_only_attention_outputs_are_torchs():
+    """nn.MultiheadAttention's outputs on meta tensors, computed by the shapes-only trace itself, match
+    torch's for self- and cross-attention, with and without weights; masks and extra biases defer to
+    torch."""
+    import itertools
+
+    from slimtorch.graph.trace import _attention_shape
+
+    calls = []
+    original = F.multi_head_attention_forward
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs, original(*args, **kwargs)))
+        return calls[-1][2]
+
+    for batch_first, source, need, average, bias in itertools.product([True, False], [5, 7], [True, False],
+                                                                     [True, False], [True, False]):
+        mha = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first, device="meta")
+        q = torch.empty((3, 5, 8) if batch_first else (5, 3, 8), device="meta")
+        kv = torch.empty((3, source, 8) if batch_first else (source, 3, 8), device="meta")
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(F, "multi_head_attention_forward", spy)
+            mha(q, kv, kv, need_weights=need, average_attn_weights=average)
+        ((args, kwargs, real),) = calls
+        mine = _attention_shape(args, kwargs)
+        assert [None if t is None else t.shape for t in mine] == [None if t is None else t.shape for t in real]
+        masked = dict(kwargs, attn_mask=torch.empty(5, source, device="meta", dtype=torch.bool))
+        assert _attention_shape(args, masked) is None
+
+
+def test_shapes_only_sums_keep_torchs_layout():
+    from slimtorch.graph.trace import _shape_of
+
+    x = torch.empty(2, 3, 4, 4, device="meta").to(memory_format=torch.channels_last)
+    for other in (2.0, torch.empty_like(x)):
+        out = _shape_of(torch.add, (x, other), {})
+        real = torch.add(x, other)
+        assert out.shape == real.shape and out.stride() == real.stride() == x.stride()
+    assert _shape_of(torch.add, (x, torch.empty(2, 3, 4, 4, device="meta")), {}) is None  # other layout: torch
+    assert _shape_of(torch.add, (x, torch.empty(1, 3, 1, 1, device="meta")), {}) is None  # broadcast: torch
+    assert _shape_of(torch.Tensor.add_, (x, 1.0), {}) is x
 
 
 def test_substituted_runs_with_other_tensors_and_puts_the_models_back():

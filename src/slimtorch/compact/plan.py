@@ -26,7 +26,7 @@ from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.graph import label_table
-from slimtorch.prune.masks import check_masks
+from slimtorch.prune.masks import check_masks, mask_factor
 
 __all__ = ["CompactionPlan", "plan_compaction"]
 
@@ -314,7 +314,7 @@ def plan_compaction(
     check_masks(model, masks)
     params = dict(model.named_parameters())
     # the masked values, as apply_masks_ computes them (a product: a quarter of masked_fill's time)
-    masked = {n: params[n].detach() * masks[n].to(params[n].device, torch.bool) for n in masks}
+    masked = {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks}
     graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True)
     roots = graph.uf.roots()
     dead: dict[tuple, torch.Tensor] = {}

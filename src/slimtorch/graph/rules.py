@@ -254,6 +254,14 @@ def _store(ctx: OpContext, result: Any) -> list[torch.Tensor | None]:
 
 @register_rule(*_MOVE, "__setitem__")
 def _move(ctx: OpContext) -> None:
+    if ctx.name == "view" and isinstance(dtype := ctx.arg(1, "dtype"), torch.dtype):  # x.view(dtype): bytes
+        x = ctx.args[0]
+        if dtype.itemsize == x.dtype.itemsize:  # the same elements read as another type (a bool mask as uint8)
+            ctx.set_output(ctx.labels(x))
+        elif ctx.labels(x) is not None:  # elements split or merged: no rule says where channels go
+            ctx.graph.unknown.append((f"view as {dtype}", ctx.site[0], [ctx.labels(x)]))
+            ctx.set_output(None)
+        return
     if ctx.name == "pad" and _pads_only_plain_dims(ctx):
         ctx.set_output(ctx.labels(ctx.args[0]))  # e.g. spatial padding: every position keeps its channels
         return

@@ -369,13 +369,72 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-def _shape_of(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+_BINARY = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+           "__truediv__", "__rtruediv__"}
+_BINARY_INPLACE = {"add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+
+
+def _same_layout_operand(x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """The other operand of ``x + other`` is a Python number or a meta tensor of x's dtype, shape and
+    strides (a residual sum), and nothing else is asked (``alpha`` aside): the result is laid out as x."""
+    other = _arg(args, kwargs, 1, "other")
+    extra = set(kwargs) - {"other", "alpha"}
+    if len(args) > 2 or extra or not isinstance(_arg(args, kwargs, 2, "alpha") or 1, (int, float)):
+        return False
+    if type(other) in (int, float):
+        return True
+    return isinstance(other, torch.Tensor) and other.is_meta and other.dtype == x.dtype \
+        and other.shape == x.shape and other.stride() == x.stride()
+
+
+def _attention_shape(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The outputs of ``F.multi_head_attention_forward`` for batched self- or cross-attention with one packed
+    input projection and no masks or extra biases (what ``nn.MultiheadAttention`` runs, e.g. in torchvision's
+    ViT); None for anything else. On meta tensors torch runs its dozen inner ops through Python reference
+    code, about 4 ms a call."""
+    names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+             "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+    a = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
+    if len(args) > len(names) + 1:
+        return None  # (training is the 14th; the rest come as keywords from nn.MultiheadAttention)
+    q, k, v, heads, w, b = a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"]
+    tensors = (q, k, v, w, a["out_proj_weight"])
+    if not all(isinstance(t, torch.Tensor) and t.is_meta and t.dtype == q.dtype for t in tensors) or q.dim() != 3 \
+            or k.shape != v.shape or k.dim() != 3 or k.shape[1] != q.shape[1]:
+        return None
+    plain = {"key_padding_mask": None, "attn_mask": None, "use_separate_proj_weight": False, "q_proj_weight": None,
+             "k_proj_weight": None, "v_proj_weight": None, "static_k": None, "static_v": None, "is_causal": False}
+    if any(kwargs.get(n, default) is not default for n, default in plain.items()) \
+            or set(kwargs) - set(names) - set(plain) - {"training", "need_weights", "average_attn_weights"}:
+        return None
+    length, batch, embed = q.shape
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] or embed != a["embed_dim_to_check"] \
+            or k.shape[2] != embed or not isinstance(heads, int) or heads < 1 or embed % heads \
+            or w.shape != (3 * embed, embed) or (b is not None and b.shape != (3 * embed,)) \
+            or a["out_proj_weight"].shape != (embed, embed) \
+            or (a["out_proj_bias"] is not None and a["out_proj_bias"].shape != (embed,)):
+        return None
+    out = torch.empty((length, batch, embed), dtype=q.dtype, device="meta")
+    if not kwargs.get("need_weights", True):
+        return out, None
+    source = k.shape[0]
+    shape = (batch, length, source) if kwargs.get("average_attn_weights", True) else (batch, heads, length, source)
+    return out, torch.empty(shape, dtype=q.dtype, device="meta")
+
+
+def _shape_of(func: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_meta or not x.is_floating_point():
         return None
     name = op_name(func)
     if name.endswith("_") and name[:-1] in _ACTIVATIONS:
         return x  # in place
+    if name in _BINARY_INPLACE and _same_layout_operand(x, args, kwargs):
+        return x
+    if name in _BINARY and _same_layout_operand(x, args, kwargs):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if name == "multi_head_attention_forward":
+        return _attention_shape(args, kwargs)
     if name not in _SHAPED or any(isinstance(t, torch.Tensor) and not t.is_meta for t in (*args, *kwargs.values())):
         return None
     if name == "batch_norm":

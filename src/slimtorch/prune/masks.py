@@ -38,6 +38,7 @@ __all__ = [
     "check_masks",
     "get_masks",
     "is_masked",
+    "mask_factor",
     "mask_sparsity",
     "remove_masks_",
 ]
@@ -67,6 +68,12 @@ def _drop_grad_hook(param: torch.Tensor) -> None:
         _GRAD_HOOKS.pop(id(param))[1].remove()
 
 
+def mask_factor(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as a multiplier: a bool mask viewed as uint8 (the same bytes). Multiplying a float tensor by
+    uint8 is about 3x faster on CPU than by bool, whose conversion torch does not vectorise."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
 class _MaskHook:
     """Forward pre-hook and state-dict pre-hook of a masked module. Holds names only, never tensors, so a
     deep-copied module's copy of the hook works on the copy's own parameters and masks."""
@@ -79,7 +86,7 @@ class _MaskHook:
             for name in self.names:
                 param = module._parameters[name]
                 mask = module._buffers[name + MASK_SUFFIX]
-                param.mul_(mask)
+                param.mul_(mask_factor(mask))
                 if param.requires_grad and not _has_grad_hook(param):
                     _add_grad_hook(param, mask)
 
@@ -95,7 +102,7 @@ class _GradMask:
         self.mask = mask
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.mask
+        return grad * mask_factor(self.mask)
 
 
 def _find_hook(module: nn.Module) -> tuple[int, _MaskHook] | None:
