@@ -45,16 +45,22 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def slimtorch_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+def slimtorch_prune(model: nn.Module, x: torch.Tensor, ratio: float, verify: bool = True) -> dict[str, float]:
     """Graph build alone (the structure, as pruning builds it), then masks (which build the graph) and
-    compaction (which traces the masked model for real, to check that every removed channel is zero or
-    foldable where it is used, and verifies the result): the time a user waits."""
+    compaction (which runs the masked model once, to check that every removed channel is zero or foldable
+    where it is used, and with ``verify`` runs the compacted one to check the result): the time a user
+    waits."""
     name, _ = _classifier(model)
     config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": ratio}, {"exclude": True, "op_names": [name]}]
     _, graph_s = _timed(lambda: build_graph(model, x, values=False))
     masks, masks_s = _timed(lambda: compute_masks(model, config, example_inputs=x))
-    _, compact_s = _timed(lambda: compact_(model, masks, example_inputs=x))
+    _, compact_s = _timed(lambda: compact_(model, masks, example_inputs=x, verify=verify))
     return {"graph_s": graph_s, "prune_compact_s": masks_s + compact_s}
+
+
+def slimtorch_unverified(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+    """The same without the check of the result (``compact_(..., verify=False)``): what the check costs."""
+    return slimtorch_prune(model, x, ratio, verify=False)
 
 
 def torch_pruning_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
@@ -111,7 +117,8 @@ def bench(name: str, size: int, batch: int, runs: int, ratio: float, repeats: in
     dense = torchvision.models.get_model(name, weights=None, **extra).eval()
     x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
     models: dict[str, nn.Module] = {"dense": dense}
-    libraries = {"slimtorch": slimtorch_prune, "torch-pruning": torch_pruning_prune}
+    libraries = {"slimtorch": slimtorch_prune, "slimtorch, verify=False": slimtorch_unverified,
+                 "torch-pruning": torch_pruning_prune}
     timings: dict[str, list[dict[str, float]]] = {lib: [] for lib in libraries}
     errors: dict[str, str] = {}
     for _ in range(repeats):  # each on a fresh copy, the libraries in turn (a load change hits both alike)

@@ -31,6 +31,7 @@ pass. Its vocabulary:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -254,17 +255,17 @@ class DependencyGraph:
 
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
-        masks: dict[str, torch.Tensor] = {}
+        views: dict[str, list[torch.Tensor]] = {}  # per parameter, its members' keep flags as broadcast views
         members, flat, owner = self.flat_labels()
         gone = label_table(removed, self.uf.roots())[flat]  # per label (label -1: kept)
         touched = torch.bincount(owner[gone], minlength=len(members)).tolist()
         for m, keep, n in zip(members, torch.split(~gone, [m.labels.numel() for m in members]), touched, strict=True):
-            if not n or m.is_buffer or m.name not in tensors:
-                continue
-            keep = keep.reshape(m.labels.shape)
-            mask = m.expand(keep, tensors[m.name].shape)
-            masks[m.name] = masks[m.name] & mask if m.name in masks else mask.clone()
-        return masks
+            if n and not m.is_buffer and m.name in tensors:
+                views.setdefault(m.name, []).append(m.expand(keep.reshape(m.labels.shape), tensors[m.name].shape))
+        # one full-size tensor per parameter: a weight's rows and columns combined in one operation
+        return {name: functools.reduce(torch.logical_and, found) if len(found) > 1
+                else found[0].clone(memory_format=torch.contiguous_format)
+                for name, found in views.items()}
 
     def describe(self, names: Iterable[str] | None = None) -> str:
         """One line per group: units, blocked units, members (for reports and debugging)."""
