@@ -53,7 +53,7 @@ class _Template:
     sinks: list[Sink]  # with placeholder statistics
     tape: list[tuple]
     pending: dict[int, list[tuple[int, list[int], tuple]]]  # tape index -> (tensor position, dims, placeholders)
-    meta_outputs: list[tuple[bool, ...]]  # tape index -> which of its outputs the shapes-only trace had on meta
+    outputs: list[tuple[tuple, ...]]  # tape index -> per output (shape, dtype, on meta in the shapes-only trace)
 
 
 # One template per model, dropped with the model. A later shapes-only trace of it replaces the template.
@@ -86,7 +86,7 @@ def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: boo
         return
     structure = dataclasses.replace(graph, uf=graph.uf.copy(), sinks=[], _cache={})
     _TEMPLATES[model] = _Template(_key(model, example_inputs, unknown_ops, cover), structure, tracer.sinks,
-                                  tracer.tape, tracer.pending, tracer.meta_outputs)
+                                  tracer.tape, tracer.pending, tracer.outputs)
 
 
 def forget(model: nn.Module) -> None:
@@ -106,7 +106,7 @@ class _Replayer(_Tracer):
     def _exact(self, value: torch.Tensor, source: Any) -> bytes | None:
         # a tensor the shapes-only trace had on meta (a mask computed from floats) was recorded without
         # values; elementwise rules took it there without reading them, and so may it be here
-        if type(source) is tuple and self.template.meta_outputs[source[0]][source[1]]:
+        if type(source) is tuple and self.template.outputs[source[0]][source[1]][2]:
             return None
         return value.detach().cpu().numpy().tobytes()
 
@@ -123,6 +123,10 @@ class _Replayer(_Tracer):
             raise _Diverged(f"op {index}: {entry[:2]}")
         self.at += 1
         outputs = tensors_in(out)
+        # the outputs too: their number places measured tensors, and their shapes check the shapes-only
+        # trace's own shape arithmetic against the real ops
+        if tuple((t.shape, t.dtype) for t in outputs) != tuple(o[:2] for o in self.template.outputs[index]):
+            raise _Diverged(f"op {index}: {entry[:2]} gave other outputs")
         for position, keep, placeholders in self.template.pending.get(index, ()):
             self.measured[id(placeholders[0])] = measure([*tensors_in(call), *outputs][position], keep)
         for k, t in enumerate(outputs):

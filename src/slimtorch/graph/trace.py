@@ -171,7 +171,7 @@ class _Tracer(TorchFunctionMode):
         self.current: tuple[int, list[torch.Tensor]] = (-1, [])  # the op being handled: (tape index, its tensors)
         self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
         self.unreplayable: str | None = None
-        self.meta_outputs: list[tuple[bool, ...]] = []  # per tape entry: which outputs had no values
+        self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -223,7 +223,7 @@ class _Tracer(TorchFunctionMode):
         self.tape.append((*entry, self.signature(call)))
         outputs = tensors_in(out)
         self.current = (index, [*tensors_in(call), *outputs])
-        self.meta_outputs.append(tuple(t.is_meta for t in outputs))
+        self.outputs.append(tuple((t.shape, t.dtype, t.is_meta) for t in outputs))
         for k, t in enumerate(outputs):
             self.produced[id(t)] = (weakref.ref(t), index, k)
         return index

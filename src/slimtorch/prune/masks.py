@@ -82,7 +82,9 @@ class _MaskHook:
         self.names = names
 
     def enforce(self, module: nn.Module) -> None:
-        with torch.no_grad():
+        # Unseen by function modes (a graph trace, a compacted model's call rewrites): masking is not an op
+        # of the model, and counted as one it would shift the call sites of the model's own ops.
+        with torch._C.DisableTorchFunction(), torch.no_grad():
             for name in self.names:
                 param = module._parameters[name]
                 mask = module._buffers[name + MASK_SUFFIX]
