@@ -30,7 +30,7 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
-from slimtorch.graph.trace import call_model, substituted, temporary_mode
+from slimtorch.graph.trace import call_model, run_state, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
@@ -60,9 +60,9 @@ class _Snapshot:
 
 def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], example_inputs: Any) -> Any:
     """The masked model's eval-mode output (``masked``: masked parameter values), without touching the model."""
-    buffers = {n: b.clone() for n, b in model.named_buffers(remove_duplicate=False)}
-    with torch.no_grad(), temporary_mode(model, training=False), substituted(model, {**masked, **buffers}):
-        return call_model(model, example_inputs)
+    state, _, inputs, _ = run_state(model, example_inputs, masked, measuring=True)  # (buffers are copies)
+    with torch.no_grad(), temporary_mode(model, training=False), substituted(model, state):
+        return call_model(model, inputs)
 
 
 def _set_params(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:

@@ -202,17 +202,8 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
     raise CompactionError("could not satisfy the channel constraints of the graph; please report this model")
 
 
-def _per_member_removed(graph: DependencyGraph, roots: torch.Tensor,
-                        removed: torch.Tensor) -> tuple[list[Member], list[torch.Tensor], torch.Tensor]:
-    """(members, each member's removed flags shaped like its labels, how many of each are removed)."""
-    members, flat, owner = graph.flat_labels()
-    gone = label_table(removed, roots)[flat]
-    counts = torch.bincount(owner[gone], minlength=len(members))
-    return members, list(torch.split(gone, [m.labels.numel() for m in members])), counts
-
-
-def _check_not_emptied(members: list[Member], counts: torch.Tensor) -> None:
-    for m, n in zip(members, counts.tolist(), strict=True):
+def _check_not_emptied(members: list[Member], counts: list[int]) -> None:
+    for m, n in zip(members, counts, strict=True):
         if m.role != "element" and not m.is_buffer and n and n == m.labels.numel():  # every index removed
             side = {"out": "output", "in": "input"}.get(m.role, "")
             raise CompactionError(
@@ -237,13 +228,14 @@ def _owner(modules: dict[str, nn.Module], kinds: dict[str, str], name: str) -> t
 
 
 def _module_changes(model: nn.Module, members: list[Member], gone: list[torch.Tensor],
-                    counts: torch.Tensor) -> dict[str, dict[str, Any]]:
+                    counts: list[int]) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
     kinds: dict[str, str] = {}
-    for i in torch.nonzero(counts).flatten().tolist():  # the members that lose a channel
-        m = members[i]
-        keep = ~gone[i].reshape(m.labels.shape)
+    for m, removed, n in zip(members, gone, counts, strict=True):
+        if not n:  # only the members that lose a channel
+            continue
+        keep = ~removed.reshape(m.labels.shape)
         owner, module, attr = _owner(modules, kinds, m.name)
         if owner not in changes:
             if owner not in kinds:
@@ -329,7 +321,7 @@ def plan_compaction(
         if int(which.sum()):
             kept[why] = int(which.sum())
     _enforce(graph, roots, removed, kept)
-    members, gone, counts = _per_member_removed(graph, roots, removed)
+    members, gone, counts = graph.removed_per_member(removed)
     _check_not_emptied(members, counts)
     return CompactionPlan(
         graph=graph,

@@ -192,6 +192,14 @@ class DependencyGraph:
             self._cache["flat"] = (members, flat, torch.repeat_interleave(sizes))
         return self._cache["flat"]
 
+    def removed_per_member(self, removed: torch.Tensor) -> tuple[list[Member], list[torch.Tensor], list[int]]:
+        """Given ``removed`` (bool per unit id): every member (``flat_labels`` order), its removed flags (one
+        per label, flat; False where no channel lives) and how many of them are set."""
+        members, flat, owner = self.flat_labels()
+        gone = label_table(removed, self.uf.roots())[flat]
+        counts = torch.bincount(owner[gone], minlength=len(members)).tolist()
+        return members, list(torch.split(gone, [m.labels.numel() for m in members])), counts
+
     def unit_of(self, labels: torch.Tensor) -> torch.Tensor:
         """Unit id (union-find root) of each label; -1 stays -1."""
         return self.uf.find(labels)
@@ -256,12 +264,9 @@ class DependencyGraph:
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
         views: dict[str, list[torch.Tensor]] = {}  # per parameter, its members' keep flags as broadcast views
-        members, flat, owner = self.flat_labels()
-        gone = label_table(removed, self.uf.roots())[flat]  # per label (label -1: kept)
-        touched = torch.bincount(owner[gone], minlength=len(members)).tolist()
-        for m, keep, n in zip(members, torch.split(~gone, [m.labels.numel() for m in members]), touched, strict=True):
+        for m, gone, n in zip(*self.removed_per_member(removed), strict=True):
             if n and not m.is_buffer and m.name in tensors:
-                views.setdefault(m.name, []).append(m.expand(keep.reshape(m.labels.shape), tensors[m.name].shape))
+                views.setdefault(m.name, []).append(m.expand(~gone.reshape(m.labels.shape), tensors[m.name].shape))
         # one full-size tensor per parameter: a weight's rows and columns combined in one operation
         return {name: functools.reduce(torch.logical_and, found) if len(found) > 1
                 else found[0].clone(memory_format=torch.contiguous_format)

@@ -27,8 +27,8 @@ from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varyin
 if TYPE_CHECKING:
     from slimtorch.graph.trace import ModuleContext, OpContext
 
-__all__ = ["VALUE_FREE", "find_module_rule", "find_rule", "op_name", "register_module_rule", "register_rule",
-           "tensors_in"]
+__all__ = ["PLAIN_TYPES", "VALUE_FREE", "find_module_rule", "find_rule", "op_name", "register_module_rule",
+           "register_rule", "tensors_in"]
 
 Rule = Callable[["OpContext"], None]
 ModuleRule = Callable[["ModuleContext"], None]
@@ -66,8 +66,9 @@ def op_name(func: Any) -> str:
     return name
 
 
-_PLAIN = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
-          torch.layout, torch.Size)
+#: types of plain (non-tensor, non-container) op arguments
+PLAIN_TYPES = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
+               torch.layout, torch.Size)
 
 
 def tensors_in(tree: Any) -> list[torch.Tensor]:
@@ -76,7 +77,7 @@ def tensors_in(tree: Any) -> list[torch.Tensor]:
     runs for every op traced); anything else goes to the pytree."""
     if isinstance(tree, torch.Tensor):
         return [tree]
-    if isinstance(tree, _PLAIN):
+    if isinstance(tree, PLAIN_TYPES):
         return []
     kind = type(tree)
     if kind is tuple or kind is list or kind is dict:
@@ -84,7 +85,7 @@ def tensors_in(tree: Any) -> list[torch.Tensor]:
         for item in tree.values() if kind is dict else tree:
             if isinstance(item, torch.Tensor):
                 out.append(item)
-            elif not isinstance(item, _PLAIN):
+            elif not isinstance(item, PLAIN_TYPES):
                 out += tensors_in(item)
         return out
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]

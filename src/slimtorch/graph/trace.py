@@ -33,13 +33,12 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.graph import DependencyGraph
-from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
+from slimtorch.graph.rules import PLAIN_TYPES, VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
 
 __all__ = ["ModuleContext", "OpContext", "build_graph", "call_model", "substituted", "temporary_mode"]
 
 
-_PLAIN_TYPES = frozenset([int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.memory_format,
-                          torch.layout, torch.Size])
+_PLAIN_TYPES = frozenset(PLAIN_TYPES) - {torch.device}  # (a signature leaves devices out: meta in a shapes-only trace)
 _EXACT_DTYPES = frozenset([torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 
 
@@ -172,6 +171,7 @@ class _Tracer(TorchFunctionMode):
         self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
+        self.sinks: list[Any] = []  # a shapes-only trace's sinks, statistics still placeholders (set at its end)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -217,7 +217,7 @@ class _Tracer(TorchFunctionMode):
         """The values of an integer or bool tensor (rules may read indices)."""
         return value.detach().cpu().numpy().tobytes()
 
-    def _tape(self, entry: tuple, call: Any, out: Any) -> int:
+    def _tape(self, entry: tuple, call: Any, out: Any) -> None:
         """Append an op to the tape; its outputs are then known as this op's."""
         index = len(self.tape)
         self.tape.append((*entry, self.signature(call)))
@@ -226,7 +226,6 @@ class _Tracer(TorchFunctionMode):
         self.outputs.append(tuple((t.shape, t.dtype, t.is_meta) for t in outputs))
         for k, t in enumerate(outputs):
             self.produced[id(t)] = (weakref.ref(t), index, k)
-        return index
 
     def defer(self, ctx: OpContext, t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, ...]:
         """Placeholders for ``measure(t, keep)`` in a shapes-only trace, to be measured on replay."""

@@ -101,12 +101,8 @@ def _balance(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
 
 def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, score: torch.Tensor) -> None:
     """Never empty a layer: give back its best-scored channel when all would go (in place)."""
-    members, flat, owner = graph.flat_labels()
-    sizes = torch.bincount(owner, minlength=len(members))
-    gone = torch.bincount(owner[removed[roots[flat.clamp(min=0)]] & (flat >= 0)], minlength=len(members))
-    for i in torch.nonzero((gone == sizes) & (sizes > 0)).flatten().tolist():  # members with every channel gone
-        m = members[i]
-        if m.role in ("out", "in") and not m.is_buffer:
+    for m, _, n in zip(*graph.removed_per_member(removed), strict=True):
+        if n and n == m.labels.numel() and m.role in ("out", "in") and not m.is_buffer:  # every channel gone
             units = roots[m.labels]
             if bool(removed[units].all()):  # (an earlier member's give-back may have saved it already)
                 removed[units[torch.argmax(score[units])]] = False
