@@ -546,3 +546,27 @@ def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
     with pytest.raises(RuntimeError, match="inside"), substituted(net, {"0.weight": zero}):
         raise RuntimeError("inside")
     assert all(v is own[k] for k, v in net.state_dict(keep_vars=True).items())
+
+
+def test_collector_paused_during_tracing_and_restored_after():
+    import gc
+
+    from slimtorch.graph.trace import collector_paused
+
+    net, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 6, 6)
+    seen = []
+    net[1].register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    assert gc.isenabled()
+    build_graph(net, x)
+    slimtorch.compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(RuntimeError, match="inside"), collector_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a process that keeps the collector off keeps it off
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -30,7 +30,7 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
-from slimtorch.graph.trace import call_model, run_state, substituted, temporary_mode
+from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
@@ -169,6 +169,7 @@ def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) ->
     }
 
 
+@collector_paused()
 def compact_(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
