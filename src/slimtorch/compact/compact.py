@@ -67,16 +67,21 @@ def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], exam
 
 def _set_params(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     """Give parameters new values (new ``nn.Parameter`` objects, ``requires_grad`` kept); a parameter known
-    under several names (tied weights) gets the one new object under all of them, so it stays tied."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    under several names (tied weights) gets the one new object under all of them, so it stays tied.
+    (Written into each module's parameter dict: ``setattr`` re-registers a parameter with checks that cost
+    more than the rest of this, and the name is registered already.)"""
+    params: dict[str, torch.Tensor] = {}
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id of a parameter -> every (module, attr) holding it
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                params[f"{prefix}.{attr}" if prefix else attr] = p
+                slots.setdefault(id(p), []).append((module, attr))
     for name, value in values.items():
-        new = nn.Parameter(value.detach(), requires_grad=params[name].requires_grad)
-        for alias in names[id(params[name])]:
-            owner, _, attr = alias.rpartition(".")
-            setattr(model.get_submodule(owner), attr, new)
+        old = params[name]
+        new = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+        for module, attr in slots[id(old)]:
+            module._parameters[attr] = new
 
 
 def _keeps(change: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -212,46 +212,66 @@ def _check_not_emptied(members: list[Member], counts: list[int]) -> None:
             )
 
 
-def _owner(modules: dict[str, nn.Module], kinds: dict[str, str], name: str) -> tuple[str, nn.Module, str]:
-    """(module name, module, attribute path) of a parameter, where a module whose shrink function handles
-    its children (e.g. an attention block) owns its children's parameters (``modules``: by name; ``kinds``:
-    their shrink kinds, filled as they are looked up)."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1):
-        prefix = ".".join(parts[:i])
+def _owners(model: nn.Module) -> Any:
+    """``owner(name)``: (module name, module, attribute path) of a parameter, where a module whose shrink
+    function handles its children (e.g. an attention block) owns its children's parameters. Memoised per
+    parent module (a model has a few parameters per module)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    kinds: dict[str, str] = {}
+    found: dict[str, tuple[str, nn.Module]] = {}
+
+    def kind(prefix: str) -> str:
         if prefix not in kinds:
             kinds[prefix] = shrink_kind(modules[prefix])
-        if kinds[prefix] in CLAIMS_CHILDREN:
-            return prefix, modules[prefix], ".".join(parts[i:])
-    prefix = ".".join(parts[:-1])
-    return prefix, modules[prefix], parts[-1]
+        return kinds[prefix]
+
+    def owner(name: str) -> tuple[str, nn.Module, str]:
+        parent = name.rpartition(".")[0]
+        if parent not in found:
+            parts = parent.split(".") if parent else []
+            prefixes = [".".join(parts[:i]) for i in range(len(parts) + 1)]
+            prefix = next((p for p in prefixes if kind(p) in CLAIMS_CHILDREN), parent)
+            found[parent] = (prefix, modules[prefix])
+        prefix, module = found[parent]
+        return prefix, module, name[len(prefix) + 1:] if prefix else name
+
+    return owner, kind
+
+
+def _kept(members: list[Member], gone: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Per member, the (flat) indices of its labels that stay: one ``nonzero`` for every member at once."""
+    sizes = [m.labels.numel() for m in members]
+    if not sizes:
+        return []
+    kept = torch.nonzero(~torch.cat(gone)).flatten()
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    owner = torch.repeat_interleave(torch.tensor(sizes))
+    local = kept - starts[owner[kept]]
+    return list(torch.split(local, [size - n for size, n in zip(sizes, counts, strict=True)]))
 
 
 def _module_changes(model: nn.Module, members: list[Member], gone: list[torch.Tensor],
                     counts: list[int]) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    kinds: dict[str, str] = {}
-    for m, removed, n in zip(members, gone, counts, strict=True):
+    owner_of, kind = _owners(model)
+    for m, removed, n, kept in zip(members, gone, counts, _kept(members, gone, counts), strict=True):
         if not n:  # only the members that lose a channel
             continue
-        keep = ~removed.reshape(m.labels.shape)
-        owner, module, attr = _owner(modules, kinds, m.name)
+        owner, module, attr = owner_of(m.name)
         if owner not in changes:
-            if owner not in kinds:
-                kinds[owner] = shrink_kind(module)
-            changes[owner] = {"kind": kinds[owner], "keeps": {}, "options": {}}
+            changes[owner] = {"kind": kind(owner), "keeps": {}, "options": {}}
         entry = changes[owner]
         if m.role == "element":
             if entry["kind"] != "tensors":
                 raise CompactionError(f"{m.name!r} is used directly in arithmetic and also by its {entry['kind']} "
                                       "layer; its channels cannot be removed")
+            keep = ~removed.reshape(m.labels.shape)
             for d in range(keep.dim()):
                 along = keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1)
                 if not bool(along.all()):
                     entry["keeps"][f"{attr}:dim:{d}"] = torch.nonzero(along).flatten()
             continue
-        entry["keeps"][f"{attr}:{m.role}:{m.dim}"] = torch.nonzero(keep).flatten()
+        entry["keeps"][f"{attr}:{m.role}:{m.dim}"] = kept
         if entry["kind"] == "layernorm":
             shape = tuple(module.normalized_shape)
             entry["options"]["full_size"] = int(getattr(module, "full_size", torch.Size(shape).numel()))

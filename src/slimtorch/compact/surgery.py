@@ -76,11 +76,17 @@ def shrink_kind(module: nn.Module) -> str:
 
 
 def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
-    old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(module, attr, nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad))
+    # a registered parameter or buffer is replaced in its dict: setattr would register it again, with
+    # checks that cost more than the slicing
+    value = value.detach().contiguous()
+    if attr in module._parameters and module._parameters[attr] is not None:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    elif isinstance(old := getattr(module, attr), nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
-        setattr(module, attr, value.detach().contiguous())
+        setattr(module, attr, value)
 
 
 def _take(module: nn.Module, attr: str, dim: int, keep: torch.Tensor | None) -> None:
