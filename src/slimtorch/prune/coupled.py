@@ -111,28 +111,39 @@ def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor
 def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor]], keep: Mapping[str, torch.Tensor],
             roots: torch.Tensor, score: torch.Tensor, planned: torch.Tensor, free: torch.Tensor,
             removed: torch.Tensor) -> list[str]:
-    """Per group, remove the requested fraction of its planned channels, lowest scores first (in place)."""
+    """Per group, remove the requested fraction of its planned channels, lowest scores first (in place).
+    Every group at once: units sorted by (group, score), each group's first ``target`` usable ones go."""
+    if not groups or not plans:
+        return []
     group_of = torch.full((roots.numel(),), -1, dtype=torch.long)
-    if groups:
-        group_of[torch.cat([g.units for g in groups])] = torch.repeat_interleave(
-            torch.tensor([g.index for g in groups]), torch.tensor([g.units.numel() for g in groups]))
-    in_group: dict[int, list[LayerPlan]] = {}
-    for plan, member, _ in plans:
-        for g in torch.unique(group_of[roots[member.labels[member.labels >= 0]]]).tolist():
-            in_group.setdefault(g, []).append(plan)
-    notes = []
-    for index, here in sorted(in_group.items()):
-        group = groups[index]
-        fraction = sum(int((~keep[p.name]).sum()) for p in here) / sum(keep[p.name].numel() for p in here)
-        candidates = group.units[planned[group.units]]
-        target = math.floor(fraction * candidates.numel() + 0.5)
-        usable = candidates[free[candidates]]
-        chosen = usable[torch.argsort(score[usable], stable=True)[:target]]
-        removed[chosen] = True
-        if chosen.numel() < target:
-            notes.append(f"{here[0].name} and coupled layers: {chosen.numel()} of the {target} channels asked "
-                         f"({target - chosen.numel()} reach the output or an op that needs all channels)")
-    return notes
+    group_of[torch.cat([g.units for g in groups])] = torch.repeat_interleave(
+        torch.tensor([g.index for g in groups]), torch.tensor([g.units.numel() for g in groups]))
+    labels = torch.cat([member.labels for _, member, _ in plans])
+    which = torch.repeat_interleave(torch.tensor([member.labels.numel() for _, member, _ in plans]))
+    valid = labels >= 0
+    pairs = torch.unique(which[valid] * len(groups) + group_of[roots[labels[valid]]]).tolist()  # (plan, group)
+    in_group: dict[int, list[int]] = {}
+    for pair in pairs:
+        in_group.setdefault(pair % len(groups), []).append(pair // len(groups))
+    pruned = [int((~keep[plan.name]).sum()) for plan, _, _ in plans]
+    sizes = [keep[plan.name].numel() for plan, _, _ in plans]
+    ids = torch.nonzero(planned).flatten()  # ascending
+    candidates = torch.bincount(group_of[ids], minlength=len(groups)).tolist()
+    target = torch.zeros(len(groups), dtype=torch.long)
+    for index, here in in_group.items():
+        fraction = sum(pruned[i] for i in here) / sum(sizes[i] for i in here)
+        target[index] = math.floor(fraction * candidates[index] + 0.5)
+    usable = ids[free[ids] & (group_of[ids] >= 0)]
+    usable = usable[torch.argsort(score[usable], stable=True)]  # by score (ties: the lower id first) ...
+    usable = usable[torch.argsort(group_of[usable], stable=True)]  # ... within each group
+    g = group_of[usable]
+    first = torch.searchsorted(g, torch.arange(len(groups)))  # where each group starts
+    chosen = usable[(torch.arange(usable.numel()) - first[g]) < target[g]]
+    removed[chosen] = True
+    short = (target - torch.bincount(group_of[chosen], minlength=len(groups))).tolist()
+    return [f"{plans[in_group[i][0]][0].name} and coupled layers: {int(target[i]) - n} of the {int(target[i])} "
+            f"channels asked ({n} reach the output or an op that needs all channels)"
+            for i, n in enumerate(short) if n > 0]
 
 
 def coupled_masks(
@@ -167,12 +178,16 @@ def coupled_masks(
     roots = graph.uf.roots()
     score = torch.full((roots.numel(),), -1.0, dtype=torch.float64)
     total, count = torch.zeros_like(score), torch.zeros_like(score)
-    for plan, member, units in mapped:
-        s = plan.scores[units]
-        s = s / s.mean() if float(s.mean()) > 0 else s
-        valid = member.labels >= 0
-        total.index_add_(0, roots[member.labels[valid]], s[valid])
-        count.index_add_(0, roots[member.labels[valid]], torch.ones_like(s[valid]))
+    if mapped:  # every plan at once: its scores over their mean, added up per unit
+        s = torch.cat([plan.scores[units] for plan, _, units in mapped])
+        labels = torch.cat([member.labels for _, member, _ in mapped])
+        lengths = torch.tensor([units.numel() for _, _, units in mapped])
+        which = torch.repeat_interleave(lengths)
+        means = torch.zeros(len(mapped), dtype=s.dtype).index_add_(0, which, s) / lengths
+        s = s / torch.where(means > 0, means, 1.0)[which]
+        valid = labels >= 0
+        total.index_add_(0, roots[labels[valid]], s[valid])
+        count.index_add_(0, roots[labels[valid]], torch.ones_like(s[valid]))
     score = torch.where(count > 0, total / count.clamp(min=1), score)
     planned = count > 0
     free = planned.clone()
