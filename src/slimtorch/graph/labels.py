@@ -54,10 +54,12 @@ class UnionFind:
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Tie ``a[i]`` to ``b[i]`` for every position where both are labels (shapes must broadcast)."""
-        a, b = np.broadcast_arrays(a.numpy(), b.numpy())
+        a, b = a.numpy(), b.numpy()
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         a, b = a.reshape(-1), b.reshape(-1)
-        valid = (a >= 0) & (b >= 0)
-        if not valid.all():
+        if min(a.min(initial=0), b.min(initial=0)) < 0:  # (the common case, every position a label, skips this)
+            valid = (a >= 0) & (b >= 0)
             a, b = a[valid], b[valid]
         parent = self._parent[: self.size]
         ra, rb = parent[a], parent[b]  # roots: every label points at its root

@@ -170,7 +170,7 @@ class _Tracer(TorchFunctionMode):
         # compaction needs can later be measured by a plain forward pass checked against it.
         self.tape: list[tuple] | None = None if measuring else []
         self.produced: dict[int, tuple[weakref.ref, int, int]] = {}  # tensor id -> (tensor, tape index, output)
-        self.current: tuple[int, list[torch.Tensor]] = (-1, [])  # the op being handled: (tape index, its tensors)
+        self.current: tuple[int, Any, list[torch.Tensor]] = (-1, (), [])  # the op being handled: (tape index, call, out)
         self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
@@ -225,7 +225,7 @@ class _Tracer(TorchFunctionMode):
         index = len(self.tape)
         self.tape.append((*entry, self.signature(call)))
         outputs = tensors_in(out)
-        self.current = (index, [*tensors_in(call), *outputs])
+        self.current = (index, call, outputs)
         self.outputs.append(tuple((t.shape, t.dtype, t.is_meta) for t in outputs))
         for k, t in enumerate(outputs):
             self.produced[id(t)] = (weakref.ref(t), index, k)
@@ -234,7 +234,8 @@ class _Tracer(TorchFunctionMode):
         """Placeholders for ``measure(t, keep)`` in a shapes-only trace, to be measured on replay."""
         shape = [t.shape[d] for d in keep]
         placeholders = (torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
-        index, tensors = self.current
+        index, call, outputs = self.current
+        tensors = [*tensors_in(call), *outputs]
         position = next((k for k, u in enumerate(tensors) if u is t), None)
         if position is None:
             self.unreplayable = f"a rule measured a tensor that is not an argument or result of {ctx.where}"
