@@ -106,15 +106,18 @@ class UnionFind:
 def components(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     """Connected components of the graph on ids ``0..n-1`` with edges ``a[i] - b[i]``: per id, the smallest
     id of its component. For one large batch of edges (100k on a small CNN) min-label propagation with
-    pointer jumping in torch's scatter kernels takes a few passes and beats :class:`UnionFind`, whose
-    strength is the many small unions of a trace."""
-    comp = torch.arange(n)
+    pointer jumping takes a few passes and beats :class:`UnionFind`, whose strength is the many small
+    unions of a trace. In numpy: its gathers and ``minimum.at`` take half the time of torch's on CPU."""
+    ends_a, ends_b = a.numpy(), b.numpy()
+    comp = np.arange(n)
     while True:
-        low = torch.minimum(comp[a], comp[b])
-        new = comp.scatter_reduce(0, a, low, "amin").scatter_reduce_(0, b, low, "amin")
+        low = np.minimum(comp[ends_a], comp[ends_b])
+        new = comp.copy()
+        np.minimum.at(new, ends_a, low)
+        np.minimum.at(new, ends_b, low)
         new = new[new]  # each id only ever points at a smaller one of its component: jumping is safe
-        if torch.equal(new, comp):
-            return comp  # every edge's ends agree: one label per component, its smallest id
+        if np.array_equal(new, comp):
+            return torch.from_numpy(comp)  # every edge's ends agree: one label per component, its smallest id
         comp = new
 
 

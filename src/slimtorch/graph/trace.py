@@ -170,7 +170,7 @@ class _Tracer(TorchFunctionMode):
         # compaction needs can later be measured by a plain forward pass checked against it.
         self.tape: list[tuple] | None = None if measuring else []
         self.produced: dict[int, tuple[weakref.ref, int, int]] = {}  # tensor id -> (tensor, tape index, output)
-        self.current: tuple[int, Any, list[torch.Tensor]] = (-1, (), [])  # the op being handled: (tape index, call, out)
+        self.current: tuple[int, Any, list[torch.Tensor]] = (-1, (), [])  # the op handled: (tape index, call, out)
         self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
