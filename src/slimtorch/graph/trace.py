@@ -616,7 +616,8 @@ def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
     """Put every module in train or eval mode for the block, then give each its own mode back (a model
     may mix them, e.g. dropout off while BatchNorm trains; ``model.train(was)`` would flatten that)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    if any(mode != training for _, mode in modes):  # (``train`` recurses through every module: skip a no-op)
+        model.train(training)
     try:
         yield
     finally:
