@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,9 +66,14 @@ def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if name and weight_param_name(mod) is not None}
 
 
+@functools.cache
+def _torch_module_types() -> frozenset[str]:
+    return frozenset(n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module))
+
+
 def _known_module_types(model: nn.Module) -> set[str]:
-    known = {n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module)}
-    for mod in model.modules():
+    known = set(_torch_module_types())
+    for mod in {type(m): m for m in model.modules()}.values():  # one module of each class
         known |= type_names(mod)
     return known
 
