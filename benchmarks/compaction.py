@@ -2,8 +2,8 @@
 
 For each model: the time to build the dependency graph, the time to prune (50% L1 channels, the
 classifier excepted) and compact (each the median of ``--repeats`` runs on fresh copies after one
-untimed warm-up, the libraries taking turns so that a load change hits all alike), the MACs and parameters
-removed, and the realised CPU latency reduction (batch 8, one thread) against the MACs reduction.
+untimed warm-up, the libraries taking turns so that a load change hits all alike, each run starting from a
+collected heap), the MACs and parameters removed, and the realised CPU latency reduction (batch 8, one thread) against the MACs reduction.
 Prints a Markdown table.
 
     PYTHONPATH=src python benchmarks/compaction.py                      # resnet50 mobilenet_v2 vit_b_16
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import platform
 import statistics
 import time
@@ -126,6 +127,9 @@ def bench(name: str, size: int, batch: int, runs: int, ratio: float, repeats: in
             if lib in errors:
                 continue
             model = copy.deepcopy(dense)
+            # the previous run's cyclic garbage (Torch-Pruning's graph holds the model it pruned) is collected
+            # here, untimed: left alone, whichever library runs next pays for freeing it
+            gc.collect()
             try:
                 timed = prune(model, x1, ratio)
                 if repeat:  # the first round warms up (imports, allocator, caches) and is not counted
