@@ -2,8 +2,9 @@
 
 For each model: the time to build the dependency graph, the time to prune (50% L1 channels, the
 classifier excepted) and compact (each the median of ``--repeats`` runs on fresh copies after one
-untimed warm-up, the libraries taking turns so that a load change hits all alike, each run starting from a
-collected heap), the MACs and parameters removed, and the realised CPU latency reduction (batch 8, one thread) against the MACs reduction.
+untimed warm-up, the libraries taking turns so that a load change hits all alike, each run starting
+from a collected heap), the MACs and parameters removed, and the realised CPU latency reduction
+(batch 8, one thread) against the MACs reduction.
 Prints a Markdown table.
 
     PYTHONPATH=src python benchmarks/compaction.py                      # resnet50 mobilenet_v2 vit_b_16

@@ -279,9 +279,10 @@ class DependencyGraph:
         for m, gone, n in zip(*self.removed_per_member(removed), strict=True):
             if n and not m.is_buffer and m.name in tensors:
                 views.setdefault(m.name, []).append(m.expand(~gone.reshape(m.labels.shape), tensors[m.name].shape))
-        # one full-size tensor per parameter: a weight's rows and columns combined in one operation
+        # one full-size tensor per parameter: a weight's rows and columns combined in one operation; a lone
+        # view that broadcasts nothing (a bias, a norm's weight) is a fresh tensor already
         return {name: functools.reduce(torch.logical_and, found) if len(found) > 1
-                else found[0].clone(memory_format=torch.contiguous_format)
+                else found[0] if found[0].is_contiguous() else found[0].clone(memory_format=torch.contiguous_format)
                 for name, found in views.items()}
 
     def describe(self, names: Iterable[str] | None = None) -> str:
