@@ -534,7 +534,8 @@ def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the block (as it was after). Tracing and planning allocate
     many short-lived tuples and lists; each allocation burst starts a collection that walks the objects of
     the whole process (a full one, every few calls, takes 0.2 s in a process holding a few torchvision
-    models), and none of it is cyclic garbage. Also usable as a decorator."""
+    models), to find almost no cyclic garbage: what little there is goes at the next collection after the
+    block. Also usable as a decorator."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -120,8 +120,8 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
         torch.tensor([g.index for g in groups]), torch.tensor([g.units.numel() for g in groups]))
     labels = torch.cat([member.labels for _, member, _ in plans])
     which = torch.repeat_interleave(torch.tensor([member.labels.numel() for _, member, _ in plans]))
-    valid = labels >= 0
-    pairs = torch.unique(which[valid] * len(groups) + group_of[roots[labels[valid]]]).tolist()  # (plan, group)
+    at = torch.where(labels >= 0, group_of[roots[labels.clamp(min=0)]], -1)  # group of every plan label
+    pairs = torch.unique(which[at >= 0] * len(groups) + at[at >= 0]).tolist()  # (plan, group) pairs
     in_group: dict[int, list[int]] = {}
     for pair in pairs:
         in_group.setdefault(pair % len(groups), []).append(pair // len(groups))
