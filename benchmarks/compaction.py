@@ -161,14 +161,16 @@ def bench(name: str, size: int, batch: int, runs: int, ratio: float, repeats: in
 
 
 def markdown(rows: list[dict[str, Any]], batch: int) -> str:
-    head = ("| model | library | graph build (s) | prune + compact (s) | params | MACs removed | "
+    head = ("| model | library | graph build (s) | prune + compact (s) | x Torch-Pruning's | params | MACs removed | "
             f"latency b{batch} 1 thread (ms) | latency removed | realised / MACs |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
+    reference = {r["model"]: r["prune_compact_s"] for r in rows if r["library"] == "torch-pruning" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['library']} | failed: {r['error']} |" + " |" * 6)
+            lines.append(f"| {r['model']} | {r['library']} | failed: {r['error']} |" + " |" * 7)
             continue
-        lines.append(f"| {r['model']} | {r['library']} | {r['graph_s']:.2f} | {r['prune_compact_s']:.2f} | "
+        ratio = f"{r['prune_compact_s'] / reference[r['model']]:.2f}" if r["model"] in reference else "-"
+        lines.append(f"| {r['model']} | {r['library']} | {r['graph_s']:.3f} | {r['prune_compact_s']:.3f} | {ratio} | "
                      f"{r['params']} | {r['macs_red']:.1%} | {r['lat']} | {r['lat_red']:.1%} | {r['realised']:.0%} |")
     return "\n".join(lines)
 
