@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,21 +63,21 @@ class CompactionPlan:
 
 
 def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per label of ``member``: is the weight slice it indexes entirely masked?"""
+    """Per label of ``member``: is the weight slice it indexes entirely masked? (In numpy: on a layer's
+    mask its reductions take a fraction of torch's fixed cost per call, and a model has a hundred of them.)"""
     size = member.labels.numel()
     if mask is None:
         return torch.zeros(size, dtype=torch.bool)
-    # amax over uint8 instead of any over bool: the same answer, an order of magnitude faster on CPU
-    keep = mask.bool().cpu().view(torch.uint8)
-    if keep.numel() == 0:
+    keep = mask.detach().bool().cpu().numpy()
+    if keep.size == 0:
         return torch.ones(size, dtype=torch.bool)
     if member.groups > 1:
-        moved = keep.movedim((member.other_dim, member.dim), (0, 1))  # (other, dim, rest...)
+        moved = np.moveaxis(keep, (member.other_dim, member.dim), (0, 1))  # (other, dim, rest...)
         g = member.groups
-        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).amax(dim=(1, 3))  # (groups, dim)
-        return alive.reshape(-1) == 0
-    others = tuple(d for d in range(keep.dim()) if d != member.dim)
-    return (keep.amax(dim=others) if others else keep) == 0
+        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).any(axis=(1, 3))  # (groups, dim)
+        return torch.from_numpy(~alive.reshape(-1))
+    others = tuple(d for d in range(keep.ndim) if d != member.dim)
+    return torch.from_numpy(~(keep.any(axis=others) if others else keep))
 
 
 def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
