@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
-from slimtorch.compact.surgery import SHRINKS
+from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
@@ -128,8 +128,9 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple
     params = dict(model.named_parameters())
     _set_params(model, {n: params[n].detach() + delta.to(params[n]) for n, delta in plan.folds.items()})
     step = plan.to_dict()
-    for name, change in plan.modules.items():  # (the plan's keep tensors; the step holds them as lists)
-        SHRINKS[change["kind"]](model.get_submodule(name), change["keeps"], change["options"])
+    with reusing(plan.cuts):
+        for name, change in plan.modules.items():  # (the plan's keep tensors; the step holds them as lists)
+            SHRINKS[change["kind"]](model.get_submodule(name), change["keeps"], change["options"])
     out = None
     if step["fixes"]:
         step["fixes"], out = _needed_fixes(model, step["fixes"], example_inputs)

@@ -26,6 +26,7 @@ from torch import nn
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
+from slimtorch.graph.blocks import Cut, live_blocks
 from slimtorch.graph.graph import label_table
 from slimtorch.prune.masks import check_masks, mask_factor
 
@@ -48,6 +49,7 @@ class CompactionPlan:
     requested: int = 0
     kept: dict[str, int] = field(default_factory=dict)
     masked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    cuts: dict[int, Cut] = field(default_factory=dict, repr=False)  # live blocks the measured run cut
 
     @property
     def removed_count(self) -> int:
@@ -328,7 +330,10 @@ def plan_compaction(
     params = dict(model.named_parameters())
     # the masked values, as apply_masks_ computes them (a product: a quarter of masked_fill's time)
     masked = {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks}
-    graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True)
+    # the masked weights are zero outside their live blocks: the measured run computes on those, and the
+    # surgery takes the blocks it cut
+    live = live_blocks(masks)
+    graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
     roots = graph.uf.roots()
     dead: dict[tuple, torch.Tensor] = {}
     requested, independent = _requests(graph, roots, masks, params, dead)
@@ -353,4 +358,5 @@ def plan_compaction(
         requested=int(requested.sum()),
         kept=kept,
         masked=masked,
+        cuts=live.cuts,
     )

@@ -20,7 +20,9 @@ plan recorded (e.g. ``full_size`` for a norm). Register one with ``@register_shr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from torch import nn
 
 from slimtorch.compact.modules import SlimMultiheadAttention, make_zero_padded_
 from slimtorch.errors import CompactionError
+from slimtorch.graph.blocks import Cut
 
 __all__ = [
     "SHRINKS",
@@ -95,6 +98,31 @@ def _take(module: nn.Module, attr: str, dim: int, keep: torch.Tensor | None) -> 
         _set(module, attr, value.index_select(dim, keep.to(value.device)))
 
 
+# Blocks that a measured run of the masked model already cut (see slimtorch.graph.blocks), by the address
+# of their weight's memory: taken instead of cut again while ``reusing`` is active.
+_REUSABLE: ContextVar[Mapping[int, Cut] | None] = ContextVar("reusable_cuts", default=None)
+
+
+@contextmanager
+def reusing(cuts: Mapping[int, Cut]) -> Iterator[None]:
+    """Within the block, the shrink functions take a weight's rows and columns from ``cuts`` when one of
+    them is that very block of that very weight (same memory, unchanged since), instead of cutting it."""
+    token = _REUSABLE.set(cuts)
+    try:
+        yield
+    finally:
+        _REUSABLE.reset(token)
+
+
+def _cut2d(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``weight[rows][:, cols]`` (None: all)."""
+    cuts = _REUSABLE.get()
+    if cuts and (cut := cuts.get(weight.data_ptr())) is not None and cut.matches(weight, rows, cols):
+        return cut.block
+    weight = weight if rows is None else weight.index_select(0, rows.to(weight.device))
+    return weight if cols is None else weight.index_select(1, cols.to(weight.device))
+
+
 def shrink_linear_(layer: nn.Linear, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> None:
     """Keep input features ``keep_in`` and output features ``keep_out`` of a Linear layer.
 
@@ -103,9 +131,9 @@ def shrink_linear_(layer: nn.Linear, keep_in: torch.Tensor | None, keep_out: tor
     >>> tuple(layer.weight.shape), tuple(layer.bias.shape)
     ((1, 3), (1,))
     """
-    _take(layer, "weight", 0, keep_out)
+    if keep_in is not None or keep_out is not None:
+        _set(layer, "weight", _cut2d(layer.weight.detach(), keep_out, keep_in))
     _take(layer, "bias", 0, keep_out)
-    _take(layer, "weight", 1, keep_in)
     layer.out_features, layer.in_features = layer.weight.shape
 
 
@@ -143,13 +171,12 @@ def shrink_conv_(conv: nn.modules.conv._ConvNd, keep_in: torch.Tensor | None, ke
     rows, cols, n_rows, n_cols = (keep_in, keep_out, c_in, c_out) if transposed else (keep_out, keep_in, c_out, c_in)
     weight = conv.weight.detach()
     if groups == 1:
-        new = weight.index_select(0, rows.to(weight.device)).index_select(1, cols.to(weight.device))
-        new_groups = 1
+        new, new_groups = _cut2d(weight, rows, cols), 1
     elif c_in == groups:  # depthwise: input channel j alone makes output block j, whole groups go
         kept_groups = torch.unique(keep_in)
         if not torch.equal(kept_groups, torch.unique(keep_out // (c_out // groups))):
             raise CompactionError(f"depthwise {conv}: kept input channels and output groups differ")
-        new, new_groups = weight.index_select(0, rows.to(weight.device)), kept_groups.numel()
+        new, new_groups = _cut2d(weight, rows, None), kept_groups.numel()
     else:
         locals_ = _group_locals(cols, n_cols, groups)
         row_counts = {int(((rows // (n_rows // groups)) == j).sum()) for j in range(groups)}

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph, Sink
 from slimtorch.graph.rules import tensors_in
 from slimtorch.graph.trace import _Frame, _Tracer, measure, run_state, run_traced, temporary_mode
@@ -148,7 +149,7 @@ def _measured_sinks(sinks: list[Sink], measured: dict[int, tuple[torch.Tensor, .
 
 
 def replay(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-           cover: bool) -> DependencyGraph | None:
+           cover: bool, live: Mapping[str, Block] | None = None) -> DependencyGraph | None:
     """The graph a full ``build_graph(model, example_inputs, params=params, ...)`` would give, measured on one
     forward pass checked against the model's template; None when there is no template for these inputs
     and options, or the run does not follow it (the caller then traces in full)."""
@@ -157,6 +158,8 @@ def replay(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
         return None
     state, _, inputs, names = run_state(model, example_inputs, params, measuring=True)
     replayer = _Replayer(template, names)
+    if live:
+        replayer.blocks = BlockOps(live, names)
     # the template's graph may come from build_graph's train-mode pass (``cover``): run in that mode
     mode = temporary_mode(model, training=True) if template.graph.training and not model.training \
         else contextlib.nullcontext()

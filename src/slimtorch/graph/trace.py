@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
+from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.rules import PLAIN_TYPES, VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
 
@@ -175,10 +176,13 @@ class _Tracer(TorchFunctionMode):
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
         self.sinks: list[Any] = []  # a shapes-only trace's sinks, statistics still placeholders (set at its end)
+        self.blocks: BlockOps | None = None  # computes layers on their live block (slimtorch.graph.blocks)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = None if self.measuring else _shape_of(func, args, kwargs)
+        if out is None and self.blocks is not None:
+            out = self.blocks.run(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
         if self.atomic == 0 and len(self.stack) > 1:
@@ -554,6 +558,7 @@ def build_graph(
     unknown_ops: str = "error",
     cover: bool = False,
     values: bool = True,
+    live: Mapping[str, Block] | None = None,
 ) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
     inputs) and return its :class:`~slimtorch.graph.DependencyGraph`. Nothing of the model changes: BatchNorm
@@ -576,6 +581,10 @@ def build_graph(
             by op against the tape, values measured where the rules asked) instead of tracing again, and
             traces in full when the run differs in anything; ``graph.replayed`` says which was done (see
             :mod:`slimtorch.graph.replay`).
+        live: by parameter name, the live block (output rows, input columns) of weights that are zero outside
+            it, as :func:`~slimtorch.graph.blocks.live_blocks` finds from their masks: a measured run computes
+            their linear and convolution ops on that block only (the same values at a fraction of the cost;
+            see :mod:`slimtorch.graph.blocks`). The caller vouches for the zeros.
     """
     if unknown_ops not in ("error", "keep"):
         raise ValueError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
@@ -584,13 +593,13 @@ def build_graph(
             importlib.import_module("slimtorch.transformers.hf")
     from slimtorch.graph.replay import forget, remember, replay  # (it builds on this module)
 
-    if values and (measured := replay(model, example_inputs, params, unknown_ops, cover)) is not None:
+    if values and (measured := replay(model, example_inputs, params, unknown_ops, cover, live)) is not None:
         return measured
-    graph, tracer = _traced(model, example_inputs, params, unknown_ops, values)
+    graph, tracer = _traced(model, example_inputs, params, unknown_ops, values, live)
     if cover and graph.unreached and not model.training:
         try:
             with temporary_mode(model, training=True):
-                trained = _traced(model, example_inputs, params, unknown_ops, values)
+                trained = _traced(model, example_inputs, params, unknown_ops, values, live)
         except TraceError:  # e.g. BatchNorm cannot train on a batch of one 1x1 map
             trained = None
         if trained is not None and len(trained[0].unreached) < len(graph.unreached):
@@ -603,13 +612,13 @@ def build_graph(
 
 
 def _traced(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-            values: bool) -> tuple[DependencyGraph, _Tracer]:
+            values: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, _Tracer]:
     if not values:
         # Anything that fails on shapes alone (see the module docstring) is traced for real: the real
         # trace gives the same structure, or the error the user should see.
         with contextlib.suppress(Exception):
             return _trace(model, example_inputs, params, unknown_ops, measuring=False)
-    return _trace(model, example_inputs, params, unknown_ops, measuring=True)
+    return _trace(model, example_inputs, params, unknown_ops, measuring=True, live=live)
 
 
 @contextmanager
@@ -672,11 +681,13 @@ def run_traced(model: nn.Module, tracer: _Tracer, state: dict[str, torch.Tensor]
                 module.__dict__["forward"] = own
 
 
-def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
-           unknown_ops: str, measuring: bool) -> tuple[DependencyGraph, _Tracer]:
+def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
+           measuring: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, _Tracer]:
     state, buffers, example_inputs, names = run_state(model, example_inputs, params, measuring)
     graph = DependencyGraph(training=model.training, measured=measuring)
     tracer = _Tracer(graph, names, buffers, measuring)
+    if measuring and live:
+        tracer.blocks = BlockOps(live, names)
     out = run_traced(model, tracer, state, example_inputs)
     graph.output = out if measuring else None
     prefix = {n: f"{n}." if n else "" for n, _ in model.named_modules()}

@@ -1,0 +1,148 @@
+"""Layers of a masked model computed on their live block (slimtorch.graph.blocks): the masked op's values,
+and the blocks reused by compaction's surgery."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import slimtorch
+import slimtorch.compact.plan as plan_module
+from slimtorch.compact.surgery import reusing, shrink_linear_
+from slimtorch.graph import build_graph
+from slimtorch.graph.blocks import BlockOps, Cut, live_blocks
+from slimtorch.graph.replay import forget
+
+LINEAR, CONVS = torch._C._nn.linear, {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+
+def _mask(out: int, cin: int, kernel: tuple, dead_rows: bool, dead_cols: bool) -> torch.Tensor:
+    mask = torch.ones(out, cin, *kernel, dtype=torch.bool)
+    if dead_rows:
+        mask[1::3] = False
+    if dead_cols:
+        mask[:, ::2] = False
+    return mask
+
+
+def _run(func, x, weight, bias, mask, *rest):
+    masked = weight * mask
+    ops = BlockOps(live_blocks({"w": mask}), {id(masked): "w"})
+    got = ops.run(func, (x, masked, bias, *rest), {})
+    return got, func(x, masked, bias, *rest)
+
+
+@pytest.mark.parametrize("dead", [(True, False), (False, True), (True, True)], ids=["rows", "cols", "both"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8)])
+def test_linear_on_its_live_block_is_the_masked_linear(dead, bias, shape):
+    torch.manual_seed(0)
+    x, weight = torch.randn(*shape), torch.randn(7, 8)
+    b = torch.randn(7) if bias else None
+    got, want = _run(LINEAR, x, weight, b, _mask(7, 8, (), *dead))
+    torch.testing.assert_close(got, want)
+    if dead[0]:  # a masked row gives exactly its bias (or zero)
+        assert torch.equal(got[..., 1::3], (b[1::3] if bias else torch.zeros(2)).expand_as(got[..., 1::3]))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("dead", [(True, False), (False, True), (True, True)], ids=["rows", "cols", "both"])
+def test_convolution_on_its_live_block_is_the_masked_convolution(dims, dead):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 6, *[7] * dims), torch.randn(5, 6, *[3] * dims), torch.randn(5)
+    got, want = _run(CONVS[dims], x, weight, bias, _mask(5, 6, (3,) * dims, *dead), 2, 1, 1, 1)
+    assert got is not None
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("groups", [2, 6], ids=["grouped", "depthwise"])
+def test_grouped_convolution_on_its_live_groups_is_the_masked_convolution(groups):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 6, 7, 7), torch.randn(6, 6 // groups, 3, 3), torch.randn(6)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[:3] = False  # whole groups (the first of two, or three of six)
+    mask[4, 0, 0, 0] = False  # and a single weight, inside a live group
+    got, want = _run(torch.conv2d, x, weight, bias, mask, 1, 1, 1, groups)
+    assert got is not None
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[:, :3], bias[:3, None, None].expand(2, 3, 7, 7))
+
+
+def test_ops_it_cannot_cut_are_left_to_torch():
+    weight, x = torch.randn(4, 2, 3, 3), torch.randn(1, 4, 5, 5)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[::2] = False
+    masked = weight * mask
+    ops = BlockOps(live_blocks({"w": mask}), {id(masked): "w"})
+    assert ops.run(torch.conv2d, (x, masked, None, 1, 0, 1, 2), {}) is None  # grouped, every group live
+    assert ops.run(torch.conv2d, (x[:, :3], masked[:, :1], None), {}) is None  # another tensor
+    assert ops.run(torch.conv2d, (x, masked), {"bias": None}) is None  # keyword arguments
+    assert ops.run(torch.conv2d, (x[:, :3], masked), {}) is None  # a wrong shape: torch's own error
+    assert ops.run(torch.relu, (x,), {}) is None
+    nothing, empty = torch.zeros(3, 2, dtype=torch.bool), torch.zeros(3, 2)  # a fully masked layer
+    assert BlockOps(live_blocks({"w": nothing}), {id(empty): "w"}).run(LINEAR, (torch.randn(1, 2), empty), {}) is None
+    assert live_blocks({"w": torch.ones(3, 2, dtype=torch.bool), "b": torch.zeros(3, dtype=torch.bool)}) == {}
+
+
+def _masked_resnet():
+    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    config = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]
+    masks = slimtorch.compute_masks(model, config, example_inputs=x)
+    params = dict(model.named_parameters())
+    return model, x, masks, {n: params[n].detach() * masks[n] for n in masks}
+
+
+@pytest.mark.parametrize("path", ["replay", "full trace"])
+def test_a_measured_run_on_live_blocks_measures_what_the_masked_run_does(path):
+    """The graph compaction plans from: same structure, the same exact zeros where channels are consumed,
+    the same statistics and output up to the summation order of the live terms."""
+    model, x, masks, masked = _masked_resnet()
+    live = live_blocks(masks)
+    assert len(live) == 21  # every conv loses rows or columns, the classifier columns
+    forget(model)
+    want = build_graph(model, x, params=masked)
+    if path == "replay":
+        build_graph(model, x, values=False)
+    got = build_graph(model, x, params=masked, live=live)
+    assert got.replayed == (path == "replay")
+    assert len(live.cuts) == 21  # every one ran on its block
+    assert len(got.sinks) == len(want.sinks) > 0
+    for a, b in zip(got.sinks, want.sinks, strict=True):
+        assert a.member == b.member and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.absmax == 0, b.absmax == 0)  # the zeros compaction relies on, exactly
+        for s, t in ((a.absmax, b.absmax), (a.vmin, b.vmin), (a.vmax, b.vmax)):
+            torch.testing.assert_close(s, t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.output, want.output, rtol=1e-4, atol=1e-5)
+
+
+def test_compaction_takes_the_blocks_the_measured_run_cut(monkeypatch):
+    model, x, masks, _ = _masked_resnet()
+    made = []
+    monkeypatch.setattr(plan_module, "live_blocks", lambda m: made.append(live_blocks(m)) or made[-1])
+    slimtorch.compact_(model, masks, example_inputs=x)
+    (live,) = made
+    blocks = {c.block.data_ptr() for c in live.cuts.values()}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20 and all(c.weight.data_ptr() in blocks for c in convs)
+
+
+def test_a_block_is_reused_only_for_the_same_unchanged_weight_and_indices():
+    torch.manual_seed(0)
+    source, rows, cols = torch.randn(6, 4), torch.tensor([0, 2, 5]), torch.tensor([1, 3])
+    block = source[rows][:, cols]
+    cuts = {source.data_ptr(): Cut(source, source._version, rows, cols, block)}
+
+    def shrunk(keep_in, keep_out, change=None):
+        layer = nn.Linear(4, 6)
+        layer.weight = nn.Parameter(source.detach())  # the same memory, as compaction's masked weights
+        if change:
+            change(source)
+        with reusing(cuts):
+            shrink_linear_(layer, keep_in, keep_out)
+        torch.testing.assert_close(layer.weight.detach(), source[keep_out][:, keep_in])
+        return layer.weight.data_ptr() == block.data_ptr()
+
+    assert shrunk(cols, rows)
+    assert not shrunk(cols, torch.tensor([0, 2, 4]))
+    assert not shrunk(torch.arange(4), rows)
+    assert not shrunk(cols, rows, change=lambda t: t.mul_(2))  # changed in place since it was cut
