@@ -64,12 +64,17 @@ class CompactionPlan:
         return {"modules": modules, "fixes": self.fixes}
 
 
-def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per label of ``member``: is the weight slice it indexes entirely masked? (In numpy: on a layer's
+def _dead(member: Member, mask: torch.Tensor | None,
+          alive: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> torch.Tensor:
+    """Per label of ``member``: is the weight slice it indexes entirely masked? ``alive``: the live rows and
+    columns of masks, found already (:class:`~slimtorch.graph.blocks.LiveBlocks`). (In numpy: on a layer's
     mask its reductions take a fraction of torch's fixed cost per call, and a model has a hundred of them.)"""
     size = member.labels.numel()
     if mask is None:
         return torch.zeros(size, dtype=torch.bool)
+    if member.groups == 1 and member.dim in (0, 1) and alive and (found := alive.get(member.name)) is not None \
+            and found[member.dim].size == size:
+        return torch.from_numpy(~found[member.dim])
     keep = mask.detach().bool().cpu().numpy()
     if keep.size == 0:
         return torch.ones(size, dtype=torch.bool)
@@ -83,7 +88,8 @@ def _dead(member: Member, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
-              params: dict[str, torch.Tensor], dead: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+              params: dict[str, torch.Tensor], dead: dict[tuple, torch.Tensor],
+              alive: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(requested, input-independent) per unit: which units the masks ask to remove, and which have
     every producing weight slice masked (their values do not depend on the input). Fills ``dead`` (per
     member key, see :func:`_dead`) for :func:`_check_sinks`."""
@@ -94,7 +100,7 @@ def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, t
     for m in graph.members.values():
         if m.role not in all_ or m.is_buffer or m.name not in params or params[m.name].dim() < 2:
             continue
-        dead[m.key] = _dead(m, masks.get(m.name))
+        dead[m.key] = _dead(m, masks.get(m.name), alive)
         found[m.role][0].append(m.labels.reshape(-1))
         found[m.role][1].append(dead[m.key])
     for role, (labels, flags) in found.items():  # every member of a role at once
@@ -336,7 +342,7 @@ def plan_compaction(
     graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
     roots = graph.uf.roots()
     dead: dict[tuple, torch.Tensor] = {}
-    requested, independent = _requests(graph, roots, masks, params, dead)
+    requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
     allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
     blocked = torch.zeros_like(requested)
     blocked[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = True
