@@ -105,6 +105,35 @@ def test_lstm_hidden_units_and_mha_heads():
     assert isinstance(attn, SlimMultiheadAttention) and attn.head_dim == 2 and attn.in_proj_weight.shape == (24, 16)
 
 
+class _CrossAttention(nn.Module):
+    """Queries from one sequence, keys and values from another; sequence-first (batch_first=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.attn, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x):  # (T, N, 8)
+        kv = self.kv(x.flip(0))
+        return self.head(self.attn(self.q(x), kv, kv, need_weights=False)[0])
+
+
+def test_cross_attention_compacts_to_what_the_masked_one_computes():
+    model, x = _CrossAttention().eval(), torch.randn(5, 2, 8)
+    randomize_(model)
+    cfg = [{"op_names": ["q", "kv"], "op_types": ["Linear"], "sparse_ratio": 0.5}]
+    oracle(model, compute_masks(model, cfg, example_inputs=x), x)
+    assert isinstance(model.attn, SlimMultiheadAttention) and model.attn.embed_dim == 4
+
+
+def test_whole_heads_of_multihead_attention_stay_and_a_warning_says_so():
+    model, x = _CrossAttention().eval(), torch.randn(5, 2, 8)
+    cfg = [{"op_names": ["attn"], "op_types": ["MultiheadAttention"], "sparse_ratio": 0.5, "granularity": "head"}]
+    with pytest.warns(SlimWarning, match=r"1 of the 1 units selected \(a channel, or a head taken whole\) stay"):
+        masks = compute_masks(model, cfg, example_inputs=x)
+    assert all(bool(m.all()) for m in masks.values())
+
+
 def test_layernorm_over_removed_channels_is_zero_padded():
     model = Tokens().eval()
     randomize_(model)

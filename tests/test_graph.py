@@ -32,6 +32,29 @@ class Fn(nn.Module):
         return self.fn(self, x)
 
 
+def test_union_find_matches_a_plain_one_on_random_unions():
+    """Every label points at its class's root (the smallest label of the class) after any sequence of
+    unions, as a textbook union-find computes it (chains of roots linked in one call included)."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(2, 50, (1,), generator=rng))
+        uf, parent = UnionFind(), list(range(n))
+        uf.new(n)
+
+        def root(i, parent=parent):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for _ in range(int(torch.randint(1, 8, (1,), generator=rng))):
+            a, b = torch.randint(0, n, (2, int(torch.randint(1, 12, (1,), generator=rng))), generator=rng)
+            uf.union(a, b)
+            for x, y in zip(a.tolist(), b.tolist(), strict=True):
+                rx, ry = root(x), root(y)
+                parent[max(rx, ry)] = min(rx, ry)
+            assert uf.find(torch.arange(n)).tolist() == [root(i) for i in range(n)]
+
+
 def test_union_find_and_label_helpers():
     uf = UnionFind()
     a, b = uf.new(4), uf.new(4)

@@ -67,30 +67,24 @@ class UnionFind:
         differ = low != high
         if not differ.any():
             return
-        lowest = int(np.where(differ, high, self.size).min())  # the smallest root that gets linked
+        low, high = low[differ], high[differ]
+        lowest = self.size  # the smallest root that gets linked
         while True:
-            # Roots only ever point to a smaller id, so this converges; several links from one root
-            # keep the smallest and the rest are made on the next pass. A pair already joined (low ==
-            # high) writes a root's own id: no change.
+            # Roots only ever point to a smaller id, so there is no cycle; several links from one root
+            # keep the smallest and the rest are made on the next pass.
+            lowest = min(lowest, int(high.min()))
             np.minimum.at(parent, high, low)
-            # Chains can only run through the roots just linked (``high``; the others are still roots):
-            # follow those to their ends, instead of passing over every label issued so far.
-            while True:
-                up = parent[parent[high]]
-                if np.array_equal(up, parent[high]):
-                    break
-                parent[high] = up
-            ra, rb = parent[low], parent[high]
+            # a root just linked may point at another one just linked: the pairs' roots again, in full
+            ra, rb = _root(parent, low), _root(parent, high)
             low, high = np.minimum(ra, rb), np.maximum(ra, rb)
             differ = low != high
             if not differ.any():
                 break
             low, high = low[differ], high[differ]
-        # Every other label pointed at a root, which now is a root or points at one: one step restores
-        # "every label points at its root", so find() needs one lookup. A label never points above its
-        # own id, so only labels from the smallest linked root on can point at a linked root.
+        # Restore "every label points at its root", so that find() needs one lookup. A label never
+        # points above its own id, so only labels from the smallest linked root on can be affected.
         tail = parent[lowest:]
-        tail[:] = parent[tail]
+        tail[:] = _root(parent, tail)
 
     def copy(self) -> UnionFind:
         """An independent copy (later unions on either leave the other as it is)."""
@@ -101,6 +95,16 @@ class UnionFind:
     def roots(self) -> torch.Tensor:
         """Root of every label issued so far, indexed by label (a copy)."""
         return torch.from_numpy(self._parent[: self.size].copy())
+
+
+def _root(parent: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The root of each of ``ids``, following parents to the end (pointer jumping: chains halve each pass)."""
+    found = parent[ids]
+    while True:
+        up = parent[found]
+        if np.array_equal(up, found):
+            return found
+        found = up
 
 
 def components(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:

@@ -128,12 +128,13 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
     pruned = [int((~keep[plan.name]).sum()) for plan, _, _ in plans]
     sizes = [keep[plan.name].numel() for plan, _, _ in plans]
     ids = torch.nonzero(planned).flatten()  # ascending
+    ids = ids[group_of[ids] >= 0]  # (a planned unit in no group has no coupled layer to go with)
     candidates = torch.bincount(group_of[ids], minlength=len(groups)).tolist()
     target = torch.zeros(len(groups), dtype=torch.long)
     for index, here in in_group.items():
         fraction = sum(pruned[i] for i in here) / sum(sizes[i] for i in here)
         target[index] = math.floor(fraction * candidates[index] + 0.5)
-    usable = ids[free[ids] & (group_of[ids] >= 0)]
+    usable = ids[free[ids]]
     usable = usable[torch.argsort(score[usable], stable=True)]  # by score (ties: the lower id first) ...
     usable = usable[torch.argsort(group_of[usable], stable=True)]  # ... within each group
     g = group_of[usable]
@@ -194,7 +195,12 @@ def coupled_masks(
     free[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = False
     removed = torch.zeros(roots.numel(), dtype=torch.bool)
     notes = _select(graph.groups, mapped, keep, roots, score, planned, free, removed)
+    selected = removed.clone()
     _balance(graph, roots, removed, score, free)
+    if back := int((selected & ~removed).sum()):
+        notes.append(f"{back} of the {int(selected.sum())} units selected (a channel, or a head taken whole) stay so "
+                     "that every attention head or conv group keeps the same number of channels (whole heads of "
+                     "nn.MultiheadAttention cannot go)")
     _keep_one(graph, roots, removed, score)
     if notes:
         warnings.warn("coupled pruning could not prune as much as asked: " + "; ".join(notes), SlimWarning,
