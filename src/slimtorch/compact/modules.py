@@ -136,12 +136,13 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batched = query.dim() == 3
+        packed = query is key and key is value and self.in_proj_weight is not None  # self-attention
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
         elif not self.batch_first:  # (L, N, E) -> (N, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        q, k, v = self._project(query, key, value)  # (N, heads, L or S, head_dim)
+        q, k, v = self._project(query, key, value, packed)  # (N, heads, L or S, head_dim)
         logits = q @ k.transpose(-2, -1) * self.scaling  # (N, heads, L, S)
         logits = logits + self._mask(attn_mask, key_padding_mask, is_causal, logits)
         attn = F.softmax(logits, dim=-1)
@@ -153,8 +154,12 @@ class SlimMultiheadAttention(nn.MultiheadAttention):
             return out.squeeze(0), weights.squeeze(0) if weights is not None else None
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 packed: bool = False) -> list[torch.Tensor]:
         inner = self.num_heads * self.head_dim
+        if packed:  # one matrix product for q, k and v
+            y = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (N, T, 3 * heads * head_dim)
+            return [p.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for p in y.split(inner, dim=-1)]
         if self.in_proj_weight is not None:
             weights = self.in_proj_weight.split(inner)
         else:

@@ -301,8 +301,7 @@ def shrink_multihead_attention_(
     if len(keep_inner) % (3 * heads):
         raise CompactionError(f"{mha}: every head of q, k and v must keep the same size")
     if mha.in_proj_weight is not None:
-        _take(mha, "in_proj_weight", 0, keep_inner)
-        _take(mha, "in_proj_weight", 1, keep_in)
+        _set(mha, "in_proj_weight", _cut2d(mha.in_proj_weight.detach(), keep_inner, keep_in))
     else:
         for i, attr in enumerate(("q_proj_weight", "k_proj_weight", "v_proj_weight")):
             part = keep_inner[(keep_inner >= i * inner) & (keep_inner < (i + 1) * inner)] - i * inner

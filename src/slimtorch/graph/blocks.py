@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = ["Block", "BlockOps", "Cut", "LiveBlocks", "live_blocks"]
 
@@ -138,6 +139,8 @@ class BlockOps:
             spatial = 0
         elif func in _CONVS:
             spatial = _CONVS[func]
+        elif func is F.multi_head_attention_forward:
+            return self._composite(func, args, kwargs)
         else:
             return None
         if kwargs or len(args) < 2 or (block := self.blocks.get(self.names.get(id(args[1]), ""))) is None:
@@ -169,6 +172,24 @@ class BlockOps:
             view[dim] = -1
             full = bias.reshape(view).expand(shape).contiguous()
         return full.index_copy_(dim % len(shape), how.rows, part)
+
+    def _composite(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run a composite op (``nn.MultiheadAttention``'s function) with its projections on their live
+        blocks. Torch dispatches a composite to a function mode as one call and runs its body with the
+        modes off, so its ``linear`` calls cannot be caught there; the body looks ``linear`` up in
+        ``torch.nn.functional`` at call time, and that name is swapped for the call's duration. (The
+        replacement gives the same values for every call, from any thread: other weights go to torch's.)"""
+        real = F.linear
+
+        def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            out = self.run(_LINEAR, (x, weight, bias), {})
+            return real(x, weight, bias) if out is None else out
+
+        F.linear = linear
+        try:
+            return func(*args, **kwargs)
+        finally:
+            F.linear = real
 
     def _prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, block: Block, groups: int) -> _Prepared | None:
         rows, cols = (None if t is None else t.to(weight.device) for t in block)
