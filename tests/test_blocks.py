@@ -146,3 +146,23 @@ def test_a_block_is_reused_only_for_the_same_unchanged_weight_and_indices():
     assert not shrunk(cols, torch.tensor([0, 2, 4]))
     assert not shrunk(torch.arange(4), rows)
     assert not shrunk(cols, rows, change=lambda t: t.mul_(2))  # changed in place since it was cut
+
+
+def test_attention_projections_run_on_their_blocks_and_linear_is_given_back():
+    from nets import Tokens
+
+    model, x = Tokens().eval(), torch.randn(2, 3, 8, 8)
+    config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5}, {"exclude": True, "op_names": ["head"]}]
+    masks = slimtorch.compute_masks(model, config, example_inputs=x)
+    params = dict(model.named_parameters())
+    masked = {n: params[n].detach() * masks[n] for n in masks}
+    live = live_blocks(masks)
+    forget(model)
+    want = build_graph(model, x, params=masked)
+    got = build_graph(model, x, params=masked, live=live)
+    projections = [n for n in live if n.endswith(("in_proj_weight", "out_proj.weight"))]
+    assert len(projections) == 4 and {masked[n].data_ptr() for n in projections} <= set(live.cuts)
+    assert torch.nn.functional.linear is LINEAR
+    torch.testing.assert_close(got.output, want.output, rtol=1e-4, atol=1e-5)
+    assert [torch.equal(a.absmax == 0, b.absmax == 0) for a, b in zip(got.sinks, want.sinks, strict=True)] == \
+        [True] * len(want.sinks)
