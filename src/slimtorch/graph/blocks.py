@@ -148,7 +148,7 @@ class BlockOps:
         x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else None
         groups = args[6] if spatial and len(args) > 6 else 1
         dim = 1 if spatial else -1
-        if not (isinstance(x, torch.Tensor) and x.dim() == (spatial + 2 if spatial else x.dim()) and x.dim() >= 1
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 1 and (not spatial or x.dim() == spatial + 2)
                 and weight.dim() == spatial + 2 and type(groups) is int and groups >= 1
                 and weight.shape[0] % groups == 0 and x.shape[dim] == weight.shape[1] * groups
                 and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1]))):

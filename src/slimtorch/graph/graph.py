@@ -74,12 +74,9 @@ class Member:
     def key(self) -> tuple[str, int | None, str]:
         return (self.name, self.dim, self.role)
 
-    def expand(self, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """A tensor-shaped bool mask from per-label keep flags (``keep`` shaped like ``labels``), as a view."""
-        return self.broadcastable(keep, shape).expand(shape)
-
     def broadcastable(self, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The flags of :meth:`expand` before broadcasting: size 1 on every dim they do not vary along."""
+        """Per-label keep flags (``keep`` shaped like ``labels``) placed in a tensor of ``shape``: broadcastable
+        to it, with size 1 on every dim they do not vary along."""
         if self.dim is None:
             return keep.reshape(shape)
         view = [1] * len(shape)
