@@ -34,12 +34,13 @@ def _run(func, x, weight, bias, mask, *rest):
 
 @pytest.mark.parametrize("dead", [(True, False), (False, True), (True, True)], ids=["rows", "cols", "both"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8)])
+@pytest.mark.parametrize("shape", [(5, 32), (2, 3, 32)])
 def test_linear_on_its_live_block_is_the_masked_linear(dead, bias, shape):
     torch.manual_seed(0)
-    x, weight = torch.randn(*shape), torch.randn(7, 8)
+    x, weight = torch.randn(*shape), torch.randn(7, 32)
     b = torch.randn(7) if bias else None
-    got, want = _run(LINEAR, x, weight, b, _mask(7, 8, (), *dead))
+    got, want = _run(LINEAR, x, weight, b, _mask(7, 32, (), *dead))
+    assert got is not None
     torch.testing.assert_close(got, want)
     if dead[0]:  # a masked row gives exactly its bias (or zero)
         assert torch.equal(got[..., 1::3], (b[1::3] if bias else torch.zeros(2)).expand_as(got[..., 1::3]))
@@ -55,12 +56,12 @@ def test_convolution_on_its_live_block_is_the_masked_convolution(dims, dead):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("groups", [2, 6], ids=["grouped", "depthwise"])
-def test_grouped_convolution_on_its_live_groups_is_the_masked_convolution(groups):
+def test_grouped_convolution_on_its_live_groups_is_the_masked_convolution():
     torch.manual_seed(0)
+    groups = 2
     x, weight, bias = torch.randn(2, 6, 7, 7), torch.randn(6, 6 // groups, 3, 3), torch.randn(6)
     mask = torch.ones_like(weight, dtype=torch.bool)
-    mask[:3] = False  # whole groups (the first of two, or three of six)
+    mask[:3] = False  # a whole group, the first of two
     mask[4, 0, 0, 0] = False  # and a single weight, inside a live group
     got, want = _run(torch.conv2d, x, weight, bias, mask, 1, 1, 1, groups)
     assert got is not None
@@ -79,6 +80,16 @@ def test_ops_it_cannot_cut_are_left_to_torch():
     assert ops.run(torch.conv2d, (x, masked), {"bias": None}) is None  # keyword arguments
     assert ops.run(torch.conv2d, (x[:, :3], masked), {}) is None  # a wrong shape: torch's own error
     assert ops.run(torch.relu, (x,), {}) is None
+    # a depthwise convolution, or a block that saves fewer multiply-adds than the copies it costs
+    dw = torch.ones(4, 1, 3, 3, dtype=torch.bool)
+    dw[::2] = False
+    depthwise = torch.randn(4, 1, 3, 3) * dw
+    assert BlockOps(live_blocks({"w": dw}), {id(depthwise): "w"}).run(torch.conv2d, (x, depthwise, None, 1, 0, 1, 4),
+                                                                    {}) is None
+    wide = torch.ones(100, 8, dtype=torch.bool)
+    wide[0] = False  # 8 multiply-adds saved per position for 199 values copied
+    one_row = torch.randn(100, 8) * wide
+    assert BlockOps(live_blocks({"w": wide}), {id(one_row): "w"}).run(LINEAR, (torch.randn(3, 8), one_row), {}) is None
     nothing, empty = torch.zeros(3, 2, dtype=torch.bool), torch.zeros(3, 2)  # a fully masked layer
     assert BlockOps(live_blocks({"w": nothing}), {id(empty): "w"}).run(LINEAR, (torch.randn(1, 2), empty), {}) is None
     assert live_blocks({"w": torch.ones(3, 2, dtype=torch.bool), "b": torch.zeros(3, dtype=torch.bool)}) == {}
