@@ -30,7 +30,7 @@ from torch import nn
 
 from slimtorch.compact.modules import SlimMultiheadAttention, make_zero_padded_
 from slimtorch.errors import CompactionError
-from slimtorch.graph.blocks import Cut
+from slimtorch.graph.blocks import Cut, take_block
 
 __all__ = [
     "SHRINKS",
@@ -119,8 +119,7 @@ def _cut2d(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor |
     cuts = _REUSABLE.get()
     if cuts and (cut := cuts.get(weight.data_ptr())) is not None and cut.matches(weight, rows, cols):
         return cut.block
-    weight = weight if rows is None else weight.index_select(0, rows.to(weight.device))
-    return weight if cols is None else weight.index_select(1, cols.to(weight.device))
+    return take_block(weight, rows, cols)
 
 
 def shrink_linear_(layer: nn.Linear, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Block", "BlockOps", "Cut", "LiveBlocks", "live_blocks"]
+__all__ = ["Block", "BlockOps", "Cut", "LiveBlocks", "live_blocks", "take_block"]
 
 #: (live output rows, live input columns) of a weight; None where all are live
 Block = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -82,6 +82,12 @@ class LiveBlocks(dict):
 
 _LINEAR = torch._C._nn.linear
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # conv -> number of spatial dims
+
+
+def take_block(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``weight[rows][:, cols]`` (None: all of them), a new tensor unless nothing is cut."""
+    weight = weight if rows is None else weight.index_select(0, rows.to(weight.device))
+    return weight if cols is None else weight.index_select(1, cols.to(weight.device))
 
 
 def live_blocks(masks: Mapping[str, torch.Tensor]) -> LiveBlocks:
@@ -234,8 +240,7 @@ class BlockOps:
             inputs = cols
         if (rows is not None and rows.numel() == 0) or (cols is not None and cols.numel() == 0):
             return None  # (a fully masked layer: its output shape is the full op's business)
-        cut = weight if rows is None else weight.index_select(0, rows)
-        cut = cut if cols is None else cut.index_select(1, cols)
+        cut = take_block(weight, rows, cols)
         if self.cuts is not None:
             self.cuts[weight.data_ptr()] = Cut(weight, weight._version, rows, cols, cut)
         return _Prepared(cut, bias if bias is None or rows is None else bias.index_select(0, rows.to(bias.device)),
