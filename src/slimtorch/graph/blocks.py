@@ -127,7 +127,8 @@ def _pays(weight: torch.Tensor, block: Block, groups: int) -> bool:
     output channels (the full-size output filled, the live rows written into it). A matrix-multiply
     kernel does tens of multiply-adds in the time of one indexed copy; a depthwise convolution (a handful
     of multiply-adds per output) never gains. (On MobileNetV2 at batch 1, most of whose layers are
-    depthwise or small, cutting every layer made the measured pass slower than cutting none.)"""
+    depthwise or small, cutting every layer makes the measured pass slower: see ``benchmarks/stages.py
+    --cut-every-layer``.)"""
     rows, cols = block
     out, per_in = weight.shape[0], weight.shape[1]
     if groups > 1 and per_in == 1:  # depthwise: cut groups are whole, nothing to gain per output
