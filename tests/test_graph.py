@@ -55,6 +55,33 @@ def test_union_find_matches_a_plain_one_on_random_unions():
             assert uf.find(torch.arange(n)).tolist() == [root(i) for i in range(n)]
 
 
+def test_adopt_gives_the_classes_union_gives():
+    """``adopt`` (fresh labels tied straight to older ones) leaves the same classes as ``union``, on the fast
+    path (the newest labels, still their own roots) and where it must fall back (older labels, labels
+    already tied, partners newer than them)."""
+    rng = torch.Generator().manual_seed(1)
+    for case in range(200):
+        fast, slow = UnionFind(), UnionFind()
+        for uf in (fast, slow):
+            old = uf.new(12)
+            uf.union(old[:4], old[4:8])
+        n = int(torch.randint(1, 6, (1,), generator=rng))
+        fresh = [uf.new(n) for uf in (fast, slow)][0]
+        partners = torch.randint(-1, 12, (n,), generator=rng)
+        if case % 4 == 1:  # older labels: not fresh
+            fresh = torch.arange(n)
+        elif case % 4 == 2:  # already tied among themselves
+            for uf in (fast, slow):
+                uf.union(fresh[:1], fresh[-1:])
+        elif case % 4 == 3:  # a partner newer than the fresh labels
+            newer = [uf.new(1) for uf in (fast, slow)][0]
+            partners[0] = newer[0]
+        fast.adopt(fresh, partners)
+        slow.union(fresh, partners)
+        everything = torch.arange(slow.size)
+        assert torch.equal(fast.find(everything), slow.find(everything)), case
+
+
 def test_union_find_and_label_helpers():
     uf = UnionFind()
     a, b = uf.new(4), uf.new(4)

@@ -70,6 +70,8 @@ def _set_params(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     under several names (tied weights) gets the one new object under all of them, so it stays tied.
     (Written into each module's parameter dict: ``setattr`` re-registers a parameter with checks that cost
     more than the rest of this, and the name is registered already.)"""
+    if not values:
+        return
     params: dict[str, torch.Tensor] = {}
     slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id of a parameter -> every (module, attr) holding it
     for prefix, module in model.named_modules(remove_duplicate=False):

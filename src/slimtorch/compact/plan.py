@@ -27,7 +27,7 @@ from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.blocks import Cut, live_blocks
-from slimtorch.graph.graph import label_table
+from slimtorch.graph.graph import PerMember, label_table
 from slimtorch.prune.masks import check_masks, mask_factor
 
 __all__ = ["CompactionPlan", "plan_compaction"]
@@ -247,25 +247,27 @@ def _owners(model: nn.Module) -> Any:
     return owner, kind
 
 
-def _kept(members: list[Member], gone: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+def _kept(members: list[Member], gone: PerMember, counts: list[int]) -> PerMember:
     """Per member, the (flat) indices of its labels that stay: one ``nonzero`` for every member at once."""
     sizes = [m.labels.numel() for m in members]
     if not sizes:
-        return []
-    kept = torch.nonzero(~torch.cat(gone)).flatten()
+        return PerMember(torch.empty(0, dtype=torch.long), [])
+    kept = torch.nonzero(~gone.flat).flatten()
     starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
     owner = torch.repeat_interleave(torch.tensor(sizes))
     local = kept - starts[owner[kept]]
-    return list(torch.split(local, [size - n for size, n in zip(sizes, counts, strict=True)]))
+    return PerMember(local, [size - n for size, n in zip(sizes, counts, strict=True)])
 
 
-def _module_changes(model: nn.Module, members: list[Member], gone: list[torch.Tensor],
+def _module_changes(model: nn.Module, members: list[Member], gone: PerMember,
                     counts: list[int]) -> dict[str, dict[str, Any]]:
     changes: dict[str, dict[str, Any]] = {}
     owner_of, kind = _owners(model)
-    for m, removed, n, kept in zip(members, gone, counts, _kept(members, gone, counts), strict=True):
+    kept_of = _kept(members, gone, counts)
+    for i, (m, n) in enumerate(zip(members, counts, strict=True)):
         if not n:  # only the members that lose a channel
             continue
+        removed, kept = gone[i], kept_of[i]
         owner, module, attr = owner_of(m.name)
         if owner not in changes:
             changes[owner] = {"kind": kind(owner), "keeps": {}, "options": {}}

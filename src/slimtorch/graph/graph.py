@@ -32,8 +32,9 @@ pass. Its vocabulary:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ import torch
 from slimtorch.errors import NoMatchError, closest
 from slimtorch.graph.labels import UnionFind, components
 
-__all__ = ["ChannelGroup", "DependencyGraph", "Member", "Sink", "label_table"]
+__all__ = ["ChannelGroup", "DependencyGraph", "Member", "PerMember", "Sink", "label_table"]
 
 ROLES = ("out", "in", "norm", "element")
 
@@ -102,6 +103,25 @@ def _full_mask(flags: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     return (product if product.is_contiguous() else product.contiguous()).view(torch.bool)
 
 
+class PerMember(Sequence):
+    """One flat tensor read as consecutive pieces of the given sizes (one per member), each cut when it is
+    read: a model has hundreds of members, and cutting them all (``torch.split``) costs more than the work
+    done with the few that lose a channel. ``flat`` is the whole tensor."""
+
+    def __init__(self, flat: torch.Tensor, sizes: list[int]) -> None:
+        self.flat = flat
+        self._ends = list(itertools.accumulate(sizes, initial=0))
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return self.flat[self._ends[index] : self._ends[index + 1]]
+
+
 @dataclass
 class Sink:
     """Values measured where channels are consumed (per label position, over every other dim).
@@ -152,6 +172,9 @@ class DependencyGraph:
     used: set[str] = field(default_factory=set)
     unreached: list[str] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    # what depends on the members alone (not on the union-find): shared with copies made by
+    # ``dataclasses.replace``, which share the members too (a replayed graph, the template it replays)
+    _member_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- recording (used by rules while tracing) -------------------------------------------------
 
@@ -160,8 +183,11 @@ class DependencyGraph:
         a shape for an element member."""
         key = (name, dim, role)
         if key not in self.members:
-            shape = (size,) if isinstance(size, int) else tuple(size)
-            self.members[key] = Member(name, dim, role, self.uf.new(math.prod(shape)).reshape(shape), **extra)
+            if isinstance(size, int):
+                labels = self.uf.new(size)
+            else:
+                labels = self.uf.new(math.prod(size)).reshape(tuple(size))
+            self.members[key] = Member(name, dim, role, labels, **extra)
         return self.members[key].labels
 
     def attach(self, name: str, dim: int | None, role: str, labels: torch.Tensor, **extra: Any) -> None:
@@ -169,7 +195,8 @@ class DependencyGraph:
         key = (name, dim, role)
         old = self.members.get(key)
         if old is None:
-            self.members[key] = Member(name, dim, role, labels.clone(), **extra)
+            # (label tensors are never changed in place: the member may share the caller's)
+            self.members[key] = Member(name, dim, role, labels.contiguous(), **extra)
             return
         if old.labels.shape != labels.shape:
             raise RuntimeError(f"{name} dim {dim} is used with {labels.shape} and {old.labels.shape} channels")
@@ -196,12 +223,14 @@ class DependencyGraph:
         """Every member's labels in one flat tensor: ``(members, labels, owner)``, ``owner`` giving the
         index in ``members`` of each label's member. Per-member questions (is any channel of it removed?)
         are then a gather and a ``bincount`` instead of a few tensor ops per member."""
-        if "flat" not in self._cache:
+        cache = self._member_cache
+        if cache.get("members") is not self.members or len(cache["flat"][0]) != len(self.members):
             members = list(self.members.values())
-            sizes = torch.tensor([m.labels.numel() for m in members], dtype=torch.long)
+            sizes = [m.labels.numel() for m in members]
             flat = torch.cat([m.labels.reshape(-1) for m in members]) if members else torch.empty(0, dtype=torch.long)
-            self._cache["flat"] = (members, flat, torch.repeat_interleave(sizes))
-        return self._cache["flat"]
+            cache.update(members=self.members, sizes=sizes,
+                         flat=(members, flat, torch.repeat_interleave(torch.tensor(sizes, dtype=torch.long))))
+        return cache["flat"]
 
     def flat_units(self) -> torch.Tensor:
         """The unit of every label of :meth:`flat_labels` (-1 where no channel lives)."""
@@ -209,14 +238,14 @@ class DependencyGraph:
             self._cache["flat_units"] = self.uf.find(self.flat_labels()[1])
         return self._cache["flat_units"]
 
-    def removed_per_member(self, removed: torch.Tensor) -> tuple[list[Member], list[torch.Tensor], list[int]]:
+    def removed_per_member(self, removed: torch.Tensor) -> tuple[list[Member], PerMember, list[int]]:
         """Given ``removed`` (bool per unit id): every member (``flat_labels`` order), its removed flags (one
         per label, flat; False where no channel lives) and how many of them are set."""
         members, _, owner = self.flat_labels()
         table = np.append(removed.numpy(), False)  # unit -1 (no channel) reads the False at the end
         gone = torch.from_numpy(table[self.flat_units().numpy()])  # (numpy: a third of torch's gather time)
         counts = torch.bincount(owner[gone], minlength=len(members)).tolist()
-        return members, list(torch.split(gone, [m.labels.numel() for m in members])), counts
+        return members, PerMember(gone, self._member_cache["sizes"]), counts
 
     def unit_of(self, labels: torch.Tensor) -> torch.Tensor:
         """Unit id (union-find root) of each label; -1 stays -1."""
@@ -286,9 +315,10 @@ class DependencyGraph:
     def masks(self, removed: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter masks that zero every removed channel (``tensors``: name -> parameter)."""
         flags: dict[str, list[torch.Tensor]] = {}  # per parameter, its members' keep flags, broadcastable
-        for m, gone, n in zip(*self.removed_per_member(removed), strict=True):
+        members, gone, counts = self.removed_per_member(removed)
+        for i, (m, n) in enumerate(zip(members, counts, strict=True)):
             if n and not m.is_buffer and m.name in tensors:
-                keep = ~gone.reshape(m.labels.shape)
+                keep = ~gone[i].reshape(m.labels.shape)
                 flags.setdefault(m.name, []).append(m.broadcastable(keep, tensors[m.name].shape))
         return {name: _full_mask(found, tensors[name].shape) for name, found in flags.items()}
 

@@ -42,9 +42,10 @@ class UnionFind:
             grown = np.empty(max(2 * self._parent.size, self.size + n), dtype=np.int64)
             grown[: self.size] = self._parent[: self.size]
             self._parent = grown
-        self._parent[self.size : self.size + n] = np.arange(self.size, self.size + n)
+        labels = np.arange(self.size, self.size + n)
+        self._parent[self.size : self.size + n] = labels
         self.size += n
-        return torch.arange(self.size - n, self.size, dtype=torch.long)
+        return torch.from_numpy(labels)  # (the parent array holds a copy; these are the caller's)
 
     def find(self, labels: torch.Tensor) -> torch.Tensor:
         """The class representative (root) of every label, same shape; -1 stays -1."""
@@ -85,6 +86,23 @@ class UnionFind:
         # points above its own id, so only labels from the smallest linked root on can be affected.
         tail = parent[lowest:]
         tail[:] = _root(parent, tail)
+
+    def adopt(self, fresh: torch.Tensor, labels: torch.Tensor) -> None:
+        """``union(fresh, labels)`` for labels just issued by :meth:`new`, each still its own class and newer
+        than every label of ``labels`` (a layer's output channels tied one to one to its inputs): each is
+        pointed straight at its partner's root, with no search. Anything else goes to :meth:`union`."""
+        f, lab = fresh.numpy().reshape(-1), labels.numpy()
+        if lab.shape != fresh.shape:
+            lab = np.broadcast_to(lab, fresh.shape)
+        lab = lab.reshape(-1)
+        parent, first = self._parent[: self.size], self.size - f.size
+        # the newest labels, in order, each its own root, tied to older ones only: nothing else points at
+        # them, so pointing them at their partners' roots keeps "every label points at its root"
+        if not (np.array_equal(f, np.arange(first, self.size)) and np.array_equal(parent[first:], f)
+                and lab.max(initial=-1) < first):
+            self.union(fresh, labels)
+            return
+        parent[first:] = np.where(lab >= 0, parent[np.maximum(lab, 0)], f)
 
     def copy(self) -> UnionFind:
         """An independent copy (later unions on either leave the other as it is)."""

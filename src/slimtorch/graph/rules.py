@@ -69,25 +69,28 @@ def op_name(func: Any) -> str:
 #: types of plain (non-tensor, non-container) op arguments
 PLAIN_TYPES = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
                torch.layout, torch.Size)
+_PLAIN_EXACT = frozenset(PLAIN_TYPES)
 
 
 def tensors_in(tree: Any) -> list[torch.Tensor]:
     """The tensors in an op's arguments or outputs, in order. Plain tuples, lists and dicts are walked here
     (torch's pytree, which also knows namedtuples and registered classes, costs ~10x more per call and
     runs for every op traced); anything else goes to the pytree."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, PLAIN_TYPES):
-        return []
     kind = type(tree)
     if kind is tuple or kind is list or kind is dict:
         out: list[torch.Tensor] = []
         for item in tree.values() if kind is dict else tree:
+            if type(item) in _PLAIN_EXACT:  # (an exact-type lookup first: most arguments are ints, floats or None)
+                continue
             if isinstance(item, torch.Tensor):
                 out.append(item)
             elif not isinstance(item, PLAIN_TYPES):
                 out += tensors_in(item)
         return out
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, PLAIN_TYPES):
+        return []
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 

@@ -140,12 +140,17 @@ def measure(t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tenso
         return zero, zero, zero
     # Reduce over ``others`` in place instead of permuting into a (*keep, rest) copy: two reductions
     # instead of a copy, an abs and three reductions; the abs max is max(-min, max), exactly.
-    vmin = x.amin(dim=others) if others else x
-    vmax = x.amax(dim=others) if others else x
+    if others:
+        vmin, vmax = x.amin(dim=others), x.amax(dim=others)
+    else:  # (a copy: the tensor itself may be changed in place later in the forward pass)
+        vmin = vmax = x.clone()
     kept = sorted(keep)  # the reductions leave the kept dims in ascending order; put them in ``keep`` order
-    order = [kept.index(d) for d in keep]
-    vmin, vmax = vmin.permute(order), vmax.permute(order)
-    return torch.maximum(-vmin, vmax).cpu(), vmin.cpu(), vmax.cpu()
+    if kept != keep:
+        order = [kept.index(d) for d in keep]
+        vmin, vmax = vmin.permute(order), vmax.permute(order)
+    if x.device.type != "cpu":
+        vmin, vmax = vmin.cpu(), vmax.cpu()
+    return torch.maximum(vmin.neg(), vmax), vmin, vmax
 
 
 class ModuleContext(OpContext):
@@ -171,7 +176,8 @@ class _Tracer(TorchFunctionMode):
         # compaction needs can later be measured by a plain forward pass checked against it.
         self.tape: list[tuple] | None = None if measuring else []
         self.produced: dict[int, tuple[weakref.ref, int, int]] = {}  # tensor id -> (tensor, tape index, output)
-        self.current: tuple[int, Any, list[torch.Tensor]] = (-1, (), [])  # the op handled: (tape index, call, out)
+        self.current: tuple[int, list[torch.Tensor], list[torch.Tensor]] = (-1, [], [])  # the op handled: (tape
+        # index, its input tensors, its output tensors)
         self.pending: dict[int, list[tuple[int, list[int], tuple]]] = {}  # tape index -> statistics to measure
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
@@ -224,12 +230,12 @@ class _Tracer(TorchFunctionMode):
         """The values of an integer or bool tensor (rules may read indices)."""
         return value.detach().cpu().numpy().tobytes()
 
-    def _tape(self, entry: tuple, call: Any, out: Any) -> None:
-        """Append an op to the tape; its outputs are then known as this op's."""
+    def _tape(self, entry: tuple, call: Any, inputs: list[torch.Tensor], out: Any) -> None:
+        """Append an op to the tape (``inputs``: the tensors of ``call``); its outputs are then known as this op's."""
         index = len(self.tape)
         self.tape.append((*entry, self.signature(call)))
         outputs = tensors_in(out)
-        self.current = (index, call, outputs)
+        self.current = (index, inputs, outputs)
         self.outputs.append(tuple((t.shape, t.dtype, t.is_meta) for t in outputs))
         for k, t in enumerate(outputs):
             self.produced[id(t)] = (weakref.ref(t), index, k)
@@ -238,8 +244,8 @@ class _Tracer(TorchFunctionMode):
         """Placeholders for ``measure(t, keep)`` in a shapes-only trace, to be measured on replay."""
         shape = [t.shape[d] for d in keep]
         placeholders = (torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
-        index, call, outputs = self.current
-        tensors = [*tensors_in(call), *outputs]
+        index, inputs, outputs = self.current
+        tensors = [*inputs, *outputs]
         position = next((k for k, u in enumerate(tensors) if u is t), None)
         if position is None:
             self.unreplayable = f"a rule measured a tensor that is not an argument or result of {ctx.where}"
@@ -250,10 +256,10 @@ class _Tracer(TorchFunctionMode):
     # -- rules -------------------------------------------------------------------------------------
 
     def _op(self, func: Any, site: tuple, args: tuple, kwargs: dict, out: Any) -> None:
-        if self.tape is not None:
-            self._tape(("op", site, func), (args, kwargs), out)
-        name = site[1]
         inputs = tensors_in((args, kwargs))
+        if self.tape is not None:
+            self._tape(("op", site, func), (args, kwargs), inputs, out)
+        name = site[1]
         if not self.measuring and name not in VALUE_FREE:
             _check_meta(inputs, name)
         leaves = [self.names[id(t)] for t in inputs if id(t) in self.names]
@@ -272,11 +278,12 @@ class _Tracer(TorchFunctionMode):
         """A module handled as one node by its module-level rule (called as the module's forward returns,
         where this mode is active: what it does with tensors must not be traced)."""
         with torch._C.DisableTorchFunction():
+            inputs = tensors_in(frame.call)
             if self.tape is not None:
-                self._tape(("module", name, type(module)), frame.call, out)
+                self._tape(("module", name, type(module)), frame.call, inputs, out)
             self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
             if not self.measuring:
-                _check_meta(tensors_in(frame.call), type(module).__name__)
+                _check_meta(inputs, type(module).__name__)
             frame.rule(ModuleContext(self, module, name, *frame.call, out))
 
     def _has(self, t: torch.Tensor) -> bool:
@@ -635,16 +642,31 @@ def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
             m.training = mode
 
 
+def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``named_parameters`` and ``named_buffers`` (every name of a shared tensor included), in one walk
+    over the modules instead of two."""
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for key, t in module._parameters.items():
+            if t is not None:
+                params[dot + key] = t
+        for key, t in module._buffers.items():
+            if t is not None:
+                buffers[dot + key] = t
+    return params, buffers
+
+
 def run_state(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
               measuring: bool) -> tuple[dict[str, torch.Tensor], set[str], Any, dict[int, str]]:
     """What a traced run swaps into the model: ``(tensors by name, buffer names, inputs, tensor id -> name)``.
     ``params`` replace parameters by name; buffers are copies (BatchNorm updates its statistics in place);
     in a shapes-only run every floating-point tensor, inputs included, is a meta tensor."""
-    state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    state, buffers = _named_tensors(model)
     if params:  # a value given for one name of tied weights holds for every name of that tensor
         given = {id(state[n]): v for n, v in params.items() if n in state}
         state = {n: given.get(id(t), t) for n, t in state.items()}
-    buffers = dict(model.named_buffers(remove_duplicate=False))
     if measuring:
         buffers = {n: b.clone() for n, b in buffers.items()}
     else:

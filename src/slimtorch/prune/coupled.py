@@ -101,7 +101,8 @@ def _balance(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
 
 def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, score: torch.Tensor) -> None:
     """Never empty a layer: give back its best-scored channel when all would go (in place)."""
-    for m, _, n in zip(*graph.removed_per_member(removed), strict=True):
+    members, _, counts = graph.removed_per_member(removed)
+    for m, n in zip(members, counts, strict=True):
         if n and n == m.labels.numel() and m.role in ("out", "in") and not m.is_buffer:  # every channel gone
             units = roots[m.labels]
             if bool(removed[units].all()):  # (an earlier member's give-back may have saved it already)
