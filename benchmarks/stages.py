@@ -3,7 +3,9 @@
 Runs ``compute_masks`` (50% L1 channels of every Conv2d and Linear but the classifier) and ``compact_`` on
 fresh copies of a torchvision model, timing the stages inside them, and prints a Markdown table: the
 fastest of the runs (the one least disturbed by other tenants of a shared machine) and the median, per
-stage. The first run warms up and is not counted. Stages nest: "masked pass" is part of "compaction plan".
+stage. The first run warms up and is not counted. Stages nest: the masked pass is part of "compaction plan".
+A stage that did not run (e.g. the measured masked pass, when the plan takes the shapes-only trace's
+structure and the check runs on a plain forward of the masked model instead) shows 0.
 
     PYTHONPATH=src python benchmarks/stages.py --model mobilenet_v2 --runs 15
 
@@ -48,7 +50,9 @@ STAGES: list[tuple[str, Any, str]] = [
     ("per-member removal flags (all calls)", graph_module.DependencyGraph, "removed_per_member"),
     ("compaction plan", compact_module, "plan_compaction"),
     ("live rows and columns", plan_module, "live_blocks"),
-    ("masked pass", plan_module, "build_graph"),
+    ("structure from the shapes-only trace", plan_module, "known_structure"),
+    ("masked pass (measured)", plan_module, "build_graph"),
+    ("masked reference (plain forward)", compact_module, "_masked_reference"),
     ("removal requests", plan_module, "_requests"),
     ("consumer checks", plan_module, "_check_sinks"),
     ("module changes", plan_module, "_module_changes"),
@@ -102,10 +106,16 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v2", help="a torchvision classification model")
     parser.add_argument("--size", type=int, default=224, help="input height and width (batch of one)")
     parser.add_argument("--runs", type=int, default=15, help="timed runs, after one warm-up")
+    parser.add_argument("--measured", action="store_true",
+                        help="compaction plans from a measured masked pass even where no value would change the "
+                             "plan (what it does when one would, and with verify=False)")
     parser.add_argument("--cut-every-layer", action="store_true",
-                        help="the masked pass computes every layer with a live block on it, depthwise "
-                             "convolutions too, whether that pays or not (what it did before it weighed the cost)")
+                        help="with --measured: the masked pass computes every layer with a live block on it, "
+                             "depthwise convolutions too, whether that pays or not (what it did before it weighed "
+                             "the cost)")
     args = parser.parse_args()
+    if args.measured:
+        plan_module.known_structure = lambda *_, **__: None
     if args.cut_every_layer:
         blocks_module._pays = lambda *_: True
     torch.manual_seed(0)
@@ -130,8 +140,9 @@ def main() -> None:
             for label, seconds in times.items():
                 per_run[label].append(seconds)
     print(f"{args.model}, input 1x3x{args.size}x{args.size}, {args.runs} runs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; live blocks cut "
-          f"{'in every layer' if args.cut_every_layer else 'where it pays'}\n")
+          f"{torch.get_num_threads()} threads; compaction plans "
+          f"{'from a measured pass' if args.measured else 'from the shapes-only trace where no value matters'}; "
+          f"live blocks cut {'in every layer' if args.cut_every_layer else 'where it pays'}\n")
     print("| stage | fastest (ms) | median (ms) |\n|---|---:|---:|")
     for label in [*(s[0] for s in STAGES), "compute_masks, in all", "compact_, in all",
                   "for comparison: a plain forward of the masked model"]:

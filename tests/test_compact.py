@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+import slimtorch.compact.compact as compact_module
+import slimtorch.compact.plan as plan_module
 from nets import (
     ChannelsLast,
     Conv1d3d,
@@ -27,7 +29,7 @@ from slimtorch import compact_, compute_masks
 from slimtorch.compact import SlimMultiheadAttention, ZeroPaddedLayerNorm, plan_compaction
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimWarning, UnsupportedOpError
-from slimtorch.graph import build_graph
+from slimtorch.graph import build_graph, replay
 
 IMAGE = torch.randn(2, 3, 8, 8)
 
@@ -200,6 +202,83 @@ def test_failed_compaction_leaves_the_model_untouched(monkeypatch):
     assert list(model.parameters()) == params and not hasattr(model, "slimtorch_compaction")
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def _spy_measured_runs(monkeypatch) -> list:
+    """Count the plan's measured runs of the masked model (its ``build_graph`` calls)."""
+    calls = []
+    real = plan_module.build_graph
+    monkeypatch.setattr(plan_module, "build_graph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_group_consistent_masks_are_planned_from_the_pruning_trace(monkeypatch):
+    """After compute_masks, every requested channel is masked wherever it is consumed: no value can change
+    the plan, so compact_ plans from the structure compute_masks traced and checks the result on a plain
+    forward pass of the masked model, instead of running it through the graph. Without the check
+    (``verify=False``) the plan is measured."""
+    measured = _spy_measured_runs(monkeypatch)
+    for verify, runs in ((True, 0), (False, 1)):
+        model = Residual().eval()
+        randomize_(model)
+        masks = _masks(model, IMAGE, ["Conv2d"], "fc")
+        measured.clear()
+        if verify:
+            oracle(model, masks, IMAGE)
+        else:
+            compact_(model, masks, example_inputs=IMAGE, verify=False)
+        assert len(measured) == runs
+
+
+def test_masks_whose_values_matter_are_measured(monkeypatch):
+    """Masks on a conv alone leave its BatchNorm's offsets in the removed channels: whether they may go (or
+    fold) depends on measured values, so the plan runs the masked model although a pruning trace is known."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 4, 2)).eval()
+    randomize_(model)
+    x = torch.randn(2, 3, 4, 4)
+    compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)  # (leaves its trace)
+    measured = _spy_measured_runs(monkeypatch)
+    oracle(model, _nni_style(model, ["0"]), x, params=3 * 3 * 9 + 2 * 3 + 2 * 12 + 2)
+    assert len(measured) == 1 and model.slimtorch_compaction["folded_biases"] == ["4.bias"]
+
+
+class _Flip(nn.Module):
+    """Two convs, the channels reversed in between when ``flip`` is set (a Python switch: same shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.flip = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), False
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y.flip(1) if self.flip else y)
+
+
+def test_a_model_that_no_longer_runs_as_traced_is_planned_again_from_a_measured_run(monkeypatch):
+    """The pruning trace is taken on trust only as far as the check goes: a model switched since to another
+    data flow (same shapes) fails the check, is restored, and is planned again from a measured run."""
+    model = _Flip().eval()
+    randomize_(model)
+    masks = compute_masks(model, [{"op_names": ["a"], "sparse_ratio": 0.5}], example_inputs=IMAGE)
+    model.flip = True
+    measured = _spy_measured_runs(monkeypatch)
+    attempts = []
+    real = compact_module._apply_checked
+    monkeypatch.setattr(compact_module, "_apply_checked", lambda *a: attempts.append(a[1].graph.measured) or real(*a))
+    # as it runs now, a's channel c goes if its row is masked, or b's column 7 - c (which reads it) is
+    rows = set(torch.nonzero(~masks["a.bias"]).flatten().tolist())
+    kept = 8 - len(rows | {7 - r for r in rows})
+    oracle(model, masks, IMAGE, params=kept * (27 + 1) + 4 * kept * 9 + 4)
+    assert attempts == [False, True] and len(measured) == 1 and model.a.out_channels == kept < 8
+
+
+def test_compaction_forgets_the_pruning_trace():
+    model = Residual().eval()
+    masks = _masks(model, IMAGE, ["Conv2d"], "fc")
+    assert replay._TEMPLATES.get(model) is not None
+    compact_(model, masks, example_inputs=IMAGE)
+    assert replay._TEMPLATES.get(model) is None
 
 
 def test_tied_weights_stay_tied_and_masked_under_every_name():

@@ -66,7 +66,8 @@ def test_adopt_gives_the_classes_union_gives():
             old = uf.new(12)
             uf.union(old[:4], old[4:8])
         n = int(torch.randint(1, 6, (1,), generator=rng))
-        fresh = [uf.new(n) for uf in (fast, slow)][0]
+        fresh = fast.new(n)
+        slow.new(n)
         partners = torch.randint(-1, 12, (n,), generator=rng)
         if case % 4 == 1:  # older labels: not fresh
             fresh = torch.arange(n)
@@ -74,8 +75,8 @@ def test_adopt_gives_the_classes_union_gives():
             for uf in (fast, slow):
                 uf.union(fresh[:1], fresh[-1:])
         elif case % 4 == 3:  # a partner newer than the fresh labels
-            newer = [uf.new(1) for uf in (fast, slow)][0]
-            partners[0] = newer[0]
+            partners[0] = fast.new(1)[0]
+            slow.new(1)
         fast.adopt(fresh, partners)
         slow.union(fresh, partners)
         everything = torch.arange(slow.size)

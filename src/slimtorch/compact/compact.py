@@ -30,6 +30,7 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
+from slimtorch.graph.replay import forget
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
@@ -201,24 +202,22 @@ def compact_(
     says what changed, and a :class:`~slimtorch.errors.SlimWarning` says how many channels the masks
     prune had to stay, and why.
     """
-    plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops)
-    if not verify:
-        reference = None
-    elif plan.graph.training or model.training:  # the check runs in eval mode: the masked model's eval output
-        reference = _masked_reference(model, plan.masked, example_inputs)
-    else:
-        reference = plan.graph.output
+    # With the check, a plan may take the structure of the model's last shapes-only trace instead of running
+    # the masked model through the graph (when no measured value would change it): the check then runs on
+    # a plain forward pass of the masked model, and if it fails, the model is restored and planned again
+    # from a measured run.
+    plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=not verify)
     before = sum(p.numel() for p in model.parameters())
     snapshot = _Snapshot(model)
     try:
-        step, probed = _apply(model, plan, example_inputs)
-        if verify:
-            _verify(model, example_inputs, reference, probed)
-    except BaseException as err:
-        snapshot.restore(model)
-        if isinstance(err, SlimError) or not isinstance(err, Exception):
+        step = _apply_checked(model, plan, example_inputs, verify, snapshot)
+    except Exception:
+        if plan.graph.measured:
             raise
-        raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
+        # the model did not run as traced (changed since?): restored, planned again from a measured run
+        plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops)
+        step = _apply_checked(model, plan, example_inputs, verify, snapshot)
+    forget(model)  # (the last trace no longer describes the model)
     setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
     for finish in AFTER_COMPACTION:
         finish(model)
@@ -239,6 +238,29 @@ def compact_(
             SlimWarning,
             stacklevel=2,
         )
+
+
+def _apply_checked(model: nn.Module, plan: CompactionPlan, example_inputs: Any, verify: bool,
+                   snapshot: _Snapshot) -> dict[str, Any]:
+    """Apply ``plan`` and (``verify``) check the result against the masked model; on any failure, restore
+    ``model`` from ``snapshot`` and raise (a :class:`~slimtorch.errors.SlimError` as it is, anything else
+    as a :class:`~slimtorch.errors.CompactionError`)."""
+    if not verify:
+        reference = None
+    elif not plan.graph.measured or plan.graph.training or model.training:  # the check runs in eval mode
+        reference = _masked_reference(model, plan.masked, example_inputs)
+    else:
+        reference = plan.graph.output
+    try:
+        step, probed = _apply(model, plan, example_inputs)
+        if verify:
+            _verify(model, example_inputs, reference, probed)
+    except BaseException as err:
+        snapshot.restore(model)
+        if isinstance(err, SlimError) or not isinstance(err, Exception):
+            raise
+        raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
+    return step
 
 
 def _verify(model: nn.Module, example_inputs: Any, reference: Any, got: Any = None, rtol: float = 1e-3,

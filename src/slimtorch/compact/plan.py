@@ -27,7 +27,8 @@ from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.blocks import Cut, live_blocks
-from slimtorch.graph.graph import PerMember, label_table
+from slimtorch.graph.graph import PerMember, Sink, label_table
+from slimtorch.graph.replay import known_structure
 from slimtorch.prune.masks import check_masks, mask_factor
 
 __all__ = ["CompactionPlan", "plan_compaction"]
@@ -131,12 +132,11 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
     consumers = [s for s in graph.sinks if s.kind == "consumer"]
     folds: list[_Fold] = []
     if consumers:  # all at once (a model has one per layer): a few ops instead of a dozen per sink
-        labels = torch.cat([s.labels.reshape(-1) for s in consumers])
+        labels, dead = _consumed(graph, consumers, masks, dead_of)
         owner = torch.repeat_interleave(torch.tensor([s.labels.numel() for s in consumers]))
         asked, independent_here = requested_at[labels], independent_at[labels]
         units = roots[labels.clamp(min=0)]
         zero = (torch.cat([s.absmax.reshape(-1) for s in consumers]) == 0) & independent_here
-        dead = torch.cat([_dead_at(graph.members[s.member], masks, dead_of) for s in consumers])
         vmin = torch.cat([s.vmin.reshape(-1) for s in consumers])
         foldable = torch.tensor([s.foldable and not graph.training for s in consumers])[owner]
         const = (vmin == torch.cat([s.vmax.reshape(-1) for s in consumers])) & independent_here & foldable
@@ -164,6 +164,27 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
             ok = zero
         allowed[units[asked & ~ok]] = False
     return allowed, folds
+
+
+def _consumed(graph: DependencyGraph, consumers: list[Sink], masks: Mapping[str, torch.Tensor],
+              dead_of: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels of every consumer sink, concatenated, and whether the weight slice reading each is masked."""
+    labels = torch.cat([s.labels.reshape(-1) for s in consumers])
+    return labels, torch.cat([_dead_at(graph.members[s.member], masks, dead_of) for s in consumers])
+
+
+def _reads_values(graph: DependencyGraph, sinks: list[Sink], roots: torch.Tensor, requested: torch.Tensor,
+                  masks: Mapping[str, torch.Tensor], dead_of: dict[tuple, torch.Tensor]) -> bool:
+    """Would :func:`_check_sinks` read a measured value of ``sinks``? Only where a requested channel is
+    consumed by a weight slice that is not masked, or reaches a sink of another kind."""
+    requested_at = label_table(requested, roots)
+    consumers = [s for s in sinks if s.kind == "consumer"]
+    if consumers:
+        labels, dead = _consumed(graph, consumers, masks, dead_of)
+        if bool((requested_at[labels] & ~dead).any()):
+            return True
+    others = [one for s in sinks if s.kind != "consumer" for one in (s, s.other) if one is not None]
+    return any(bool(requested_at[one.labels.reshape(-1)].any()) for one in others)
 
 
 def _where(flags: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +350,15 @@ def plan_compaction(
     *,
     example_inputs: Any,
     unknown_ops: str = "error",
+    measure: bool = True,
 ) -> CompactionPlan:
     """Work out, without changing ``model``, how :func:`~slimtorch.compact_` would compact it.
+
+    ``measure=False`` lets the plan skip running the model when no value would change it: when the masks
+    mask every requested channel wherever it is consumed (as :func:`~slimtorch.compute_masks` does), and
+    the last shapes-only trace of the model (``compute_masks`` makes one) holds for these inputs, the
+    structure is taken from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
+    must check the result against the masked model, as ``compact_`` does.
 
     Raises :class:`~slimtorch.errors.CompactionError` when the masks would empty a layer.
     """
@@ -341,11 +369,22 @@ def plan_compaction(
     # the masked weights are zero outside their live blocks: the measured run computes on those, and the
     # surgery takes the blocks it cut
     live = live_blocks(masks)
-    graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
-    roots = graph.uf.roots()
-    dead: dict[tuple, torch.Tensor] = {}
-    requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
-    allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
+    known = None if measure else known_structure(model, example_inputs, unknown_ops, cover=True)
+    if known is not None:
+        graph, sinks = known
+        roots = graph.uf.roots()
+        dead: dict[tuple, torch.Tensor] = {}
+        requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
+        if _reads_values(graph, sinks, roots, requested, masks, dead):
+            known = None  # (a requested channel's values matter somewhere: they must be measured)
+    if known is None:
+        graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
+        roots = graph.uf.roots()
+        dead = {}
+        requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
+        allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
+    else:  # no sink reads a requested channel: every one is allowed, none is folded
+        allowed, folds = torch.ones_like(requested), []
     blocked = torch.zeros_like(requested)
     blocked[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = True
     removed = requested & allowed & ~blocked

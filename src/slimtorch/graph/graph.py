@@ -183,10 +183,8 @@ class DependencyGraph:
         a shape for an element member."""
         key = (name, dim, role)
         if key not in self.members:
-            if isinstance(size, int):
-                labels = self.uf.new(size)
-            else:
-                labels = self.uf.new(math.prod(size)).reshape(tuple(size))
+            size = size if isinstance(size, int) else tuple(size)
+            labels = self.uf.new(size) if isinstance(size, int) else self.uf.new(math.prod(size)).reshape(size)
             self.members[key] = Member(name, dim, role, labels, **extra)
         return self.members[key].labels
 

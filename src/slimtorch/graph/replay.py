@@ -42,9 +42,9 @@ from torch import nn
 from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph, Sink
 from slimtorch.graph.rules import tensors_in
-from slimtorch.graph.trace import _Frame, _Tracer, measure, run_state, run_traced, temporary_mode
+from slimtorch.graph.trace import _Frame, _named_tensors, _Tracer, measure, run_state, run_traced, temporary_mode
 
-__all__ = ["forget", "remember", "replay"]
+__all__ = ["forget", "known_structure", "remember", "replay"]
 
 
 @dataclass
@@ -66,9 +66,13 @@ class _Diverged(Exception):
 
 
 def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -> tuple:
-    """What must be equal for a template to apply: the inputs' signature, every module's mode, the options."""
+    """What must be equal for a template to apply: the inputs' signature, every module's class and mode, every
+    parameter's and buffer's name, shape and dtype (a model compacted or given new layers since is not the
+    model traced), the options."""
     inputs = _Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
-    return inputs, tuple(m.training for m in model.modules()), unknown_ops, cover
+    modules = tuple((type(m), m.training) for m in model.modules())
+    tensors = tuple((n, t.shape, t.dtype) for group in _named_tensors(model) for n, t in group.items())
+    return inputs, modules, tensors, unknown_ops, cover
 
 
 def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool, graph: DependencyGraph,
@@ -93,6 +97,23 @@ def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: boo
 def forget(model: nn.Module) -> None:
     """Drop ``model``'s template: the next ``build_graph(..., values=True)`` traces it in full."""
     _TEMPLATES.pop(model, None)
+
+
+def known_structure(model: nn.Module, example_inputs: Any, unknown_ops: str,
+                    cover: bool) -> tuple[DependencyGraph, list[Sink]] | None:
+    """The structure the last shapes-only trace of ``model`` found for these inputs and options, as a graph of
+    its own with nothing measured (no sinks, no output), and its sinks with placeholder statistics (what
+    would be measured where); None when there is none.
+
+    Nothing here runs the model: it is trusted to run as it was traced. A caller that uses this instead of
+    :func:`replay` must check its result another way (``compact_`` compares the compacted model with the
+    masked one, and plans again from a measured run if they differ)."""
+    template = _TEMPLATES.get(model)
+    if template is None or template.key != _key(model, example_inputs, unknown_ops, cover):
+        return None
+    graph = dataclasses.replace(template.graph, uf=template.graph.uf.copy(), _cache={}, output=None, measured=False,
+                                replayed=False, sinks=[])
+    return graph, template.sinks
 
 
 class _Replayer(_Tracer):
