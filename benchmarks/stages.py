@@ -5,7 +5,7 @@ fresh copies of a torchvision model, timing the stages inside them, and prints a
 fastest of the runs (the one least disturbed by other tenants of a shared machine) and the median, per
 stage. The first run warms up and is not counted. Stages nest: the masked pass is part of "compaction plan".
 A stage that did not run (e.g. the measured masked pass, when the plan takes the shapes-only trace's
-structure and the check runs on a plain forward of the masked model instead) shows 0.
+structure and the check runs on a forward pass of the masked model on live blocks instead) shows 0.
 
     PYTHONPATH=src python benchmarks/stages.py --model mobilenet_v2 --runs 15
 
@@ -52,7 +52,7 @@ STAGES: list[tuple[str, Any, str]] = [
     ("live rows and columns", plan_module, "live_blocks"),
     ("structure from the shapes-only trace", plan_module, "known_structure"),
     ("masked pass (measured)", plan_module, "build_graph"),
-    ("masked reference (plain forward)", compact_module, "_masked_reference"),
+    ("masked reference (forward on live blocks)", compact_module, "_masked_reference"),
     ("removal requests", plan_module, "_requests"),
     ("consumer checks", plan_module, "_check_sinks"),
     ("module changes", plan_module, "_module_changes"),

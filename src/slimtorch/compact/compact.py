@@ -30,6 +30,7 @@ from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
+from slimtorch.graph.blocks import BlockMode, BlockOps
 from slimtorch.graph.replay import forget
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.prune.masks import is_masked, remove_masks_
@@ -59,10 +60,13 @@ class _Snapshot:
             module.__dict__.update(state)  # mask buffers and hooks, if any, come back with it
 
 
-def _masked_reference(model: nn.Module, masked: Mapping[str, torch.Tensor], example_inputs: Any) -> Any:
-    """The masked model's eval-mode output (``masked``: masked parameter values), without touching the model."""
-    state, _, inputs, _ = run_state(model, example_inputs, masked, measuring=True)  # (buffers are copies)
-    with torch.no_grad(), temporary_mode(model, training=False), substituted(model, state):
+def _masked_reference(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> Any:
+    """The masked model's eval-mode output, without touching the model: a forward pass with the plan's masked
+    parameter values, linear layers and convolutions computed on their live blocks (whose cuts the surgery
+    then takes)."""
+    state, _, inputs, names = run_state(model, example_inputs, plan.masked, measuring=True)  # (buffers: copies)
+    with torch.no_grad(), temporary_mode(model, training=False), substituted(model, state), \
+            BlockMode(BlockOps(plan.live, names)):
         return call_model(model, inputs)
 
 
@@ -203,9 +207,9 @@ def compact_(
     prune had to stay, and why.
     """
     # With the check, a plan may take the structure of the model's last shapes-only trace instead of running
-    # the masked model through the graph (when no measured value would change it): the check then runs on
-    # a plain forward pass of the masked model, and if it fails, the model is restored and planned again
-    # from a measured run.
+    # the masked model through the graph (when no measured value would change it): the check's reference is
+    # then a forward pass of the masked model on live blocks, and if the check fails, the model is restored
+    # and planned again from a measured run.
     plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=not verify)
     before = sum(p.numel() for p in model.parameters())
     snapshot = _Snapshot(model)
@@ -248,7 +252,7 @@ def _apply_checked(model: nn.Module, plan: CompactionPlan, example_inputs: Any, 
     if not verify:
         reference = None
     elif not plan.graph.measured or plan.graph.training or model.training:  # the check runs in eval mode
-        reference = _masked_reference(model, plan.masked, example_inputs)
+        reference = _masked_reference(model, plan, example_inputs)
     else:
         reference = plan.graph.output
     try:

@@ -26,7 +26,7 @@ from torch import nn
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
-from slimtorch.graph.blocks import Cut, live_blocks
+from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks
 from slimtorch.graph.graph import PerMember, Sink, label_table
 from slimtorch.graph.replay import known_structure
 from slimtorch.prune.masks import check_masks, mask_factor
@@ -50,7 +50,12 @@ class CompactionPlan:
     requested: int = 0
     kept: dict[str, int] = field(default_factory=dict)
     masked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    cuts: dict[int, Cut] = field(default_factory=dict, repr=False)  # live blocks the measured run cut
+    # the masks' live blocks (what a run of the masked model may compute on) and the blocks it cut
+    live: LiveBlocks = field(default_factory=LiveBlocks, repr=False)
+
+    @property
+    def cuts(self) -> dict[int, Cut]:
+        return self.live.cuts
 
     @property
     def removed_count(self) -> int:
@@ -288,7 +293,6 @@ def _module_changes(model: nn.Module, members: list[Member], gone: PerMember,
     for i, (m, n) in enumerate(zip(members, counts, strict=True)):
         if not n:  # only the members that lose a channel
             continue
-        removed, kept = gone[i], kept_of[i]
         owner, module, attr = owner_of(m.name)
         if owner not in changes:
             changes[owner] = {"kind": kind(owner), "keeps": {}, "options": {}}
@@ -297,13 +301,13 @@ def _module_changes(model: nn.Module, members: list[Member], gone: PerMember,
             if entry["kind"] != "tensors":
                 raise CompactionError(f"{m.name!r} is used directly in arithmetic and also by its {entry['kind']} "
                                       "layer; its channels cannot be removed")
-            keep = ~removed.reshape(m.labels.shape)
+            keep = ~gone[i].reshape(m.labels.shape)
             for d in range(keep.dim()):
                 along = keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1)
                 if not bool(along.all()):
                     entry["keeps"][f"{attr}:dim:{d}"] = torch.nonzero(along).flatten()
             continue
-        entry["keeps"][f"{attr}:{m.role}:{m.dim}"] = kept
+        entry["keeps"][f"{attr}:{m.role}:{m.dim}"] = kept_of[i]
         if entry["kind"] == "layernorm":
             shape = tuple(module.normalized_shape)
             entry["options"]["full_size"] = int(getattr(module, "full_size", torch.Size(shape).numel()))
@@ -405,5 +409,5 @@ def plan_compaction(
         requested=int(requested.sum()),
         kept=kept,
         masked=masked,
-        cuts=live.cuts,
+        live=live,
     )

@@ -1,10 +1,10 @@
 """Linear layers and convolutions of a masked model, computed on their live block.
 
-Measuring a masked model (compaction's forward pass, :mod:`slimtorch.graph.replay`) runs it at full size,
-although a structured mask zeros whole output rows and input columns of most weights. Such an op is
-computed here on the block that is left: the live input columns of the input times the live block of
-the weight, scattered into a full-size output whose masked rows hold their bias (a grouped convolution
-runs the groups that have a live row). The values are the masked op's: a masked row gives its bias, a
+Running a masked model (compaction's measured pass, :mod:`slimtorch.graph.replay`, or the forward pass
+that its check compares with, :class:`BlockMode`) computes at full size, although a structured mask zeros
+whole output rows and input columns of most weights. Such an op is computed here on the block that is
+left: the live input columns of the input times the live block of the weight, scattered into a full-size
+output whose masked rows hold their bias (a grouped convolution runs the groups that have a live row). The values are the masked op's: a masked row gives its bias, a
 masked column adds exact zeros (for finite inputs: an infinite or NaN input there, which the masked op
 would spread, is dropped, as the compacted layer drops it), and only the summation order of the live
 terms may differ, as between any two matrix-multiply kernels. The cost is the compacted layer's
@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["Block", "BlockOps", "Cut", "LiveBlocks", "live_blocks", "take_block"]
+__all__ = ["Block", "BlockMode", "BlockOps", "Cut", "LiveBlocks", "live_blocks", "take_block"]
 
 #: (live output rows, live input columns) of a weight; None where all are live
 Block = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -45,7 +46,7 @@ Block = tuple[torch.Tensor | None, torch.Tensor | None]
 
 @dataclass
 class Cut:
-    """A weight's live block as a measured run cut it: ``source[rows][:, cols]`` (``version``: the source's
+    """A weight's live block as a run of the masked model cut it: ``source[rows][:, cols]`` (``version``: the source's
     version counter then, so that a later in-place change shows)."""
 
     source: torch.Tensor
@@ -71,7 +72,7 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None, size: int) -> bool:
 
 class LiveBlocks(dict):
     """Live blocks by parameter name (:func:`live_blocks`). ``alive``: for every mask of 2 dims or more, which
-    rows and which columns hold a kept entry (numpy bools); ``cuts``: the blocks a measured run cut, by the
+    rows and which columns hold a kept entry (numpy bools); ``cuts``: the blocks a run of the masked model cut, by the
     address of their weight's memory, for whoever cuts the same blocks next (compaction's surgery)."""
 
     def __init__(self, *args: Any) -> None:
@@ -128,7 +129,7 @@ def _pays(weight: torch.Tensor, block: Block, groups: int) -> bool:
     kernel does tens of multiply-adds in the time of one indexed copy; a depthwise convolution (a handful
     of multiply-adds per output) never gains. (On MobileNetV2 at batch 1, most of whose layers are
     depthwise or small, cutting every layer makes the measured pass slower: see ``benchmarks/stages.py
-    --cut-every-layer``.)"""
+    --measured --cut-every-layer``.)"""
     rows, cols = block
     out, per_in = weight.shape[0], weight.shape[1]
     if groups > 1 and per_in == 1:  # depthwise: cut groups are whole, nothing to gain per output
@@ -246,3 +247,18 @@ class BlockOps:
             self.cuts[weight.data_ptr()] = Cut(weight, weight._version, rows, cols, cut)
         return _Prepared(cut, bias if bias is None or rows is None else bias.index_select(0, rows.to(bias.device)),
                          rows, inputs, groups)
+
+
+class BlockMode(TorchFunctionMode):
+    """Within it, every op :class:`BlockOps` takes runs on its live block, and every other op as usual: a plain
+    forward pass of a masked model at about the compacted model's arithmetic (what compaction's check of
+    the result runs as its reference when no value needs measuring)."""
+
+    def __init__(self, ops: BlockOps) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = self.ops.run(func, args, kwargs)
+        return func(*args, **kwargs) if out is None else out
