@@ -4,10 +4,11 @@ Running a masked model (compaction's measured pass, :mod:`slimtorch.graph.replay
 that its check compares with, :class:`BlockMode`) computes at full size, although a structured mask zeros
 whole output rows and input columns of most weights. Such an op is computed here on the block that is
 left: the live input columns of the input times the live block of the weight, scattered into a full-size
-output whose masked rows hold their bias (a grouped convolution runs the groups that have a live row). The values are the masked op's: a masked row gives its bias, a
-masked column adds exact zeros (for finite inputs: an infinite or NaN input there, which the masked op
-would spread, is dropped, as the compacted layer drops it), and only the summation order of the live
-terms may differ, as between any two matrix-multiply kernels. The cost is the compacted layer's
+output whose masked rows hold their bias (a grouped convolution runs the groups that have a live row).
+The values are the masked op's: a masked row gives its bias, a masked column adds exact zeros (for
+finite inputs: an infinite or NaN input there, which the masked op would spread, is dropped, as the
+compacted layer drops it), and only the summation order of the live terms may differ, as between any two
+matrix-multiply kernels. The cost is the compacted layer's
 arithmetic: on a CNN or ViT pruned by half, about a quarter of the full layer's. The full-size output
 keeps everything downstream (the other ops, the measurements) as it was.
 
