@@ -215,3 +215,13 @@ def test_unknown_criterion_and_non_module():
         compute_masks(MnistNet(), _cfg(0.5), criterion="l3")
     with pytest.raises(ConfigError, match="torch.nn.Module"):
         compute_masks({"w": torch.ones(2)}, _cfg(0.5))
+
+
+def test_nan_scores_name_the_first_layer_that_has_them():
+    model = MnistNet()
+    stats = {n: {"grad_sq": torch.ones_like(m.weight)} for n, m in model.named_modules() if n in ("conv2", "fc1")}
+    stats["conv2"]["grad_sq"][0] = float("nan")
+    stats["fc1"]["grad_sq"][0] = float("nan")
+    config = [{"op_names": ["conv2", "fc1"], "sparse_ratio": 0.5}]
+    with pytest.raises(ConfigError, match="criterion 'gradient' gave NaN scores for layer 'conv2'"):
+        compute_masks(model, config, criterion="gradient", stats=stats)

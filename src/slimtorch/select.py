@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +42,14 @@ class Selected:
     entry: int
 
 
-def type_names(module: nn.Module) -> set[str]:
+def type_names(module: nn.Module) -> frozenset[str]:
     """The class name of ``module`` and of its bases, so ``'Linear'`` also selects subclasses of Linear."""
-    return {cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object)}
+    return _class_names(type(module))
+
+
+@functools.cache
+def _class_names(cls: type) -> frozenset[str]:
+    return frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
 
 
 def weight_param_name(module: nn.Module) -> str | None:
@@ -63,7 +68,11 @@ def bias_param_name(module: nn.Module) -> str:
 
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that own a weight directly (see :func:`weight_param_name`): what a config list can prune."""
-    return {name: mod for name, mod in model.named_modules() if name and weight_param_name(mod) is not None}
+    return _prunable(model.named_modules())
+
+
+def _prunable(named: Iterable[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
+    return {name: mod for name, mod in named if name and weight_param_name(mod) is not None}
 
 
 @functools.cache
@@ -71,10 +80,10 @@ def _torch_module_types() -> frozenset[str]:
     return frozenset(n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module))
 
 
-def _known_module_types(model: nn.Module) -> set[str]:
+def _known_module_types(modules: Iterable[nn.Module]) -> set[str]:
     known = set(_torch_module_types())
-    for mod in {type(m): m for m in model.modules()}.values():  # one module of each class
-        known |= type_names(mod)
+    for cls in {type(m) for m in modules}:  # each class once
+        known |= _class_names(cls)
     return known
 
 
@@ -129,9 +138,10 @@ def select_modules(
     Pure: the model is not touched.
     """
     targets = parse_config_list(config_list)
-    all_names = [n for n, _ in model.named_modules() if n]
-    known_types = _known_module_types(model)
-    candidates = prunable_modules(model)
+    named = list(model.named_modules())  # (one walk over the modules for all three)
+    all_names = [n for n, _ in named if n]
+    known_types = _known_module_types(m for _, m in named)
+    candidates = _prunable(named)
     chosen: dict[str, Selected] = {}
     for index, target in enumerate(targets):
         _check_selectors(target, all_names, known_types)

@@ -80,23 +80,26 @@ def plan_layers(
     selected = select_modules(model, config_list)
     generator = torch.Generator().manual_seed(seed)
     plans = []
-    for name, sel in selected.items():
-        gran = sel.target.granularity or crit.default_granularity
-        param = weight_param_name(sel.module)
-        assert param is not None  # select_modules only returns modules that own a weight
-        weight = sel.module._parameters[param].detach()
-        view = unit_view(sel.module, weight.shape, gran)
-        ctx = ScoreContext(name, sel.module, view, (stats or {}).get(name, {}), generator)
-        for key in crit.needs:
-            ctx.stat(key, crit.name)
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, sel in selected.items():
+            gran = sel.target.granularity or crit.default_granularity
+            param = weight_param_name(sel.module)
+            assert param is not None  # select_modules only returns modules that own a weight
+            weight = sel.module._parameters[param].detach()
+            view = unit_view(sel.module, weight.shape, gran)
+            ctx = ScoreContext(name, sel.module, view, (stats or {}).get(name, {}), generator)
+            for key in crit.needs:
+                ctx.stat(key, crit.name)
             scores = crit.fn(view.units(weight), ctx)
-        if scores.shape != (view.num_units,):
-            raise RuntimeError(f"criterion {crit.name!r} returned {tuple(scores.shape)} for {view.num_units} units")
-        if bool(scores.isnan().any()):
-            raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {name!r}; check its statistics")
-        plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view, scores.detach().double().cpu(), param,
-                               crit.size_power))
+            if scores.shape != (view.num_units,):
+                raise RuntimeError(f"criterion {crit.name!r} returned {tuple(scores.shape)} for {view.num_units} "
+                                   "units")
+            plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view,
+                                   scores.detach().to("cpu", torch.float64), param, crit.size_power))
+    # (one check for every layer: a NaN anywhere is rare, and then the first layer with one is named)
+    if plans and bool(torch.cat([p.scores for p in plans]).isnan().any()):
+        name = next(p.name for p in plans if bool(p.scores.isnan().any()))
+        raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {name!r}; check its statistics")
     return plans
 
 
