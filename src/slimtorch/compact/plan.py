@@ -370,8 +370,8 @@ def plan_compaction(
     params = dict(model.named_parameters())
     # the masked values, as apply_masks_ computes them (a product: a quarter of masked_fill's time)
     masked = {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks}
-    # the masked weights are zero outside their live blocks: the measured run computes on those, and the
-    # surgery takes the blocks it cut
+    # the masked weights are zero outside their live blocks: a run of the masked model (the measured pass, or
+    # the forward pass the check compares with) computes on those, and the surgery takes the blocks it cut
     live = live_blocks(masks)
     known = None if measure else known_structure(model, example_inputs, unknown_ops, cover=True)
     if known is not None:
