@@ -93,12 +93,15 @@ def _dead(member: Member, mask: torch.Tensor | None,
     return torch.from_numpy(~(keep.any(axis=others) if others else keep))
 
 
-def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, torch.Tensor],
-              params: dict[str, torch.Tensor], dead: dict[tuple, torch.Tensor],
-              alive: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(requested, input-independent) per unit: which units the masks ask to remove, and which have
-    every producing weight slice masked (their values do not depend on the input). Fills ``dead`` (per
-    member key, see :func:`_dead`) for :func:`_check_sinks`."""
+def _requests(
+    graph: DependencyGraph, masks: Mapping[str, torch.Tensor], params: dict[str, torch.Tensor],
+    alive: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> tuple[torch.Tensor, dict[tuple, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(roots, dead, requested, independent)``: the root of every label; per member key, which of its
+    slices are masked (:func:`_dead`, for :func:`_check_sinks`); and per unit, whether the masks ask to
+    remove it, and whether every weight slice producing it is masked (its values do not depend on the input)."""
+    roots = graph.uf.roots()
+    dead: dict[tuple, torch.Tensor] = {}
     n = roots.numel()
     all_ = {r: torch.ones(n, dtype=torch.int8) for r in ("out", "in")}
     any_ = {r: torch.zeros(n, dtype=torch.bool) for r in ("out", "in")}
@@ -117,7 +120,7 @@ def _requests(graph: DependencyGraph, roots: torch.Tensor, masks: Mapping[str, t
             any_[role][units] = True
             all_[role].scatter_reduce_(0, units, torch.cat(flags)[valid].to(torch.int8), "amin")
     independent = any_["out"] & all_["out"].bool()
-    return independent | (any_["in"] & all_["in"].bool()), independent
+    return roots, dead, independent | (any_["in"] & all_["in"].bool()), independent
 
 
 @dataclass
@@ -376,16 +379,12 @@ def plan_compaction(
     known = None if measure else known_structure(model, example_inputs, unknown_ops, cover=True)
     if known is not None:
         graph, sinks = known
-        roots = graph.uf.roots()
-        dead: dict[tuple, torch.Tensor] = {}
-        requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
+        roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
         if _reads_values(graph, sinks, roots, requested, masks, dead):
             known = None  # (a requested channel's values matter somewhere: they must be measured)
     if known is None:
         graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
-        roots = graph.uf.roots()
-        dead = {}
-        requested, independent = _requests(graph, roots, masks, params, dead, live.alive)
+        roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
         allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
     else:  # no sink reads a requested channel: every one is allowed, none is folded
         allowed, folds = torch.ones_like(requested), []

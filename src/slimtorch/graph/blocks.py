@@ -8,9 +8,9 @@ output whose masked rows hold their bias (a grouped convolution runs the groups 
 The values are the masked op's: a masked row gives its bias, a masked column adds exact zeros (for
 finite inputs: an infinite or NaN input there, which the masked op would spread, is dropped, as the
 compacted layer drops it), and only the summation order of the live terms may differ, as between any two
-matrix-multiply kernels. The cost is the compacted layer's
-arithmetic: on a CNN or ViT pruned by half, about a quarter of the full layer's. The full-size output
-keeps everything downstream (the other ops, the measurements) as it was.
+matrix-multiply kernels. The cost is the compacted layer's arithmetic: on a CNN or ViT pruned by half,
+about a quarter of the full layer's. The full-size output keeps everything downstream (the other ops, the
+measurements) as it was.
 
 Torch has no structured-sparse kernel that takes this layout on CPU (its semi-structured sparsity is 2:4
 and CUDA-only), hence this.
