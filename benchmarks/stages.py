@@ -50,6 +50,8 @@ STAGES: list[tuple[str, Any, str]] = [
     ("per-member removal flags (all calls)", graph_module.DependencyGraph, "removed_per_member"),
     ("compaction plan", compact_module, "plan_compaction"),
     ("live rows and columns", plan_module, "live_blocks"),
+    ("masked copies of the weights", plan_module, "_masked"),
+    ("weights left unmasked", plan_module, "_unmasked"),
     ("structure from the shapes-only trace", plan_module, "known_structure"),
     ("masked pass (measured)", plan_module, "build_graph"),
     ("masked reference (forward on live blocks)", compact_module, "_masked_reference"),

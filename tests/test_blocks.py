@@ -1,6 +1,8 @@
 """Layers of a masked model computed on their live block (slimtorch.graph.blocks): the masked op's values,
 and the blocks reused by compaction's surgery."""
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -177,3 +179,94 @@ def test_attention_projections_run_on_their_blocks_and_linear_is_given_back():
     torch.testing.assert_close(got.output, want.output, rtol=1e-4, atol=1e-5)
     assert [torch.equal(a.absmax == 0, b.absmax == 0) for a, b in zip(got.sinks, want.sinks, strict=True)] == \
         [True] * len(want.sinks)
+
+
+def test_a_mask_of_whole_rows_and_columns_is_exact():
+    """``exact``: the mask keeps every entry of its live rows and columns, so that on its live block the
+    masked weight is the weight itself."""
+    rows_cols = _mask(6, 4, (3, 3), True, True)
+    hole = rows_cols.clone()
+    hole[0, 1, 0, 0] = False  # one weight inside the live block
+    kernel = rows_cols.clone()
+    kernel[:, :, 1, 1] = False  # a kernel position of every row: the same live rows and columns
+    big, big_hole = _mask(64, 128, (3, 3), True, False), _mask(64, 128, (3, 3), True, False)  # (counted by torch)
+    big_hole[0, 0, 0, 0] = False
+    live = live_blocks({"a": rows_cols, "b": hole, "c": kernel, "d": torch.ones(3, 2, dtype=torch.bool),
+                        "e": big, "f": big_hole, "g": torch.zeros(3, 2, dtype=torch.bool)})
+    assert live.exact == {"a", "d", "e", "g"}
+    assert all(torch.equal(torch.from_numpy(live.alive[n][0]), rows_cols.flatten(1).any(1)) for n in "abc")
+
+
+class _Reads(nn.Module):
+    """Reads its weights in the ways a forward pass may: a convolution and a linear layer that pay to run on
+    their block, a depthwise convolution that does not, a matrix product and ``.data``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 32, 3, padding=1)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.linear = nn.Linear(32, 64)
+        self.matrix = nn.Parameter(torch.randn(64, 16))
+
+    def forward(self, x):
+        x = self.linear(self.depthwise(self.conv(x)).mean(dim=(2, 3)))
+        return x @ self.matrix + x @ self.matrix.data
+
+
+def _unmasked_run(model, masks, x):
+    """``model`` run under BlockMode with the masked weights left as they are (``unmasked``), and run with its
+    weights masked; returns both outputs and the ops."""
+    from slimtorch.graph.blocks import BlockMode
+
+    x = x if isinstance(x, tuple) else (x,)
+    params = dict(model.named_parameters())
+    live = live_blocks(masks)
+    assert live.exact == set(masks)
+    ops = BlockOps(live, {id(p): n for n, p in params.items()}, masks)
+    with torch.no_grad(), BlockMode(ops):
+        got = model(*x)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+        want = masked(*x)
+    return got, want, ops, live
+
+
+def test_weights_left_unmasked_are_masked_wherever_a_run_reads_them_whole():
+    """A weight whose mask keeps exactly its live block runs as it is where its layer is cut to the block
+    (the block is the masked one's); every other read (a layer not cut, a matrix product, ``.data``) gets
+    its masked values, made once, on first use."""
+    torch.manual_seed(0)
+    model = _Reads().eval()
+    masks = {"conv.weight": _mask(32, 8, (3, 3), True, True), "depthwise.weight": _mask(32, 1, (3, 3), True, False),
+             "linear.weight": _mask(64, 32, (), True, True), "matrix": _mask(64, 16, (), True, False)}
+    got, want, ops, live = _unmasked_run(model, masks, torch.randn(2, 8, 8, 8))
+    torch.testing.assert_close(got, want)
+    assert set(ops.made) == {id(model.depthwise.weight), id(model.matrix)}
+    assert {model.conv.weight.data_ptr(), model.linear.weight.data_ptr()} <= set(live.cuts)  # cut as they are
+
+
+def test_attention_weights_left_unmasked_are_masked_before_its_body_runs():
+    """nn.MultiheadAttention's body runs with function modes off: its weights are masked before it starts."""
+    torch.manual_seed(0)
+    model = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    masks = {"in_proj_weight": _mask(96, 32, (), True, True), "out_proj.weight": _mask(32, 32, (), False, True)}
+    x = torch.randn(2, 5, 32)
+    got, want, ops, _ = _unmasked_run(model, masks, (x, x, x))
+    torch.testing.assert_close(got[0], want[0])
+    assert set(ops.made) == {id(model.in_proj_weight), id(model.out_proj.weight)}
+    assert torch.nn.functional.linear is LINEAR
+
+
+def test_a_grouped_convolution_left_unmasked_is_cut_from_its_masked_values():
+    """Whole groups are cut, masked rows inside a live group included: those take the masked values."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 6, 7, 7), torch.randn(6, 3, 3, 3), torch.randn(6)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[[0, 1, 2, 4]] = False  # the first group, and a row of the second
+    ops = BlockOps(live_blocks({"w": mask}), {id(weight): "w"}, {"w": mask})
+    got = ops.call(torch.conv2d, (x, weight, bias, 1, 0, 1, 2), {})
+    torch.testing.assert_close(got, torch.conv2d(x, weight * mask, bias, 1, 0, 1, 2))
+    assert set(ops.made) == {id(weight)}

@@ -363,3 +363,62 @@ def test_mixed_train_and_eval_modes_are_kept_module_by_module():
     modes = [m.training for m in model.modules()]
     compact_(model, _masks(model, IMAGE, ["Conv2d"], "fc"), example_inputs=IMAGE)
     assert [m.training for m in model.modules()] == modes
+
+
+def test_weights_whose_masks_keep_their_live_block_are_not_copied_masked():
+    """compute_masks' masks keep rows times columns: the plan leaves those weights as they are (no masked
+    copy of the model's memory), the compacted layers take their own values, and the result is the masked
+    model's."""
+    import torchvision
+
+    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    randomize_(model)
+    masks = _masks(model, x, ["Conv2d"], "fc")
+    plan = plan_compaction(model, masks, example_inputs=x, measure=False)
+    assert not plan.graph.measured
+    assert len(plan.unmasked) > 10 and not set(plan.unmasked) & set(plan.masked)
+    assert set(plan.unmasked) | set(plan.masked) == set(masks)
+    assert all(n.endswith(".weight") and masks[n].dim() >= 2 for n in plan.unmasked)  # (not the norms)
+    attempts = []
+    real = compact_module._apply_checked
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compact_module, "_apply_checked", lambda *a: attempts.append(a[1].unmasked) or real(*a))
+        oracle(model, masks, x)
+    assert len(attempts) == 1 and attempts[0].keys() == plan.unmasked.keys()  # (checked the first time)
+
+
+def test_a_weight_that_keeps_a_masked_row_is_copied_masked():
+    """A requested channel that stays (here: it reaches the model output) keeps its masked row, whose values
+    must be the masked ones: that weight is masked before the surgery, the others are not."""
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    randomize_(model)
+    x = torch.randn(2, 16, 8, 8)
+    masks = compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)  # (traced)
+    rows = torch.ones(32, dtype=torch.bool)
+    rows[::4] = False
+    masks["2.weight"] = masks["2.weight"] & rows[:, None, None, None]
+    masks["2.bias"] = rows
+    plan = plan_compaction(model, masks, example_inputs=x, measure=False)
+    assert not plan.graph.measured and plan.kept
+    assert set(plan.unmasked) == {"0.weight"} and "2.weight" in plan.masked
+    with pytest.warns(SlimWarning, match="reach the output"):
+        oracle(model, masks, x, params=16 * 16 * 9 + 16 + 32 * 16 * 9 + 32)
+    assert torch.equal(model[2].weight[::4], torch.zeros_like(model[2].weight[::4]))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_weight_left_unmasked_however_small(case, monkeypatch):
+    """The synthetic nets (every op of the channel rules) with every exact mask left unmasked, whatever its
+    size: the same result, checked the first time (no second, measured attempt)."""
+    monkeypatch.setattr(plan_module, "_UNMASKED_MIN", 0)
+    make, x, op_types, last = CASES[case]
+    model = make().eval()
+    randomize_(model)
+    masks = _masks(model, x, op_types, last)
+    attempts = []
+    real = compact_module._apply_checked
+    monkeypatch.setattr(compact_module, "_apply_checked",
+                        lambda *a: attempts.append((a[1].graph.measured, len(a[1].unmasked))) or real(*a))
+    oracle(model, masks, x)
+    assert len(attempts) == 1
+    assert attempts[0][1] > 0 or attempts[0][0]  # (a plan from the pruning trace leaves some weight unmasked)

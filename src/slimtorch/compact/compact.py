@@ -66,7 +66,7 @@ def _masked_reference(model: nn.Module, plan: CompactionPlan, example_inputs: An
     then takes)."""
     state, _, inputs, names = run_state(model, example_inputs, plan.masked, measuring=True)  # (buffers: copies)
     with torch.no_grad(), temporary_mode(model, training=False), substituted(model, state), \
-            BlockMode(BlockOps(plan.live, names)):
+            BlockMode(BlockOps(plan.live, names, plan.unmasked)):
         return call_model(model, inputs)
 
 
@@ -131,7 +131,7 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple
     run, its (eval-mode) output."""
     if is_masked(model):
         remove_masks_(model)
-    _set_params(model, plan.masked)
+    _set_params(model, plan.masked)  # (the plan's unmasked weights stay: the surgery keeps only what their masks keep)
     params = dict(model.named_parameters())
     _set_params(model, {n: params[n].detach() + delta.to(params[n]) for n, delta in plan.folds.items()})
     step = plan.to_dict()

@@ -15,7 +15,7 @@ Requested channels that stay are reported with the reason and their number; noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks
 from slimtorch.graph.graph import PerMember, Sink, label_table
 from slimtorch.graph.replay import known_structure
-from slimtorch.prune.masks import check_masks, mask_factor
+from slimtorch.prune.masks import check_masks, is_masked, mask_factor
 
 __all__ = ["CompactionPlan", "plan_compaction"]
 
@@ -52,6 +52,10 @@ class CompactionPlan:
     masked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # the masks' live blocks (what a run of the masked model may compute on) and the blocks it cut
     live: LiveBlocks = field(default_factory=LiveBlocks, repr=False)
+    # masked parameters left out of ``masked`` (name -> mask): every entry the surgery keeps of them is kept
+    # by their mask, so the compacted layer takes their own values; a run of the masked model makes their
+    # masked values only where it reads more than their live block (slimtorch.graph.blocks.BlockOps)
+    unmasked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def cuts(self) -> dict[int, Cut]:
@@ -371,8 +375,6 @@ def plan_compaction(
     """
     check_masks(model, masks)
     params = dict(model.named_parameters())
-    # the masked values, as apply_masks_ computes them (a product: a quarter of masked_fill's time)
-    masked = {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks}
     # the masked weights are zero outside their live blocks: a run of the masked model (the measured pass, or
     # the forward pass the check compares with) computes on those, and the surgery takes the blocks it cut
     live = live_blocks(masks)
@@ -383,6 +385,7 @@ def plan_compaction(
         if _reads_values(graph, sinks, roots, requested, masks, dead):
             known = None  # (a requested channel's values matter somewhere: they must be measured)
     if known is None:
+        masked = _masked(params, masks)
         graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
         roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
         allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
@@ -399,6 +402,10 @@ def plan_compaction(
     _enforce(graph, roots, removed, kept)
     members, gone, counts = graph.removed_per_member(removed)
     _check_not_emptied(members, counts)
+    unmasked: dict[str, torch.Tensor] = {}
+    if known is not None:  # (a measured pass reads every value: it runs on masked ones)
+        unmasked = {} if is_masked(model) else _unmasked(masks, live, members, gone)
+        masked = _masked(params, masks, unmasked)
     return CompactionPlan(
         graph=graph,
         removed=removed,
@@ -409,4 +416,42 @@ def plan_compaction(
         kept=kept,
         masked=masked,
         live=live,
+        unmasked=unmasked,
     )
+
+
+def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+            skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The masked values of the masked parameters but ``skip``, as apply_masks_ computes them (a product: a
+    quarter of masked_fill's time)."""
+    return {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks
+            if n not in skip}
+
+
+#: below this many entries a masked copy costs less than finding out it is not needed
+_UNMASKED_MIN = 1 << 12
+
+
+def _unmasked(masks: Mapping[str, torch.Tensor], live: LiveBlocks, members: list[Member],
+              gone: PerMember) -> dict[str, torch.Tensor]:
+    """The masked weights the compacted model may take as they are (name -> mask): their mask keeps exactly
+    its live block (every entry of its live rows times its live columns), and the surgery keeps no row or
+    column outside it. Their masked values would be needed only by a run that reads them whole; a masked
+    copy of every weight costs a pass over the model's memory (a fifth of resnet50's compaction time)."""
+    found = {n for n in live.exact if masks[n].numel() >= _UNMASKED_MIN}
+    kept: dict[tuple[str, int], np.ndarray] = {}  # (name, dim 0 or 1) -> the rows or columns the surgery keeps
+    for i, m in enumerate(members):
+        if m.name not in found or m.is_buffer:
+            continue
+        if m.dim not in (0, 1) or m.groups > 1:  # (a grouped or element-wise member: not a row or column set)
+            found.discard(m.name)
+            continue
+        flags = ~gone[i].numpy()
+        key = (m.name, m.dim)
+        kept[key] = kept[key] | flags if key in kept else flags  # (kept by any member: a superset, to be safe)
+
+    def inside(name: str, dim: int, alive: np.ndarray) -> bool:  # (a dim no member changes is kept whole)
+        flags = kept.get((name, dim))
+        return bool(alive.all()) if flags is None else not bool((flags & ~alive).any())
+
+    return {n: masks[n] for n in found if inside(n, 0, live.alive[n][0]) and inside(n, 1, live.alive[n][1])}

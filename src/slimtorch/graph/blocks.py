@@ -73,17 +73,25 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None, size: int) -> bool:
 
 class LiveBlocks(dict):
     """Live blocks by parameter name (:func:`live_blocks`). ``alive``: for every mask of 2 dims or more, which
-    rows and which columns hold a kept entry (numpy bools); ``cuts``: the blocks a run of the masked model cut, by the
+    rows and which columns hold a kept entry (numpy bools); ``exact``: the names of those masks that keep every
+    entry of their live rows and columns (a structured mask: rows times columns), so that on its live block
+    the masked weight is the weight itself; ``cuts``: the blocks a run of the masked model cut, by the
     address of their weight's memory, for whoever cuts the same blocks next (compaction's surgery)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.alive: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.exact: set[str] = set()
         self.cuts: dict[int, Cut] = {}
 
 
 _LINEAR = torch._C._nn.linear
 _CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # conv -> number of spatial dims
+# functions that read a tensor's metadata, never its values (an unmasked tensor needs no masked values for them)
+_METADATA = frozenset([*(getattr(torch.Tensor, a).__get__ for a in (
+    "shape", "dtype", "device", "ndim", "requires_grad", "is_leaf", "layout", "is_cuda", "is_meta", "is_sparse")),
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex, torch.Tensor.is_contiguous, torch.Tensor.element_size])
 
 
 def take_block(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
@@ -98,7 +106,11 @@ def live_blocks(masks: Mapping[str, torch.Tensor]) -> LiveBlocks:
     for name, mask in masks.items():
         if mask.dim() < 2 or mask.numel() == 0:
             continue
-        rows, cols = blocks.alive[name] = _alive(mask)
+        rows, cols, kept = _alive(mask)
+        blocks.alive[name] = rows, cols
+        # (every kept entry lies in a live row and a live column: as many as the block holds means all of them)
+        if kept == int(rows.sum()) * int(cols.sum()) * (mask.numel() // (mask.shape[0] * mask.shape[1])):
+            blocks.exact.add(name)
         if rows.all() and cols.all():
             continue
         blocks[name] = (None if rows.all() else torch.from_numpy(np.flatnonzero(rows)),
@@ -106,17 +118,21 @@ def live_blocks(masks: Mapping[str, torch.Tensor]) -> LiveBlocks:
     return blocks
 
 
-def _alive(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows (dim 0) and which columns (dim 1) of ``mask`` hold a kept entry. A large kernel's entries
-    are folded first by torch (as bytes: its reduction over a short last dim is several times numpy's
-    speed), the rest in numpy (a tenth of torch's fixed cost per call, which dominates on small masks)."""
+def _alive(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which rows (dim 0) and which columns (dim 1) of ``mask`` hold a kept entry, and how many entries it
+    keeps. A large kernel's entries are folded first by torch (as bytes: its reduction over a short last dim
+    is several times numpy's speed), the rest in numpy (a tenth of torch's fixed cost per call, which
+    dominates on small masks)."""
     keep = mask.detach().reshape(mask.shape[0], mask.shape[1], -1)
     if keep.shape[2] > 1 and keep.numel() >= 1 << 16:
-        keep = (keep.view(torch.uint8) if keep.dtype == torch.bool else (keep != 0).view(torch.uint8)).amax(dim=2)
-    plane = keep.cpu().numpy()
-    if plane.ndim == 3:
-        plane = plane.any(axis=2)
-    return plane.any(axis=1), plane.any(axis=0)
+        kept = int(torch.count_nonzero(keep))
+        plane = (keep.view(torch.uint8) if keep.dtype == torch.bool else (keep != 0).view(torch.uint8)).amax(dim=2)
+        plane = plane.cpu().numpy()
+    else:
+        plane = keep.cpu().numpy()
+        kept = int(np.count_nonzero(plane))
+        plane = plane.any(axis=2) if plane.shape[2] > 1 else plane[:, :, 0]
+    return plane.any(axis=1), plane.any(axis=0), kept
 
 
 #: the multiply-adds a cut must save per element it copies (see _pays)
@@ -160,12 +176,54 @@ class BlockOps:
     convolution on its groups with a live row: whole groups go, none is cut inside).
 
     ``blocks``: by parameter name (:func:`live_blocks`); ``names``: tensor id -> parameter name, for the
-    tensors the model runs with (whose values must be zero outside their block: masked ones)."""
+    tensors the model runs with (whose values must be zero outside their block: masked ones).
 
-    def __init__(self, blocks: Mapping[str, Block], names: Mapping[int, str]) -> None:
+    ``unmasked``: parameter name -> mask (0/1, bool or as a multiplier) for tensors the model runs with as
+    they are, although masked: masks that keep exactly their live block (:attr:`LiveBlocks.exact`), whose
+    block is then the masked weight's. Every other read of such a tensor, by any op (:meth:`call`), gets its
+    masked values, made on first use: a masked copy of a large weight costs a pass over memory that a
+    run which cuts the weight never needs."""
+
+    def __init__(self, blocks: Mapping[str, Block], names: Mapping[int, str],
+                 unmasked: Mapping[str, torch.Tensor] | None = None) -> None:
         self.blocks, self.names = blocks, names
         self.cuts: dict[int, Cut] | None = blocks.cuts if isinstance(blocks, LiveBlocks) else None
         self._prepared: dict[tuple[int, int, int], _Prepared | None] = {}  # (weight, bias) ids, groups -> how
+        # tensor id -> its mask, for the unmasked tensors; ``made``: their masked values made so far, by the same id
+        self.unmasked = {i: unmasked[n] for i, n in names.items() if n in unmasked} if unmasked else {}
+        self.made: dict[int, torch.Tensor] = {}
+        if self.unmasked:
+            self.names = dict(names)  # (masked values made here are named too, for the linear calls of composites)
+
+    def call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """The op's output: on its live block where :meth:`run` computes it, else the op itself, given the
+        masked values of every unmasked tensor it reads."""
+        out = self.run(func, args, kwargs)
+        if out is None:
+            if self.unmasked and func not in _METADATA:
+                args, kwargs = self._resolve(args), self._resolve(kwargs)
+            out = func(*args, **kwargs)
+        return out
+
+    def _resolve(self, value: Any) -> Any:
+        """``value`` (an op's argument, walked through tuples, lists and dicts) with every unmasked tensor
+        replaced by its masked values."""
+        kind = type(value)
+        if kind is tuple or kind is list:
+            return kind(self._resolve(v) for v in value)
+        if kind is dict:
+            return {k: self._resolve(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and id(value) in self.unmasked:
+            return self._masked_values(value)
+        return value
+
+    def _masked_values(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.made:
+            mask = self.unmasked[id(t)]
+            factor = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # (see prune.masks.mask_factor)
+            masked = self.made[id(t)] = t.detach() * factor.to(t.device)
+            self.names[id(masked)] = self.names[id(t)]
+        return self.made[id(t)]
 
     def run(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """The op's output computed on the live block, or None when this op is not one to do so."""
@@ -193,6 +251,8 @@ class BlockOps:
         how = self._prepared[key]
         if how is None:
             return None
+        if self.unmasked and id(x) in self.unmasked:  # (the weight's cut block is exact; an input is read whole)
+            x = self._masked_values(x)
         rest = (*args[3:6], how.groups) if spatial else args[3:]
         part = func(x if how.inputs is None else x.index_select(dim, how.inputs), how.block, how.bias, *rest)
         if how.rows is None:
@@ -214,6 +274,8 @@ class BlockOps:
         ``torch.nn.functional`` at call time, and that name is swapped for the call's duration. (The
         replacement gives the same values for every call, from any thread: other weights go to torch's.)"""
         real = F.linear
+        if self.unmasked:  # (the body's reads of them cannot be caught)
+            args, kwargs = self._resolve(args), self._resolve(kwargs)
 
         def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
             out = self.run(_LINEAR, (x, weight, bias), {})
@@ -239,6 +301,8 @@ class BlockOps:
             rows = (live[:, None] * per_out + torch.arange(per_out, device=weight.device)).reshape(-1)
             inputs = (live[:, None] * per_in + torch.arange(per_in, device=weight.device)).reshape(-1)
             cols, groups = None, live.numel()
+            if id(weight) in self.unmasked:  # (whole groups hold masked entries: cut the masked values)
+                weight = self._masked_values(weight)
         else:
             inputs = cols
         if (rows is not None and rows.numel() == 0) or (cols is not None and cols.numel() == 0):
@@ -260,6 +324,4 @@ class BlockMode(TorchFunctionMode):
         self.ops = ops
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = self.ops.run(func, args, kwargs)
-        return func(*args, **kwargs) if out is None else out
+        return self.ops.call(func, args, kwargs or {})
