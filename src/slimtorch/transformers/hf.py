@@ -153,8 +153,10 @@ def after_compaction_(model: nn.Module) -> None:
     pruned heads (by their original numbers) and the kept sizes in ``model.config`` (``slimtorch_blocks``
     and the config's size keys) and in ``model.slimtorch_compaction["pruned_heads"]``."""
     config = getattr(model, "config", None)
+    if config is None:  # (not a Hugging Face model: looking for its blocks would walk every module for nothing)
+        return
     specs = find_blocks(model)
-    if config is None or not specs:
+    if not specs:
         return
     info = getattr(model, COMPACTION_ATTR, None) or {}
     record = {k: dict(v) for k, v in (getattr(config, CONFIG_KEY, None) or {}).items()}
