@@ -369,7 +369,9 @@ def plan_compaction(
     mask every requested channel wherever it is consumed (as :func:`~slimtorch.compute_masks` does), and
     the last shapes-only trace of the model (``compute_masks`` makes one) holds for these inputs, the
     structure is taken from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
-    must check the result against the masked model, as ``compact_`` does.
+    must check the result against the masked model, as ``compact_`` does. Such a plan also leaves the
+    weights whose masks keep exactly their live block, and everything the surgery keeps of them, out of
+    ``plan.masked`` (``plan.unmasked``: their own values are the compacted layer's).
 
     Raises :class:`~slimtorch.errors.CompactionError` when the masks would empty a layer.
     """

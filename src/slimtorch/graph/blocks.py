@@ -10,7 +10,8 @@ finite inputs: an infinite or NaN input there, which the masked op would spread,
 compacted layer drops it), and only the summation order of the live terms may differ, as between any two
 matrix-multiply kernels. The cost is the compacted layer's arithmetic: on a CNN or ViT pruned by half,
 about a quarter of the full layer's. The full-size output keeps everything downstream (the other ops, the
-measurements) as it was.
+measurements) as it was. A weight whose mask keeps exactly its live block may even run unmasked: its
+block is the masked one's, and any op that reads it whole is given its masked values (``unmasked``).
 
 Torch has no structured-sparse kernel that takes this layout on CPU (its semi-structured sparsity is 2:4
 and CUDA-only), hence this.
