@@ -365,7 +365,7 @@ def test_mixed_train_and_eval_modes_are_kept_module_by_module():
     assert [m.training for m in model.modules()] == modes
 
 
-def test_weights_whose_masks_keep_their_live_block_are_not_copied_masked():
+def test_weights_whose_masks_keep_their_live_block_are_not_copied_masked(monkeypatch):
     """compute_masks' masks keep rows times columns: the plan leaves those weights as they are (no masked
     copy of the model's memory), the compacted layers take their own values, and the result is the masked
     model's."""
@@ -381,9 +381,8 @@ def test_weights_whose_masks_keep_their_live_block_are_not_copied_masked():
     assert all(n.endswith(".weight") and masks[n].dim() >= 2 for n in plan.unmasked)  # (not the norms)
     attempts = []
     real = compact_module._apply_checked
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compact_module, "_apply_checked", lambda *a: attempts.append(a[1].unmasked) or real(*a))
-        oracle(model, masks, x)
+    monkeypatch.setattr(compact_module, "_apply_checked", lambda *a: attempts.append(a[1].unmasked) or real(*a))
+    oracle(model, masks, x)
     assert len(attempts) == 1 and attempts[0].keys() == plan.unmasked.keys()  # (checked the first time)
 
 
