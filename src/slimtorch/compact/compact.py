@@ -33,7 +33,7 @@ from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.blocks import BlockMode, BlockOps
 from slimtorch.graph.replay import forget
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
-from slimtorch.prune.masks import is_masked, remove_masks_
+from slimtorch.prune.masks import is_masked, mask_factor, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
 __all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "compact_", "replay_"]
@@ -66,7 +66,7 @@ def _masked_reference(model: nn.Module, plan: CompactionPlan, example_inputs: An
     then takes)."""
     state, _, inputs, names = run_state(model, example_inputs, plan.masked, measuring=True)  # (buffers: copies)
     with torch.no_grad(), temporary_mode(model, training=False), substituted(model, state), \
-            BlockMode(BlockOps(plan.live, names, plan.unmasked)):
+            BlockMode(BlockOps(plan.live, names, {n: mask_factor(m) for n, m in plan.unmasked.items()})):
         return call_model(model, inputs)
 
 

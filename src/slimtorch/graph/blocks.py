@@ -179,11 +179,11 @@ class BlockOps:
     ``blocks``: by parameter name (:func:`live_blocks`); ``names``: tensor id -> parameter name, for the
     tensors the model runs with (whose values must be zero outside their block: masked ones).
 
-    ``unmasked``: parameter name -> mask (0/1, bool or as a multiplier) for tensors the model runs with as
-    they are, although masked: masks that keep exactly their live block (:attr:`LiveBlocks.exact`), whose
-    block is then the masked weight's. Every other read of such a tensor, by any op (:meth:`call`), gets its
-    masked values, made on first use: a masked copy of a large weight costs a pass over memory that a
-    run which cuts the weight never needs."""
+    ``unmasked``: parameter name -> mask (0/1: bool, or the faster multiplier ``prune.masks.mask_factor``
+    makes) for tensors the model runs with as they are, although masked: masks that keep exactly their live
+    block (:attr:`LiveBlocks.exact`), whose block is then the masked weight's. Every other read of such a
+    tensor, by any op (:meth:`call`), gets its masked values, made on first use: a masked copy of a large
+    weight costs a pass over memory that a run which cuts the weight never needs."""
 
     def __init__(self, blocks: Mapping[str, Block], names: Mapping[int, str],
                  unmasked: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -220,9 +220,7 @@ class BlockOps:
 
     def _masked_values(self, t: torch.Tensor) -> torch.Tensor:
         if id(t) not in self.made:
-            mask = self.unmasked[id(t)]
-            factor = mask.view(torch.uint8) if mask.dtype == torch.bool else mask  # (see prune.masks.mask_factor)
-            masked = self.made[id(t)] = t.detach() * factor.to(t.device)
+            masked = self.made[id(t)] = t.detach() * self.unmasked[id(t)].to(t.device)
             self.names[id(masked)] = self.names[id(t)]
         return self.made[id(t)]
 
