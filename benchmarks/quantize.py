@@ -8,6 +8,7 @@ dB; for MiniLM the cosine similarity of sentence embeddings). The rows of a tabl
 absolute times, are the result: run it on the target machine.
 
     PYTHONPATH=src python benchmarks/quantize.py --threads 1 --models mlp bookcnn minilm
+    PYTHONPATH=src python benchmarks/quantize.py --smoke     # tiny sizes, one run: checks that it works (seconds)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from slimtorch.export import export_onnx, onnx_session, run_onnx
 from slimtorch.models import BookCNN
 from slimtorch.quant import QuantConfig, quant_info, quantize, sqnr
 from slimtorch.quant.onnx import quantize_onnx
-from slimtorch.report import _call, saved_size
+from slimtorch.report import saved_size
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -41,6 +42,11 @@ SENTENCES = [
     "The cat sat on the mat and looked out of the window.", "Prices rose sharply in the third quarter.",
     "She finished the marathon in under four hours.", "The library closes at nine on weekdays.",
 ]
+
+
+def call(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model`` on keyword inputs (a tokenizer's batch) or on one tensor."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def interleaved_latency(calls: list[Callable[[], Any]], runs: int, warmup: int = 3) -> list[float]:
@@ -60,10 +66,10 @@ def interleaved_latency(calls: list[Callable[[], Any]], runs: int, warmup: int =
     return [sorted(t)[len(t) // 2] for t in times]
 
 
-def ffn_mlp() -> nn.Module:
-    """Two transformer feed-forward blocks at BERT-base width: the Linear-heavy case."""
-    return nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768), nn.GELU(),
-                         nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
+def ffn_mlp(width: int = 768, hidden: int = 3072) -> nn.Module:
+    """Two transformer feed-forward blocks, at BERT-base width by default: the Linear-heavy case."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.GELU(),
+                         nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)).eval()
 
 
 def load_minilm() -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -89,7 +95,7 @@ class Case:
     def __init__(self, name: str, model: nn.Module, inputs: Any, calib: list[Any]) -> None:
         self.name, self.model, self.inputs, self.calib = name, model, inputs, calib
         with torch.no_grad():
-            self.ref = self.first(_call(model, inputs))
+            self.ref = self.first(call(model, inputs))
 
     @staticmethod
     def first(out: Any) -> torch.Tensor:
@@ -105,7 +111,7 @@ class Case:
 
 def torch_rows(case: Case) -> list[dict[str, Any]]:
     rows = [{"row": "fp32 (PyTorch eager)", "kernels": "real", "size": saved_size(case.model),
-             "call": lambda: _call(case.model, case.inputs), "quality": "reference"}]
+             "call": lambda: call(case.model, case.inputs), "quality": "reference"}]
     for method in ("dynamic_int8", "static_int8", "fp16", "bf16", "int4_weight", "binary_weight"):
         try:
             q = quantize(case.model, QuantConfig(method=method), calibration=case.calib)
@@ -114,9 +120,9 @@ def torch_rows(case: Case) -> list[dict[str, Any]]:
             continue
         info = quant_info(q)
         with torch.no_grad():
-            out = case.first(_call(q, case.inputs))
+            out = case.first(call(q, case.inputs))
         rows.append({"row": f"{method} ({info.backend})", "kernels": info.kernels, "size": saved_size(q),
-                     "call": lambda q=q: _call(q, case.inputs), "quality": case.score(out)})
+                     "call": lambda q=q: call(q, case.inputs), "quality": case.score(out)})
     return rows
 
 
@@ -133,9 +139,9 @@ def torchao_rows(case: Case) -> list[dict[str, Any]]:
         try:
             tq.quantize_(model, make())
             with torch.no_grad():
-                out = case.first(_call(model, case.inputs))
+                out = case.first(call(model, case.inputs))
             rows.append({"row": name, "kernels": "real", "size": None,
-                         "call": lambda m=model: _call(m, case.inputs),
+                         "call": lambda m=model: call(m, case.inputs),
                          "quality": case.score(out)})
         except Exception as err:  # a peer that cannot run here is a result too
             rows.append({"row": name, "note": f"fails here: {type(err).__name__}: {str(err)[:80]}"})
@@ -163,18 +169,19 @@ def onnx_rows(case: Case, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def kernel_rows(runs: int) -> str:
-    """The raw CPU kernels behind the choices: one (64 x 768) @ (768 x 3072) product each."""
+def kernel_rows(runs: int, warmup: int, shape: tuple[int, int, int] = (64, 768, 3072)) -> str:
+    """The raw CPU kernels behind the choices: one (m x k) @ (k x n) product each (k a multiple of 32)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
-    x, w = torch.randn(64, 768), torch.randn(3072, 768)
+    m, k, n = shape
+    x, w = torch.randn(m, k), torch.randn(n, k)
     scale = w.abs().amax(1) / 127
-    w8 = torch.round(w / scale[:, None]).to(torch.int8)  # (3072, 768) int8, one scale per output row
+    w8 = torch.round(w / scale[:, None]).to(torch.int8)  # (n, k) int8, one scale per output row
     x8 = torch.round(x / (x.abs().max() / 127)).to(torch.int8)
-    q = torch.randint(0, 16, (3072, 768), dtype=torch.int32)
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
     packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    sz = torch.stack([torch.rand(768 // 32, 3072), torch.zeros(768 // 32, 3072)], -1)  # (groups, out, 2)
-    dyn = DynLinear(768, 3072)
+    sz = torch.stack([torch.rand(k // 32, n), torch.zeros(k // 32, n)], -1)  # (groups, out, 2)
+    dyn = DynLinear(k, n)
     kernels = {
         "fp32 matmul (x @ W^T)": lambda: x @ w.T,
         "fbgemm quantized::linear_dynamic (slimtorch dynamic_int8)": lambda: dyn(x),
@@ -183,9 +190,9 @@ def kernel_rows(runs: int) -> str:
         "aten._weight_int4pack_mm_for_cpu (int4, group 32)":
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, 32, sz),
     }
-    times = dict(zip(kernels, interleaved_latency(list(kernels.values()), runs), strict=True))
+    times = dict(zip(kernels, interleaved_latency(list(kernels.values()), runs, warmup), strict=True))
     base = times["fp32 matmul (x @ W^T)"]
-    lines = ["### Raw CPU kernels, (64 x 768) @ (768 x 3072)", "", "| kernel | latency | speed-up vs fp32 |",
+    lines = [f"### Raw CPU kernels, ({m} x {k}) @ ({k} x {n})", "", "| kernel | latency | speed-up vs fp32 |",
              "|---|---:|---:|"]
     lines += [f"| {name} | {t * 1e3:.2f} ms | {base / t:.2f}x |" for name, t in times.items()]
     return "\n".join(lines)
@@ -205,45 +212,55 @@ def table(case: Case, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cases(names: list[str]) -> list[Case]:
+def cases(names: list[str], smoke: bool) -> list[Case]:
+    """The models measured; ``smoke``: a narrow MLP (batch 1 only) and a small batch, the same rows."""
     torch.manual_seed(0)
+    width, hidden = (64, 256) if smoke else (768, 3072)
+    batches = (1,) if smoke else (1, 64)
     out = []
     if "mlp" in names:
-        mlp = ffn_mlp()
-        out.append(Case("FFN MLP (768-3072-768 x2), batch 1", mlp, torch.randn(1, 768),
-                        [torch.randn(1, 768) for _ in range(8)]))
-        out.append(Case("FFN MLP (768-3072-768 x2), batch 64", mlp, torch.randn(64, 768),
-                        [torch.randn(64, 768) for _ in range(8)]))
+        mlp = ffn_mlp(width, hidden)
+        for b in batches:
+            out.append(Case(f"FFN MLP ({width}-{hidden}-{width} x2), batch {b}", mlp, torch.randn(b, width),
+                            [torch.randn(b, width) for _ in range(8)]))
     if "bookcnn" in names:
-        out.append(Case("BookCNN (CIFAR-10, random init), batch 32", BookCNN().eval(), torch.randn(32, 3, 32, 32),
-                        [torch.randn(32, 3, 32, 32) for _ in range(8)]))
+        b = 2 if smoke else 32
+        out.append(Case(f"BookCNN (CIFAR-10, random init), batch {b}", BookCNN().eval(), torch.randn(b, 3, 32, 32),
+                        [torch.randn(b, 3, 32, 32) for _ in range(8)]))
     if "minilm" in names:
         model, batch = load_minilm()
         out.append(Case(f"all-MiniLM-L6-v2, {len(SENTENCES)} sentences", model, batch, [batch]))
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--models", nargs="+", default=["mlp", "bookcnn", "minilm"],
-                        choices=["mlp", "bookcnn", "minilm"])
+    parser.add_argument("--models", nargs="+", default=None, choices=["mlp", "bookcnn", "minilm"],
+                        help="(default: all three; with --smoke: mlp bookcnn)")
     parser.add_argument("--no-peers", action="store_true", help="skip the torchao rows")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and one run: checks that every row still works, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs = 1
+    models = args.models or (["mlp", "bookcnn"] if args.smoke else ["mlp", "bookcnn", "minilm"])
+    warmup = 1 if args.smoke else 3
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     print(f"# Quantization benchmark\n\n{platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.runs} runs, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print(kernel_rows(args.runs), "\n", flush=True)
-    for case in cases(args.models):
+          f"{time.strftime('%Y-%m-%d')}{' (smoke: tiny sizes)' if args.smoke else ''}\n")
+    print(kernel_rows(args.runs, warmup, (8, 64, 256) if args.smoke else (64, 768, 3072)), "\n", flush=True)
+    for case in cases(models, args.smoke):
         rows = torch_rows(case)
         if not args.no_peers:
             rows += torchao_rows(case)
         rows += onnx_rows(case, args.threads)
         timed = [r for r in rows if "call" in r]
-        for row, latency in zip(timed, interleaved_latency([r["call"] for r in timed], args.runs), strict=True):
+        latencies = interleaved_latency([r["call"] for r in timed], args.runs, warmup)
+        for row, latency in zip(timed, latencies, strict=True):
             row["latency"] = latency
         print(table(case, rows), "\n", flush=True)
 
