@@ -1,6 +1,7 @@
 """Pruning criteria and pruning methods side by side on real data; prints Markdown tables.
 
     PYTHONPATH=src python benchmarks/criteria.py --data-dir ../shared/data
+    PYTHONPATH=src python benchmarks/criteria.py --smoke      # one seed, 256 digits, a few steps: checks that it works
 
 MNIST from ``--data-dir`` (``mnist_train.npz`` / ``mnist_test.npz``); scikit-learn's 8x8 digits when the
 files are absent. One small CNN with BatchNorm (so network slimming applies) is trained once; then
@@ -74,6 +75,9 @@ def _setup(args: argparse.Namespace):
     else:
         data = load_digits()
         args.epochs, args.finetune_epochs = args.epochs or 10, args.finetune_epochs or 5  # a small set: more passes
+        if args.smoke:
+            data = type(data)(data.x_train[:256], data.y_train[:256], data.x_test[:128], data.y_test[:128],
+                              data.classes)
         factory, name = (lambda: DigitsCNN(width=16)), "scikit-learn digits (8x8)"
         fine = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9, "granularity": "fine"},
                 {"op_names": ["stem"], "exclude": True}]
@@ -263,7 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="one avoids thread contention on busy machines")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--latency-runs", type=int, default=20, help="timed forward passes per model")
+    parser.add_argument("--smoke", action="store_true", help="one seed, one epoch, 256 training images of digits "
+                        "and a few steps: checks that every row still works, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.data_dir, args.seeds, args.epochs, args.finetune_epochs = None, [0], 1, 1
+        args.finetune_steps, args.latency_runs = 2, 1
     torch.set_num_threads(args.threads)
     criteria_runs, method_runs, dense = [], [], []
     for seed in args.seeds:

@@ -2,6 +2,7 @@
 sparsities; prints the table and the ranking, saves the plot, and turns it into per-layer sparsities.
 
     PYTHONPATH=src python benchmarks/sensitivity.py --data-dir ../shared/data --plot docs/img/sensitivity.png
+    PYTHONPATH=src python benchmarks/sensitivity.py --smoke      # digits, few images: checks that it works
 
 The model is the NNI quick-start MNIST net of the seeds (conv1, conv2, fc1, fc2) trained on MNIST; without
 ``--data-dir`` it is the digits CNN on scikit-learn's 8x8 digits.
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", default=None, help="where to save the PNG plot")
     parser.add_argument("--target", type=float, default=0.8, help="total sparsity to allocate per layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="scikit-learn digits, 256 training and 128 test images: checks that it works, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.data_dir, args.train_limit, args.eval_limit, args.epochs = None, 256, 128, 1
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     if args.data_dir is not None and (Path(args.data_dir) / "mnist_train.npz").is_file():
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     x, y = data.x_train[: args.train_limit], data.y_train[: args.train_limit]
     train = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(y), 128)]
     n_test = min(args.eval_limit, len(data.y_test))
-    test = [(data.x_test[i : i + 500], data.y_test[i : i + 500]) for i in range(0, n_test, 500)]
+    x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
+    test = [(x_test[i : i + 500], y_test[i : i + 500]) for i in range(0, n_test, 500)]
     evaluator = Evaluator(train_data=train, eval_data=test, lr=1e-3)
     start = time.perf_counter()
     evaluator.train_(model, epochs=args.epochs)

@@ -2,6 +2,7 @@
 every sparsity, masked (same size) and compacted (really smaller), one Adam step on a batch of 64.
 
     PYTHONPATH=src python benchmarks/table61_steps.py [--threads 1] [--steps 30]
+    PYTHONPATH=src python benchmarks/table61_steps.py --smoke    # batch 8, one step: checks that it works
 
 Wall-clock times of whole training runs on a shared machine swing with the other processes; the fastest
 of many short steps is the one least disturbed by them, so it is the figure to compare with the book's
@@ -52,16 +53,20 @@ def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
     return min(times), statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="batch 8 and one step: checks that it works, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch = 1, 8
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 3, 32, 32, generator=generator)  # (B, C, H, W) pixels in [0, 1], as the book's
-    y = torch.randint(0, 10, (64,), generator=generator)
-    print(f"BookCNN, batch 64, Adam, {args.threads} thread(s), fastest (median) of {args.steps} steps, "
+    x = torch.rand(args.batch, 3, 32, 32, generator=generator)  # (B, C, H, W) pixels in [0, 1], as the book's
+    y = torch.randint(0, 10, (args.batch,), generator=generator)
+    print(f"BookCNN, batch {args.batch}, Adam, {args.threads} thread(s), fastest (median) of {args.steps} steps, "
           f"torch {torch.__version__}\n")
     print("| sparsity per layer | params (compacted) | forward FLOPs/image | masked step | compacted step "
           "| compacted / dense | book's time / dense |")
