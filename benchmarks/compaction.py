@@ -10,6 +10,7 @@ Prints a Markdown table.
 
     PYTHONPATH=src python benchmarks/compaction.py                      # resnet50 mobilenet_v2 vit_b_16
     PYTHONPATH=src python benchmarks/compaction.py --models resnet18 --runs 3 --size 112   # quick look
+    PYTHONPATH=src python benchmarks/compaction.py --smoke     # resnet18 on 32x32, one run: checks that it works
 
 Torch-Pruning (``pip install torch-pruning``, the ``bench`` extra) prunes with its magnitude (L1)
 importance and the same ratio; each library's own result is measured. The slimtorch result is also
@@ -182,7 +183,7 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
@@ -190,7 +191,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed forward calls per model")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of channels pruned")
     parser.add_argument("--repeats", type=int, default=3, help="graph builds and prunings timed per library (median)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="resnet18 on 32x32 inputs, batch 1, one run: checks that every row works, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.size, args.batch, args.runs, args.repeats = ["resnet18"], 32, 1, 1, 1
     rows = [r for name in args.models for r in bench(name, args.size, args.batch, args.runs, args.ratio, args.repeats)]
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, input {args.size}x{args.size}, ratio {args.ratio}\n")

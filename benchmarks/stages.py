@@ -8,9 +8,12 @@ A stage that did not run (e.g. the measured masked pass, when the plan takes the
 structure and the check runs on a forward pass of the masked model on live blocks instead) shows 0.
 
     PYTHONPATH=src python benchmarks/stages.py --model mobilenet_v2 --runs 15
+    PYTHONPATH=src python benchmarks/stages.py --smoke     # resnet18 on 32x32, one run: checks that it works
 
 The stages are found by wrapping slimtorch's internal functions for the duration of the script (a
-profiler's own cost would swamp stages of a few milliseconds).
+profiler's own cost would swamp stages of a few milliseconds). They are internal on purpose and so are
+named here by their dotted paths, not imported: a stage whose function has moved stops the script with
+its name (``--smoke``, which the test suite runs, is there to catch that).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import collections
 import copy
 import functools
 import gc
+import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -31,43 +35,60 @@ import torchvision
 from torch import nn
 
 from slimtorch import compact_, compute_masks
-from slimtorch.compact import compact as compact_module
-from slimtorch.compact import plan as plan_module
-from slimtorch.graph import blocks as blocks_module
-from slimtorch.graph import graph as graph_module
-from slimtorch.prune import coupled as coupled_module
-from slimtorch.prune import pruner as pruner_module
 
-# (label, owner, attribute): the owner's attribute is wrapped. The graph builds are wrapped where each
-# caller looks them up, so that the shapes-only trace and the masked pass are told apart.
-STAGES: list[tuple[str, Any, str]] = [
-    ("layer selection and scoring", pruner_module, "plan_layers"),
-    ("per-layer keep flags", pruner_module, "unit_keep"),
-    ("shapes-only trace", coupled_module, "build_graph"),
-    ("coupled selection", coupled_module, "_select"),
-    ("never emptying a layer", coupled_module, "_keep_one"),
-    ("graph masks", graph_module.DependencyGraph, "masks"),
-    ("per-member removal flags (all calls)", graph_module.DependencyGraph, "removed_per_member"),
-    ("compaction plan", compact_module, "plan_compaction"),
-    ("live rows and columns", plan_module, "live_blocks"),
-    ("masked copies of the weights", plan_module, "_masked"),
-    ("weights left unmasked", plan_module, "_unmasked"),
-    ("structure from the shapes-only trace", plan_module, "known_structure"),
-    ("masked pass (measured)", plan_module, "build_graph"),
-    ("masked reference (forward on live blocks)", compact_module, "_masked_reference"),
-    ("removal requests", plan_module, "_requests"),
-    ("consumer checks", plan_module, "_check_sinks"),
-    ("module changes", plan_module, "_module_changes"),
-    ("snapshot for restoring", compact_module, "_Snapshot"),
-    ("surgery", compact_module, "_apply"),
-    ("check of the result", compact_module, "_verify"),
+# (label, owner, attribute): the owner's attribute is wrapped; an owner is a module's dotted path, with
+# ":Class" for a method. The graph builds are wrapped where each caller looks them up, so that the
+# shapes-only trace and the masked pass are told apart.
+PRUNER, COUPLED, GRAPH = "slimtorch.prune.pruner", "slimtorch.prune.coupled", "slimtorch.graph.graph:DependencyGraph"
+COMPACT, PLAN, BLOCKS = "slimtorch.compact.compact", "slimtorch.compact.plan", "slimtorch.graph.blocks"
+STAGES: list[tuple[str, str, str]] = [
+    ("layer selection and scoring", PRUNER, "plan_layers"),
+    ("per-layer keep flags", PRUNER, "unit_keep"),
+    ("shapes-only trace", COUPLED, "build_graph"),
+    ("coupled selection", COUPLED, "_select"),
+    ("never emptying a layer", COUPLED, "_keep_one"),
+    ("graph masks", GRAPH, "masks"),
+    ("per-member removal flags (all calls)", GRAPH, "removed_per_member"),
+    ("compaction plan", COMPACT, "plan_compaction"),
+    ("live rows and columns", PLAN, "live_blocks"),
+    ("masked copies of the weights", PLAN, "_masked"),
+    ("weights left unmasked", PLAN, "_unmasked"),
+    ("structure from the shapes-only trace", PLAN, "known_structure"),
+    ("masked pass (measured)", PLAN, "build_graph"),
+    ("masked reference (forward on live blocks)", COMPACT, "_masked_reference"),
+    ("removal requests", PLAN, "_requests"),
+    ("consumer checks", PLAN, "_check_sinks"),
+    ("module changes", PLAN, "_module_changes"),
+    ("snapshot for restoring", COMPACT, "_Snapshot"),
+    ("surgery", COMPACT, "_apply"),
+    ("check of the result", COMPACT, "_verify"),
 ]
+
+
+def _owner(path: str) -> Any:
+    """The module (``"pkg.mod"``) or class (``"pkg.mod:Class"``) a stage's function lives in."""
+    module, _, cls = path.partition(":")
+    owner = importlib.import_module(module)
+    return getattr(owner, cls) if cls else owner
+
+
+@contextmanager
+def replaced(path: str, attr: str, make: Callable[[Any], Any]) -> Iterator[None]:
+    """Within the block, ``path``'s ``attr`` is ``make(original)``; the original is put back after."""
+    owner = _owner(path)
+    if attr not in owner.__dict__:
+        raise SystemExit(f"benchmarks/stages.py: {path}.{attr} no longer exists; update STAGES to where it went")
+    original = owner.__dict__[attr]
+    setattr(owner, attr, make(original))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
 
 
 @contextmanager
 def timed_stages(times: dict[str, float]) -> Iterator[None]:
     """Wrap every stage's function for the block, adding its time to ``times[label]``."""
-    originals = []
 
     def wrap(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -80,15 +101,10 @@ def timed_stages(times: dict[str, float]) -> Iterator[None]:
 
         return run
 
-    try:
+    with ExitStack() as stack:
         for label, owner, attr in STAGES:
-            fn = owner.__dict__[attr]  # (a KeyError names a stage whose function moved)
-            originals.append((owner, attr, fn))
-            setattr(owner, attr, wrap(label, fn))
+            stack.enter_context(replaced(owner, attr, functools.partial(wrap, label)))
         yield
-    finally:
-        for owner, attr, fn in reversed(originals):
-            setattr(owner, attr, fn)
 
 
 def _plain_masked_forward(dense: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> float:
@@ -103,7 +119,7 @@ def _plain_masked_forward(dense: nn.Module, masks: dict[str, torch.Tensor], x: t
         return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mobilenet_v2", help="a torchvision classification model")
     parser.add_argument("--size", type=int, default=224, help="input height and width (batch of one)")
@@ -115,18 +131,37 @@ def main() -> None:
                         help="with --measured: the masked pass computes every layer with a live block on it, "
                              "depthwise convolutions too, whether that pays or not (what it did before it weighed "
                              "the cost)")
-    args = parser.parse_args()
-    if args.measured:
-        plan_module.known_structure = lambda *_, **__: None
-    if args.cut_every_layer:
-        blocks_module._pays = lambda *_: True
+    parser.add_argument("--smoke", action="store_true",
+                        help="resnet18 on 32x32 inputs, one run: checks that every stage is still found, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.size, args.runs = "resnet18", 32, 1
+    with ExitStack() as stack:  # the switches hold for this run only
+        if args.measured:
+            stack.enter_context(replaced(PLAN, "known_structure", lambda _: lambda *_, **__: None))
+        if args.cut_every_layer:
+            stack.enter_context(replaced(BLOCKS, "_pays", lambda _: lambda *_: True))
+        per_run = measure(args.model, args.size, args.runs)
+    print(f"{args.model}, input 1x3x{args.size}x{args.size}, {args.runs} runs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; compaction plans "
+          f"{'from a measured pass' if args.measured else 'from the shapes-only trace where no value matters'}; "
+          f"live blocks cut {'in every layer' if args.cut_every_layer else 'where it pays'}\n")
+    print("| stage | fastest (ms) | median (ms) |\n|---|---:|---:|")
+    for label in [*(s[0] for s in STAGES), "compute_masks, in all", "compact_, in all",
+                  "for comparison: a plain forward of the masked model"]:
+        found = per_run.get(label) or [0.0]
+        print(f"| {label} | {min(found) * 1e3:.1f} | {statistics.median(found) * 1e3:.1f} |")
+
+
+def measure(name: str, size: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per stage of each run after the first (a warm-up): masks and compaction of a fresh copy."""
     torch.manual_seed(0)
-    dense = torchvision.models.get_model(args.model, weights=None).eval()
-    x = torch.randn(1, 3, args.size, args.size)
+    dense = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, size, size)
     head = [n for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5}, {"exclude": True, "op_names": [head]}]
     per_run: dict[str, list[float]] = collections.defaultdict(list)
-    for run in range(args.runs + 1):
+    for run in range(runs + 1):
         model = copy.deepcopy(dense)
         gc.collect()
         times: dict[str, float] = collections.defaultdict(float)
@@ -141,15 +176,7 @@ def main() -> None:
         if run:  # the first run warms up
             for label, seconds in times.items():
                 per_run[label].append(seconds)
-    print(f"{args.model}, input 1x3x{args.size}x{args.size}, {args.runs} runs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; compaction plans "
-          f"{'from a measured pass' if args.measured else 'from the shapes-only trace where no value matters'}; "
-          f"live blocks cut {'in every layer' if args.cut_every_layer else 'where it pays'}\n")
-    print("| stage | fastest (ms) | median (ms) |\n|---|---:|---:|")
-    for label in [*(s[0] for s in STAGES), "compute_masks, in all", "compact_, in all",
-                  "for comparison: a plain forward of the masked model"]:
-        found = per_run.get(label) or [0.0]
-        print(f"| {label} | {min(found) * 1e3:.1f} | {statistics.median(found) * 1e3:.1f} |")
+    return per_run
 
 
 if __name__ == "__main__":
