@@ -11,6 +11,7 @@ dynamic int8. Quality: mean cosine similarity of held-out news sentences' embedd
 model's.
 
     PYTHONPATH=src python benchmarks/pipeline.py --data-dir ../shared/data --threads 1
+    PYTHONPATH=src python benchmarks/pipeline.py --smoke     # checks that it works, in seconds (see --help)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimtorch.data import TensorSplit
 from slimtorch.models import BookCNN
 from slimtorch.pipeline import PipelineConfig, PipelineResult, distil_recovery, run_pipeline
 from slimtorch.quant import QuantConfig
@@ -34,11 +36,15 @@ from slimtorch.recover.finetune import train
 
 
 def train_dense_cnn(data: Any, args: Any) -> nn.Module:
-    """The dense BookCNN, trained once and cached (Adam 1e-3, batch 64, seed 0)."""
+    """The dense BookCNN, trained once and cached (Adam 1e-3, batch 64, seed 0); ``--smoke``: not cached."""
     from safetensors.torch import load_file, save_file
 
     path = Path(args.out) / f"bookcnn_dense_e{args.epochs}.safetensors"
     model = BookCNN()
+    if args.smoke:
+        torch.manual_seed(0)
+        train(model, data.loader("train", 64, shuffle=True), epochs=args.epochs, lr=1e-3)
+        return model.eval()
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
@@ -49,10 +55,18 @@ def train_dense_cnn(data: Any, args: Any) -> nn.Module:
     return model.eval()
 
 
+def synthetic_cifar10(train: int, test: int) -> TensorSplit:
+    """Random CIFAR-10-shaped images and labels (``--smoke``: no data files needed)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(train + test, 3, 32, 32, generator=gen)  # (N, C, H, W) in [0, 1]
+    y = torch.randint(0, 10, (train + test,), generator=gen)
+    return TensorSplit(x[:train], y[:train], x[train:], y[train:], tuple(str(i) for i in range(10)))
+
+
 def bookcnn(args: Any) -> tuple[str, PipelineResult]:
     from slimtorch.data import load_cifar10
 
-    data = load_cifar10(args.data_dir)
+    data = synthetic_cifar10(256, 64) if args.smoke else load_cifar10(args.data_dir)
     test = TensorDataset(data.x_test, data.y_test)
     dense = train_dense_cnn(data, args)
     config = PipelineConfig(config_list=({"op_types": ["Conv2d"], "sparse_ratio": 0.5},),
@@ -60,15 +74,16 @@ def bookcnn(args: Any) -> tuple[str, PipelineResult]:
     recover = distil_recovery(TensorDataset(data.x_train, data.y_train),
                               TrainConfig(epochs=args.recover_epochs, batch_size=64, lr=5e-4, seed=1),
                               DistillConfig(temperature=4.0, alpha=0.7))
-    calibration = [data.x_train[i : i + 64] for i in range(0, 64 * 16, 64)]  # 16 batches of 64
+    calibration = [data.x_train[i : i + 64] for i in range(0, min(64 * 16, len(data.x_train)), 64)]  # 16 of 64
     # load_cifar10's images are channels-last in memory (decoded from HWC): time a contiguous NCHW batch, the
     # layout a deployed model gets (torch.ao's int8 convs are slower than float on channels-last input here).
-    example = data.x_test[:32].contiguous()
+    example = data.x_test[: 4 if args.smoke else 32].contiguous()
     result = run_pipeline(dense, example, config, score=lambda m: evaluate_accuracy(m, test),
                           recover=recover, calibration=calibration)
-    title = (f"BookCNN on CIFAR-10 (dense: {args.epochs} epochs, Adam 1e-3); L1 filters, 50% of both convs; "
-             f"distil {args.recover_epochs} epoch(s) (T=4, alpha=0.7); static int8 with 16 calibration batches; "
-             f"latency: batch of 32 images; quality: test top-1 over {len(test)} images")
+    title = (f"BookCNN on {'random CIFAR-10-shaped data' if args.smoke else 'CIFAR-10'} (dense: {args.epochs} "
+             f"epochs, Adam 1e-3); L1 filters, 50% of both convs; distil {args.recover_epochs} epoch(s) (T=4, "
+             f"alpha=0.7); static int8 with {len(calibration)} calibration batches; latency: batch of "
+             f"{len(example)} images; quality: test top-1 over {len(test)} images")
     return title, result
 
 
@@ -78,7 +93,9 @@ def minilm(args: Any) -> tuple[str, PipelineResult]:
     from slimtorch.transformers.workflow import distil_embeddings_, ffn_config
 
     dense, tokenizer = load_minilm()
-    heldout = heldout_sentences(256)
+    if args.smoke:
+        dense = tiny_bert(dense.config)
+    heldout = heldout_sentences(16 if args.smoke else 256)
 
     def tokens(texts: list[str]) -> dict[str, torch.Tensor]:
         # One padded length for every batch: the ONNX file is exported with a dynamic batch dimension only.
@@ -112,13 +129,23 @@ def minilm(args: Any) -> tuple[str, PipelineResult]:
     config = PipelineConfig(config_list=tuple(ffn_config(dense, 0.5)), compactor="hf",
                             quant=QuantConfig(method="dynamic_int8"), threads=args.threads, runs=args.runs)
     result = run_pipeline(dense, tokens(heldout[:16]), config, score=cosine, recover=recover)
-    title = (f"all-MiniLM-L6-v2; L1 FFN neurons, 50% of each layer; distil {args.distil_steps} steps; dynamic "
+    name = "a 2-layer BERT of width 32 (random)" if args.smoke else "all-MiniLM-L6-v2"
+    title = (f"{name}; L1 FFN neurons, 50% of each layer; distil {args.distil_steps} steps; dynamic "
              "int8; latency: 16 held-out sentences padded to 64 tokens; quality: mean cosine of "
              f"{len(heldout)} held-out news sentences' embeddings to the dense model's")
     return title, result
 
 
-def main() -> None:
+def tiny_bert(config: Any) -> nn.Module:
+    """A randomly initialised 2-layer BERT of width 32 with ``config``'s vocabulary (``--smoke``)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=64)).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data", help="folder with cifar10_*.npz")
     parser.add_argument("--out", default="runs/pipeline", help="where the trained dense BookCNN is cached")
@@ -128,7 +155,13 @@ def main() -> None:
     parser.add_argument("--distil-steps", type=int, default=200, help="MiniLM distillation steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="checks that every stage works, in seconds: BookCNN on 256 random CIFAR-10-shaped images "
+                             "(no data files), a tiny random BERT in place of MiniLM, one epoch, 2 distillation "
+                             "steps, one timed run; nothing cached")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.recover_epochs, args.distil_steps, args.runs = 1, 1, 2, 1
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     print(f"# Pipeline: prune -> compact -> distil -> quantize -> export\n\n{platform.machine()}, torch "
