@@ -2,6 +2,7 @@
 side by side with PyTorch's own hooks (fp16 and PowerSGD) and the plain all-reduce.
 
     python benchmarks/commhook.py            # launches itself under torchrun with 2 CPU processes (gloo)
+    python benchmarks/commhook.py --smoke    # one epoch on 256 images: checks that it works
 
 Task: an MLP (64-256-256-10) on scikit-learn's digits, plain SGD (lr 0.2, cosine), batch 64, every
 method from the same initial weights and the same batches. Bytes are per process over the whole run:
@@ -59,9 +60,10 @@ def _install(ddp: nn.parallel.DistributedDataParallel, method: str, numel: int):
     return lambda steps: (steps * numel * 4, steps * numel * 4)
 
 
-def _train(method: str, epochs: int) -> dict:
+def _train(method: str, epochs: int, limit: int) -> dict:
     data = load_digits(seed=0)
-    train, test = TensorDataset(data.x_train[:1280], data.y_train[:1280]), TensorDataset(data.x_test, data.y_test)
+    train = TensorDataset(data.x_train[:limit], data.y_train[:limit])
+    test = TensorDataset(data.x_test, data.y_test)
     model = _mlp()
     numel = sum(p.numel() for p in model.parameters())
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -84,10 +86,10 @@ def _train(method: str, epochs: int) -> dict:
             "seconds": time.perf_counter() - start, "numel": numel}
 
 
-def worker(out: Path, epochs: int) -> None:
+def worker(out: Path, epochs: int, limit: int) -> None:
     info = init_distributed()
     torch.set_num_threads(1)
-    rows = [_train(method, epochs) for method in METHODS]
+    rows = [_train(method, epochs, limit) for method in METHODS]
     if info.is_main:
         out.write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -104,23 +106,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train-limit", type=int, default=1280, help="training images used")
+    parser.add_argument("--smoke", action="store_true", help="one epoch on 256 images: checks that it works")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.train_limit = 1, 256
     if args.worker:
-        worker(Path(args.worker), args.epochs)
+        worker(Path(args.worker), args.epochs, args.train_limit)
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               __file__, "--worker", str(out), "--epochs", str(args.epochs)]
+               __file__, "--worker", str(out), "--epochs", str(args.epochs), "--train-limit", str(args.train_limit)]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         rows = json.loads(out.read_text())
-    print(f"DDP, 2 processes (gloo, CPU), MLP with {rows[0]['numel']:,} parameters on digits, {args.epochs} epochs\n")
+    print(f"DDP, 2 processes (gloo, CPU), MLP with {rows[0]['numel']:,} parameters on {args.train_limit} digits, "
+          f"{args.epochs} epochs\n")
     print(table(rows))
 
 
