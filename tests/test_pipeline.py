@@ -1,5 +1,7 @@
 """The combined pipeline on a small CNN: real compaction, distillation, int8 and ONNX Runtime, measured."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -7,7 +9,7 @@ from torch.utils.data import TensorDataset
 from slimtorch.data import load_digits
 from slimtorch.errors import ConfigError
 from slimtorch.models import DigitsCNN
-from slimtorch.pipeline import PipelineConfig, distil_recovery, run_pipeline
+from slimtorch.pipeline import PipelineConfig, PipelineResult, Stage, distil_recovery, run_pipeline
 from slimtorch.quant import QuantConfig
 from slimtorch.recover import DistillConfig, TrainConfig, evaluate_accuracy, fit
 
@@ -94,3 +96,14 @@ def test_hugging_face_model_through_compact_hf_and_dynamic_int8():
     # Its embeddings are quantized too, and they take the strided position ids BERT slices from a buffer.
     assert s["quantize"].state == "compacted, dynamic_int8 (real kernels)"
     assert s["quantize"].quality > 0.9 * s["compact"].quality
+
+
+def test_markdown_keeps_a_note_with_pipes_in_its_cell():
+    """The export stage's note says ``max |diff|``: unescaped, those pipes split the row into extra cells."""
+    stage = Stage(stage="export", state="compacted, ONNX Runtime", params=10, size_bytes=40, latency_s=1e-3,
+                  quality=1.0, note="torch.export -> ONNX, max |diff| to PyTorch 1.0e-07", model=torch.nn.Identity(),
+                  latency_best_s=1e-3)
+    lines = PipelineResult(stages=[stage], masks={}).to_markdown().splitlines()
+    cells = [re.split(r"(?<!\\)\|", line.strip().strip("|")) for line in lines]
+    assert len(cells[2]) == len(cells[0]) == 8
+    assert cells[2][-1].strip() == r"torch.export -> ONNX, max \|diff\| to PyTorch 1.0e-07"

@@ -143,8 +143,13 @@ class PipelineResult:
             lines.append(f"| {s.stage} | {s.state} | {s.params / 1e6:.3f} M | {s.size_bytes / 1e6:.2f} MB "
                          f"({s.size_bytes / base.size_bytes:.2f}x) | {s.latency_s * 1e3:.1f} "
                          f"({s.latency_best_s * 1e3:.1f}) ms | {base.latency_s / s.latency_s:.2f}x ({best:.2f}x) | "
-                         f"{s.quality:.4f} | {s.note} |")
+                         f"{s.quality:.4f} | {_cell(s.note)} |")
         return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """``text`` inside a Markdown table cell: a bare ``|`` (as in ``max |diff|``) would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def distil_recovery(train_data: Dataset, train: TrainConfig, distill: DistillConfig | None) -> Recover:
