@@ -131,6 +131,7 @@ def minilm_table(levels: list[tuple[float, float]], distil_steps: int, steps: in
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         _row("original", teacher, teacher_emb, tokenizer, heldout, example, None, runs),
     ]
+    pruned_heads: list[str] = []
     for heads, ffn in levels:
         label = f"heads -{heads:.0%}, FFN -{ffn:.0%}"
         oneshot = copy.deepcopy(teacher)
@@ -144,8 +145,8 @@ def minilm_table(levels: list[tuple[float, float]], distil_steps: int, steps: in
         heads_lines = prune_workflow_(gradual, batches, cfg, teacher=teacher)
         lines.append(_row(f"{label}, gradual + distillation", gradual, teacher_emb, tokenizer, heldout, example,
                           base, runs))
-        lines.extend(f"<!-- {label}: {line} -->" for line in heads_lines)
-    return "\n".join(lines)
+        pruned_heads.extend(f"<!-- {label}: {line} -->" for line in heads_lines)
+    return "\n".join([*lines, "", *pruned_heads])  # after the table: a comment line would end it
 
 
 def main(argv: list[str] | None = None) -> None:
