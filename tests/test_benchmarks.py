@@ -190,3 +190,14 @@ def f():
     assert non_public_imports(source) == [
         "slimtorch.report._call", "slimtorch.graph.trace", "slimtorch.compact.plan", "slimtorch.graph._private.thing",
         "slimtorch.quant.*", "slimtorch.secret"]
+
+
+def test_stages_switches_find_what_they_replace_and_put_it_back() -> None:
+    """``stages.py --measured --cut-every-layer`` replace two internal functions (the smoke run uses neither)."""
+    stages = runpy.run_path(str(BENCHMARKS / "stages.py"), run_name="benchmark_stages")
+    for path, attr in [(stages["PLAN"], "known_structure"), (stages["BLOCKS"], "_pays")]:
+        owner = importlib.import_module(path)
+        original = getattr(owner, attr)
+        with stages["replaced"](path, attr, lambda _: "switched"):
+            assert getattr(owner, attr) == "switched"
+        assert getattr(owner, attr) is original
