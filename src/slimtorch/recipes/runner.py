@@ -13,8 +13,9 @@
 
 Training steps write ``checkpoints/<n>-<kind>.safetensors`` under the output folder; with ``resume=True``
 finished steps are restored from theirs and an interrupted one continues where it stopped. Pruning and
-compaction are deterministic, so they are simply computed again. Under ``torchrun`` every process runs
-the recipe (training is data parallel) and process 0 writes the outputs.
+compaction are deterministic, so they are simply computed again. Pruning may follow compaction (prune,
+compact, prune, compact): the second round prunes the compacted model. Under ``torchrun`` every process
+runs the recipe (training is data parallel) and process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from slimtorch.errors import ConfigError
 from slimtorch.models.modelfile import load_model
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 from slimtorch.prune import apply_masks_, compute_masks
+from slimtorch.prune.masks import get_masks, merge_masks
 from slimtorch.recipes.schema import Recipe, Step
 from slimtorch.recover.distill import Distiller
 from slimtorch.recover.distributed import dist_info
@@ -69,6 +71,10 @@ class StageResult:
 
 @dataclass
 class RecipeResult:
+    """The measurements after every step, the final model and the last pruning round's masks (at the size
+    of the model that round pruned: after a compaction they no longer fit the final model, whose own masks
+    are :func:`~slimtorch.get_masks`'s)."""
+
     stages: list[StageResult]
     model: nn.Module
     spec: ModelSpec
@@ -127,20 +133,21 @@ def _train(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitResu
 
 @register_step("prune")
 def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
-    assert not state.compacted, "Recipe validation forbids pruning after compaction"
     if state.teacher is None:
         state.teacher = copy.deepcopy(state.model)  # the unpruned model: the default teacher
-    masks = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
-                          seed=state.seed)
-    apply_masks_(state.model, masks)
-    state.masks.update(masks)
+    new = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
+                        seed=state.seed)
+    # an earlier round's zeros stay; after a compaction the masks are the compacted model's (its own size)
+    state.masks = merge_masks(get_masks(state.model), new)
+    apply_masks_(state.model, state.masks)
 
 
 @register_step("compact")
 def _compact(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
-    if not state.masks:
+    masks = get_masks(state.model)  # the masks on the model now (a second round's are at the compacted size)
+    if not masks:
         raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
-    compact_(state.model, state.masks, example_inputs=state.example)  # verified on real test samples
+    compact_(state.model, masks, example_inputs=state.example)  # verified on real test samples
     state.compacted = True
 
 
