@@ -189,3 +189,13 @@ def test_recipe_prunes_and_compacts_twice(tmp_path):
     assert [s.state for s in result.stages] == ["dense", "masked", "compacted", "compacted", "compacted"]
     assert result.model.down[0].out_channels == 4  # 16 -> 8 -> 4
     assert result.stages[-1].params < result.stages[2].params < result.stages[0].params
+
+
+def test_a_compacted_model_that_keeps_masks_exports(tmp_path):
+    from slimtorch.export import export_onnx
+
+    net, x = _mlp().eval(), torch.randn(5, 8)
+    _quiet_compact(net, _fine_and_channel_masks(net), x)
+    assert is_masked(net)
+    check = export_onnx(net, x, tmp_path / "m.onnx")
+    assert check.max_abs_diff < 1e-5 and is_masked(net)

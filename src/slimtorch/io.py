@@ -148,6 +148,8 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a folder; give a masks file (.safetensors) written by save_masks")
     if not path.is_file():
         raise CheckpointError(f"mask file {str(path)!r} does not exist")
     try:

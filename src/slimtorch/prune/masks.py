@@ -96,6 +96,10 @@ class _MaskHook:
                     _add_grad_hook(param, mask)
 
     def __call__(self, module: nn.Module, args: object) -> None:
+        if torch.compiler.is_exporting():
+            # An exported program must not write into its parameters; the masked entries are zero already
+            # (zeroed when the masks were applied, their gradients masked since), so the program is the same.
+            return
         self.enforce(module)
 
     def state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:

@@ -17,7 +17,9 @@ What it guarantees:
   :class:`~slimtorch.recover.distill.Distiller`'s projections, optimizer, scheduler, RNG states,
   progress) is written atomically every ``checkpoint_every`` steps and after every epoch. With
   ``resume=True`` a killed run continues from there and ends with exactly the weights an uninterrupted
-  run gives (same seed, deterministic CPU kernels).
+  run gives (same seed, deterministic CPU kernels). A checkpoint of another run (other settings, data,
+  architecture, masks, loss or caller's context: :mod:`slimtorch.recover.identity`) is refused before
+  anything is loaded.
 * **Data parallel**: under ``torchrun`` (after :func:`~slimtorch.recover.distributed.init_distributed`)
   each process trains on its share of every batch under ``DistributedDataParallel``, optionally with
   top-k gradient compression (``grad_topk``); process 0 writes the checkpoints.
