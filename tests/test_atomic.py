@@ -5,11 +5,12 @@ import io
 import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
 
-from adversarial import fails_cleanly
+from adversarial import fails_cleanly, files_state
 from nets import Residual
 from slimtorch import compact_, compute_masks
 from slimtorch.cli.main import main
@@ -98,3 +99,31 @@ def test_an_edited_description_copies_nothing_into_the_model(tmp_path):
     fresh = Residual().eval()
     fails_cleanly(lambda: load_compacted_(fresh, tmp_path), CheckpointError, "do not fit", models=[fresh],
                   paths=[tmp_path])
+
+
+def test_file_by_file_replacement_puts_back_what_it_replaced(tmp_path, monkeypatch):
+    import slimtorch.atomic as atomic
+
+    out = tmp_path / "o"
+    with atomic.atomic_folder(out) as staging:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            (staging / name).write_text(f"old {name}")
+    monkeypatch.setattr(atomic, "_holds_cwd", lambda directory: True)  # as for the working directory
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst).name == "c.txt" and Path(dst).parent == out:
+            raise OSError(5, "disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+
+    def write_all():
+        with atomic.atomic_folder(out) as staging:
+            for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+                (staging / name).write_text(f"new {name}")
+
+    before = files_state([tmp_path])
+    with pytest.raises(OSError, match="disk went away"):
+        write_all()
+    assert files_state([tmp_path]) == before

@@ -112,8 +112,8 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
 def check_output_folder(directory: str | Path, names: Iterable[str] = ()) -> Path:
     """Raise a ConfigError unless ``directory`` can receive the files ``names`` through
     :func:`atomic_folder` (its parent must be writable: the new folder is renamed into place there);
-    returns the folder that will be written (a symbolic link's target)."""
-    directory = _resolve(Path(directory))
+    returns the folder that will be written (absolute, a symbolic link's target)."""
+    directory = _resolve(Path(os.path.abspath(directory)))
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{str(directory)!r} exists and is not a folder; choose another output folder")
     if directory.exists() and _read_only(directory):
@@ -147,9 +147,37 @@ def _carry(source: Path, target: Path) -> None:
             shutil.copy2(source, target)
 
 
+def _holds_cwd(directory: Path) -> bool:
+    try:
+        cwd, folder = Path.cwd().resolve(), directory.resolve()
+    except OSError:  # (the working directory was removed)
+        return False
+    return cwd == folder or folder in cwd.parents
+
+
+def _replace_each(staging: Path, directory: Path, names: list[str]) -> None:
+    """Move the staged files into ``directory`` one by one (for a folder that cannot be swapped: the working
+    directory, a mount point); if one move fails, the files already replaced are put back."""
+    backups = Path(tempfile.mkdtemp(prefix=".replaced.", dir=staging))
+    done: list[str] = []
+    try:
+        for name in names:
+            if (directory / name).exists():
+                _carry(directory / name, backups / name)
+            os.replace(staging / name, directory / name)
+            done.append(name)
+    except BaseException:
+        for name in reversed(done):
+            if (backups / name).exists():
+                os.replace(backups / name, directory / name)
+            else:
+                os.unlink(directory / name)
+        raise
+
+
 def _commit(staging: Path, directory: Path) -> None:
     """Rename ``staging`` into place as ``directory``, keeping the old folder's other entries and modes."""
-    names = [p.name for p in staging.iterdir()]
+    names = sorted(p.name for p in staging.iterdir())
     check_output_folder(directory, names)
     if not directory.exists():
         os.chmod(staging, 0o777 & ~_umask())
@@ -158,11 +186,18 @@ def _commit(staging: Path, directory: Path) -> None:
     for entry in directory.iterdir():
         if entry.name in names:
             os.chmod(staging / entry.name, stat.S_IMODE(entry.stat().st_mode))  # a rewritten file keeps its mode
-        else:
+        elif not _holds_cwd(directory):
             _carry(entry, staging / entry.name)
+    if _holds_cwd(directory):  # renaming the working directory away would leave the process nowhere
+        _replace_each(staging, directory, names)
+        return
     os.chmod(staging, stat.S_IMODE(directory.stat().st_mode))
     backup = staging.with_name(staging.name + ".old")
-    os.rename(directory, backup)
+    try:
+        os.rename(directory, backup)
+    except OSError:  # a mount point, or a folder another program holds: file by file instead
+        _replace_each(staging, directory, names)
+        return
     try:
         os.rename(staging, directory)
     except BaseException:
@@ -174,7 +209,9 @@ def _commit(staging: Path, directory: Path) -> None:
 @contextmanager
 def atomic_folder(directory: str | Path) -> Iterator[Path]:
     """Yield a temporary folder to write outputs into; when the block ends without an error, it becomes
-    ``directory`` at once (the old folder's other files stay). On any error nothing has changed."""
+    ``directory`` at once (the old folder's other files stay). On any error nothing has changed. (The working
+    directory, or a folder that cannot be renamed such as a mount point, receives the new files one by one
+    instead, each atomically, the ones already replaced put back if one fails.)"""
     directory = check_output_folder(directory)
     with _parents(directory.parent):
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
