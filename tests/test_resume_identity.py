@@ -101,3 +101,27 @@ def test_recipe_resume_after_changing_the_criterion_is_refused(tmp_path):
     _cli("recipe", recipe, "--out", out, "--resume", "--threads", "1")  # the same recipe resumes
     after = json.loads((out / "report.json").read_text())
     assert after["stages"][-1]["accuracy"] == before["stages"][-1]["accuracy"]
+
+
+class _ImageData(torch.utils.data.Dataset):
+    """A dataset of PIL images (not a TensorDataset): digested by 16 samples spread over it."""
+
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        from PIL import Image
+
+        return Image.fromarray(np.full((4, 4, 3), i * self.scale, dtype=np.uint8)), i % 3
+
+
+def test_a_dataset_of_images_has_a_stable_identity():
+    from slimtorch.recover.identity import dataset_identity
+
+    # (an image's repr holds its memory address: the digest must come from its pixels)
+    assert dataset_identity(_ImageData(1)) == dataset_identity(_ImageData(1))
+    assert dataset_identity(_ImageData(1))["content"] != dataset_identity(_ImageData(2))["content"]

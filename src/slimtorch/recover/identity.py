@@ -51,8 +51,13 @@ def _update(h: Any, value: Any) -> None:
     elif isinstance(value, (tuple, list)):
         for v in value:
             _update(h, v)
-    else:
+    elif isinstance(value, (int, float, str, bool, type(None))):
         h.update(repr(value).encode())
+    elif callable(getattr(value, "tobytes", None)):  # NumPy arrays, PIL images: their bytes
+        h.update(f"{type(value).__name__}{getattr(value, 'shape', getattr(value, 'size', ''))};".encode())
+        h.update(value.tobytes())
+    else:  # (an object without a byte form: its type, never its repr, which may hold a memory address)
+        h.update(type(value).__qualname__.encode())
 
 
 def digest(tensors: Mapping[str, Any]) -> str:
