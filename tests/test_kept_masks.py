@@ -199,3 +199,16 @@ def test_a_compacted_model_that_keeps_masks_exports(tmp_path):
     assert is_masked(net)
     check = export_onnx(net, x, tmp_path / "m.onnx")
     assert check.max_abs_diff < 1e-5 and is_masked(net)
+
+
+def test_a_masked_model_exports_what_it_computes(tmp_path):
+    from slimtorch.export import export_onnx
+
+    net, x = _mlp().eval(), torch.randn(5, 8)
+    apply_masks_(net, {"0.weight": _fine_and_channel_masks(net)["0.weight"]})
+    with torch.no_grad():
+        expected = net(x)
+    check = export_onnx(net, x, tmp_path / "m.onnx")  # the masking hook must not write while torch.export traces
+    assert check.max_abs_diff < 1e-5 and is_masked(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
