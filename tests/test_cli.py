@@ -134,7 +134,7 @@ ERRORS = [
     (["prune", "MnistNet", "--sparsity", "0.5", "--input-shape", "3,x", "--out", "{tmp}/o"], "bad shape"),
     (["prune", "MnistNet", "--sparsity", "0.5", "--input-shape", "3,32,32", "--out", "{tmp}/o"],
      "cannot run on inputs of shape"),
-    (["prune", "MnistNet", "--sparsity", "0.5", "--out", "{a_file}", "--runs", "0"], "File exists"),
+    (["prune", "MnistNet", "--sparsity", "0.5", "--out", "{a_file}", "--runs", "0"], "exists and is not a folder"),
     (["report", "{garbage}"], "not a readable safetensors model file"),
     (["report", "MnistNet", "--masks", "{tmp}/missing.safetensors"], "does not exist"),
     (["report", "DigitsCNN", "--dataset", "mnist"], "pass --data-dir"),

@@ -33,16 +33,15 @@ Masks:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimtorch.atomic import atomic_folder, atomic_write
 from slimtorch.errors import CheckpointError
 
 __all__ = [
@@ -57,20 +56,6 @@ __all__ = [
 
 FORMAT = "slimtorch-compacted-v1"
 WEIGHTS, DESCRIPTION = "model.safetensors", "compaction.json"
-
-
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash mid-write leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
@@ -163,6 +148,8 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a folder; give a masks file (.safetensors) written by save_masks")
     if not path.is_file():
         raise CheckpointError(f"mask file {str(path)!r} does not exist")
     try:
@@ -182,34 +169,68 @@ def _class_name(model: nn.Module) -> str:
 
 
 def _description(model: nn.Module) -> dict[str, Any]:
+    from slimtorch.prune.masks import get_masks
     from slimtorch.report import COMPACTION_ATTR
 
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
     steps = info.pop("steps", [])
-    return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info}
+    return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info,
+            "masks": sorted(get_masks(model))}
 
 
 def save_compacted(model: nn.Module, directory: str | Path) -> None:
-    """Save ``model`` (compacted or not) as ``directory/model.safetensors`` + ``directory/compaction.json``.
+    """Save ``model`` (compacted or not) as ``directory/model.safetensors`` + ``directory/compaction.json``,
+    both at once (a temporary folder renamed into place: see :mod:`slimtorch.atomic`).
 
     The class is recorded by its import path; :func:`load_compacted_` rebuilds the shapes on a fresh instance.
-    Masked models must be compacted (or have their masks removed) first: the masking buffers are not part
-    of the architecture.
+    The masks a compacted model keeps (compacted size) are saved with it and applied again on loading.
+    Masked models must be compacted (or have their masks removed) first: their masks are not yet part of
+    the architecture.
     """
     from safetensors.torch import save_model
 
     from slimtorch.prune.masks import is_masked
+    from slimtorch.report import model_state
 
-    if is_masked(model):
+    if is_masked(model) and model_state(model) != "compacted":
         raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
                               "(slimtorch.remove_masks_) before save_compacted")
     if getattr(model, "slimtorch_quantization", None):
         raise CheckpointError("the model is quantized: save the compacted float model with save_compacted and the "
                               "quantized one with slimtorch.quant.saving.save_quantized (it loads onto the former)")
-    directory = Path(directory)
     description = json.dumps(_description(model), indent=1)
-    atomic_write(directory / WEIGHTS, lambda tmp: save_model(model, tmp, metadata={"format": FORMAT}))
-    atomic_write(directory / DESCRIPTION, lambda tmp: Path(tmp).write_text(description))
+    with atomic_folder(directory) as staging:
+        save_model(model, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        (staging / DESCRIPTION).write_text(description)
+
+
+def _check_description(description: Any, path: Path) -> dict[str, Any]:
+    """Every field :func:`load_compacted_` reads, with the type it needs (before anything is changed)."""
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{str(path)!r} is not a valid {FORMAT} description: {what}; the file was edited or "
+                               "is corrupt: save the model again with save_compacted")
+
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} description")
+    for key, kind in (("class", str), ("steps", list), ("summary", dict), ("masks", list)):
+        if key == "masks" and key not in description:
+            continue  # (written before compacted models kept their masks)
+        if not isinstance(description.get(key), kind):
+            raise fail(f"{key!r} must be a {kind.__name__}, got {type(description.get(key)).__name__}")
+    for i, step in enumerate(description["steps"]):
+        if not isinstance(step, dict) or not isinstance(step.get("modules"), dict) \
+                or not isinstance(step.get("fixes"), list):
+            raise fail(f"step {i} needs a 'modules' mapping and a 'fixes' list")
+        for name, change in step["modules"].items():
+            if not isinstance(change, dict) or not isinstance(change.get("kind"), str) \
+                    or not isinstance(change.get("keeps"), dict) or not isinstance(change.get("options"), dict):
+                raise fail(f"step {i}, module {name!r} needs 'kind', 'keeps' and 'options'")
+            for key, keep in change["keeps"].items():
+                if not isinstance(keep, list) or not all(type(k) is int and k >= 0 for k in keep):
+                    raise fail(f"step {i}, module {name!r}, keeps {key!r} must be a list of indices >= 0")
+    if not all(isinstance(m, str) for m in description.get("masks", [])):
+        raise fail("'masks' must list parameter names")
+    return description
 
 
 def _read_description(directory: Path) -> dict[str, Any]:
@@ -220,18 +241,24 @@ def _read_description(directory: Path) -> dict[str, Any]:
         description = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); the file is corrupt") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} description")
-    return description
+    return _check_description(description, path)
 
 
-def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
-    """Strict ``load_state_dict`` from a safetensors file. Unlike ``safetensors.torch.load_model`` it keeps
-    the model's own state-dict metadata (module versions, which e.g. torchvision's MNASNet requires), and
-    accepts a missing key only where the model ties it to a loaded tensor (``save_model`` drops such aliases)."""
+def _read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+
+
+def _load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Strict ``load_state_dict``, every key, shape and dtype checked before anything is copied. Unlike
+    ``safetensors.torch.load_model`` it keeps the model's own state-dict metadata (module versions, which
+    e.g. torchvision's MNASNet requires), and accepts a missing key only where the model ties it to a loaded
+    tensor (``save_model`` drops such aliases)."""
     own = model.state_dict()
     def storage(key: str) -> int | None:  # None for empty tensors, whose data pointers say nothing
         return own[key].untyped_storage().data_ptr() if own[key].numel() else None
@@ -242,6 +269,10 @@ def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
     missing = sorted(set(own) - set(state) - set(aliases))
     if missing or unexpected:
         raise CheckpointError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    wrong = [f"{k!r} is {tuple(v.shape)} {v.dtype} in the file, {tuple(own[k].shape)} {own[k].dtype} in the model"
+             for k, v in state.items() if v.shape != own[k].shape or v.dtype != own[k].dtype]
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} tensors do not fit, e.g. {wrong[0]}")
     ordered = OrderedDict(state)
     ordered._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # per-module versions
     model.load_state_dict(ordered, strict=False)
@@ -249,10 +280,12 @@ def _load_weights_(model: nn.Module, path: Path, device: torch.device) -> None:
 
 def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     """Load a model saved by :func:`save_compacted` onto ``model``, a freshly built instance of the class it
-    was saved from: replay its compaction steps, then load the weights (strictly, no pickle). A missing,
-    corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and leaves ``model`` as it was.
+    was saved from: replay its compaction steps, mask it as it was, then load the weights (strictly, no
+    pickle). A missing, corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and
+    leaves ``model`` as it was: everything is read and checked before a value is copied into the model.
     """
     from slimtorch.compact.compact import _Snapshot, replay_
+    from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
     from slimtorch.report import COMPACTION_ATTR
 
     directory = Path(directory)
@@ -260,14 +293,20 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     if description["class"] != _class_name(model):
         raise CheckpointError(f"the checkpoint was saved from {description['class']}; got a {_class_name(model)}. "
                               "Build an instance of the saved class and load onto it")
-    if getattr(model, COMPACTION_ATTR, None):
-        raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted")
+    if getattr(model, COMPACTION_ATTR, None) or is_masked(model):
+        raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted or masked")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    state = _read_weights(directory / WEIGHTS, device)
     snapshot = _Snapshot(model)
     try:
         replay_(model, description["steps"])
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        _load_weights_(model, directory / WEIGHTS, device)
-    except Exception as err:  # safetensors, shape and replay errors alike: the file does not fit the model
+        params = dict(model.named_parameters())
+        apply_masks_(model, {n: torch.ones_like(params[n], dtype=torch.bool) if n in params else torch.ones(0)
+                             for n in description.get("masks", [])})
+        _load_weights_(model, state)
+    except Exception as err:  # shape, replay and mask errors alike: the file does not fit the model
+        if is_masked(model):
+            remove_masks_(model)  # (also drops the gradient hooks masking put on parameters the steps kept)
         snapshot.restore(model)
         raise CheckpointError(f"{str(directory)!r} does not match this model: {err}") from None
     setattr(model, COMPACTION_ATTR, {**description["summary"], "steps": description["steps"]})

@@ -179,11 +179,12 @@ def quantization(model: nn.Module) -> str | None:
 
 def model_state(model: nn.Module) -> str:
     """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
-    :func:`quantization` says how it is quantized)."""
-    if is_masked(model):
-        return "masked"
+    :func:`quantization` says how it is quantized). A compacted model is ``"compacted"`` even when it
+    carries masks (what the masks prune inside the channels compaction kept, or a later pruning round)."""
     if getattr(model, COMPACTION_ATTR, None):
         return "compacted"
+    if is_masked(model):
+        return "masked"
     return "dense"
 
 

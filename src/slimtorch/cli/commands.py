@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
+from slimtorch.atomic import atomic_folder, check_output_folder
 from slimtorch.cli.common import (
     MODEL_HELP,
     add_data_args,
     add_threads_arg,
     apply_threads,
+    non_negative_int,
     parse_shape,
     positive_int,
     resolve_model,
@@ -26,6 +27,7 @@ from slimtorch.io import save_masks
 from slimtorch.models.modelfile import save_model
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.prune.criteria import CRITERIA
+from slimtorch.prune.masks import get_masks, merge_masks
 from slimtorch.recipes.plots import plot_layers
 from slimtorch.report import compare_markdown, report, sparsity_table
 
@@ -59,33 +61,40 @@ def _config_list(args: argparse.Namespace) -> list[dict] | tuple:
     return entries
 
 
+PRUNE_OUTPUTS = ("masks.safetensors", "model.safetensors", "report.md", "report.json", "layers.png")
+COMPACT_OUTPUTS = ("model.safetensors", "report.md", "report.json")
+REPORT_OUTPUTS = ("report.md", "report.json", "layers.png")
+
+
 def _prune(args: argparse.Namespace) -> int:
     apply_threads(args)
+    check_output_folder(args.out, PRUNE_OUTPUTS)  # before any work: a folder that cannot take them fails now
     loaded = resolve_model(args.model, input_shape=args.input_shape)
     config_list = _config_list(args)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     before = report(loaded.model, x, runs=args.runs)
     # with the example batch, coupled layers (residual adds, BN, the next layer's inputs) get consistent masks
-    masks = compute_masks(loaded.model, config_list, example_inputs=x, criterion=args.criterion)
+    new = compute_masks(loaded.model, config_list, example_inputs=x, criterion=args.criterion)
+    masks = merge_masks(get_masks(loaded.model), new)  # a pruned or compacted model keeps its masks' zeros
     apply_masks_(loaded.model, masks)
     after = report(loaded.model, x, runs=args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_masks(masks, out / "masks.safetensors")
-    save_model(out / "model.safetensors", loaded.model, loaded.spec)
     rows = sparsity_table(loaded.model, masks)
     table = compare_markdown({"before": before, "pruned (masked)": after})
-    write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{table}\n")
-    write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows})
-    plot_layers(rows, out / "layers.png", title=f"{args.model}: kept per layer")
-    print(f"{table}\n\nwrote {out}/masks.safetensors, model.safetensors, report.md, report.json, layers.png")
+    with atomic_folder(args.out) as out:
+        save_masks(masks, out / "masks.safetensors")
+        save_model(out / "model.safetensors", loaded.model, loaded.spec)
+        write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{table}\n")
+        write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows})
+        plot_layers(rows, out / "layers.png", title=f"{args.model}: kept per layer")
+    print(f"{table}\n\nwrote {args.out}/masks.safetensors, model.safetensors, report.md, report.json, layers.png")
     return 0
 
 
 def _compact(args: argparse.Namespace) -> int:
     apply_threads(args)
+    check_output_folder(args.out, COMPACT_OUTPUTS)
     loaded = resolve_model(args.model, masks=args.masks)
-    if not loaded.masks or loaded.state != "masked":
+    if not loaded.masks or loaded.state == "dense":
         raise ConfigError(f"{args.model!r} has no masks to compact: give a pruned model file or --masks FILE")
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     masked = report(loaded.model, x, runs=args.runs)
@@ -97,14 +106,14 @@ def _compact(args: argparse.Namespace) -> int:
     if diff > 1e-3 * max(1.0, float(expected.abs().max())):
         raise CompactionError(f"the compacted model computes differently from the masked one (max diff {diff:.3g})")
     compacted = report(loaded.model, x, runs=args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "model.safetensors", loaded.model, loaded.spec, masks=loaded.masks)
     table = compare_markdown({"masked": masked, "compacted": compacted})
     text = f"# slimtorch compact {args.model}\n\n{table}\n\nmax |output difference|: {diff:.3g}\n"
-    write_text(out / "report.md", text)
-    write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(), "max_diff": diff})
-    print(f"{table}\n\nmax |output difference| {diff:.3g}; wrote {out}/model.safetensors, report.md, report.json")
+    with atomic_folder(args.out) as out:
+        save_model(out / "model.safetensors", loaded.model, loaded.spec)  # with the masks it keeps, if any
+        write_text(out / "report.md", text)
+        write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(),
+                                         "max_diff": diff})
+    print(f"{table}\n\nmax |output difference| {diff:.3g}; wrote {args.out}/model.safetensors, report.md, report.json")
     return 0
 
 
@@ -113,6 +122,8 @@ def _report(args: argparse.Namespace) -> int:
     from slimtorch.recover.trainer import evaluate_accuracy
 
     apply_threads(args)
+    if args.out is not None:
+        check_output_folder(args.out, REPORT_OUTPUTS)
     loaded = resolve_model(args.model, input_shape=args.input_shape, masks=args.masks)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     rep = report(loaded.model, x, runs=args.runs)
@@ -123,19 +134,18 @@ def _report(args: argparse.Namespace) -> int:
     text = rep.to_markdown(args.model) + (f"\n\ntest accuracy ({args.dataset}): {data['accuracy']:.2%}"
                                            if "accuracy" in data else "")
     if args.out is not None:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "report.md", f"# slimtorch report {args.model}\n\n{text}\n")
-        write_json(out / "report.json", data)
-        if loaded.masks:
-            plot_layers(sparsity_table(loaded.model, loaded.masks), out / "layers.png", title=args.model)
+        with atomic_folder(args.out) as out:
+            write_text(out / "report.md", f"# slimtorch report {args.model}\n\n{text}\n")
+            write_json(out / "report.json", data)
+            if loaded.masks:
+                plot_layers(sparsity_table(loaded.model, loaded.masks), out / "layers.png", title=args.model)
     print(json.dumps(data, indent=2) if args.format == "json" else text)
     return 0
 
 
 def _measure_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the measured input")
-    parser.add_argument("--runs", type=int, default=20, help="timed forward calls (0: skip latency)")
+    parser.add_argument("--runs", type=non_negative_int, default=20, help="timed forward calls (0: skip latency)")
     add_threads_arg(parser)
 
 

@@ -9,9 +9,10 @@ from typing import Any, NoReturn
 
 import torch
 
+from slimtorch.atomic import atomic_write
 from slimtorch.data.sources import DATASETS
 from slimtorch.errors import ConfigError
-from slimtorch.io import atomic_write, load_masks
+from slimtorch.io import load_masks
 from slimtorch.models.modelfile import LoadedModel, load_model
 from slimtorch.models.registry import ModelSpec, build_model
 from slimtorch.prune.masks import apply_masks_, check_masks
@@ -21,7 +22,9 @@ __all__ = [
     "add_data_args",
     "add_threads_arg",
     "apply_threads",
+    "non_negative_int",
     "parse_shape",
+    "positive_int",
     "resolve_model",
     "write_json",
     "write_text",
@@ -49,14 +52,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:

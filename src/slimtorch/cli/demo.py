@@ -67,10 +67,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, epochs: int = 8, finetune_epo
     text = (f"Before: the trained dense model. After: pruned (half the channels of every convolution but the "
             f"first, L1 norm), compacted and recovered by distillation from the dense model. FLOPs and latency "
             f"per {batch}.\n\n{table}")
-    write_outputs(result, out, title="slimtorch demo: digits CNN", extra=summary, summary=text)
-    plot_stages([asdict(s) for s in result.stages], out / "demo.png", title="digits CNN")
-    # kept fractions come from the masks alone, so they read the same for a masked and a compacted model
-    plot_layers(sparsity_table(result.model, result.masks), out / "layers.png", title="what pruning kept (per layer)")
+    figures = {
+        "demo.png": lambda path: plot_stages([asdict(s) for s in result.stages], path, title="digits CNN"),
+        # kept fractions come from the masks alone, so they read the same for a masked and a compacted model
+        "layers.png": lambda path: plot_layers(sparsity_table(result.model, result.masks), path,
+                                               title="what pruning kept (per layer)"),
+    }
+    write_outputs(result, out, title="slimtorch demo: digits CNN", extra=summary, summary=text, more=figures)
     print(f"\n{stages_markdown(result.stages)}\n\n{table}\n\n"
           f"wrote {out}/report.md, report.json, demo.png, layers.png, stages.png, model.safetensors")
     return {**summary, "stages": [asdict(s) for s in result.stages]}

@@ -25,13 +25,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _recipe(args: argparse.Namespace) -> int:
-    from slimtorch.recipes.outputs import stages_markdown, write_outputs
+    from slimtorch.atomic import check_output_folder
+    from slimtorch.recipes.outputs import OUTPUTS, stages_markdown, write_outputs
     from slimtorch.recipes.runner import run_recipe
     from slimtorch.recipes.schema import load_recipe
     from slimtorch.recover.distributed import init_distributed
 
     apply_threads(args)
     recipe = load_recipe(args.file)
+    check_output_folder(args.out, OUTPUTS)  # before any training: an --out that cannot take them fails now
     info = init_distributed()
     result = run_recipe(recipe, args.out, data_dir=args.data_dir, resume=args.resume)
     if info.is_main:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from slimtorch.compact.fixer import ShapeFixer
+from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
@@ -204,7 +205,9 @@ def compact_(
 
     Train/eval mode, dtype, device and ``requires_grad`` are kept; ``model.slimtorch_compaction`` (a dict)
     says what changed, and a :class:`~slimtorch.errors.SlimWarning` says how many channels the masks
-    prune had to stay, and why.
+    prune had to stay, and why. What the masks prune inside the channels that stay stays masked, at the
+    compacted size (:mod:`slimtorch.compact.kept_masks`): training keeps it at zero unless
+    :func:`~slimtorch.remove_masks_` lets it grow back.
     """
     # With the check, a plan may take the structure of the model's last shapes-only trace instead of running
     # the masked model through the graph (when no measured value would change it): the check's reference is
@@ -212,6 +215,8 @@ def compact_(
     # and planned again from a measured run.
     plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=not verify)
     before = sum(p.numel() for p in model.parameters())
+    carried = carried_masks(model, masks)  # what stays masked inside the kept channels, cut like its parameter
+    kept_masks = cut_masks(model, carried, plan.modules)
     snapshot = _Snapshot(model)
     try:
         step = _apply_checked(model, plan, example_inputs, verify, snapshot)
@@ -220,7 +225,13 @@ def compact_(
             raise
         # the model did not run as traced (changed since?): restored, planned again from a measured run
         plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops)
+        kept_masks = cut_masks(model, carried, plan.modules)
         step = _apply_checked(model, plan, example_inputs, verify, snapshot)
+    try:
+        keep_masks_(model, kept_masks)
+    except BaseException:
+        snapshot.restore(model)
+        raise
     forget(model)  # (the last trace no longer describes the model)
     setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
     for finish in AFTER_COMPACTION:
@@ -228,7 +239,7 @@ def compact_(
     if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
         warnings.warn(
             "compaction removed no channel: the masks zero no whole channel of a layer's weights (they mask single "
-            "weights, or only normalisation parameters such as BatchNorm scales); the masked values were baked in. "
+            "weights, or only normalisation parameters such as BatchNorm scales); the masks stay on the model. "
             "To remove channels, mask whole output rows of the layers, e.g. with compute_masks(..., "
             "example_inputs=...), which extends a pruned channel to every parameter that produces it.",
             SlimWarning,

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtorch.atomic import atomic_folder
 from slimtorch.errors import CheckpointError, ConfigError
-from slimtorch.io import atomic_write
 from slimtorch.lora.config import LoRAConfig
 from slimtorch.lora.layers import CONV, LORA_ATTR, adapters, add_lora_, lora_targets
 from slimtorch.quant.lowbit import LowBitConv2d
@@ -34,11 +34,11 @@ def save_lora(model: nn.Module, directory: str | Path) -> None:
     if not getattr(model, LORA_ATTR, None):
         raise ConfigError("the model has no LoRA adapters to save; add them with add_lora_ first")
     config = LoRAConfig.from_dict(getattr(model, LORA_ATTR))
-    directory = Path(directory)
     tensors = lora_state_dict(model)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft(), indent=2, sort_keys=True)
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_folder(directory) as staging:  # both files or neither
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(text)
 
 
 def _read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:

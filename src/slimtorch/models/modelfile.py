@@ -1,9 +1,10 @@
 """Saved slimtorch models: one safetensors file, never pickle.
 
 A model file holds how to build the architecture (a :class:`~slimtorch.models.registry.ModelSpec`, as
-JSON metadata), the state dict, and for a pruned model its masks. A compacted model also records what
-compaction did (``model.slimtorch_compaction``, JSON): loading replays those steps on a fresh model
-(:func:`slimtorch.compact.replay_`, no tracing), then loads the weights::
+JSON metadata), the state dict and the masks the model carries (a masked model's; those a compacted one
+keeps inside the channels that stay, at its size). A compacted model also records what compaction did
+(``model.slimtorch_compaction``, JSON): loading replays those steps on a fresh model
+(:func:`slimtorch.compact.replay_`, no tracing), masks it again, then loads the weights::
 
     >>> import os, tempfile, torch
     >>> from slimtorch import apply_masks_, compute_masks
@@ -29,21 +30,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtorch.atomic import atomic_write
 from slimtorch.compact import replay_
-from slimtorch.errors import CheckpointError, CompactionError
-from slimtorch.io import atomic_write
+from slimtorch.errors import CheckpointError, CompactionError, SlimError
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
-from slimtorch.prune.masks import apply_masks_, get_masks
+from slimtorch.prune.masks import MASK_SUFFIX, apply_masks_, get_masks
 from slimtorch.report import COMPACTION_ATTR, model_state
 
 __all__ = ["LoadedModel", "load_model", "save_model"]
 
 FORMAT = "slimtorch-model-v1"
+STATES = ("dense", "masked", "compacted")
 
 
 @dataclass
 class LoadedModel:
-    """A model read from a file, with how it was built, its state and its masks (empty when dense)."""
+    """A model read from a file, with how it was built, its state and the masks it carries (a masked
+    model's; those a compacted one keeps, at its size; empty when there are none)."""
 
     model: nn.Module
     spec: ModelSpec
@@ -51,21 +54,19 @@ class LoadedModel:
     masks: dict[str, torch.Tensor]
 
 
-def save_model(
-    path: str | Path, model: nn.Module, spec: ModelSpec, *, masks: Mapping[str, torch.Tensor] | None = None
-) -> None:
-    """Save ``model`` (dense, masked or compacted) atomically. A masked model carries its own masks; give
-    a compacted one the ``masks`` it was compacted with to keep them in the file (for reports)."""
+def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> None:
+    """Save ``model`` (dense, masked or compacted) atomically, with the masks it carries: a masked model's,
+    or the compacted-size masks a compacted model keeps (each mask once, as bool)."""
     from safetensors.torch import save_file
 
     if getattr(model, "slimtorch_quantization", None):
         raise CheckpointError("save_model stores float models (dense, masked or compacted); save a quantized model "
                               "with slimtorch.quant.saving.save_quantized")
     state = model_state(model)
-    if state == "masked":
-        masks = get_masks(model)
-    tensors = {f"state::{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"mask::{k}": v.to(torch.bool) for k, v in (masks or {}).items()})
+    masks = get_masks(model)
+    buffers = {name + MASK_SUFFIX for name in masks}  # the masks again, as buffers: stored once, as masks
+    tensors = {f"state::{k}": v for k, v in model.state_dict().items() if k not in buffers}
+    tensors.update({f"mask::{k}": v.to(torch.bool) for k, v in masks.items()})
     flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": FORMAT, "spec": json.dumps(spec.to_dict()), "state": state}
     if state == "compacted":
@@ -115,7 +116,25 @@ def _load_compacted_folder(path: Path) -> LoadedModel:
     spec = ModelSpec(name=names[0])
     model = build_model(spec)
     load_compacted_(model, path)  # replays the recorded steps, then loads the weights; CheckpointError if not
-    return LoadedModel(model, spec, "compacted", {})
+    return LoadedModel(model, spec, "compacted", get_masks(model))
+
+
+def _spec_and_state(header: Mapping[str, str], path: Path) -> tuple[ModelSpec, str]:
+    try:
+        spec, state = ModelSpec.from_dict(json.loads(header["spec"])), header["state"]
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{str(path)!r} has a missing or corrupt model description ({type(err).__name__}: "
+                              f"{err}); save the model again") from None
+    if state not in STATES:
+        raise CheckpointError(f"{str(path)!r} says its model is {state!r}; expected one of {list(STATES)}")
+    return spec, state
+
+
+def _build(spec: ModelSpec, path: Path) -> nn.Module:
+    try:
+        return build_model(spec)
+    except (SlimError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{str(path)!r} describes a model that cannot be built ({err})") from None
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -128,17 +147,18 @@ def load_model(path: str | Path) -> LoadedModel:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a slimtorch model file (format {header.get('format')!r}); "
                               "save models with `slimtorch prune/compact --out` or slimtorch.models.save_model")
-    spec = ModelSpec.from_dict(json.loads(header["spec"]))
+    spec, state = _spec_and_state(header, path)
     masks = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("mask::")}
     state_dict = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("state::")}
-    model = build_model(spec)
-    if header["state"] == "masked":
-        apply_masks_(model, masks)
-    elif header["state"] == "compacted":
+    model = _build(spec, path)
+    if state == "compacted":
         _replay_(model, header, path)
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
+        if masks:
+            apply_masks_(model, masks)
+        # (the mask buffers are stored once, as the masks)
+        model.load_state_dict({**{k + MASK_SUFFIX: m for k, m in masks.items()}, **state_dict})
+    except (RuntimeError, SlimError) as err:
         first = str(err).strip().splitlines()[-1].strip()
         raise CheckpointError(f"{str(path)!r} does not fit a {spec.name}: {first}") from None
-    return LoadedModel(model, spec, header["state"], masks)
+    return LoadedModel(model, spec, state, masks)

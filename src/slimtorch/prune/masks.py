@@ -25,7 +25,8 @@ zeroes their gradient so no optimizer (momentum, Adam, weight decay) moves them.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ __all__ = [
     "is_masked",
     "mask_factor",
     "mask_sparsity",
+    "merge_masks",
     "remove_masks_",
+    "without_masks",
 ]
 
 MASK_SUFFIX = "_mask"
@@ -93,6 +96,10 @@ class _MaskHook:
                     _add_grad_hook(param, mask)
 
     def __call__(self, module: nn.Module, args: object) -> None:
+        if torch.compiler.is_exporting():
+            # An exported program must not write into its parameters; the masked entries are zero already
+            # (zeroed when the masks were applied, their gradients masked since), so the program is the same.
+            return
         self.enforce(module)
 
     def state_dict_hook(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -211,6 +218,42 @@ def remove_masks_(model: nn.Module) -> None:
         for name in hook.names:
             _drop_grad_hook(module._parameters[name])
             del module._buffers[name + MASK_SUFFIX]
+
+
+def merge_masks(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks that prune what either ``old`` or ``new`` prunes (bool, keyed like both): a second pruning
+    round keeps the first round's zeros.
+
+    >>> merge_masks({"w": torch.tensor([True, False, True])}, {"w": torch.tensor([False, True, True])})["w"]
+    tensor([False, False,  True])
+    """
+    out = {name: m.to(torch.bool) for name, m in old.items()}
+    for name, mask in new.items():
+        mask = mask.to(torch.bool)
+        out[name] = out[name].to(mask.device) & mask if name in out and out[name].shape == mask.shape else mask
+    return out
+
+
+@contextmanager
+def without_masks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block ``model`` carries no masks (their zeros stay in the weights), e.g. for a writer that
+    saves plain layers; they are put back after. Yields the masks.
+
+    >>> net = nn.Linear(2, 1)
+    >>> apply_masks_(net, {"weight": torch.tensor([[True, False]])})
+    >>> with without_masks(net) as masks:
+    ...     is_masked(net), sorted(masks)
+    (False, ['weight'])
+    >>> is_masked(net)
+    True
+    """
+    masks = get_masks(model)
+    remove_masks_(model)
+    try:
+        yield masks
+    finally:
+        if masks:
+            apply_masks_(model, masks)
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:

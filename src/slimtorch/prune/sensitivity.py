@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.atomic import save_figure
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.criteria import Criterion
@@ -104,7 +105,7 @@ class SensitivityResult:
         ax.set(xlabel="sparsity of the one pruned layer", ylabel=ylabel, title=title)
         ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
 
     def allocate(self, total_sparsity: float) -> dict[str, float]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slimtorch.io import atomic_write, save_masks
+from slimtorch.atomic import atomic_folder, atomic_write, check_output_folder
+from slimtorch.io import save_masks
 from slimtorch.models.modelfile import save_model
 from slimtorch.recipes.plots import plot_stages
 from slimtorch.recipes.runner import RecipeResult, StageResult
@@ -39,22 +40,29 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+OUTPUTS = ("report.md", "report.json", "stages.png", "model.safetensors", "masks.safetensors")
+
+
 def write_outputs(
     result: RecipeResult, out_dir: str | Path, *, title: str = "recipe", extra: Mapping[str, Any] | None = None,
-    summary: str = "",
+    summary: str = "", more: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> list[Path]:
-    """Write the report (Markdown and JSON), the figure, the final model and its masks; returns the paths.
-    ``summary`` (Markdown) goes above the per-stage table."""
+    """Write the report (Markdown and JSON), the figure, the final model (with the masks it carries) and the
+    last pruning round's masks, all at once (:func:`slimtorch.atomic.atomic_folder`); returns the paths.
+    ``summary`` (Markdown) goes above the per-stage table; ``more`` maps further file names to the
+    functions that write them (given the path), written with the rest."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    names = list(OUTPUTS if result.masks else OUTPUTS[:-1]) + list(more or {})
+    check_output_folder(out, names)
     table = stages_markdown(result.stages)
-    paths = [out / "report.md", out / "report.json", out / "stages.png", out / "model.safetensors"]
     sections = [f"# {title}", summary, "Every stage:" if summary else "", table]
-    _write_text(paths[0], "\n\n".join(part for part in sections if part) + "\n")
-    _write_text(paths[1], json.dumps({**result.to_dict(), **(extra or {})}, indent=2))
-    plot_stages([asdict(s) for s in result.stages], paths[2], title=title)
-    save_model(paths[3], result.model, result.spec, masks=result.masks)
-    if result.masks:
-        paths.append(out / "masks.safetensors")
-        save_masks(result.masks, paths[-1])
-    return paths
+    with atomic_folder(out) as staging:
+        _write_text(staging / names[0], "\n\n".join(part for part in sections if part) + "\n")
+        _write_text(staging / names[1], json.dumps({**result.to_dict(), **(extra or {})}, indent=2))
+        plot_stages([asdict(s) for s in result.stages], staging / names[2], title=title)
+        save_model(staging / names[3], result.model, result.spec)
+        if result.masks:
+            save_masks(result.masks, staging / OUTPUTS[4])
+        for name, write in (more or {}).items():
+            write(staging / name)
+    return [out / name for name in names]

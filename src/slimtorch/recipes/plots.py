@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimtorch.atomic import save_figure
+
 __all__ = ["plot_layers", "plot_stages"]
 
 
@@ -35,7 +37,7 @@ def plot_layers(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: s
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -87,5 +89,5 @@ def plot_stages(stages: Sequence[Mapping[str, Any]], path: str | Path, *, title:
     _ratios(middle, stages)
     _curves(right, stages)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -13,8 +13,13 @@
 
 Training steps write ``checkpoints/<n>-<kind>.safetensors`` under the output folder; with ``resume=True``
 finished steps are restored from theirs and an interrupted one continues where it stopped. Pruning and
-compaction are deterministic, so they are simply computed again. Under ``torchrun`` every process runs
-the recipe (training is data parallel) and process 0 writes the outputs.
+compaction are deterministic, so they are simply computed again. A checkpoint records the recipe up to its
+step (model, data, seed, every step's settings) besides what :func:`~slimtorch.recover.fit` records (the
+model's architecture and masks, the data's content): a resume after any change before or in a
+training step refuses that step's checkpoint with a :class:`~slimtorch.errors.CheckpointError` naming the
+change. Pruning may follow compaction (prune, compact, prune, compact): the second round prunes the
+compacted model. Under ``torchrun`` every process runs the recipe (training is data parallel) and process
+0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from slimtorch.errors import ConfigError
 from slimtorch.models.modelfile import load_model
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 from slimtorch.prune import apply_masks_, compute_masks
+from slimtorch.prune.masks import get_masks, merge_masks
 from slimtorch.recipes.schema import Recipe, Step
 from slimtorch.recover.distill import Distiller
 from slimtorch.recover.distributed import dist_info
@@ -69,6 +75,10 @@ class StageResult:
 
 @dataclass
 class RecipeResult:
+    """The measurements after every step, the final model and the last pruning round's masks (at the size
+    of the model that round pruned: after a compaction they no longer fit the final model, whose own masks
+    are :func:`~slimtorch.get_masks`'s)."""
+
     stages: list[StageResult]
     model: nn.Module
     spec: ModelSpec
@@ -89,6 +99,9 @@ class _State:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: nn.Module | None = None
     compacted: bool = False
+    # what made the model so far (the recipe's model, data, seed and steps up to the current one): recorded in
+    # every training checkpoint, so that a resume refuses a checkpoint of a run that got there differently
+    context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def train_set(self) -> TensorDataset:
@@ -122,25 +135,26 @@ def register_step(*kinds: str) -> Callable[[StepRunner], StepRunner]:
 def _train(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitResult:
     assert step.train is not None
     return fit(state.model, state.train_set, step.train, eval_data=state.test_set, checkpoint=checkpoint,
-               resume=resume)
+               resume=resume, context=state.context)
 
 
 @register_step("prune")
 def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
-    assert not state.compacted, "Recipe validation forbids pruning after compaction"
     if state.teacher is None:
         state.teacher = copy.deepcopy(state.model)  # the unpruned model: the default teacher
-    masks = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
-                          seed=state.seed)
-    apply_masks_(state.model, masks)
-    state.masks.update(masks)
+    new = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
+                        seed=state.seed)
+    # an earlier round's zeros stay; after a compaction the masks are the compacted model's (its own size)
+    state.masks = merge_masks(get_masks(state.model), new)
+    apply_masks_(state.model, state.masks)
 
 
 @register_step("compact")
 def _compact(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
-    if not state.masks:
+    masks = get_masks(state.model)  # the masks on the model now (a second round's are at the compacted size)
+    if not masks:
         raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
-    compact_(state.model, state.masks, example_inputs=state.example)  # verified on real test samples
+    compact_(state.model, masks, example_inputs=state.example)  # verified on real test samples
     state.compacted = True
 
 
@@ -160,7 +174,7 @@ def _distill(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitRe
     distiller = Distiller(_teacher(state, step), state.model, step.distill, example_inputs=state.example)
     try:
         return fit(state.model, state.train_set, step.train, loss_fn=distiller, eval_data=state.test_set,
-                   checkpoint=checkpoint, resume=resume)
+                   checkpoint=checkpoint, resume=resume, context=state.context)
     finally:
         distiller.close()
 
@@ -221,8 +235,11 @@ def run_recipe(
     state = _State(model, spec, data, recipe.seed, masks=dict(masks))
     say = (lambda msg: None) if quiet or not dist_info().is_main else print
     stages = [_measure(state, "initial", None)]
+    made_of = {"model": recipe.model, "model_kwargs": dict(recipe.model_kwargs), "seed": recipe.seed,
+               "data": {k: v for k, v in spec_data.to_dict().items() if k != "data_dir"}}  # (files may move)
     for number, step in enumerate(recipe.steps, start=1):
         say(f"[{number}/{len(recipe.steps)}] {step.kind}")
+        state.context = {"recipe": {**made_of, "steps": [s.to_dict() for s in recipe.steps[:number]]}}
         checkpoint = Path(out_dir) / "checkpoints" / f"{number:02d}-{step.kind}.safetensors"
         result = STEP_RUNNERS[step.kind](state, step, checkpoint, resume)
         stages.append(_measure(state, f"{number} {step.kind}", result))

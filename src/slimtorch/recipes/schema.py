@@ -143,10 +143,6 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.steps:
             raise ConfigError("a recipe needs at least one step (train, prune, compact, distill, finetune)")
-        kinds = [s.kind for s in self.steps]
-        if "compact" in kinds and "prune" in kinds[kinds.index("compact") :]:
-            # a saved model is rebuilt from one set of masks; a second round would need the whole sequence
-            raise ConfigError("a prune step after a compact step is not supported; put every prune step before it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_kwargs": dict(self.model_kwargs), "data": self.data.to_dict(),

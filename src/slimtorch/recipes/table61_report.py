@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimtorch.io import atomic_write
+from slimtorch.atomic import atomic_folder, save_figure
 from slimtorch.recipes.plots import pyplot
 
 __all__ = ["BOOK_FIGURES", "table61_markdown", "write_table61"]
@@ -61,22 +61,22 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write_table61(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """Write ``table61.md``, ``table61.json`` and ``table61.png``; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "table61.md", out / "table61.json", out / "table61.png"]
+    names = ["table61.md", "table61.json", "table61.png"]
     limit = meta["config"].get("limit")
     text = (f"# Table 6.1: BookCNN on CIFAR-10, pruned per layer\n\n{table61_markdown(rows, meta)}\n\n"
             f"Machine: {meta['machine']}. Date: {meta['date']}. Data: {meta.get('train_images')} training and "
             f"{meta.get('test_images')} test images{' (subset)' if limit else ''}; "
             f"{meta['config']['warmup_epochs']} warm-up epoch(s), then {meta['config']['epochs']} epochs per row. "
             "Times are training seconds (evaluation excluded).\n")
-    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(text))
-    atomic_write(paths[1], lambda tmp: Path(tmp).write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2)))
-    _plot(rows, paths[2])
-    return paths
+    with atomic_folder(out) as staging:  # the three files together (the folder's checkpoints stay)
+        (staging / names[0]).write_text(text)
+        (staging / names[1]).write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2))
+        _plot(rows, staging / names[2])
+    return [out / name for name in names]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtorch.atomic import atomic_write
 from slimtorch.errors import CheckpointError
-from slimtorch.io import atomic_write
 
 __all__ = ["load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state", "write_checkpoint"]
 
@@ -67,7 +67,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         ) from None
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a slimtorch checkpoint (format {header.get('format')!r})")
-    return tensors, json.loads(header["meta"])
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} has a missing or corrupt description ({err}); delete it to start "
+                              "afresh") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{str(path)!r} has a corrupt description (not a mapping); delete it to start afresh")
+    return tensors, meta
 
 
 def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -137,21 +144,12 @@ def save_checkpoint(
         raise CheckpointError(f"cannot save checkpoint {str(path)!r}: {err}") from None
 
 
-def load_checkpoint(
-    path: str | Path,
-    *,
-    modules: Mapping[str, nn.Module],
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load what :func:`save_checkpoint` wrote into ``modules`` / ``optimizer`` / ``scheduler`` (in place).
-
-    Returns ``(extra, extra_tensors)``. Everything is read and checked before anything is loaded.
-    """
-    tensors, meta = read_checkpoint(path)
-    missing = sorted(set(modules) - set(meta["modules"]))
-    if missing or (optimizer is not None and "optimizer" not in meta):
-        raise CheckpointError(f"{str(path)!r} lacks {missing or 'optimizer state'}: it was written by another run")
+def _check_modules(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                   modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every module's saved state, checked against the module (keys and shapes)."""
+    missing = sorted(set(modules) - set(meta.get("modules", [])))
+    if missing:
+        raise CheckpointError(f"{str(path)!r} lacks {missing}: it was written by another run")
     states = {p: {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{p}::")} for p in modules}
     for prefix, module in modules.items():
         own = module.state_dict()
@@ -162,11 +160,48 @@ def load_checkpoint(
                 f"{str(path)!r} does not match the {prefix}: {len(bad)} entries differ (first {bad[:3]}); "
                 "it was written for another model or config: run without --resume to start afresh"
             )
+    return states
+
+
+def _check_optimizer(path: Path, meta: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """The saved optimizer state has this optimizer's parameter groups (torch checks this too, but only
+    after the modules would have been loaded)."""
+    saved = meta.get("optimizer")
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    sizes = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else None
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(f"{str(path)!r} holds optimizer state for other parameters ({sizes} per group, the "
+                              f"optimizer has {[len(g['params']) for g in optimizer.param_groups]}): it was written "
+                              "by another run")
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    check: Callable[[Mapping[str, Any], Mapping[str, torch.Tensor]], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load what :func:`save_checkpoint` wrote into ``modules`` / ``optimizer`` / ``scheduler`` (in place).
+
+    Returns ``(extra, extra_tensors)``. Everything is read and checked before anything is loaded:
+    ``check(extra, extra_tensors)`` runs first (it raises to refuse the file), then keys, shapes and
+    optimizer groups are compared; a refused file leaves every module and the optimizer as they were.
+    """
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    extra_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("extra::")}
+    if check is not None:
+        check(extra, extra_tensors)
+    states = _check_modules(path, tensors, meta, modules)
+    if optimizer is not None:
+        _check_optimizer(path, meta, optimizer)
     for prefix, module in modules.items():
         module.load_state_dict(states[prefix])
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])
-    extra_tensors = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("extra::")}
-    return meta["extra"], extra_tensors
+    return extra, extra_tensors

@@ -17,7 +17,9 @@ What it guarantees:
   :class:`~slimtorch.recover.distill.Distiller`'s projections, optimizer, scheduler, RNG states,
   progress) is written atomically every ``checkpoint_every`` steps and after every epoch. With
   ``resume=True`` a killed run continues from there and ends with exactly the weights an uninterrupted
-  run gives (same seed, deterministic CPU kernels).
+  run gives (same seed, deterministic CPU kernels). A checkpoint of another run (other settings, data,
+  architecture, masks, loss or caller's context: :mod:`slimtorch.recover.identity`) is refused before
+  anything is loaded.
 * **Data parallel**: under ``torchrun`` (after :func:`~slimtorch.recover.distributed.init_distributed`)
   each process trains on its share of every batch under ``DistributedDataParallel``, optionally with
   top-k gradient compression (``grad_topk``); process 0 writes the checkpoints.
@@ -43,6 +45,7 @@ from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy,
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
 from slimtorch.recover.distributed import all_reduce_sum, dist_info
+from slimtorch.recover.identity import differences, run_identity
 
 __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
 
@@ -171,9 +174,10 @@ class _Progress:
 class _Run:
     """One call of :func:`fit`: the objects it trains and how it saves and restores them."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, n_samples: int) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, n_samples: int,
+                 identity: dict[str, Any]) -> None:
         self.info = dist_info()
-        self.model, self.config = model, config
+        self.model, self.config, self.identity = model, config, identity
         self.step_module = _TrainStep(model, loss_fn)
         self.net: nn.Module = self.step_module
         self.hook: TopKState | None = None
@@ -211,19 +215,32 @@ class _Run:
             return
         _, plain = rng_state()
         extra = {"progress": asdict(progress_state), "config": self.config.to_dict(), "rng": plain,
-                 "world_size": self.info.world_size, "comm": self.hook.stats() if self.hook else None}
+                 "world_size": self.info.world_size, "comm": self.hook.stats() if self.hook else None,
+                 "identity": self.identity}
         save_checkpoint(path, modules=self.modules, optimizer=self.optimizer, scheduler=self.scheduler,
                         extra=extra, extra_tensors=tensors)
 
+    def _check(self, path: Path, extra: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a checkpoint of another run, before anything is loaded: every recorded setting is compared."""
+        saved = extra.get("identity")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{str(path)!r} does not record what its run was made of (written by an older "
+                                  "slimtorch?); delete it, or run without --resume (resume=False) to start afresh")
+        changed = differences(saved, self.identity)
+        if changed:
+            raise CheckpointError(
+                f"{str(path)!r} was written by another run; what differs: {'; '.join(changed)}. Resume with what "
+                "that run had, or run without --resume (resume=False) to start afresh"
+            )
+        progress_keys = set(_Progress.__dataclass_fields__)
+        if not isinstance(extra.get("progress"), dict) or set(extra["progress"]) != progress_keys \
+                or not isinstance(extra.get("rng"), dict) or f"rng.{self.info.rank}" not in tensors:
+            raise CheckpointError(f"{str(path)!r} lacks its progress or random states: it is corrupt; delete it, "
+                                  "or run without --resume to start afresh")
+
     def restore(self, path: Path) -> _Progress:
         extra, tensors = load_checkpoint(path, modules=self.modules, optimizer=self.optimizer,
-                                         scheduler=self.scheduler)
-        if extra["config"] != self.config.to_dict() or extra["world_size"] != self.info.world_size:
-            changed = sorted(k for k, v in self.config.to_dict().items() if extra["config"].get(k) != v)
-            raise CheckpointError(
-                f"{str(path)!r} was written by a run with other settings ({changed or 'world size'} differ); "
-                "resume with the same settings, or run without --resume to start afresh"
-            )
+                                         scheduler=self.scheduler, check=lambda e, t: self._check(path, e, t))
         set_rng_state(tensors[f"rng.{self.info.rank}"], extra["rng"])
         if self.hook is not None:
             prefix = f"residual.{self.info.rank}."
@@ -268,6 +285,7 @@ def fit(
     eval_data: Dataset | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    context: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``(x, y)`` samples; see the module docstring.
 
@@ -279,14 +297,23 @@ def fit(
             :class:`~slimtorch.recover.distill.Distiller`) has its parameters trained and checkpointed.
         eval_data: scored after every epoch (accuracy in the result).
         checkpoint: file to write the training state to (atomically).
-        resume: continue from ``checkpoint`` if it exists (a finished run returns its result at once).
+        resume: continue from ``checkpoint`` if it exists (a finished run returns its result at once). The
+            checkpoint must come from the same run: settings, data, model (architecture, masks, starting
+            weights), loss and ``context`` are compared before anything is loaded, and any difference is a
+            :class:`~slimtorch.errors.CheckpointError` naming it.
+        context: what else decides the result (JSON-able, e.g. the recipe steps that made the model); it is
+            recorded in the checkpoint and compared on resume.
     """
     if len(train_data) == 0:
         raise ConfigError("train_data is empty; give at least one (x, y) sample")
-    run = _Run(model, loss_fn or _cross_entropy, config, len(train_data))
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is None:
         raise ConfigError("resume=True needs a checkpoint path to resume from")
+    identity = None
+    if path is not None:  # the model as it starts: recorded in every checkpoint, compared on resume
+        identity = run_identity(model, train_data, config.to_dict(), loss_fn=loss_fn, eval_data=eval_data,
+                                world_size=dist_info().world_size, context=context)
+    run = _Run(model, loss_fn or _cross_entropy, config, len(train_data), identity or {})
     if resume and path is not None and path.exists():
         state = run.restore(path)
     else:

@@ -24,12 +24,13 @@ loads the weights (no pickle)::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from torch import nn
 
-from slimtorch.errors import CheckpointError
-from slimtorch.prune.masks import is_masked
+from slimtorch.errors import CheckpointError, SlimWarning
+from slimtorch.prune.masks import is_masked, without_masks
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import find_blocks
 from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
@@ -93,7 +94,13 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     hf_model = model[0].auto_model if hasattr(model, "_first_module") else model  # a SentenceTransformer
     if is_masked(hf_model):
-        raise CheckpointError("the model still carries masks; compact it (compact_hf_) or remove_masks_ it first")
+        if not getattr(hf_model, COMPACTION_ATTR, None):
+            raise CheckpointError("the model still carries masks; compact it (compact_hf_) or remove_masks_ it first")
+        with without_masks(hf_model) as masks:  # the zeros are saved; a Hugging Face folder holds no masks
+            warnings.warn(f"the masks the compacted model keeps ({', '.join(sorted(masks)[:3])}...) are not saved "
+                          "in a Hugging Face folder; save them with slimtorch.io.save_masks to keep those weights "
+                          "at zero when training the reloaded model", SlimWarning, stacklevel=2)
+            return save_compacted(model, path)
     config = hf_model.config
     auto = None if _config_rebuilds_shapes(hf_model) else _auto_class(type(hf_model))
     if auto is not None:
