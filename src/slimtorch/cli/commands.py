@@ -13,6 +13,7 @@ from slimtorch.cli.common import (
     add_data_args,
     add_threads_arg,
     apply_threads,
+    non_negative_int,
     parse_shape,
     positive_int,
     resolve_model,
@@ -135,7 +136,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _measure_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size of the measured input")
-    parser.add_argument("--runs", type=int, default=20, help="timed forward calls (0: skip latency)")
+    parser.add_argument("--runs", type=non_negative_int, default=20, help="timed forward calls (0: skip latency)")
     add_threads_arg(parser)
 
 

@@ -13,7 +13,7 @@ from slimtorch.data.sources import DATASETS
 from slimtorch.errors import ConfigError
 from slimtorch.io import atomic_write, load_masks
 from slimtorch.models.modelfile import LoadedModel, load_model
-from slimtorch.models.registry import ModelSpec, build_model
+from slimtorch.models.registry import ModelSpec, build_model, check_sample_shape
 from slimtorch.prune.masks import apply_masks_, check_masks
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "add_data_args",
     "add_threads_arg",
     "apply_threads",
+    "non_negative_int",
     "parse_shape",
     "resolve_model",
     "write_json",
@@ -46,7 +47,20 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; write one sample's shape, e.g. 3,32,32") from None
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; sizes must be positive, e.g. 3,32,32")
-    return shape
+    try:
+        return check_sample_shape(shape)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -85,6 +85,15 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
 
 
+def _read_spec(header: Mapping[str, str], path: Path) -> ModelSpec:
+    """The file's model spec, validated (sizes bounded, no downloading arguments) before anything is built."""
+    try:
+        return ModelSpec.from_dict(json.loads(header["spec"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{str(path)!r} holds a bad model spec ({err}); re-save the model with "
+                              "slimtorch.models.save_model") from None
+
+
 def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
     """Give a fresh ``model`` the shapes of the compacted one saved in ``path``."""
     try:
@@ -128,7 +137,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a slimtorch model file (format {header.get('format')!r}); "
                               "save models with `slimtorch prune/compact --out` or slimtorch.models.save_model")
-    spec = ModelSpec.from_dict(json.loads(header["spec"]))
+    spec = _read_spec(header, path)
     masks = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("mask::")}
     state_dict = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("state::")}
     model = build_model(spec)
