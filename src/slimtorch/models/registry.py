@@ -193,7 +193,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         try:
             with torch.device("meta"):
                 params = sum(p.numel() for p in _construct(spec).parameters())
-        except (RuntimeError, NotImplementedError):  # a constructor that reads tensor values: build for real
+        except (RuntimeError, NotImplementedError, ConfigError):  # it reads tensor values: the real build decides
             params = 0
         if params > MAX_PARAMETERS:
             raise ConfigError(f"model {spec.name} with {dict(spec.kwargs)} would hold {params:,} parameters (at most "
