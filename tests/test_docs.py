@@ -42,3 +42,16 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
             exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
         except Exception as err:  # report which block of which page broke
             pytest.fail(f"{page.relative_to(ROOT)} block at line {line} failed: {type(err).__name__}: {err}")
+
+
+def test_readme_quick_start_measures_each_phase(tmp_path, monkeypatch):
+    """The quick start reports the dense, masked and compacted models, each in its own state, and checks
+    the compacted model against a separate masked one on inputs compaction never saw."""
+    monkeypatch.chdir(tmp_path)
+    line, code = python_blocks((ROOT / "README.md").read_text())[0]
+    namespace: dict = {"__name__": "__docs__"}
+    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    states = {name: namespace[name].state for name in ("dense", "masked", "compacted")}
+    assert states == {"dense": "dense", "masked": "masked", "compacted": "compacted"}
+    assert namespace["masked"].params == namespace["dense"].params > namespace["compacted"].params
+    assert namespace["masked_model"] is not namespace["model"] and "fresh" in namespace

@@ -96,7 +96,9 @@ def test_compacted_minilm_config_round_trip(minilm, pruned, tmp_path):
     _, _, compacted = pruned
     expected = encode(compacted, tokenizer, SENTENCES)
     save_compacted(compacted, tmp_path / "hf")
-    for loaded in (load_compacted(tmp_path / "hf"), AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True)):
+    assert not list((tmp_path / "hf").glob("*.py"))  # no code is written, none is needed to load
+    assert "auto_map" not in (tmp_path / "hf" / "config.json").read_text()
+    for loaded in (load_compacted(tmp_path / "hf"), load_minilm(str(tmp_path / "hf"))[0]):
         assert loaded.config.slimtorch_blocks == compacted.config.slimtorch_blocks
         assert count_params(loaded) == count_params(compacted)
         torch.testing.assert_close(encode(loaded, tokenizer, SENTENCES), expected)

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.errors import ExportError
+from slimtorch.checks import (
+    check_finite_inputs,
+    check_materialized,
+    check_module,
+    check_number,
+    check_output_file,
+    run_model,
+)
+from slimtorch.errors import ExportError, SlimError
 from slimtorch.io import atomic_write
 from slimtorch.quant.api import sqnr
 from slimtorch.quant.config import quant_info
@@ -75,6 +83,8 @@ def export_program(model: nn.Module, example_inputs: Any) -> torch.export.Export
     >>> program.module()(torch.ones(1, 4)).shape
     torch.Size([1, 2])
     """
+    check_module(model, "export_program")
+    check_materialized(model, "export_program")
     _refuse_unexportable(model)
     args, kwargs = _args_kwargs(example_inputs)
     was_training = model.training
@@ -171,16 +181,23 @@ def export_onnx(
 ) -> OnnxCheck:
     """Export ``model`` (eval mode) to one ONNX file (weights embedded), written atomically, then run it in
     ONNX Runtime on ``example_inputs`` and compare with PyTorch's first output. A difference above ``atol``
-    (relative to the output's scale) raises ExportError and leaves no file behind."""
-    from slimtorch.graph.trace import call_model
-
+    (relative to the output's scale) raises ExportError and leaves no file behind, as does an output that
+    is not finite (the check could not compare). ``path`` must be a file path, not a folder."""
+    check_module(model, "export_onnx")
+    check_materialized(model, "export_onnx")
+    check_number(atol, "atol", low=0.0)
+    path = check_output_file(path, "export_onnx")
     _refuse_unexportable(model)
+    check_finite_inputs(example_inputs, "export_onnx's example_inputs")
     args, kwargs = _args_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ref = _first_tensor(call_model(model, example_inputs)).float()
+            ref = _first_tensor(run_model(model, example_inputs, "export_onnx")).float()
+        if not bool(torch.isfinite(ref).all()):
+            raise ExportError(f"{type(model).__name__}'s output on the example inputs holds NaN or infinite values, "
+                              "so the export cannot be checked against it; fix the model's weights or inputs")
         shapes = _dynamic_batch(example_inputs) if dynamic_batch else None
         # The exporter's optimizer folds constant subgraphs, which would unpack 4-/1-bit weights into float
         # constants and lose the size; low-bit models are written unoptimized (ONNX Runtime optimizes on load).
@@ -188,14 +205,14 @@ def export_onnx(
         with quiet_onnx():
             onnx_program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, optimize=not packed,
                                              dynamic_shapes=shapes, external_data=False)
-    except ExportError:
+    except SlimError:
         raise
     except Exception as err:
         raise ExportError(f"ONNX export failed for {type(model).__name__} ({type(err).__name__}: "
                           f"{str(err)[:300]}); try export_program(model, example_inputs) to see the graph") from err
     finally:
         model.train(was_training)
-    return _write_checked(onnx_program, Path(path), example_inputs, ref, atol)
+    return _write_checked(onnx_program, path, example_inputs, ref, atol)
 
 
 def _write_checked(onnx_program: Any, path: Path, example_inputs: Any, ref: torch.Tensor, atol: float) -> OnnxCheck:
@@ -212,11 +229,14 @@ def _write_checked(onnx_program: Any, path: Path, example_inputs: Any, ref: torc
         checked["diff"] = float((out - ref).abs().max())
         checked["sqnr"] = sqnr(ref, out)
         scale = float(ref.abs().max().clamp(min=1.0))
-        if checked["diff"] > atol * scale:  # raising inside atomic_write removes the temporary file
+        if not checked["diff"] <= atol * scale:  # NaN fails too; raising inside atomic_write removes the temp file
             raise ExportError(f"ONNX Runtime differs from PyTorch by {checked['diff']:.3g} (allowed {atol * scale:.3g})"
                               "; the export does not reproduce the model")
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        raise ExportError(f"cannot write {str(path)!r} ({err.strerror or err}); choose a writable path") from None
     return OnnxCheck(str(path), path.stat().st_size, checked["diff"], checked["sqnr"])
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import check_finite_inputs, check_materialized, check_module, check_number, run_model
 from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import ConfigError
 from slimtorch.select import select_layers
@@ -91,6 +92,14 @@ class LowRankConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LowRankConfig:
         return fields_from_dict(cls, data, what="low-rank")
+
+
+def _check_call(model: nn.Module, config: LowRankConfig, what: str) -> None:
+    check_module(model, what)
+    if not isinstance(config, LowRankConfig):
+        raise ConfigError(f"{what} takes a LowRankConfig, got a {type(config).__name__} ({config!r}); pass "
+                          "LowRankConfig.from_dict(config)")
+    check_materialized(model, what)
 
 
 def _number(value: Any) -> bool:
@@ -164,10 +173,20 @@ def plan_lowrank(
     model: nn.Module, config: LowRankConfig, *, ranks: Mapping[str, int] | None = None
 ) -> dict[str, LowRankPlan]:
     """Per selected layer, the rank ``config`` (or ``ranks[name]``, which overrides it) gives. Pure."""
+    _check_call(model, config, "plan_lowrank")
     layers = select_layers(
         model, op_types=config.op_types, op_names=config.op_names, exclude_op_names=config.exclude_op_names
     )
+    if ranks is not None and not isinstance(ranks, Mapping):
+        raise ConfigError(f"ranks must map layer names to ranks, e.g. {{'fc1': 16}}, got {ranks!r}")
     ranks = dict(ranks or {})
+    for name, rank in ranks.items():
+        check_number(rank, f"ranks[{name!r}]", low=1, integer=True)
+    for name, layer in layers.items():
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            raise ConfigError(f"layer {name!r} holds NaN or infinite weights, which have no SVD; fix the model or "
+                              "exclude the layer with exclude_op_names")
     unknown = sorted(set(ranks) - set(layers))
     if unknown:
         raise ConfigError(f"ranks given for layers the config does not select: {unknown}; selected: {list(layers)}")
@@ -232,10 +251,14 @@ def lowrank_sensitivity(
     """
     from slimtorch.graph.trace import call_model
 
+    _check_call(model, config, "lowrank_sensitivity")
+    if isinstance(energies, (str, bytes)) or not all(_number(e) and 0 < e <= 1 for e in energies):
+        raise ConfigError(f"energies must be kept fractions of sum(S^2) in (0, 1], e.g. (0.8, 0.9), got {energies!r}")
+    check_finite_inputs(example_inputs, "lowrank_sensitivity's example_inputs")
     work = copy.deepcopy(model).eval()
     table: dict[str, list[tuple[int, float]]] = {}
     with torch.no_grad():
-        ref = call_model(work, example_inputs)
+        ref = run_model(work, example_inputs, "lowrank_sensitivity")
         for name in plan_lowrank(work, config):
             original = work.get_submodule(name)
             svd = _svd(_matrix(original))  # one SVD per layer, sliced for every rank

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
+from slimtorch.checks import check_materialized, check_module, check_number, model_errors
 from slimtorch.graph.trace import call_model, temporary_mode
 from slimtorch.prune.masks import is_masked
 
@@ -153,6 +154,10 @@ def measure_latency(
     model: nn.Module, example_inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int | None = None
 ) -> float:
     """Median wall time (seconds) of one forward call under ``torch.inference_mode``."""
+    check_number(runs, "runs", low=1, integer=True)
+    check_number(warmup, "warmup", low=0, integer=True)
+    if threads is not None:
+        check_number(threads, "threads", low=1, integer=True)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -237,15 +242,25 @@ def report(
     model: nn.Module, example_inputs: Any, *, runs: int = 20, warmup: int = 3, threads: int | None = None
 ) -> Report:
     """Measure ``model`` on ``example_inputs`` (the model is put in eval mode for the measurement and
-    restored after). ``runs=0`` skips the latency measurement."""
+    restored after). ``runs=0`` skips the latency measurement. A model that cannot run on the inputs is a
+    :class:`~slimtorch.errors.TraceError`."""
+    check_module(model, "report")
+    check_number(runs, "runs", low=0, integer=True)
+    check_number(warmup, "warmup", low=0, integer=True)
+    if threads is not None:
+        check_number(threads, "threads", low=1, integer=True)
+    check_materialized(model, "report")
     with temporary_mode(model, training=False):  # each module gets its own mode back afterwards
-        latency = measure_latency(model, example_inputs, runs=runs, warmup=warmup, threads=threads) if runs else None
+        with model_errors(example_inputs, "report"):
+            flops = count_flops(model, example_inputs)  # the first call: a model that cannot run fails here
+            latency = (measure_latency(model, example_inputs, runs=runs, warmup=warmup, threads=threads)
+                       if runs else None)
         batch = _batch_size(example_inputs)
         return Report(
             state=model_state(model),
             params=count_params(model),
             nonzero_params=count_nonzero(model),
-            flops=count_flops(model, example_inputs),
+            flops=flops,
             size_bytes=saved_size(model),
             latency_s=latency,
             throughput=batch / latency if latency else None,

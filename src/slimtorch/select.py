@@ -150,6 +150,7 @@ def select_modules(
             raise NoMatchError(
                 f"config list entry {index} ({_describe(target)}) matches no prunable module; "
                 f"prunable modules: {list(candidates)[:12]}{' ...' if len(candidates) > 12 else ''}"
+                f"{_why_not_prunable(target, named)}"
             )
         for name in matched:
             if target.exclude:
@@ -158,6 +159,22 @@ def select_modules(
                 chosen[name] = Selected(name, candidates[name], target, index)
     order = {n: i for i, n in enumerate(candidates)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+
+def _why_not_prunable(target: PruneTarget, named: list[tuple[str, nn.Module]]) -> str:
+    """Why modules of the requested types are not prunable, for the error message (recurrent layers
+    especially: a config list cannot select their hidden units)."""
+    own = [(n, m) for n, m in named if n and type_names(m) & set(target.op_types) and weight_param_name(m) is None]
+    if not own:
+        return ""
+    name, module = own[0]
+    if isinstance(module, nn.RNNBase):
+        return (f". {type(module).__name__} layers such as {name!r} have one weight per gate and layer "
+                "(weight_ih_l0, weight_hh_l0, ...), which a config list cannot select: slimtorch does not prune "
+                "recurrent hidden units from a config list. Prune the layer that feeds it (compact_ then shrinks "
+                "its input size), or mask whole hidden units yourself (a unit's rows in every gate of "
+                "weight_ih_l*, weight_hh_l* and the biases, and its column of weight_hh_l*): compact_ removes them")
+    return f". {type(module).__name__} layers such as {name!r} own no 'weight' parameter to prune"
 
 
 def select_layers(

@@ -22,6 +22,7 @@ from slimtorch.cli.common import (
 )
 from slimtorch.compact import compact_
 from slimtorch.config import load_config_list, parse_config_list
+from slimtorch.data.datasets import TensorSplit
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.io import save_masks
 from slimtorch.models.modelfile import save_model
@@ -40,11 +41,30 @@ def _example(model: torch.nn.Module, shape: tuple[int, ...], batch: int) -> torc
     try:
         with torch.no_grad():
             model.eval()(x)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+    except Exception as err:  # the model may raise anything (TypeError for several inputs, ...)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"the model cannot run on inputs of shape {tuple(x.shape)} ({first}); "
-                          "give one sample's shape with --input-shape, e.g. 3,32,32") from None
+                          "give one sample's shape with --input-shape, e.g. 3,32,32 (the command line feeds the "
+                          "model one tensor)") from None
     return x
+
+
+def _check_dataset_fits(model: torch.nn.Module, split: TensorSplit, name: str) -> None:
+    """The model must take the dataset's samples and score at least as many classes as it has labels."""
+    sample = tuple(split.x_test.shape[1:])
+    try:
+        with torch.no_grad():
+            out = model.eval()(split.x_test[:2])
+    except Exception as err:  # the model may raise anything
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"the model cannot run on {name} samples of shape {sample} ({first}); pick a dataset "
+                          "of the shape the model takes, or a model built for this dataset") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError(f"accuracy needs a classifier returning (batch, classes) scores; on {name} the model "
+                          f"returns {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+    if out.shape[1] < len(split.classes):
+        raise ConfigError(f"the model scores {out.shape[1]} classes but {name} has {len(split.classes)}; use a model "
+                          f"built with num_classes={len(split.classes)}")
 
 
 def _config_list(args: argparse.Namespace) -> list[dict] | tuple:
@@ -130,6 +150,7 @@ def _report(args: argparse.Namespace) -> int:
     data: dict = {"model": args.model, **rep.to_dict()}
     if args.dataset is not None:
         split = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit)
+        _check_dataset_fits(loaded.model, split, args.dataset)
         data["accuracy"] = evaluate_accuracy(loaded.model, torch.utils.data.TensorDataset(split.x_test, split.y_test))
     text = rep.to_markdown(args.model) + (f"\n\ntest accuracy ({args.dataset}): {data['accuracy']:.2%}"
                                            if "accuracy" in data else "")

@@ -14,7 +14,7 @@ from slimtorch.data.sources import DATASETS
 from slimtorch.errors import ConfigError
 from slimtorch.io import load_masks
 from slimtorch.models.modelfile import LoadedModel, load_model
-from slimtorch.models.registry import ModelSpec, build_model
+from slimtorch.models.registry import ModelSpec, build_model, check_sample_shape
 from slimtorch.prune.masks import apply_masks_, check_masks
 
 __all__ = [
@@ -49,7 +49,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; write one sample's shape, e.g. 3,32,32") from None
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; sizes must be positive, e.g. 3,32,32")
-    return shape
+    try:
+        return check_sample_shape(shape)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _whole_number(text: str, least: int) -> int:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from slimtorch.checks import check_module
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.lora.config import LoRAConfig
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
@@ -95,6 +96,10 @@ def _matches(name: str, keys: tuple[str, ...]) -> bool:
 
 
 def lora_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:
+    check_module(model, "LoRA")
+    if not isinstance(config, LoRAConfig):
+        raise ConfigError(f"LoRA takes a LoRAConfig, got a {type(config).__name__} ({config!r}); pass "
+                          "LoRAConfig.from_dict(config)")
     names = [n for n, _ in model.named_modules() if n]
     for key in (*config.target_modules, *config.exclude_modules):
         if not any(_matches(n, (key,)) for n in names):
@@ -128,6 +133,7 @@ def adapters(model: nn.Module) -> dict[str, _LoRA]:
 def merge_lora_(model: nn.Module) -> None:
     """Fold every adapter into its layer's weight and drop the adapters (in place). A low-bit base becomes a
     float layer holding its dequantized weight plus the update (quantize again afterwards if wanted)."""
+    check_module(model, "merge_lora_")
     found = adapters(model)
     if not found:
         raise ConfigError("the model has no LoRA adapters to merge; add them with add_lora_ first")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder
+from slimtorch.checks import check_module, check_output_file
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.lora.config import LoRAConfig
 from slimtorch.lora.layers import CONV, LORA_ATTR, adapters, add_lora_, lora_targets
@@ -31,9 +32,12 @@ def save_lora(model: nn.Module, directory: str | Path) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (PEFT's layout) into ``directory``."""
     from safetensors.torch import save_file
 
+    check_module(model, "save_lora")
     if not getattr(model, LORA_ATTR, None):
         raise ConfigError("the model has no LoRA adapters to save; add them with add_lora_ first")
     config = LoRAConfig.from_dict(getattr(model, LORA_ATTR))
+    directory = Path(directory)
+    check_output_file(directory / WEIGHTS_NAME, "save_lora")  # the folder must not be a file
     tensors = lora_state_dict(model)
     text = json.dumps(config.to_peft(), indent=2, sort_keys=True)
     with atomic_folder(directory) as staging:  # both files or neither

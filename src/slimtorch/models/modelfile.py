@@ -123,8 +123,9 @@ def _spec_and_state(header: Mapping[str, str], path: Path) -> tuple[ModelSpec, s
     try:
         spec, state = ModelSpec.from_dict(json.loads(header["spec"])), header["state"]
     except (KeyError, ValueError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{str(path)!r} has a missing or corrupt model description ({type(err).__name__}: "
-                              f"{err}); save the model again") from None
+        raise CheckpointError(f"{str(path)!r} has a missing or corrupt model description, a bad model spec "
+                              f"({type(err).__name__}: {err}); save the model again with "
+                              "slimtorch.models.save_model") from None
     if state not in STATES:
         raise CheckpointError(f"{str(path)!r} says its model is {state!r}; expected one of {list(STATES)}")
     return spec, state

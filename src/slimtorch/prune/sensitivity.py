@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import save_figure
+from slimtorch.checks import check_module
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.criteria import Criterion
@@ -159,6 +161,23 @@ def _layer_target(target: PruneTarget, name: str, module: nn.Module, sparsity: f
     )
 
 
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
+def _measure(metric: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+    """``metric(model)`` as a finite float; anything else would turn every drop into NaN or garbage."""
+    value = metric(model)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise ConfigError(f"metric returned {value!r} for {what}; it must return a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"metric returned {number} for {what}; it must return a finite number (check for "
+                          "NaN losses or empty evaluation data)")
+    return number
+
+
 def sensitivity_analysis(
     model: nn.Module,
     metric: Callable[[nn.Module], float],
@@ -174,12 +193,16 @@ def sensitivity_analysis(
     ``config_list`` selects the layers and their granularity (default: every Conv and Linear layer, single
     weights). Works on a copy: the model is not changed.
     """
-    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
-        raise ConfigError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)!r}")
+    check_module(model, "sensitivity_analysis")
+    if not callable(metric):
+        raise ConfigError(f"metric must be a function of the model returning a number, got {metric!r}")
+    numbers = isinstance(sparsities, Sequence) and not isinstance(sparsities, str)
+    if not numbers or not sparsities or not all(_fraction(s) for s in sparsities):
+        raise ConfigError(f"sparsities must be a non-empty list of values in [0, 1), got {sparsities!r}")
     default = [{"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "sparsity": 0.5}]
     targets = parse_config_list(config_list or default)
     work = copy.deepcopy(model)
-    baseline = float(metric(work))
+    baseline = _measure(metric, work, "the unpruned model")
     rows = []
     for name, sel in select_modules(work, targets).items():
         params = dict(work.named_parameters())
@@ -191,7 +214,7 @@ def sensitivity_analysis(
                 for key, mask in masks.items():
                     params[key].mul_(mask.to(params[key].dtype))
             try:
-                value = float(metric(work))
+                value = _measure(metric, work, f"{name} at sparsity {sparsity}")
             finally:
                 with torch.no_grad():
                     for key, original in saved.items():

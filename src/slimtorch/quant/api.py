@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimtorch.checks import check_materialized, check_module, model_devices
 from slimtorch.errors import ConfigError
+from slimtorch.quant.batches import model_inputs
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 from slimtorch.report import COMPACTION_ATTR
@@ -53,12 +55,31 @@ def select_layers(model: nn.Module, config: QuantConfig) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _check_float(model: nn.Module) -> None:
+def _check_call(model: nn.Module, config: QuantConfig, what: str) -> None:
+    """A float nn.Module with real weights on a device the method runs on, and a QuantConfig."""
+    check_module(model, what)
+    if not isinstance(config, QuantConfig):
+        fix = "QuantConfig.from_dict(config)" if isinstance(config, Mapping) else "QuantConfig(method='dynamic_int8')"
+        raise ConfigError(f"{what} takes a QuantConfig, got a {type(config).__name__} ({config!r}); pass {fix}")
+    check_materialized(model, what)
+    devices = sorted({d.type for d in model_devices(model)} - {"cpu"})
+    if config.spec.cpu_only and devices:
+        raise ConfigError(f"{config.method} runs on torch.ao's CPU kernels only, but the model is on {devices}; "
+                          "move it with model.cpu() first (or use fp16/bf16/int4_weight on an accelerator)")
     info = quant_info(model)
     if info is not None:
         raise ConfigError(
             f"the model is already quantized ({info.describe()}); quantize the float model instead"
         )
+
+
+def _check_weights(model: nn.Module, layers: tuple[str, ...]) -> None:
+    """Non-finite weights would give NaN scales: every quantized value of the layer would be garbage."""
+    for name in layers:
+        for key, param in model.get_submodule(name).named_parameters(recurse=False):
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                raise ConfigError(f"layer {name!r} holds NaN or infinite values in {key!r}; quantization would "
+                                  "turn them into garbage scales: fix or re-train the model, or exclude the layer")
 
 
 def _attach(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
@@ -82,14 +103,19 @@ def quantize(
     """A quantized copy of ``model``; ``model`` itself is not touched.
 
     ``calibration`` is an iterable of model inputs (a tensor, a tuple of positional inputs or a dict of
-    keyword inputs per batch), e.g. ``(x for x, _ in loader)``; ``static_int8`` needs it. ``qat_int8``
+    keyword inputs per batch), e.g. ``(x for x, _ in loader)``; ``static_int8`` needs it. For a model that
+    takes one input, ``(input, label)`` batches straight from a data loader are taken as the input alone;
+    a batch of the wrong shape, with NaN or infinite values, or that is not made of tensors is an error. ``qat_int8``
     needs ``example_inputs`` to trace the model. The result carries a :class:`QuantInfo`
     (:func:`quant_info`) saying which backend runs it and whether its low-bit kernels are real.
     """
-    _check_float(model)
+    _check_call(model, config, "quantize")
     spec = config.spec
     layers = select_layers(model, config)
+    _check_weights(model, layers)
     batches = calibration if calibration is not None else (None if example_inputs is None else [example_inputs])
+    if batches is not None:
+        batches = model_inputs(model, batches, "calibration" if calibration is not None else "example_inputs")
     was_training = model.training
     result = spec.apply(copy.deepcopy(model), config, layers, batches)
     if spec.in_place:
@@ -116,7 +142,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
     >>> type(model[0]).__name__, type(model[2]).__name__
     ('LowBitLinear', 'LowBitLinear')
     """
-    _check_float(model)
+    _check_call(model, config, "quantize_")
     spec = config.spec
     if not spec.in_place:
         raise ConfigError(
@@ -124,6 +150,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
             f"use model = slimtorch.quantize(model, QuantConfig(method={config.method!r}), calibration=...)"
         )
     layers = select_layers(model, config)
+    _check_weights(model, layers)
     spec.apply(model, config, layers, None)
     _attach(model, spec, config, layers, model)
 

@@ -56,6 +56,7 @@ class QuantMethod:
     layer_types: tuple[str, ...]  # classes it can quantize; a selected layer of another class is an error
     default_op_types: tuple[str, ...]
     note: str
+    cpu_only: bool = False  # its kernels exist on CPU alone (torch.ao's int8)
 
 
 _METHODS: dict[str, QuantMethod] = {}
@@ -71,12 +72,14 @@ def register_quant_method(
     layer_types: tuple[str, ...] = ("Linear",),
     default_op_types: tuple[str, ...] | None = None,
     note: str = "",
+    cpu_only: bool = False,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``fn(model, config, layer_names, batches) -> model`` as quantization method ``name``.
 
     ``bits`` is (weight bits, activation bits or None for weight-only); ``kernels`` is ``"real"`` or
     ``"simulated"`` and ends up in every :class:`QuantInfo` of a model quantized this way. The layers a
-    config selects by default are ``default_op_types`` (all of ``layer_types`` when None).
+    config selects by default are ``default_op_types`` (all of ``layer_types`` when None); ``cpu_only``
+    methods refuse a model on another device.
     """
     if kernels not in ("real", "simulated"):
         raise ConfigError(f"kernels must be 'real' or 'simulated', got {kernels!r}")
@@ -84,7 +87,7 @@ def register_quant_method(
     def deco(fn: ApplyFn) -> ApplyFn:
         _METHODS[name] = QuantMethod(
             name, fn, backend, kernels, bits[0], bits[1], in_place, layer_types,
-            layer_types if default_op_types is None else default_op_types, note,
+            layer_types if default_op_types is None else default_op_types, note, cpu_only,
         )
         return fn
 

@@ -55,7 +55,7 @@ def _engine() -> str:
 
 
 @register_quant_method(
-    "dynamic_int8", backend="torch.ao dynamic (fbgemm/x86)", kernels="real", bits=(8, 8), in_place=True,
+    "dynamic_int8", backend="torch.ao dynamic (fbgemm/x86)", kernels="real", bits=(8, 8), in_place=True, cpu_only=True,
     layer_types=("Linear", "Embedding"),
     note="Linear: activations quantized on each call (7-bit range on x86 to avoid int16 overflow); "
          "Embedding: int8 rows with a scale each (weight-only lookup)",
@@ -126,33 +126,39 @@ def _trace(prepare: Any, model: nn.Module, mapping: Any, example: tuple[Any, ...
 
 
 @register_quant_method(
-    "static_int8", backend="torch.ao FX (fbgemm/x86)", kernels="real", bits=(8, 8), in_place=False,
+    "static_int8", backend="torch.ao FX (fbgemm/x86)", kernels="real", bits=(8, 8), in_place=False, cpu_only=True,
     layer_types=_CONV_LINEAR,
     note="activation scales fixed from calibration batches; conv/linear fused with ReLU",
 )
 def _static_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Iterable[Any]) -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    first, rest = _peek(batches, "static_int8 needs calibration=<iterable of model inputs>")
-    prepared = _trace(prepare_fx, model.eval(), _qconfig_mapping(config, layers, qat=False), _as_args(first))
-    from slimtorch.graph.trace import call_model
+    from slimtorch.checks import run_model
 
+    first, rest = _peek(batches, "static_int8 needs calibration=<iterable of model inputs>")
     with torch.no_grad():
-        for batch in itertools.chain([first], rest):
-            call_model(prepared, batch)  # observers record activation ranges
+        run_model(model.eval(), first, "static_int8 calibration batch 0")  # the float model first: a clear error
+    prepared = _trace(prepare_fx, model, _qconfig_mapping(config, layers, qat=False), _as_args(first))
+    with torch.no_grad():
+        for index, batch in enumerate(itertools.chain([first], rest)):
+            run_model(prepared, batch, f"static_int8 calibration batch {index}")  # observers record ranges
     with _quiet_torch_ao():
         return convert_fx(prepared)
 
 
 @register_quant_method(
-    "qat_int8", backend="torch.ao FX fake quant (fbgemm/x86 after convert_qat)", kernels="simulated",
+    "qat_int8", backend="torch.ao FX fake quant (fbgemm/x86 after convert_qat)", kernels="simulated", cpu_only=True,
     bits=(8, 8), in_place=False, layer_types=_CONV_LINEAR,
     note="fake-quantized for training (straight-through gradients); convert_qat makes it real int8",
 )
 def _qat_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Iterable[Any]) -> nn.Module:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
+    from slimtorch.checks import run_model
+
     first, _ = _peek(batches, "qat_int8 traces the model: pass example_inputs=")
+    with torch.no_grad():
+        run_model(model.eval(), first, "qat_int8 example_inputs")
     return _trace(prepare_qat_fx, model.train(), _qconfig_mapping(config, layers, qat=True), _as_args(first))
 
 

@@ -20,9 +20,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from slimtorch.errors import ConfigError
+from slimtorch.checks import check_output_file
+from slimtorch.errors import CheckpointError, ConfigError, ExportError, SlimError
 from slimtorch.export import _args_kwargs, quiet_onnx
 from slimtorch.io import atomic_write
+from slimtorch.quant.batches import checked_batches
 from slimtorch.quant.config import QuantConfig
 
 __all__ = ["quantize_onnx"]
@@ -52,6 +54,9 @@ def quantize_onnx(
     ``dynamic_int8`` MatMulInteger/ConvInteger (weights int8, activations per call), ``static_int8`` QDQ
     int8 with ``calibration`` batches, ``int4_weight`` MatMulNBits (block = ``group_size``), ``fp16``.
     """
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"quantize_onnx takes a QuantConfig, got a {type(config).__name__} ({config!r}); pass "
+                          "QuantConfig(method='dynamic_int8') (or QuantConfig.from_dict(...))")
     if config.op_types or config.op_names or config.exclude_op_names:
         raise ConfigError("quantize_onnx quantizes every eligible op; module names do not map to ONNX nodes. "
                           "Drop op_types/op_names/exclude_op_names, or quantize in PyTorch with quantize()")
@@ -61,8 +66,41 @@ def quantize_onnx(
                           f"{config.method} runs in PyTorch only (quantize(model, config))")
     if config.method == "static_int8" and calibration is None:
         raise ConfigError("static_int8 needs calibration=<iterable of model inputs>")
-    with quiet_onnx():
-        atomic_write(Path(target), lambda tmp: handlers[config.method](str(source), tmp, config, calibration))
+    names = _input_names(source)
+    target = check_output_file(target, "quantize_onnx")
+    if calibration is not None:
+        calibration = checked_batches(calibration, len(names), "calibration")
+    try:
+        with quiet_onnx():
+            atomic_write(target, lambda tmp: handlers[config.method](str(source), tmp, config, calibration))
+    except SlimError:
+        raise
+    except OSError as err:
+        raise ExportError(f"cannot write {str(target)!r} ({err.strerror or err}); choose a writable path") from None
+    except Exception as err:  # ONNX Runtime's quantizers raise many types (its own among them)
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"ONNX Runtime could not quantize {str(source)!r} with {config.method} "
+                          f"({type(err).__name__}: {first}); check the calibration batches against the model's "
+                          f"inputs {names}") from err
+
+
+def _input_names(source: str | Path) -> list[str]:
+    """The graph's input names; a missing, corrupt or invalid file is a CheckpointError."""
+    import onnx
+
+    path = Path(source)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX file {str(path)!r} does not exist or is not a file; export the float model "
+                              "with export_onnx first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError, ... for a corrupt file
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{str(path)!r} is not a readable ONNX model ({type(err).__name__}: {first}); "
+                              "re-export it with export_onnx") from None
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
 
 
 def _ort_dynamic(source: str, target: str, config: QuantConfig, calibration: Any) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.checks import check_module, check_number, run_model
 from slimtorch.config import check_fields
 from slimtorch.errors import ConfigError, NoMatchError, closest
 
@@ -61,12 +62,9 @@ class DistillConfig:
     feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}; 1 to 8 is usual")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1] (the weight of the distillation term), got {self.alpha}")
-        if self.feature_weight < 0:
-            raise ConfigError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        check_number(self.temperature, "temperature (1 to 8 is usual)", low=0.0, low_open=True)
+        check_number(self.alpha, "alpha (the weight of the distillation term)", low=0.0, high=1.0)
+        check_number(self.feature_weight, "feature_weight", low=0.0)
         pairs = tuple(tuple(p) for p in self.features)
         if any(len(p) != 2 or not all(isinstance(n, str) for n in p) for p in pairs):
             raise ConfigError(f"features must be (student_layer, teacher_layer) name pairs, got {self.features!r}")
@@ -98,6 +96,8 @@ def distill_loss(
         >>> round(float(distill_loss(s, t, torch.tensor([0]), temperature=1.0, alpha=1.0)), 4)
         1.5232
     """
+    check_number(temperature, "temperature", low=0.0, low_open=True)
+    check_number(alpha, "alpha", low=0.0, high=1.0)
     t = temperature
     # (B, classes) log-probabilities of the softened distributions
     log_p_student = F.log_softmax(student_logits / t, dim=-1)
@@ -159,33 +159,44 @@ class Distiller(nn.Module):
         self, teacher: nn.Module, student: nn.Module, config: DistillConfig | None = None, *, example_inputs: Any = None
     ) -> None:
         super().__init__()
+        check_module(teacher, "Distiller's teacher")
+        check_module(student, "Distiller's student")
+        if config is not None and not isinstance(config, DistillConfig):
+            raise ConfigError(f"Distiller takes a DistillConfig, got a {type(config).__name__} ({config!r}); pass "
+                              "DistillConfig.from_dict(config)")
         self.config = config or DistillConfig()
         # A plain list keeps the teacher out of this module's parameters, state dict and optimizer.
-        self._teacher = [teacher.eval()]
+        self._teacher = [teacher]
         self._captures: list[tuple[_Capture, _Capture]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.projections = nn.ModuleList()
         if self.config.features:
-            self._install(student, example_inputs)
+            try:
+                self._install(student, example_inputs)
+            except Exception:
+                self.close()  # a failure leaves no hook behind on either model
+                raise
+        teacher.eval()
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
     def _install(self, student: nn.Module, example_inputs: Any) -> None:
+        from slimtorch.graph.trace import temporary_mode
+
         if example_inputs is None:
             raise ConfigError("feature matching needs example_inputs (one batch) to size its projections")
         for pair in self.config.features:
             s_cap, s_handle = _hook(student, pair[0], "the student")
+            self._handles.append(s_handle)
             t_cap, t_handle = _hook(self.teacher, pair[1], "the teacher")
+            self._handles.append(t_handle)
             self._captures.append((s_cap, t_cap))
-            self._handles += [s_handle, t_handle]
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            student(example_inputs)
-            self.teacher(example_inputs)
-        student.train(was_training)
+        # each module gets its own train/eval flag back afterwards
+        with torch.no_grad(), temporary_mode(student, training=False), temporary_mode(self.teacher, training=False):
+            run_model(student, example_inputs, "Distiller (student)")
+            run_model(self.teacher, example_inputs, "Distiller (teacher)")
         for pair, (s_cap, t_cap) in zip(self.config.features, self._captures, strict=True):
             assert s_cap.value is not None and t_cap.value is not None
             self.projections.append(_projection(s_cap.value.shape, t_cap.value.shape, pair))

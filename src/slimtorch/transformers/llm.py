@@ -226,7 +226,7 @@ def load_or_train_lm(cfg: TinyLMConfig | None = None, *, root: str | Path | None
     path = _cache_path(cfg, Path(root) if root is not None else cache_dir())
     if (path / "record.json").is_file():
         try:
-            model = LlamaForCausalLM.from_pretrained(path).eval()
+            model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             record = json.loads((path / "record.json").read_text())
         except (OSError, ValueError) as err:

@@ -62,22 +62,34 @@ def _offline():
 
 
 def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
-    """The ``BertModel`` (eval mode) and tokenizer of all-MiniLM-L6-v2 (or of a model saved at ``path``)."""
+    """The ``BertModel`` (eval mode) and tokenizer of all-MiniLM-L6-v2, or the model saved at ``path`` (by
+    :func:`~slimtorch.transformers.pretrained.save_compacted` or ``save_pretrained``) with that tokenizer.
+    A folder loads through :func:`~slimtorch.transformers.pretrained.load_compacted`: safetensors only, and
+    no code from the folder runs."""
     from transformers import AutoModel, AutoTokenizer
 
+    from slimtorch.transformers.pretrained import load_compacted
+
     with _offline():
-        model = AutoModel.from_pretrained(path or minilm_path())
+        model = load_compacted(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     return model.eval(), tokenizer
 
 
 def sentence_transformer(model: nn.Module | None = None, *, path: str | None = None) -> Any:
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (offline), its transformer replaced by ``model`` if
-    given (a pruned or compacted copy): ``encode`` then runs the library's own pipeline on it."""
+    given (a pruned or compacted copy), or by the model saved at ``path`` (loaded with
+    :func:`~slimtorch.transformers.pretrained.load_compacted`: no code from the folder runs, and the
+    tokenizer and pooling stay those of the shipped all-MiniLM-L6-v2). ``encode`` then runs the library's
+    own pipeline on it."""
     from sentence_transformers import SentenceTransformer
 
+    from slimtorch.transformers.pretrained import load_compacted
+
+    if model is None and path is not None:
+        model = load_compacted(path)
     with _offline():
-        st = SentenceTransformer(path or minilm_path(), device="cpu", trust_remote_code=path is not None)
+        st = SentenceTransformer(minilm_path(), device="cpu")
     if model is not None:
         st[0].model = model
     return st.eval()

@@ -6,7 +6,7 @@ for every layer and the architecture has a config key for it (``intermediate_siz
 too, so plain ``from_pretrained`` rebuilds the model. Per-layer head counts (BERT, GPT-2 derive the head
 width from the head count, and Hugging Face no longer supports ``pruned_heads``) need
 :func:`load_compacted`, which builds the model from its config, shrinks every recorded block, then
-loads the weights (no pickle)::
+loads the weights::
 
     >>> import tempfile, torch
     >>> from transformers import BertConfig, BertModel
@@ -19,11 +19,17 @@ loads the weights (no pickle)::
     >>> again = load_compacted(path)
     >>> again.encoder.layer[1].attention.self.query.out_features
     24
+
+:func:`load_compacted` is also the safe way to load any ``save_pretrained`` folder: it never runs code
+from the folder (``auto_map`` entries and ``.py`` files are ignored, the class comes from ``transformers``
+itself), reads weights from safetensors only (a pickled ``pytorch_model.bin`` is a CheckpointError), and
+bounds the sizes in ``config.json`` before building anything.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -38,58 +44,17 @@ from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
 __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
 
-_REMOTE_FILE = "slimtorch_model.py"
-_REMOTE_CODE = """\"\"\"Rebuilds a model compacted by slimtorch: after the usual construction from the config,
-every block shrinks to the size config.slimtorch_blocks records; Hugging Face then loads the weights.\"\"\"
-
-from transformers import {base}
-
-from slimtorch.transformers.pretrained import shrink_to_config_
-
-
-class Slim{base}({base}):
-    def __init__(self, config, *args):
-        super().__init__(config, *args)
-        shrink_to_config_(self)
-"""
-_AUTO_MAPPINGS = (
-    ("AutoModel", "MODEL_MAPPING_NAMES"),
-    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-)
-
-
-def _auto_class(model_class: type) -> str | None:
-    """The ``transformers`` Auto class that maps a config to ``model_class`` (e.g. AutoModelForCausalLM)."""
-    from transformers.models.auto import modeling_auto
-
-    for auto_name, table in _AUTO_MAPPINGS:
-        for value in getattr(modeling_auto, table, {}).values():
-            if model_class.__name__ in ((value,) if isinstance(value, str) else tuple(value)):
-                return auto_name
-    return None
-
-
-def _config_rebuilds_shapes(model: nn.Module) -> bool:
-    """True when building the model class from its config alone gives every parameter its current shape."""
-    import torch
-
-    with torch.device("meta"):
-        fresh = type(model)(model.config)
-    shapes = {k: p.shape for k, p in fresh.named_parameters()}
-    return all(shapes.get(k) == p.shape for k, p in model.named_parameters())
+#: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
+#: a save removes them from the config (nothing of ours runs code from a model folder).
+_OLD_REMOTE_MODULE = "slimtorch_model"
 
 
 def save_compacted(model: nn.Module, path: str | Path) -> None:
     """Save a compacted Hugging Face model (or a SentenceTransformer around one) to ``path``.
 
     Weights go to safetensors through ``save_pretrained`` (``SentenceTransformer.save``), sizes to
-    config.json. When the config cannot describe the sizes (per-layer head counts), a small
-    ``slimtorch_model.py`` and an ``auto_map`` entry are written as well, so that Hugging Face's own
-    ``from_pretrained(path, trust_remote_code=True)`` and ``SentenceTransformer(path,
-    trust_remote_code=True)`` rebuild it; :func:`load_compacted` needs neither.
+    config.json (``slimtorch_blocks``). :func:`load_compacted` rebuilds the model from those two files
+    alone; no Python file is written, and no loader of ours runs code from a model folder.
     """
     path = Path(path)
     hf_model = model[0].auto_model if hasattr(model, "_first_module") else model  # a SentenceTransformer
@@ -102,17 +67,12 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
                           "at zero when training the reloaded model", SlimWarning, stacklevel=2)
             return save_compacted(model, path)
     config = hf_model.config
-    auto = None if _config_rebuilds_shapes(hf_model) else _auto_class(type(hf_model))
-    if auto is not None:
-        config.auto_map = {auto: f"{_REMOTE_FILE[:-3]}.Slim{type(hf_model).__name__}"}
-    elif hasattr(config, "auto_map") and _REMOTE_FILE[:-3] in str(config.auto_map):
+    if hasattr(config, "auto_map") and _OLD_REMOTE_MODULE in str(config.auto_map):
         del config.auto_map
     if hasattr(model, "_first_module"):
         model.save(str(path))
     else:
         model.save_pretrained(str(path))
-    if auto is not None:
-        (path / _REMOTE_FILE).write_text(_REMOTE_CODE.format(base=type(hf_model).__name__))
 
 
 def _first_units(units: int, kv_units: int, kept: int, kept_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -124,6 +84,18 @@ def _first_units(units: int, kv_units: int, kept: int, kept_kv: int) -> tuple[tu
     return tuple(g * group + h for g in range(kept_kv) for h in range(per_group)), tuple(range(kept_kv))
 
 
+def _recorded_sizes(name: str, sizes: object, units: int, kv_units: int) -> tuple[int, int]:
+    """The kept (units, key/value units) the config records for a block, checked against the block's sizes."""
+    ok = isinstance(sizes, dict) and all(isinstance(sizes.get(k, 0), int) and not isinstance(sizes.get(k, 0), bool)
+                                         for k in ("units", "kv_units"))
+    kept, kept_kv = (sizes.get("units"), sizes.get("kv_units", 0)) if ok else (None, None)
+    if not ok or kept is None or not 1 <= kept <= units or not 0 <= kept_kv <= kv_units:
+        raise CheckpointError(f"the config's {CONFIG_KEY} entry for {name!r} is {sizes!r}; the block has {units} "
+                              f"units and {kv_units} key/value units: the file was edited or belongs to another "
+                              "model")
+    return kept, kept_kv
+
+
 def shrink_to_config_(model: nn.Module) -> None:
     """Shrink a model freshly built from a compacted config to the sizes its config records."""
     record = getattr(model.config, CONFIG_KEY, None) or {}
@@ -133,9 +105,101 @@ def shrink_to_config_(model: nn.Module) -> None:
         raise CheckpointError(f"the config records compacted blocks the model lacks: {missing[:3]}")
     for name, sizes in record.items():
         spec = specs[name]
-        keep, keep_kv = _first_units(spec.units, spec.kv_units, int(sizes["units"]), int(sizes.get("kv_units", 0)))
+        kept, kept_kv = _recorded_sizes(name, sizes, spec.units, spec.kv_units)
+        keep, keep_kv = _first_units(spec.units, spec.kv_units, kept, kept_kv)
         if len(keep) != spec.units or len(keep_kv) != spec.kv_units:
             shrink_block_(spec, BlockPlan(name, spec.kind, spec.units, keep, keep_kv))
+
+
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+#: Config keys that size a model, and the largest value accepted for them (layer counts get a tighter bound:
+#: building each layer takes time even on the meta device).
+_SIZE_KEY = re.compile(r"(^n_|^num_|size$|dim$|_dim_|embd$|embeddings$|heads$|layers?$|inner$|positions$|experts$)")
+_LAYER_KEY = re.compile(r"layers?$|^n_layer")
+_MAX_SIZE, _MAX_LAYERS = 1 << 24, 4096
+
+
+def _check_files(path: Path) -> None:
+    """Weights from safetensors only: a folder holding only pickled weights is refused, never unpickled."""
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} has no config.json; is it a save_pretrained folder?")
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLES for p in path.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"{str(path)!r} holds pickled weights {pickles[:3]} and no safetensors file; slimtorch "
+                              "never unpickles: convert them to safetensors where the file is trusted "
+                              "(model.save_pretrained(folder) writes model.safetensors)")
+    raise CheckpointError(f"{str(path)!r} holds no model.safetensors; save the model with save_compacted or "
+                          "save_pretrained")
+
+
+def _check_sizes(data: object, path: Path, where: str = "") -> None:
+    """Refuse absurd sizes in config.json (every nested config included) before anything is built."""
+    if isinstance(data, list):
+        for item in data:
+            _check_sizes(item, path, where)
+        return
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        if isinstance(value, (dict, list)):
+            _check_sizes(value, path, f"{where}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool) and _SIZE_KEY.search(key):
+            bound = _MAX_LAYERS if _LAYER_KEY.search(key) else _MAX_SIZE
+            if not -1 <= value <= bound:
+                raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}, out of range "
+                                      f"(at most {bound:,}); the file is corrupt or not a real model's config")
+
+
+def _read_config(path: Path) -> object:
+    """The folder's config, parsed by the ``transformers`` class its ``model_type`` names (no remote code)."""
+    import transformers
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path / 'config.json')!r} is not a JSON object")
+    _check_sizes(data, path)
+    model_type = data.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise CheckpointError(f"{str(path)!r} has model_type={model_type!r}, which transformers does not define; "
+                              "slimtorch never runs code from a model folder (auto_map / trust_remote_code): load "
+                              "the model with its own library")
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
+
+
+def _model_class(config: object, path: Path) -> type[nn.Module]:
+    """``architectures[0]`` from the ``transformers`` package itself (never from the folder)."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0] or ""
+    arch = arch if isinstance(arch, str) else ""
+    model_class = getattr(transformers, arch, None) or getattr(transformers, arch.removeprefix("Slim"), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise CheckpointError(f"cannot tell the model class of {str(path)!r} (architectures={arch!r} is no model "
+                              "class of transformers); pass model_class=")
+    return model_class
+
+
+def _check_param_count(model_class: type[nn.Module], config: object, path: Path) -> None:
+    import torch
+
+    from slimtorch.models.registry import MAX_PARAMETERS
+
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in model_class(config).parameters())
+    except (ValueError, TypeError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"the config in {str(path)!r} does not build a {model_class.__name__}: {err}") from None
+    if params > MAX_PARAMETERS:
+        raise CheckpointError(f"the config in {str(path)!r} describes {params:,} parameters (at most "
+                              f"{MAX_PARAMETERS:,}); the file is corrupt or not a real model's config")
 
 
 def _shrinking_class(model_class: type[nn.Module]) -> type[nn.Module]:
@@ -150,26 +214,19 @@ def _shrinking_class(model_class: type[nn.Module]) -> type[nn.Module]:
 
 
 def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_compacted` (in eval mode). ``model_class`` defaults to the
-    config's ``architectures[0]`` from ``transformers``."""
-    import transformers
+    """Load a model saved by :func:`save_compacted` (or any ``save_pretrained`` folder), in eval mode.
+    ``model_class`` defaults to the config's ``architectures[0]`` from ``transformers``. Nothing from the
+    folder runs, weights come from safetensors only, and the config's sizes are checked first."""
     from safetensors import SafetensorError
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} has no config.json; is it a save_pretrained folder?")
+    _check_files(path)
+    config = _read_config(path)
+    model_class = model_class or _model_class(config, path)
+    _check_param_count(model_class, config, path)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
-    if model_class is None:
-        arch = (getattr(config, "architectures", None) or [None])[0] or ""
-        model_class = getattr(transformers, arch, None) or getattr(transformers, arch.removeprefix("Slim"), None)
-        if model_class is None:
-            raise CheckpointError(f"cannot tell the model class of {str(path)!r} (architectures={arch!r}); pass "
-                                  "model_class=")
-    try:
-        model, info = _shrinking_class(model_class).from_pretrained(str(path), config=config, output_loading_info=True)
+        model, info = _shrinking_class(model_class).from_pretrained(
+            str(path), config=config, output_loading_info=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"the weights in {str(path)!r} are unreadable or do not fit the recorded sizes: "
                               f"{err}") from None
