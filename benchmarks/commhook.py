@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.utils.data import TensorDataset
@@ -32,7 +31,7 @@ from slimtorch.data import load_digits
 from slimtorch.recover import TrainConfig
 from slimtorch.recover.batches import batch_indices, evaluate_accuracy, fetch
 from slimtorch.recover.commhook import register_topk_hook_
-from slimtorch.recover.distributed import dist_info, init_distributed
+from slimtorch.recover.distributed import dist_info, init_distributed, shutdown_distributed
 
 METHODS = ["all-reduce", "fp16 (torch)", "PowerSGD r=2 (torch)", "top-k 10%", "top-k 1%", "top-k 0.1%"]
 
@@ -92,7 +91,7 @@ def worker(out: Path, epochs: int, limit: int) -> None:
     rows = [_train(method, epochs, limit) for method in METHODS]
     if info.is_main:
         out.write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def table(rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from slimtorch.data import load_digits
 from slimtorch.recover import TrainConfig, fit
-from slimtorch.recover.distributed import init_distributed
+from slimtorch.recover.distributed import init_distributed, shutdown_distributed
 
 EPOCHS = 6
 
@@ -47,7 +47,7 @@ def main(out: Path, topk: float) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
     if info.is_main:
         (out / "results.json").write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _recipe(args: argparse.Namespace) -> int:
     from slimtorch.recipes.outputs import OUTPUTS, stages_markdown, write_outputs
     from slimtorch.recipes.runner import run_recipe
     from slimtorch.recipes.schema import load_recipe
-    from slimtorch.recover.distributed import init_distributed
+    from slimtorch.recover.distributed import init_distributed, shutdown_distributed
 
     apply_threads(args)
     recipe = load_recipe(args.file)
@@ -39,6 +39,7 @@ def _recipe(args: argparse.Namespace) -> int:
     if info.is_main:
         paths = write_outputs(result, args.out, title=f"recipe {args.file}", extra={"recipe": recipe.to_dict()})
         print(f"\n{stages_markdown(result.stages)}\n\nwrote {', '.join(str(p) for p in paths)}")
+    shutdown_distributed()  # (after a failure torchrun stops the other processes: no barrier to wait at)
     return 0
 
 

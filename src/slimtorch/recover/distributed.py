@@ -14,6 +14,7 @@ Without ``torchrun`` everything runs in one process and these helpers are no-ops
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from slimtorch.errors import ConfigError
 
-__all__ = ["DistInfo", "all_reduce_sum", "dist_info", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "dist_info", "init_distributed", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ def init_distributed(backend: str = "gloo") -> DistInfo:
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run a single process")
     dist.init_process_group(backend)
     return dist_info()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group after every process has finished (a no-op in a plain process). What still
+    holds on to the group (a DDP wrapper and its reducer, a communication hook's futures) is collected first:
+    left alive until interpreter exit, such objects made a worker abort now and then under load
+    ("terminate called without an active exception") after its work was done."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
