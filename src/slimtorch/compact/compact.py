@@ -18,17 +18,19 @@ back exactly as it was and the error says why.
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
+from slimtorch.compact.checks import check_arguments, check_finite, tied_parameters, verify_result
 from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
-from slimtorch.compact.plan import CompactionPlan, plan_compaction
+from slimtorch.compact.plan import CompactionPlan, coupled_channels, plan_compaction
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.blocks import BlockMode, BlockOps
@@ -45,20 +47,31 @@ AFTER_COMPACTION: list[Callable[[nn.Module], None]] = []
 
 
 class _Snapshot:
-    """Every module's class and attributes, so that a failed compaction can be undone exactly. Shrink
-    functions replace tensors (never write into them), so shallow copies are enough."""
+    """Every module's class and attributes, so that a failed compaction can be undone exactly. Compaction replaces
+    tensors (never writes into them) and rewrites the containers that hold them (parameter, buffer and hook
+    dicts, lists): a copy of each module's attribute dict and of the containers in it is enough. Restoring
+    installs fresh copies of those, so that an attempt after a restore (the measured retry), which writes into
+    the containers it finds, leaves the snapshot as it was for the next restore."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved = []
-        for module in model.modules():
-            state = {k: (type(v)(v) if isinstance(v, (dict, list)) else v) for k, v in module.__dict__.items()}
-            self.saved.append((module, module.__class__, state))
+        self.saved = [(module, module.__class__, _copied(module.__dict__)) for module in model.modules()]
 
     def restore(self, model: nn.Module) -> None:
         for module, cls, state in self.saved:
             module.__class__ = cls
             module.__dict__.clear()
-            module.__dict__.update(state)  # mask buffers and hooks, if any, come back with it
+            module.__dict__.update(_copied(state))  # mask buffers and hooks, if any, come back with it
+
+
+_CONTAINERS = (dict, OrderedDict, list, set)
+
+
+def _copied(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its containers (dicts, lists, sets: parameters, buffers, submodules, hooks) copied: by their
+    constructor (a tenth of ``copy.copy``'s time on an OrderedDict, and a model has a dozen per module), other
+    kinds of them (a defaultdict) by ``copy.copy``."""
+    return {k: (type(v)(v) if type(v) in _CONTAINERS else copy.copy(v) if isinstance(v, _CONTAINERS) else v)
+            for k, v in state.items()}
 
 
 def _masked_reference(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> Any:
@@ -146,26 +159,6 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple
     return step, out
 
 
-def _compare(got: Any, want: Any, rtol: float, atol: float) -> float | None:
-    """Largest difference relative to the tolerance, or None if within it."""
-    a, b = tree_leaves(got), tree_leaves(want)
-    if len(a) != len(b):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b, strict=True):
-        if not isinstance(x, torch.Tensor):
-            continue
-        if x.shape != y.shape:
-            return float("inf")
-        if x.is_floating_point():
-            diff = (x.detach().float() - y.detach().float()).abs().max().item() if x.numel() else 0.0
-            bound = atol + rtol * (y.detach().float().abs().max().item() if y.numel() else 0.0)
-            worst = max(worst, diff / bound if bound else diff)
-        elif not torch.equal(x, y):
-            return float("inf")
-    return worst if worst > 1 else None
-
-
 def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) -> dict[str, Any]:
     previous = getattr(model, COMPACTION_ATTR, None) or {}
     return {
@@ -213,35 +206,39 @@ def compact_(
     # the masked model through the graph (when no measured value would change it): the check's reference is
     # then a forward pass of the masked model on live blocks, and if the check fails, the model is restored
     # and planned again from a measured run.
-    plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=not verify)
+    check_arguments(model, unknown_ops, verify)
+    snapshot = _Snapshot(model)  # (before the plan runs the model: a forward that changes attributes is undone)
     before = sum(p.numel() for p in model.parameters())
+    plan = _planned(model, masks, example_inputs, unknown_ops, not verify, snapshot)
     carried = carried_masks(model, masks)  # what stays masked inside the kept channels, cut like its parameter
-    kept_masks = cut_masks(model, carried, plan.modules)
-    snapshot = _Snapshot(model)
+    kept_masks = _cut(model, carried, plan, snapshot)
     try:
         step = _apply_checked(model, plan, example_inputs, verify, snapshot)
     except Exception:
         if plan.graph.measured:
             raise
         # the model did not run as traced (changed since?): restored, planned again from a measured run
-        plan = plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops)
-        kept_masks = cut_masks(model, carried, plan.modules)
+        plan = _planned(model, masks, example_inputs, unknown_ops, True, snapshot)
+        kept_masks = _cut(model, carried, plan, snapshot)
         step = _apply_checked(model, plan, example_inputs, verify, snapshot)
     try:
         keep_masks_(model, kept_masks)
+        setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
+        for finish in AFTER_COMPACTION:  # (each leaves what it changes outside the model as it was if it fails)
+            finish(model)
     except BaseException:
         snapshot.restore(model)
         raise
-    forget(model)  # (the last trace no longer describes the model)
-    setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
-    for finish in AFTER_COMPACTION:
-        finish(model)
+    finally:
+        forget(model)  # (the last trace no longer describes the model)
     if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
+        warnings.warn(_nothing_removed(model, plan, masks), SlimWarning, stacklevel=2)
+    if plan.graph.branches:
+        sites = ", ".join(dict.fromkeys(plan.graph.branches))
         warnings.warn(
-            "compaction removed no channel: the masks zero no whole channel of a layer's weights (they mask single "
-            "weights, or only normalisation parameters such as BatchNorm scales); the masks stay on the model. "
-            "To remove channels, mask whole output rows of the layers, e.g. with compute_masks(..., "
-            "example_inputs=...), which extends a pruned channel to every parameter that produces it.",
+            f"the model's forward turns values computed from its channels into Python values ({sites}), which may "
+            "choose what it runs next: compaction followed, and checked, the path the example inputs take. Inputs "
+            "that take another path run code compaction did not see; check the compacted model on such inputs.",
             SlimWarning,
             stacklevel=2,
         )
@@ -255,38 +252,68 @@ def compact_(
         )
 
 
+def _planned(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: Any, unknown_ops: str,
+             measure: bool, snapshot: _Snapshot) -> CompactionPlan:
+    """The plan; if planning fails, the model is restored (its forward, run by the plan, may change attributes)."""
+    try:
+        return plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=measure)
+    except BaseException:
+        snapshot.restore(model)
+        raise
+
+
+def _cut(model: nn.Module, carried: Mapping[str, torch.Tensor], plan: CompactionPlan,
+         snapshot: _Snapshot) -> dict[str, torch.Tensor]:
+    """The masks that stay on the compacted model, at its size; if cutting them fails, the model is restored."""
+    try:
+        return cut_masks(model, carried, plan.modules)
+    except BaseException:
+        snapshot.restore(model)
+        raise
+
+
+def _nothing_removed(model: nn.Module, plan: CompactionPlan, masks: Mapping[str, torch.Tensor]) -> str:
+    """Why masks that zero something removed no channel: coupled channels kept elsewhere, or no whole channel."""
+    coupled = coupled_channels(model, plan, masks)
+    if coupled:
+        which = "; ".join(f"{n} of {name!r}" + (f" (kept by {', '.join(map(repr, keep))})" if keep else "")
+                          for name, n, keep in coupled)
+        return (f"compaction removed no channel: the masks zero whole channels ({which}), but each is coupled, by a "
+                "residual add, a concatenation or another op that ties channels across layers, to channels that "
+                "other parameters' masks keep; a channel goes only when every layer that produces it (or every "
+                "layer that reads it) is masked there. The masks stay on the model. To remove them, mask "
+                "the whole coupled group, e.g. with compute_masks(..., example_inputs=...), which extends a pruned "
+                "channel to every parameter coupled with it.")
+    return ("compaction removed no channel: the masks zero no whole channel of a layer's weights (they mask single "
+            "weights, or only normalisation parameters such as BatchNorm scales); the masks stay on the model. "
+            "To remove channels, mask whole output rows of the layers, e.g. with compute_masks(..., "
+            "example_inputs=...), which extends a pruned channel to every parameter that produces it.")
+
+
 def _apply_checked(model: nn.Module, plan: CompactionPlan, example_inputs: Any, verify: bool,
                    snapshot: _Snapshot) -> dict[str, Any]:
     """Apply ``plan`` and (``verify``) check the result against the masked model; on any failure, restore
     ``model`` from ``snapshot`` and raise (a :class:`~slimtorch.errors.SlimError` as it is, anything else
     as a :class:`~slimtorch.errors.CompactionError`)."""
-    if not verify:
-        reference = None
-    elif not plan.graph.measured or plan.graph.training or model.training:  # the check runs in eval mode
-        reference = _masked_reference(model, plan, example_inputs)
-    else:
-        reference = plan.graph.output
     try:
+        if not verify:
+            reference = None
+        elif not plan.graph.measured or plan.graph.training or model.training:  # the check runs in eval mode
+            reference = _masked_reference(model, plan, example_inputs)
+        else:
+            reference = plan.graph.output
+        if verify:
+            check_finite(reference, example_inputs)
         step, probed = _apply(model, plan, example_inputs)
         if verify:
-            _verify(model, example_inputs, reference, probed)
+            verify_result(model, example_inputs, reference, probed)
     except BaseException as err:
         snapshot.restore(model)
         if isinstance(err, SlimError) or not isinstance(err, Exception):
             raise
-        raise CompactionError(f"compaction failed and the model was restored: {type(err).__name__}: {err}") from err
-    return step
-
-
-def _verify(model: nn.Module, example_inputs: Any, reference: Any, got: Any = None, rtol: float = 1e-3,
-            atol: float = 1e-4) -> None:
-    """Compare the compacted model's eval-mode output (``got``, computed here when not given) with ``reference``."""
-    if got is None:
-        with torch.no_grad(), temporary_mode(model, training=False):
-            got = call_model(model, example_inputs)
-    worst = _compare(got, reference, rtol, atol)
-    if worst is not None:
+        tied = "; ".join(" = ".join(names) for names in tied_parameters(model).values())
+        advice = (f". The model ties parameters ({tied}): exclude the layers that share them from pruning, or untie "
+                  "them (give each layer its own copy) before compacting" if tied else "")
         raise CompactionError(
-            f"the compacted model does not reproduce the masked one on the example inputs (difference {worst:.3g}x "
-            "the tolerance); the model was restored. Please report the model: an op's channel rule is wrong"
-        )
+            f"compaction failed and the model was restored: {type(err).__name__}: {err}{advice}") from err
+    return step

@@ -23,15 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtorch.compact.checks import check_arguments, check_example_inputs, check_not_tied
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
-from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks
+from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.graph import PerMember, Sink, label_table
 from slimtorch.graph.replay import known_structure
-from slimtorch.prune.masks import check_masks, is_masked, mask_factor
+from slimtorch.prune.masks import canonical_masks, check_masks, is_masked
 
-__all__ = ["CompactionPlan", "plan_compaction"]
+__all__ = ["CompactionPlan", "coupled_channels", "plan_compaction"]
 
 
 @dataclass
@@ -151,7 +152,8 @@ def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.T
         zero = (torch.cat([s.absmax.reshape(-1) for s in consumers]) == 0) & independent_here
         vmin = torch.cat([s.vmin.reshape(-1) for s in consumers])
         foldable = torch.tensor([s.foldable and not graph.training for s in consumers])[owner]
-        const = (vmin == torch.cat([s.vmax.reshape(-1) for s in consumers])) & independent_here & foldable
+        const = (vmin == torch.cat([s.vmax.reshape(-1) for s in consumers])) & vmin.isfinite() & independent_here \
+            & foldable
         allowed[units[asked & ~(dead | zero | const)]] = False
         starts = torch.cumsum(torch.tensor([0] + [s.labels.numel() for s in consumers]), 0)
         folds = [_Fold(consumers[i].member, p - int(starts[i]), float(vmin[p]), int(units[p]))
@@ -307,7 +309,8 @@ def _module_changes(model: nn.Module, members: list[Member], gone: PerMember,
         if m.role == "element":
             if entry["kind"] != "tensors":
                 raise CompactionError(f"{m.name!r} is used directly in arithmetic and also by its {entry['kind']} "
-                                      "layer; its channels cannot be removed")
+                                      "layer; its channels cannot be removed: exclude that layer from pruning (or "
+                                      "drop its masks)")
             keep = ~gone[i].reshape(m.labels.shape)
             for d in range(keep.dim()):
                 along = keep.movedim(d, 0).reshape(keep.shape[d], -1).any(dim=1)
@@ -375,7 +378,10 @@ def plan_compaction(
 
     Raises :class:`~slimtorch.errors.CompactionError` when the masks would empty a layer.
     """
+    check_arguments(model, unknown_ops)
     check_masks(model, masks)
+    masks = canonical_masks(model, masks)
+    check_example_inputs(example_inputs)
     params = dict(model.named_parameters())
     # the masked weights are zero outside their live blocks: a run of the masked model (the measured pass, or
     # the forward pass the check compares with) computes on those, and the surgery takes the blocks it cut
@@ -404,6 +410,7 @@ def plan_compaction(
     _enforce(graph, roots, removed, kept)
     members, gone, counts = graph.removed_per_member(removed)
     _check_not_emptied(members, counts)
+    check_not_tied(model, members, counts)
     unmasked: dict[str, torch.Tensor] = {}
     if known is not None:  # (a measured pass reads every value: it runs on masked ones)
         unmasked = {} if is_masked(model) else _unmasked(masks, live, members, gone)
@@ -422,11 +429,30 @@ def plan_compaction(
     )
 
 
+def coupled_channels(model: nn.Module, plan: CompactionPlan,
+                     masks: Mapping[str, torch.Tensor]) -> list[tuple[str, int, list[str]]]:
+    """Whole channels that the masks zero in one parameter but that no request removes, because the channels
+    they are tied to (by a residual add, a concatenation...) are kept by another parameter's mask:
+    ``(parameter, how many, the parameters that keep them)``, for each parameter that zeroes any."""
+    masks = canonical_masks(model, masks)
+    roots, dead, requested, _ = _requests(plan.graph, masks, dict(model.named_parameters()), plan.live.alive)
+    zeroed: dict[str, set[int]] = {}  # parameter -> units it zeroes whole, not requested
+    keeping: dict[int, set[str]] = {}  # unit -> parameters whose slices of it are not masked
+    for key, flags in dead.items():
+        labels = plan.graph.members[key].labels.reshape(-1)
+        valid = labels >= 0
+        for unit, is_dead in zip(roots[labels[valid]].tolist(), flags[valid].tolist(), strict=True):
+            if not requested[unit]:
+                (zeroed.setdefault(key[0], set()).add(unit) if is_dead else keeping.setdefault(unit, set()).add(key[0]))
+    return [(name, len(units), sorted(set().union(*(keeping.get(u, set()) for u in units)) - {name}))
+            for name, units in sorted(zeroed.items())]
+
+
 def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
             skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
-    """The masked values of the masked parameters but ``skip``, as apply_masks_ computes them (a product: a
-    quarter of masked_fill's time)."""
-    return {n: params[n].detach() * mask_factor(masks[n].to(params[n].device, torch.bool)) for n in masks
+    """The masked values of the masked parameters but ``skip``, as apply_masks_ computes them (zeros in masked
+    positions, whatever they held: see :func:`~slimtorch.graph.blocks.masked`)."""
+    return {n: masked(params[n].detach(), masks[n].to(params[n].device, torch.bool)) for n in masks
             if n not in skip}
 
 

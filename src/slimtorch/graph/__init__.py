@@ -10,7 +10,7 @@ Stands alone: imports torch only, never pruning or compaction code.
     64
 """
 
-from slimtorch.graph import layers, modules, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph import layers, modules, moves, products, reductions  # noqa: F401  (register the rules)
 from slimtorch.graph.fixes import FixSite, apply_fix
 from slimtorch.graph.graph import ChannelGroup, DependencyGraph, Member, Sink
 from slimtorch.graph.rules import find_module_rule, find_rule, register_module_rule, register_rule

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Block", "BlockMode", "BlockOps", "Cut", "LiveBlocks", "live_blocks", "take_block"]
+__all__ = ["Block", "BlockMode", "BlockOps", "Cut", "LiveBlocks", "live_blocks", "masked", "take_block"]
 
 #: (live output rows, live input columns) of a weight; None where all are live
 Block = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -93,6 +93,17 @@ _METADATA = frozenset([*(getattr(torch.Tensor, a).__get__ for a in (
     "shape", "dtype", "device", "ndim", "requires_grad", "is_leaf", "layout", "is_cuda", "is_meta", "is_sparse")),
     torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.is_floating_point,
     torch.Tensor.is_complex, torch.Tensor.is_contiguous, torch.Tensor.element_size])
+
+
+def masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` with zeros where ``keep`` (bool, or 0/1 of any dtype) is False, whatever ``t`` holds there. A product
+    by the mask as bytes (on CPU about five times faster than a select), unless the result holds a NaN or an
+    infinity (its sum is then not finite), which a product by zero would keep in masked positions: then a
+    select, so that masking zeroes and never spreads a NaN."""
+    out = t * (keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
+    if out.is_floating_point() and not bool(out.sum().isfinite()):
+        out = torch.where(keep.bool(), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return out
 
 
 def take_block(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
@@ -220,8 +231,8 @@ class BlockOps:
 
     def _masked_values(self, t: torch.Tensor) -> torch.Tensor:
         if id(t) not in self.made:
-            masked = self.made[id(t)] = t.detach() * self.unmasked[id(t)].to(t.device)
-            self.names[id(masked)] = self.names[id(t)]
+            values = self.made[id(t)] = masked(t.detach(), self.unmasked[id(t)].to(t.device))
+            self.names[id(values)] = self.names[id(t)]
         return self.made[id(t)]
 
     def run(self, func: Any, args: tuple, kwargs: dict) -> Any:

@@ -20,7 +20,7 @@ import torch
 __all__ = ["FixSite", "apply_fix", "canonical_ok", "compacted_sizes", "shape_args"]
 
 # Ops whose arguments are a target shape, and where in the call that shape starts.
-SHAPE_OPS = {"view": 1, "reshape": 1, "expand": 1, "broadcast_to": 1}
+SHAPE_OPS = {"view": 1, "reshape": 1, "expand": 1, "broadcast_to": 1, "unflatten": 2}
 
 
 def compacted_sizes(kept: torch.Tensor) -> dict[int, int]:
@@ -126,6 +126,22 @@ class FixSite:
         rows = self._rows(kept)
         return {"index": _kept_before(rows, self.data["index"])}
 
+    def _roll(self, kept: torch.Tensor) -> dict[str, Any]:
+        # Rolling C channels by s puts the last s first; with channels gone, the kept ones keep their cyclic
+        # order if the shift is the number of kept channels among those last s.
+        shifts = []
+        for dim, shift, size in zip(self.data["dims"], self.data["shifts"], self.data["sizes"], strict=True):
+            rows = kept.movedim(dim, 0).reshape(kept.shape[dim], -1).any(dim=1) if kept.shape[dim] > 1 else None
+            shifts.append(shift if rows is None else int(rows[size - shift % size :].sum()) if shift % size else 0)
+        return {"shifts": shifts, "packed": self.data["packed"]}
+
+    def _groups(self, kept: torch.Tensor) -> dict[str, Any]:
+        groups = self.data["groups"]
+        return {"groups": int(kept.reshape(groups, -1).any(dim=1).sum())}  # (groups, channels per group)
+
+    def _squeeze(self, kept: torch.Tensor | None) -> dict[str, Any]:
+        return {"dims": self.data["dims"]}  # the dims dropped as traced (a channel dim left with one stays)
+
     def _index(self, kept: torch.Tensor) -> dict[str, Any]:
         changed = {}
         for item in self.data["items"]:  # {"pos": index-tuple position, "dim": input dim, "slice"|"int": ...}
@@ -166,6 +182,17 @@ def apply_fix(fix: dict[str, Any], args: tuple, kwargs: dict) -> tuple[tuple, di
             items[int(pos)] = change["int"] if "int" in change else slice(*change["slice"])
         index = tuple(items) if isinstance(args[1], tuple) else items[0]
         return (args[0], index, *args[2:]), kwargs
+    if kind == "roll":
+        shifts = list(fix["shifts"]) if fix["packed"] else fix["shifts"][0]
+        if len(args) > 1:
+            return (args[0], shifts, *args[2:]), kwargs
+        return args, {**kwargs, "shifts": shifts}
+    if kind == "groups":
+        if len(args) > 1:
+            return (args[0], fix["groups"], *args[2:]), kwargs
+        return args, {**kwargs, "num_groups": fix["groups"]}
+    if kind == "squeeze":
+        return (args[0], tuple(fix["dims"])), {k: v for k, v in kwargs.items() if k != "dim"}
     if kind == "scalar":
         new = list(args)
         for pos, value in fix["values"].items():

@@ -171,6 +171,8 @@ class DependencyGraph:
     called: set[str] = field(default_factory=set)
     used: set[str] = field(default_factory=set)
     unreached: list[str] = field(default_factory=list)
+    # where a value computed from channels became a Python value (a data-dependent branch): "'op' in module 'm'"
+    branches: list[str] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     # what depends on the members alone (not on the union-find): shared with copies made by
     # ``dataclasses.replace``, which share the members too (a replayed graph, the template it replays)
@@ -186,6 +188,7 @@ class DependencyGraph:
             size = size if isinstance(size, int) else tuple(size)
             labels = self.uf.new(size) if isinstance(size, int) else self.uf.new(math.prod(size)).reshape(size)
             self.members[key] = Member(name, dim, role, labels, **extra)
+            self._same_dim(self.members[key])
         return self.members[key].labels
 
     def attach(self, name: str, dim: int | None, role: str, labels: torch.Tensor, **extra: Any) -> None:
@@ -195,11 +198,32 @@ class DependencyGraph:
         if old is None:
             # (label tensors are never changed in place: the member may share the caller's)
             self.members[key] = Member(name, dim, role, labels.contiguous(), **extra)
+            self._same_dim(self.members[key])
             return
         if old.labels.shape != labels.shape:
             raise RuntimeError(f"{name} dim {dim} is used with {labels.shape} and {old.labels.shape} channels")
-        self.uf.union(old.labels, labels)
+        self._tie_uses(name, old.labels, labels)
         old.labels = torch.where(old.labels >= 0, old.labels, labels)
+
+    def _tie_uses(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Two uses of one parameter dim (tied weights, a layer called twice): index i is channel a[i] and channel
+        b[i], tied; where one use reads no channel (a model input), the other's channel cannot go."""
+        self.uf.union(a, b)
+        fixed = (a < 0) ^ (b < 0)
+        if bool(fixed.any()):
+            self.block(torch.where(a >= 0, a, b)[fixed], f"{name} is shared by layers one of which reads an input "
+                                                         "without channels there (tied weights)")
+
+    def _same_dim(self, member: Member) -> None:
+        """A parameter dim indexed under two roles (a weight tied between an embedding, whose columns are its
+        output features, and a Linear, whose columns are its inputs) holds one index per position for both."""
+        if member.dim is None or member.groups > 1:
+            return
+        for role in ROLES:
+            other = self.members.get((member.name, member.dim, role))
+            if other is not None and other is not member and other.groups == 1 \
+                    and other.labels.shape == member.labels.shape:
+                self._tie_uses(member.name, other.labels, member.labels)
 
     def block(self, labels: torch.Tensor | None, reason: str) -> None:
         if labels is not None and bool((labels >= 0).any()):

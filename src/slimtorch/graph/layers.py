@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from slimtorch.graph.fixes import FixSite
 from slimtorch.graph.graph import Sink
 from slimtorch.graph.labels import union_rows, varying_dims
 from slimtorch.graph.reductions import zero_sink
@@ -168,6 +169,9 @@ def _group_norm(ctx: OpContext) -> None:
         ctx.uf.union(rows[:, :1].expand_as(rows), rows)  # so a group goes as a whole
     vec = _per_channel(ctx, [(2, "weight"), (3, "bias")])
     if vec is not None:
+        # the number of groups changes with whole groups removed: rewritten where the call does not follow
+        # (nn.GroupNorm passes its own, which its shrink function updates)
+        ctx.graph.fix_sites.append(FixSite(ctx.site, "groups", vec, {"groups": groups}))
         ctx.set_output(placed(vec, x.dim(), 1))
 
 
@@ -195,6 +199,12 @@ def _layer_norm(ctx: OpContext) -> None:
     full = grid.reshape([1] * (x.dim() - k) + list(grid.shape))
     if varying_dims(full):
         zero_sink(ctx, x, full)
+        # Only a LayerNorm or RMSNorm module's own call over one dim is made zero-padded by compaction (its
+        # statistics still count the removed channels); any other call would count fewer.
+        module = ctx.module_type
+        if k > 1 or module is None or not issubclass(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+            ctx.block(full, f"{ctx.name} over channels outside a LayerNorm or RMSNorm layer of one dim (its "
+                            "statistics count the channels)")
     ctx.set_output(full)
 
 
@@ -218,9 +228,12 @@ def _spatial(ctx: OpContext) -> None:
     match = re.search(r"(\d)d", ctx.name)
     spatial = int(match.group(1)) if match else x.dim() - 2  # F.max_pool2d & co. are named "fn"
     ch = x.dim() - spatial - 1
-    if ctx.labels(x) is None:
+    labels = ctx.labels(x)
+    if labels is None:
         ctx.set_output(None)
         return
+    if any(d != ch for d in varying_dims(labels)):  # channels along a pooled or resized dim: they would mix
+        ctx.block(labels, f"{ctx.name} along a dim that carries channels")
     vec = channel_labels(ctx, x, ch)
     for out in ctx.outputs:
         ctx.set_labels(out, placed(vec, out.dim(), ch))
@@ -260,6 +273,21 @@ def _pixel_shuffle(ctx: OpContext) -> None:
     ch = x.dim() - 3
     blocks = channel_labels(ctx, x, ch).reshape(-1, r * r)  # (C_out, r*r): one output channel each
     ctx.set_output(placed(union_rows(ctx.uf, blocks, [0]), x.dim(), ch))
+
+
+@register_rule(F.unfold)
+def _im2col(ctx: OpContext) -> None:
+    """``F.unfold`` (im2col): (N, C, *spatial) -> (N, C * k, L), row c * k + j holding channel c (padding too)."""
+    x, out = ctx.args[0], ctx.outputs[0]
+    labels = ctx.labels(x)
+    if labels is None:
+        ctx.set_output(None)
+        return
+    ch = x.dim() - 3  # (batched (N, C, H, W) or unbatched (C, H, W))
+    if any(d != ch for d in varying_dims(labels)):
+        ctx.block(labels, "unfold along a dim that carries channels")
+    vec = channel_labels(ctx, x, ch)
+    ctx.set_output(placed(vec.repeat_interleave(out.shape[-2] // x.shape[ch]), out.dim(), out.dim() - 2))
 
 
 @register_rule(F.glu, "glu")

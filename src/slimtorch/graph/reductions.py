@@ -50,6 +50,14 @@ def _dims(ctx: OpContext, rank: int) -> list[int]:
     return sorted(d + rank if d < 0 else d for d in dim)
 
 
+def _negative_order(ctx: OpContext) -> bool:
+    """A norm of negative order (``-inf``: the smallest magnitude) is changed by a zero: it blocks, like a min."""
+    if ctx.name not in ("norm", "linalg_vector_norm", "vector_norm", "normalize"):
+        return False
+    order = ctx.arg(1, "ord" if "vector" in ctx.name else "p", 2)
+    return isinstance(order, (int, float)) and order < 0
+
+
 @register_rule(*_SUM_LIKE, *_BLOCKING)
 def _reduce(ctx: OpContext) -> None:
     x = ctx.args[0]
@@ -67,7 +75,7 @@ def _reduce(ctx: OpContext) -> None:
     dims = _dims(ctx, rank)
     reduced = [d for d in dims if d in varying_dims(labels)]
     if reduced:
-        if ctx.name in _SUM_LIKE:
+        if ctx.name in _SUM_LIKE and not _negative_order(ctx):
             zero_sink(ctx, x, labels)
         else:
             ctx.block(labels, f"{ctx.name} over channels (its result depends on how many there are)")
@@ -103,6 +111,8 @@ def _normalize(ctx: OpContext) -> None:
     dim = ctx.arg(2, "dim", 1)
     if labels is not None:
         dim = dim + x.dim() if dim < 0 else dim
-        if dim in varying_dims(labels):
+        if dim in varying_dims(labels) and _negative_order(ctx):
+            ctx.block(labels, "normalize over channels with a negative order")
+        elif dim in varying_dims(labels):
             zero_sink(ctx, x, labels)  # a p-norm over channels ignores channels that are zero
     ctx.set_output(labels)

@@ -9,8 +9,14 @@ removed (``ctx.block``), equal-count constraints, measured values (sinks) and fi
     def _glu(ctx): ...
 
 and a rule for a whole module (its forward is not traced inside) with ``@register_module_rule(MyBlock)``.
-This file holds the generic rules (elementwise, data movement, reductions, products); layer rules are in
-``layers.py`` and module-level rules in ``modules.py``.
+This file holds the generic rules (elementwise, data movement); what data movement records besides moving
+labels (fix sites, blocks) is in ``moves.py``, reductions in ``reductions.py``, products in ``products.py``,
+layer rules in ``layers.py`` and module-level rules in ``modules.py``.
+
+A rule is *exact* when the compacted model, running the op on the kept channels (with any sizes or positions
+in the call rewritten), computes what the full op computes with the removed channels dropped. An op whose
+result depends on how many channels there are, or on where a channel sits (a roll, a gather with computed
+indices, a mean), is either rewritten so that it stays exact or blocks the channels it touches.
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from slimtorch.graph.fixes import SHAPE_OPS, FixSite, shape_args
+from slimtorch.graph.fixes import FixSite
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
 if TYPE_CHECKING:
     from slimtorch.graph.trace import ModuleContext, OpContext
 
-__all__ = ["PLAIN_TYPES", "VALUE_FREE", "find_module_rule", "find_rule", "op_name", "register_module_rule",
-           "register_rule", "tensors_in"]
+__all__ = ["MOVE_EXTRA", "PLAIN_TYPES", "VALUE_FREE", "after_move", "bind_positions", "find_module_rule", "find_rule",
+           "note_grid", "op_name", "register_module_rule", "register_rule", "tensors_in"]
 
 Rule = Callable[["OpContext"], None]
 ModuleRule = Callable[["ModuleContext"], None]
@@ -119,12 +125,13 @@ _UNARY = [
     "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "neg",
     "neg_", "__neg__", "abs", "abs_", "__abs__", "exp", "exp_", "exp2", "log", "log_", "log2", "log10",
     "log1p", "expm1", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "reciprocal", "reciprocal_", "square", "sin", "cos",
-    "tan", "erf", "erf_", "erfc", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "clamp", "clamp_",
-    "clip", "clip_", "clamp_min", "clamp_max", "nan_to_num", "contiguous", "clone", "detach", "detach_",
-    "float", "half", "double", "bfloat16", "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "zero_",
-    "fill_", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "data", "tril", "triu", "tril_",
-    "triu_", "square_", "pow_", "sigmoid_", "__invert__", "__bool__", "special_expit", "logit",
+    "tan", "erf", "erf_", "erfc", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac", "nan_to_num",
+    "contiguous", "clone", "detach", "detach_", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "cpu", "cuda", "requires_grad_", "zero_", "fill_", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite",
+    "data", "square_", "pow_", "sigmoid_", "__invert__", "__bool__", "special_expit", "logit",
 ]
+# the bounds may be tensors (a per-channel threshold): elementwise between all tensors, as the ops below
+_CLAMP = ["clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max"]
 
 _NARY = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "floor_divide", "remainder",
@@ -134,8 +141,9 @@ _NARY = [
     "__radd__", "__iadd__", "__sub__", "__rsub__", "rsub", "__isub__", "__mul__", "__rmul__", "__imul__",
     "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__", "__idiv__", "__pow__", "__rpow__",
     "__ipow__", "__and__", "__or__", "__xor__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
-    "__floordiv__", "__rfloordiv__", "__mod__", "copysign", "xlogy", "heaviside",
+    "__floordiv__", "__rfloordiv__", "__mod__", "copysign", "xlogy", "heaviside", *_CLAMP,
 ]
+_TRIANGLE = ["tril", "triu", "tril_", "triu_"]
 
 
 def _aligned(labels: torch.Tensor | None, rank: int) -> torch.Tensor | None:
@@ -154,7 +162,7 @@ def note_scalars(ctx: OpContext) -> None:
 
 
 #: ops whose rules read only labels and shapes, never the values of their tensor arguments
-VALUE_FREE = frozenset(_UNARY) | frozenset(_NARY)
+VALUE_FREE = frozenset(_UNARY) | frozenset(_NARY) | frozenset(_TRIANGLE)
 
 
 @register_rule(*_UNARY)
@@ -169,11 +177,44 @@ def _nary(ctx: OpContext) -> None:
     if not outs:
         return
     rank = outs[0].dim()
-    parts = [_aligned(ctx.labels(t), rank) for t in tensors_in((ctx.args, ctx.kwargs))]
+    tensors = tensors_in((ctx.args, ctx.kwargs))
+    parts = [_aligned(ctx.labels(t), rank) for t in tensors]
     merged = broadcast_merge(ctx.uf, parts)
     ctx.set_output(merged)
     note_grid(ctx, merged)
     note_scalars(ctx)
+    if merged is not None and any(p is None for p in parts):
+        bind_positions(ctx, merged, [t.shape for t, p in zip(tensors, parts, strict=True) if p is None])
+
+
+def bind_positions(ctx: OpContext, labels: torch.Tensor, shapes: list[torch.Size], skip: int | None = None) -> None:
+    """Operands that carry no channels (a model input, ``torch.arange(C)``, a constant computed in forward) but
+    differ along a channel dim of the result (``labels``; ``shapes`` aligned to its rank from the right, ``skip``:
+    a dim along which they are laid next to it, as in ``cat``) hold values bound to positions, not to channels:
+    the compacted model would pair them with other channels, or fail on their size. Along a dim where the
+    channels vary alone, they are blocked; along a dim of a grid (heads x head size), every row must stay, so
+    the rows keep equal counts (a row then goes only with all of them)."""
+    vary = varying_dims(labels)
+    rank = labels.dim()
+    bound = sorted({d for shape in shapes for d in vary if d != skip and d - (rank - len(shape)) >= 0
+                    and shape[d - (rank - len(shape))] > 1})
+    if not bound:
+        return
+    if len(bound) == len(vary):
+        ctx.block(labels, "combined with a tensor that carries no channels but differs along them (values bound to "
+                          "positions, such as an input or torch.arange of the channel count)")
+        return
+    for d in bound:
+        ctx.graph.equal_count(labels.movedim(d, 0).reshape(labels.shape[d], -1))  # (rows along d, rest)
+
+
+@register_rule(*_TRIANGLE)
+def _triangle(ctx: OpContext) -> None:
+    """tril/triu keep positions by their place in the last two dims: channels there would move the diagonal."""
+    labels = ctx.labels(ctx.args[0])
+    if labels is not None and any(d >= labels.dim() - 2 for d in varying_dims(labels)):
+        ctx.block(labels, f"{ctx.name} over channels (which positions it keeps depends on how many there are)")
+    ctx.set_output(labels)
 
 
 @register_rule("copy_")
@@ -181,11 +222,20 @@ def _copy(ctx: OpContext) -> None:
     ctx.set_labels(ctx.args[0], _aligned(ctx.labels(ctx.args[1]), ctx.args[0].dim()))
 
 
-@register_rule(*[
-    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
-    "new_empty", "new_full", "new_tensor", "bernoulli", "bernoulli_", "normal_", "uniform_", "argwhere",
-    "nonzero",
-])
+_UNIFORM = ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
+            "new_empty", "new_full", "bernoulli", "bernoulli_", "normal_", "uniform_"]
+
+
+@register_rule(*_UNIFORM)
+def _uniform(ctx: OpContext) -> None:
+    """A fresh tensor whose values come from no channel and are bound to no position (zeros, noise), shaped
+    after its input: labels of -1 broadcast along every dim (not None), so that adding it to channels binds
+    nothing (see :func:`bind_positions`)."""
+    for t in ctx.outputs:
+        ctx.set_labels(t, torch.full([1] * t.dim(), -1, dtype=torch.long))
+
+
+@register_rule("new_tensor", "argwhere", "nonzero")
 def _constant(ctx: OpContext) -> None:
     ctx.set_output(None)  # a fresh tensor: its values do not come from any channel
 
@@ -228,9 +278,11 @@ def _label_call(ctx: OpContext) -> Any:
         return ctx.full_labels(x).double()
 
     args, kwargs = tree_map(sub, ctx.args), tree_map(sub, ctx.kwargs)
-    if ctx.name == "pad":  # padded positions hold no channel
+    if ctx.name == "pad" and ctx.arg(2, "mode", "constant") == "constant":  # padded positions hold no channel
         kwargs = {**kwargs, "value": -1.0}
         args = args[:3] if len(args) > 3 else args
+    if ctx.name == "__setitem__" and not isinstance(args[2], torch.Tensor):  # a number written holds no channel
+        args = (args[0], args[1], -1.0, *args[3:])
     result = ctx.func(*args, **kwargs)
     if result is None:  # in-place (__setitem__): the first argument's labels were written
         result = args[0]
@@ -256,6 +308,22 @@ def _store(ctx: OpContext, result: Any) -> list[torch.Tensor | None]:
     return out
 
 
+#: what a data-movement op records besides moving labels (fix sites, blocks, equal counts), by op name:
+#: ``fn(ctx, source, labels)``, ``source`` the first argument's labels before the op, ``labels`` the outputs'
+MOVE_EXTRA: dict[str, Callable[[OpContext, torch.Tensor | None, list], None]] = {}
+
+
+def after_move(*names: str) -> Callable[[Callable], Callable]:
+    """Register what data-movement ops ``names`` record besides moving labels (see :data:`MOVE_EXTRA`)."""
+
+    def deco(fn: Callable) -> Callable:
+        for name in names:
+            MOVE_EXTRA[name] = fn
+        return fn
+
+    return deco
+
+
 @register_rule(*_MOVE, "__setitem__")
 def _move(ctx: OpContext) -> None:
     if ctx.name == "view" and isinstance(dtype := ctx.arg(1, "dtype"), torch.dtype):  # x.view(dtype): bytes
@@ -269,10 +337,12 @@ def _move(ctx: OpContext) -> None:
     if ctx.name == "pad" and _pads_only_plain_dims(ctx):
         ctx.set_output(ctx.labels(ctx.args[0]))  # e.g. spatial padding: every position keeps its channels
         return
+    first = ctx.args[0] if ctx.args else None
+    source = ctx.labels(first) if isinstance(first, torch.Tensor) else None  # (before an in-place op writes)
     labels = _store(ctx, _label_call(ctx))
-    extra = _MOVE_EXTRA.get(ctx.name)
+    extra = MOVE_EXTRA.get(ctx.name)
     if extra is not None:
-        extra(ctx, labels)
+        extra(ctx, source, labels)
 
 
 @register_rule(*_PERMUTE)
@@ -302,118 +372,3 @@ def _permutation(ctx: OpContext, rank: int) -> list[int]:
     return [list(probe.shape).index(n) for n in moved.shape]
 
 
-def _dim_arg(ctx: OpContext, index: int, default: int = 0) -> int:
-    dim = ctx.arg(index, "dim", default)
-    rank = ctx.args[0].dim()
-    return dim + rank if dim < 0 else dim
-
-
-def _after_split(ctx: OpContext, labels: list) -> None:
-    dim = _dim_arg(ctx, 2)
-    source = ctx.labels(ctx.args[0])
-    if dim not in varying_dims(source):
-        return
-    size = ctx.arg(1, "split_size_or_sections", ctx.kwargs.get("split_size", ctx.kwargs.get("sizes")))
-    total = ctx.args[0].shape[dim]
-    as_list = not isinstance(size, int)
-    sizes = list(size) if as_list else [min(size, total - i) for i in range(0, total, size)]
-    row_labels = union_rows(ctx.uf, source, [dim])
-    if not as_list:
-        if total % size:
-            ctx.block(row_labels, "split into unequal parts along channels")
-            return
-        ctx.graph.equal_count(row_labels.reshape(-1, size))
-    ctx.graph.fix_sites.append(FixSite(ctx.site, "split", source, {"dim": dim, "sizes": sizes, "as_list": as_list}))
-
-
-def _after_chunk(ctx: OpContext, labels: list) -> None:
-    dim = _dim_arg(ctx, 2)
-    source = ctx.labels(ctx.args[0])
-    if dim not in varying_dims(source):
-        return
-    row_labels = union_rows(ctx.uf, source, [dim])
-    parts = ctx.arg(1, "chunks")
-    if row_labels.numel() % parts:
-        ctx.block(row_labels, "chunk into unequal parts along channels")
-    else:
-        ctx.graph.equal_count(row_labels.reshape(parts, -1))
-
-
-def _after_unbind(ctx: OpContext, labels: list) -> None:
-    dim = _dim_arg(ctx, 1)
-    source = ctx.labels(ctx.args[0])
-    if varying_dims(source) == [dim]:
-        ctx.block(source, "unbind along channels (each channel becomes its own tensor)")
-
-
-def _after_shape(ctx: OpContext, labels: list) -> None:
-    found = shape_args(ctx.name, ctx.args)
-    if found is None or not labels or labels[0] is None:
-        return
-    out = labels[0]
-    if any(out.shape[d] > 1 for d in range(out.dim())):
-        ctx.graph.fix_sites.append(FixSite(ctx.site, "shape", out, {"sizes": found[0]}))
-
-
-def _after_narrow(ctx: OpContext, labels: list) -> None:
-    dim = _dim_arg(ctx, 1)
-    source = ctx.labels(ctx.args[0])
-    if dim in varying_dims(source):
-        data = {"dim": dim, "start": ctx.arg(2, "start"), "length": ctx.arg(3, "length")}
-        ctx.graph.fix_sites.append(FixSite(ctx.site, "narrow", source, data))
-
-
-def _after_select(ctx: OpContext, labels: list) -> None:
-    dim = _dim_arg(ctx, 1)
-    source = ctx.labels(ctx.args[0])
-    if dim in varying_dims(source):
-        ctx.graph.fix_sites.append(FixSite(ctx.site, "select", source, {"dim": dim, "index": ctx.arg(2, "index")}))
-
-
-def _after_index(ctx: OpContext, labels: list) -> None:
-    source = ctx.labels(ctx.args[0])
-    vary = varying_dims(source)
-    if not vary:
-        return
-    items = list(ctx.args[1]) if isinstance(ctx.args[1], tuple) else [ctx.args[1]]
-    if any(it is Ellipsis for it in items):
-        at = items.index(Ellipsis)
-        consumed = sum(it is not None for it in items) - 1
-        items = items[:at] + [slice(None)] * (ctx.args[0].dim() - consumed) + items[at + 1 :]
-        positions = None  # the ellipsis is expanded: positions no longer match the call's tuple
-    else:
-        positions = list(range(len(items)))
-    dim, fixes = 0, []
-    for pos, item in enumerate(items):
-        if item is None:
-            continue
-        if dim in vary:
-            if isinstance(item, (torch.Tensor, list, bool)):
-                ctx.block(source, "indexing channels with a tensor or list")
-                return
-            if isinstance(item, slice) and item.step not in (None, 1):
-                ctx.block(source, "slicing channels with a step")
-                return
-            if positions is None and not (isinstance(item, slice) and item == slice(None)):
-                ctx.block(source, "indexing channels after an ellipsis")
-                return
-            if isinstance(item, int):
-                fixes.append({"pos": pos, "dim": dim, "int": item})
-            elif item != slice(None):
-                fixes.append({"pos": pos, "dim": dim, "slice": [item.start, item.stop]})
-        dim += 1
-    if fixes:
-        ctx.graph.fix_sites.append(FixSite(ctx.site, "index", source, {"items": fixes}))
-
-
-_MOVE_EXTRA: dict[str, Callable[[OpContext, list], None]] = {
-    "split": _after_split,
-    "split_with_sizes": _after_split,
-    "chunk": _after_chunk,
-    "unbind": _after_unbind,
-    "narrow": _after_narrow,
-    "select": _after_select,
-    "__getitem__": _after_index,
-    "__setitem__": _after_index,
-    **{op: _after_shape for op in SHAPE_OPS},
-}

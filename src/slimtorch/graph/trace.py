@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
+from slimtorch.errors import ConfigError, SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.rules import PLAIN_TYPES, VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
@@ -46,6 +46,15 @@ _PLAIN_TYPES = frozenset(PLAIN_TYPES) - {torch.device}  # (a signature leaves de
 _EXACT_DTYPES = frozenset([torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 
 
+#: ops that turn a tensor's values into a Python value (which may decide the model's control flow)
+_TO_PYTHON = frozenset(["__bool__", "item", "tolist", "__int__", "__float__", "__index__", "is_nonzero", "equal",
+                        "allclose"])
+
+
+def _no_ref() -> None:  # a weak reference to nothing
+    return None
+
+
 class _NeedsValues(Exception):
     """Raised inside a shapes-only (meta) trace when something needs real values."""
 
@@ -54,6 +63,7 @@ class _NeedsValues(Exception):
 class _Frame:
     module: str
     counts: Counter = field(default_factory=Counter)
+    kind: type | None = None  # the module's class
     rule: Any = None
     call: tuple[Any, Any] | None = None
 
@@ -80,6 +90,11 @@ class OpContext:
         """For rules that read values (weights, data): in a shapes-only trace, trace for real instead."""
         if not self.tracer.measuring:
             raise _NeedsValues(self.where)
+
+    @property
+    def module_type(self) -> type | None:
+        """The class of the innermost module whose forward runs the op (None outside every module)."""
+        return self.tracer.stack[-1].kind
 
     @property
     def where(self) -> str:
@@ -183,6 +198,7 @@ class _Tracer(TorchFunctionMode):
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
         self.sinks: list[Any] = []  # a shapes-only trace's sinks, statistics still placeholders (set at its end)
         self.blocks: BlockOps | None = None  # computes layers on their live block (slimtorch.graph.blocks)
+        self._derived: dict[int, weakref.ref] = {}  # tensors computed from channels (see _follow_values)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -264,6 +280,8 @@ class _Tracer(TorchFunctionMode):
             _check_meta(inputs, name)
         leaves = [self.names[id(t)] for t in inputs if id(t) in self.names]
         self.graph.used.update(leaves)
+        if self.measuring:
+            self._follow_values(name, site[0], inputs, out)
         if not leaves and not any(self._has(t) for t in inputs):
             return
         ctx = OpContext(self, func, args, kwargs, out, site)
@@ -284,7 +302,20 @@ class _Tracer(TorchFunctionMode):
             self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
             if not self.measuring:
                 _check_meta(inputs, type(module).__name__)
+            else:
+                self._follow_values(type(module).__name__, name, inputs, out)
             frame.rule(ModuleContext(self, module, name, *frame.call, out))
+
+    def _follow_values(self, op: str, module: str, inputs: list[torch.Tensor], out: Any) -> None:
+        """Values computed from channels, followed through every op (a mean over all of them carries no label),
+        so that the graph can say where such a value decides the model's Python control flow: inputs that take
+        another path run code this trace never saw. (A shapes-only trace cannot get there: it has no values.)"""
+        if not any(self._has(t) or self._derived.get(id(t), _no_ref)() is t for t in inputs):
+            return
+        if op in _TO_PYTHON:
+            self.graph.branches.append(f"{op!r} in module {module or '<root>'!r}")
+        for t in tensors_in(out):
+            self._derived[id(t)] = weakref.ref(t)
 
     def _has(self, t: torch.Tensor) -> bool:
         entry = self._labels.get(id(t))
@@ -315,7 +346,7 @@ class _Tracer(TorchFunctionMode):
         @functools.wraps(forward)
         def run(*args: Any, **kwargs: Any) -> Any:
             self.graph.called.add(name)
-            frame = _Frame(name)
+            frame = _Frame(name, kind=type(module))
             self.stack.append(frame)
             if self.atomic:
                 self.atomic += 1
@@ -594,7 +625,7 @@ def build_graph(
             see :mod:`slimtorch.graph.blocks`). The caller vouches for the zeros.
     """
     if unknown_ops not in ("error", "keep"):
-        raise ValueError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
+        raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
     if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
         with contextlib.suppress(ImportError):
             importlib.import_module("slimtorch.transformers.hf")

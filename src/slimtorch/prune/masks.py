@@ -32,10 +32,12 @@ import torch
 from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.graph.blocks import masked
 
 __all__ = [
     "MASK_SUFFIX",
     "apply_masks_",
+    "canonical_masks",
     "check_masks",
     "get_masks",
     "is_masked",
@@ -92,6 +94,8 @@ class _MaskHook:
                 param = module._parameters[name]
                 mask = module._buffers[name + MASK_SUFFIX]
                 param.mul_(mask_factor(mask))
+                if not bool(param.sum().isfinite()):  # a NaN or infinity: a product by zero keeps it (see masked)
+                    param.masked_fill_(~mask, 0)
                 if param.requires_grad and not _has_grad_hook(param):
                     _add_grad_hook(param, mask)
 
@@ -111,7 +115,7 @@ class _GradMask:
         self.mask = mask
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask_factor(self.mask)
+        return masked(grad, self.mask)
 
 
 def _find_hook(module: nn.Module) -> tuple[int, _MaskHook] | None:
@@ -132,18 +136,39 @@ def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Raise a clear error unless every key names a parameter of ``model`` and every mask fits it."""
     if not isinstance(masks, Mapping):
         raise ConfigError(f"masks must be a dict of parameter name -> tensor, got {type(masks).__name__}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # (a tied weight under each of its names)
     for name, mask in masks.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"mask keys must be parameter names (str), got {name!r} ({type(name).__name__})")
         if name not in params:
             raise NoMatchError(f"mask {name!r} names no parameter of the model; {closest(name, params)}")
         if not isinstance(mask, torch.Tensor):
             raise ConfigError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
+        if mask.layout != torch.strided or mask.is_meta:
+            where = "on the meta device (no values)" if mask.is_meta else f"{mask.layout}"
+            raise ConfigError(f"mask {name!r} is {where}: masks must be dense tensors with values (mask.to_dense(), "
+                              "or made on a real device)")
         if tuple(mask.shape) != tuple(params[name].shape):
             raise ConfigError(
                 f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}"
             )
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ConfigError(f"mask {name!r} must be bool or hold only 0 and 1")
+
+
+def canonical_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` keyed by each parameter's first name (as ``named_parameters`` lists it): a mask given under
+    another name of a tied weight moves to that one, and masks given under several of its names combine
+    (an entry is kept when every one keeps it, as applying them all does)."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(p), name)
+    out: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        key = canonical.get(name, name)
+        out[key] = mask if key not in out else out[key].bool() & mask.to(out[key].device).bool()
+    return out
 
 
 def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:

@@ -158,6 +158,16 @@ def after_compaction_(model: nn.Module) -> None:
     specs = find_blocks(model)
     if not specs:
         return
+    saved = dict(vars(config))  # (values are replaced, never written into: a shallow copy undoes a failure)
+    try:
+        _record_blocks_(model, config, specs)
+    except BaseException:
+        vars(config).clear()
+        vars(config).update(saved)
+        raise
+
+
+def _record_blocks_(model: nn.Module, config: Any, specs: Mapping[str, BlockSpec]) -> None:
     info = getattr(model, COMPACTION_ATTR, None) or {}
     record = {k: dict(v) for k, v in (getattr(config, CONFIG_KEY, None) or {}).items()}
     step = (info.get("steps") or [{}])[-1]
