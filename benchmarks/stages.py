@@ -61,7 +61,9 @@ STAGES: list[tuple[str, str, str]] = [
     ("module changes", PLAN, "_module_changes"),
     ("snapshot for restoring", COMPACT, "_Snapshot"),
     ("surgery", COMPACT, "_apply"),
-    ("check of the result", COMPACT, "_verify"),
+    ("check of the result", COMPACT, "verify_result"),
+    ("masks cut for the compacted model", COMPACT, "cut_masks"),
+    ("masks put on the compacted model", COMPACT, "keep_masks_"),
 ]
 
 
