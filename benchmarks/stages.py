@@ -52,7 +52,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("compaction plan", COMPACT, "plan_compaction"),
     ("live rows and columns", PLAN, "live_blocks"),
     ("masked copies of the weights", PLAN, "_masked"),
-    ("weights left unmasked", PLAN, "_unmasked"),
+    ("masks cut to what they keep (and weights left unmasked)", PLAN, "_cut_to_kept"),
     ("structure from the shapes-only trace", PLAN, "known_structure"),
     ("masked pass (measured)", PLAN, "build_graph"),
     ("masked reference (forward on live blocks)", COMPACT, "_masked_reference"),

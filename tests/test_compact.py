@@ -27,6 +27,7 @@ from nets import (
 )
 from slimtorch import compact_, compute_masks
 from slimtorch.compact import SlimMultiheadAttention, ZeroPaddedLayerNorm, plan_compaction
+from slimtorch.compact.kept_masks import cut_masks
 from slimtorch.compact.surgery import SHRINKS
 from slimtorch.errors import CompactionError, SlimWarning, UnsupportedOpError
 from slimtorch.graph import build_graph, replay
@@ -421,3 +422,22 @@ def test_every_weight_left_unmasked_however_small(case, monkeypatch):
     oracle(model, masks, x)
     assert len(attempts) == 1
     assert attempts[0][1] > 0 or attempts[0][0]  # (a plan from the pruning trace leaves some weight unmasked)
+
+
+@pytest.mark.parametrize("fine", [False, True], ids=["channels", "channels+fine"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_masks_the_plan_calls_whole_cut_to_all_kept(case, fine):
+    """``plan.whole`` lets compact_ skip cutting a mask: cut like its parameter, every such mask keeps everything
+    (with single weights masked on top of the channels, the masks that still hold a zero are not in it)."""
+    make, x, op_types, last = CASES[case]
+    model = make().eval()
+    masks = _masks(model, x, op_types, last)
+    if fine:
+        g = torch.Generator().manual_seed(1)
+        masks = {n: m & (torch.rand(m.shape, generator=g) > 0.3) if m.dim() > 1 else m for n, m in masks.items()}
+    for measure in (False, True):
+        plan = plan_compaction(model, masks, example_inputs=x, measure=measure)
+        cut = cut_masks(model, {n: masks[n] for n in plan.whole if n in masks}, plan.modules)
+        assert all(bool(m.all()) for m in cut.values()), sorted(n for n, m in cut.items() if not m.all())
+        if not fine:
+            assert plan.whole  # (channel masks: most are whole)

@@ -265,11 +265,11 @@ def _planned(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs
 def _cut(model: nn.Module, carried: Mapping[str, torch.Tensor], plan: CompactionPlan,
          snapshot: _Snapshot) -> dict[str, torch.Tensor]:
     """The masks that stay on the compacted model, at its size; if cutting them fails, the model is restored.
-    A weight the plan leaves unmasked is left out: its mask keeps exactly its live block and the surgery keeps
-    nothing outside it, so its cut mask keeps everything (most of a channel-pruned model's weights; cutting
-    theirs was most of this step's time)."""
+    A mask the surgery cuts down to entries it keeps is left out (``plan.whole``: a structured mask whose
+    parameter keeps nothing outside its live block; most of a channel-pruned model's, and cutting those
+    was most of this step's time)."""
     try:
-        return cut_masks(model, {n: m for n, m in carried.items() if n not in plan.unmasked}, plan.modules)
+        return cut_masks(model, {n: m for n, m in carried.items() if n not in plan.whole}, plan.modules)
     except BaseException:
         snapshot.restore(model)
         raise

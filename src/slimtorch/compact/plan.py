@@ -57,6 +57,8 @@ class CompactionPlan:
     # by their mask, so the compacted layer takes their own values; a run of the masked model makes their
     # masked values only where it reads more than their live block (slimtorch.graph.blocks.BlockOps)
     unmasked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # the masks the surgery cuts down to entries they all keep (nothing of them stays masked afterwards)
+    whole: set[str] = field(default_factory=set, repr=False)
 
     @property
     def cuts(self) -> dict[int, Cut]:
@@ -411,9 +413,12 @@ def plan_compaction(
     members, gone, counts = graph.removed_per_member(removed)
     _check_not_emptied(members, counts)
     check_not_tied(model, members, counts)
+    whole = _cut_to_kept(masks, live, members, gone)
     unmasked: dict[str, torch.Tensor] = {}
-    if known is not None:  # (a measured pass reads every value: it runs on masked ones)
-        unmasked = {} if is_masked(model) else _unmasked(masks, live, members, gone)
+    if known is not None and not is_masked(model):  # (a measured pass reads every value: it runs on masked ones)
+        # Their masked values would be needed only by a run that reads them whole; a masked copy of every
+        # weight costs a pass over the model's memory (a fifth of resnet50's compaction time).
+        unmasked = {n: masks[n] for n in whole if n in live.exact and masks[n].numel() >= _UNMASKED_MIN}
         masked = _masked(params, masks, unmasked)
     return CompactionPlan(
         graph=graph,
@@ -426,6 +431,7 @@ def plan_compaction(
         masked=masked,
         live=live,
         unmasked=unmasked,
+        whole=whole,
     )
 
 
@@ -460,13 +466,12 @@ def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor
 _UNMASKED_MIN = 1 << 12
 
 
-def _unmasked(masks: Mapping[str, torch.Tensor], live: LiveBlocks, members: list[Member],
-              gone: PerMember) -> dict[str, torch.Tensor]:
-    """The masked weights the compacted model may take as they are (name -> mask): their mask keeps exactly
-    its live block (every entry of its live rows times its live columns), and the surgery keeps no row or
-    column outside it. Their masked values would be needed only by a run that reads them whole; a masked
-    copy of every weight costs a pass over the model's memory (a fifth of resnet50's compaction time)."""
-    found = {n for n in live.exact if masks[n].numel() >= _UNMASKED_MIN}
+def _cut_to_kept(masks: Mapping[str, torch.Tensor], live: LiveBlocks, members: list[Member],
+                 gone: PerMember) -> set[str]:
+    """The masks of which the surgery keeps only kept entries: a structured mask (of 2 dims or more, every entry
+    of its live rows times its live columns; of 1 dim, its kept entries) whose parameter keeps no row or column
+    outside it. Cut like their parameters, they keep everything."""
+    found = set(live.exact) | {n for n, m in masks.items() if m.dim() == 1}
     kept: dict[tuple[str, int], np.ndarray] = {}  # (name, dim 0 or 1) -> the rows or columns the surgery keeps
     for i, m in enumerate(members):
         if m.name not in found or m.is_buffer:
@@ -482,4 +487,7 @@ def _unmasked(masks: Mapping[str, torch.Tensor], live: LiveBlocks, members: list
         flags = kept.get((name, dim))
         return bool(alive.all()) if flags is None else not bool((flags & ~alive).any())
 
-    return {n: masks[n] for n in found if inside(n, 0, live.alive[n][0]) and inside(n, 1, live.alive[n][1])}
+    def alive(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return live.alive[name] if name in live.alive else (masks[name].cpu().numpy(), np.ones(1, dtype=bool))
+
+    return {n for n in found if inside(n, 0, alive(n)[0]) and inside(n, 1, alive(n)[1])}
