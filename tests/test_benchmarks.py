@@ -76,7 +76,7 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
                          "98%"], 5)],
-    "stages.py": [(["stage", "fastest (ms)", "median (ms)"], 23)],
+    "stages.py": [(["stage", "fastest (ms)", "median (ms)"], 25)],
     "table61_steps.py": [(["sparsity per layer", "params (compacted)", "forward FLOPs/image", "masked step",
                            "compacted step", "compacted / dense", "book's time / dense"], 9)],
     "transformer_pruning.py": [(["sparsity", "method", "perplexity", "x dense", "prune time", "paper (LLaMA-2-7B)",
