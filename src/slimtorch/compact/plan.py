@@ -488,6 +488,6 @@ def _cut_to_kept(masks: Mapping[str, torch.Tensor], live: LiveBlocks, members: l
         return bool(alive.all()) if flags is None else not bool((flags & ~alive).any())
 
     def alive(name: str) -> tuple[np.ndarray, np.ndarray]:
-        return live.alive[name] if name in live.alive else (masks[name].cpu().numpy(), np.ones(1, dtype=bool))
+        return live.alive[name] if name in live.alive else (masks[name].cpu().bool().numpy(), np.ones(1, dtype=bool))
 
     return {n for n in found if inside(n, 0, alive(n)[0]) and inside(n, 1, alive(n)[1])}
