@@ -550,6 +550,145 @@ CASES["args/verify_not_a_flag"] = Case(_on_net(lambda n: _half(n, "0")), ConfigE
                                        verify=("no",))
 
 
+# -- more odd models and inputs: what a user may hand to compaction ------------------------------------------------
+
+
+class NestedInputs(nn.Module):
+    """Takes ``(x, (y, scale))``: a tuple nested in the positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, pair):
+        y, scale = pair
+        return self.c(torch.relu(self.a(x)) + self.b(y) * scale)
+
+
+class DictOfDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, *, inputs):
+        return self.c(torch.relu(self.a(inputs["x"])))
+
+
+class SpectralConsumer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.utils.parametrizations.spectral_norm(nn.Conv2d(8, 4, 3))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class WeightNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+        self.b = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class FreeScale(nn.Module):
+    """A free per-channel parameter through ``exp`` (no layer owns it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.c = nn.Linear(4, 8), nn.Parameter(torch.randn(8)), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) * self.g.exp())
+
+
+class NonTensorOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return {"logits": self.c(torch.relu(self.a(x))), "count": 3, "scale": 0.5}
+
+
+def _on_meta() -> tuple[nn.Module, Any, Any]:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    return net, torch.randn(X), {"0.weight": _rows(torch.empty(8, 3, 3, 3), _keep())}
+
+
+def _quantized() -> tuple[nn.Module, Any, Any]:
+    from slimtorch import QuantConfig, quantize
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    return quantize(mlp, QuantConfig(method="dynamic_int8")), torch.randn(3, 6), {}
+
+
+def _in_dtype(dtype: torch.dtype) -> Callable:
+    def make():
+        net = _net().to(dtype)
+        x = torch.randn(X).to(dtype)
+        return net, x, _half(net, "0", x=x)
+
+    return make
+
+
+def _weight_normed_all_kept() -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    return model, torch.randn(X), {"a.parametrizations.weight.original1": torch.ones(8, 3, 3, 3, dtype=torch.bool)}
+
+
+def _op_by_hand(fn: Callable) -> Callable:
+    """:class:`Op` with half the output rows of its first conv masked by hand (no pruner can trace ``fn``)."""
+
+    def make():
+        torch.manual_seed(0)
+        model = Op(fn).eval()
+        return model, torch.randn(X), {"a.weight": _rows(model.a.weight, _keep())}
+
+    return make
+
+
+def _fresh_low_precision(x: Any) -> Any:
+    return torch.randn(x.shape).to(x.dtype)
+
+
+CASES.update({
+    "model/meta_device": Case(_on_meta, ConfigError, "meta device"),
+    "model/quantized_int8": Case(_quantized, ConfigError, "the model is quantized (dynamic_int8)"),
+    "model/bfloat16": Case(_in_dtype(torch.bfloat16), fresh=_fresh_low_precision),
+    "model/float16": Case(_in_dtype(torch.float16), fresh=_fresh_low_precision),
+    "model/spectral_norm_consumer": Case(_by_hand(SpectralConsumer, "a", lambda: torch.randn(X)), UnsupportedOpError,
+                                         "weight computed in forward"),
+    "model/weight_norm_layer_all_kept": Case(_weight_normed_all_kept),
+    "model/free_parameter_through_exp": Case(_model(FreeScale, ("a",), lambda: torch.randn(3, 4))),
+    "model/non_tensor_outputs": Case(_model(NonTensorOutputs, ("a",), lambda: torch.randn(3, 4))),
+    "model/topk_over_channels": Case(_op_by_hand(lambda y: y.topk(3, dim=1).values), UnsupportedOpError, "'topk'"),
+    "model/sort_over_channels": Case(_op_by_hand(lambda y: y.sort(dim=1).values), UnsupportedOpError, "'sort'"),
+    "model/cumsum_over_channels": Case(_on_op(lambda y: y.cumsum(1))),
+    "model/softmax_over_channels": Case(_on_op(lambda y: torch.softmax(y, 1))),
+    "model/normalize_over_channels": Case(_on_op(lambda y: F.normalize(y, dim=1))),
+    "model/minus_channel_mean": Case(_on_op(lambda y: y - y.mean(1, keepdim=True))),
+    "model/pad_channels_with_ones": Case(_on_op(lambda y: F.pad(y, (0, 0, 0, 0, 1, 1), value=1.0))),
+    "model/pixel_shuffle": Case(_on_op(lambda y: F.pixel_shuffle(y, 2))),
+    "model/index_by_buffer_positions": Case(_on_op(lambda y: y[:, torch.tensor([0, 2, 4, 6])])),
+    "inputs/nested_tuple": Case(_model(NestedInputs, ("a",), lambda: (torch.randn(3, 4), (torch.randn(3, 4),
+                                                                                           torch.randn(3, 1)))),
+                                fresh=lambda x: (torch.randn(3, 4), (torch.randn(3, 4), x[1][1]))),
+    "inputs/nested_tuple_nan": Case(lambda: (lambda m, x, k: (m, (x[0], (x[1][0], torch.full((3, 1), float("nan")))),
+                                                               k))(*_model(NestedInputs, ("a",), lambda: (
+                                        torch.randn(3, 4), (torch.randn(3, 4), torch.randn(3, 1))))()),
+                                    ConfigError, "example_inputs[1][1] holds 3 NaN"),
+    "inputs/dict_of_dict_keywords": Case(_model(DictOfDict, ("a",), lambda: {"inputs": {"x": torch.randn(3, 4)}}),
+                                         fresh=lambda x: {"inputs": {"x": torch.randn(3, 4)}}),
+})
+
+
 def _fresh(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return torch.randn_like(x) if x.is_floating_point() else x.clone()
@@ -591,4 +730,4 @@ def test_case(name):
 
 def test_the_table_is_large_and_mixed():
     failing = [c for c in CASES.values() if c.error is not None]
-    assert len(CASES) >= 70 and len(failing) >= 30 and len(CASES) - len(failing) >= 30
+    assert len(CASES) >= 120 and len(failing) >= 35 and len(CASES) - len(failing) >= 50

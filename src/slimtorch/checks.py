@@ -19,6 +19,7 @@ anything is changed or written.
 from __future__ import annotations
 
 import math
+import os
 import reprlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,15 +28,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from slimtorch.errors import ConfigError, SlimError, TraceError
 
 __all__ = [
+    "check_example_finite",
     "check_finite_inputs",
     "check_materialized",
     "check_module",
+    "check_not_quantized",
     "check_number",
     "check_output_file",
+    "check_path",
     "describe_inputs",
     "model_devices",
     "model_errors",
@@ -63,6 +68,19 @@ def check_materialized(model: nn.Module, what: str) -> None:
     if torch.device("meta") in model_devices(model):
         raise ConfigError(f"{what}: the model's weights are on the meta device (shapes only, no values); "
                           "materialize it first, e.g. model.to_empty(device='cpu') then load_state_dict")
+
+
+#: Quantization methods that keep float layers (same parameters, another float dtype): they can still be pruned.
+_FLOAT_QUANT = ("fp16", "bf16")
+
+
+def check_not_quantized(model: nn.Module, what: str) -> None:
+    """Refuse a model quantized to integer or packed layers (pruning and compaction need float weights)."""
+    info = getattr(model, "slimtorch_quantization", None)
+    if isinstance(info, Mapping) and info.get("method") not in _FLOAT_QUANT:
+        raise ConfigError(f"{what}: the model is quantized ({info.get('method')}); its layers hold integer or packed "
+                          f"weights, which cannot be pruned or compacted. Prune and compact the float model, then "
+                          "quantize the result")
 
 
 def check_number(value: Any, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -112,6 +130,31 @@ def check_finite_inputs(value: Any, what: str) -> None:
     for t in tensors_in(value):
         if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             raise ConfigError(f"{what} hold NaN or infinite values ({describe_inputs(value)}); give real data")
+
+
+def check_example_finite(example_inputs: Any, what: str) -> None:
+    """Every floating-point leaf of ``example_inputs`` (nested tuples, lists, dicts) must be finite; the error
+    names the leaf (``example_inputs[1]['mask']``), as :func:`slimtorch.compact_`'s does."""
+    for path, leaf in tree_flatten_with_path(example_inputs)[0]:
+        if not isinstance(leaf, torch.Tensor) or leaf.is_meta or not (leaf.is_floating_point() or leaf.is_complex()):
+            continue
+        bad = int((~torch.isfinite(leaf)).sum())
+        if bad:
+            nan = int(torch.isnan(leaf).sum())
+            raise ConfigError(
+                f"{what}: example_inputs{keystr(path)} holds {nan} NaN and {bad - nan} infinite values; the model is "
+                "traced and measured on the example inputs, where a non-finite value makes every comparison "
+                "meaningless. Pass a batch of finite inputs (an infinite attention-mask value can be "
+                "torch.finfo(dtype).min instead)"
+            )
+
+
+def check_path(value: Any, what: str) -> Path:
+    """A file or folder path given as ``str`` or ``os.PathLike`` (not None, a number or an open file)."""
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise ConfigError(f"{what} must be a path (a non-empty str or pathlib.Path), got {type(value).__name__} "
+                      f"{reprlib.repr(value)}")
 
 
 @contextmanager

@@ -25,8 +25,9 @@ from torch import nn
 from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
+from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.trace import call_model, temporary_mode
-from slimtorch.prune.masks import is_masked
+from slimtorch.prune.masks import check_mask_values, is_masked
 
 __all__ = [
     "COMPACTION_ATTR",
@@ -303,8 +304,18 @@ def compare_markdown(reports: Mapping[str, Report]) -> str:
 
 def sparsity_table(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
     """Per masked parameter: shape, kept and total entries, sparsity, and whole output units kept
-    (rows along dim 0 with at least one kept entry) — what a pruner actually achieved."""
+    (rows along dim 0 with at least one kept entry) — what a pruner actually achieved. The masks of a model
+    compacted since (a pruning round's masks) describe each layer as it was pruned: their shapes are shown."""
+    check_module(model, "sparsity_table")
+    check_mask_values(masks)
     params = dict(model.named_parameters())
+    compacted = model_state(model) == "compacted"
+    for name, mask in masks.items():
+        if name not in params:
+            raise NoMatchError(f"mask {name!r} names no parameter of the model; {closest(name, params)}")
+        if tuple(mask.shape) != tuple(params[name].shape) and not compacted:
+            raise ConfigError(f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has "
+                              f"{tuple(params[name].shape)}; give the masks of this model")
     rows = []
     for name, mask in masks.items():
         mask = mask.bool()
@@ -312,7 +323,7 @@ def sparsity_table(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[
         rows.append(
             {
                 "param": name,
-                "shape": list(params[name].shape) if name in params else list(mask.shape),
+                "shape": list(mask.shape),
                 "kept": int(mask.sum()),
                 "total": mask.numel(),
                 "sparsity": 1.0 - float(mask.float().mean()) if mask.numel() else 0.0,

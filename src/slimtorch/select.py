@@ -157,6 +157,10 @@ def select_modules(
                 chosen.pop(name, None)
             else:
                 chosen[name] = Selected(name, candidates[name], target, index)
+    if not chosen and any(not t.exclude for t in targets):
+        excluded = [i for i, t in enumerate(targets) if t.exclude]
+        raise NoMatchError(f"the config list selects no layer: its exclude entries {excluded} remove every layer the "
+                           "other entries select, so nothing would be pruned; exclude fewer layers")
     order = {n: i for i, n in enumerate(candidates)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 

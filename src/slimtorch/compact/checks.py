@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
+from slimtorch.checks import check_materialized, check_not_quantized
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.graph import Member
 from slimtorch.graph.trace import call_model, temporary_mode
@@ -57,6 +58,8 @@ def check_arguments(model: Any, unknown_ops: str, verify: Any = True) -> None:
     """``compact_``'s arguments besides the masks and inputs: a module, a known policy, a flag."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialized(model, "compact_")
+    check_not_quantized(model, "compact_")
     if unknown_ops not in ("error", "keep"):
         raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
     if not isinstance(verify, bool):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import check_module, check_number
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.criteria import get_criterion
@@ -70,6 +71,14 @@ class NNIMasks(dict):
         return dict.__contains__(self, key) or (isinstance(key, str) and bool(self._nested(key)))
 
 
+def _check_evaluator(evaluator: Any) -> Evaluator:
+    """Where NNI takes a trainer, these pruners take one Evaluator; checked when the pruner is made."""
+    if not isinstance(evaluator, Evaluator):
+        raise ConfigError(f"evaluator must be a slimtorch Evaluator (training data, loss, optimizer settings), got "
+                          f"{type(evaluator).__name__}; pass Evaluator(train_data=loader)")
+    return evaluator
+
+
 class _Pruner:
     """Shared shape of the NNI pruners: validate at construction, mask on ``compress()``."""
 
@@ -83,10 +92,11 @@ class _Pruner:
         mode: str = "normal",
         dummy_input: Any = None,
     ) -> None:
+        check_module(model, type(self).__name__)
         if mode not in ("normal", "dependency_aware"):
-            raise ValueError(f"mode must be 'normal' or 'dependency_aware', got {mode!r}")
+            raise ConfigError(f"mode must be 'normal' or 'dependency_aware', got {mode!r}")
         if mode == "dependency_aware" and dummy_input is None:
-            raise ValueError("mode='dependency_aware' needs dummy_input (a batch the model accepts)")
+            raise ConfigError("mode='dependency_aware' needs dummy_input (a batch the model accepts)")
         self.model = model
         self.config_list = self._with_granularity(parse_config_list(config_list))
         select_modules(model, self.config_list)  # fail now, not at compress(), on a bad config
@@ -123,7 +133,7 @@ class _Pruner:
     def show_pruned_weights(self) -> list[str]:
         """One line per masked parameter: kept / total (what NNI prints)."""
         if self.masks is None:
-            raise RuntimeError("call compress() first")
+            raise ConfigError("no masks yet: call compress() first")
         return [f"{k}: kept {int(m.sum())} of {m.numel()}" for k, m in self.masks.items()]
 
 
@@ -171,9 +181,8 @@ class _DataPruner(_Pruner):
         dummy_input: Any = None,
     ) -> None:
         super().__init__(model, config_list, mode, dummy_input)
-        if training_batches < 1:
-            raise ValueError(f"training_batches must be >= 1, got {training_batches}")
-        self.evaluator = evaluator
+        check_number(training_batches, "training_batches", low=1, integer=True)
+        self.evaluator = _check_evaluator(evaluator)
         self.training_batches = training_batches
 
     def _stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -221,7 +230,8 @@ class SlimPruner(_Pruner):
         dummy_input: Any = None,
     ) -> None:
         super().__init__(model, config_list, mode, dummy_input)
-        self.evaluator, self.training_epochs = evaluator, training_epochs
+        check_number(training_epochs, "training_epochs", low=0, integer=True)
+        self.evaluator, self.training_epochs = _check_evaluator(evaluator), training_epochs
         self.regularizer = SlimmingRegularizer(model, scale)
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
@@ -247,7 +257,8 @@ class _ScheduledPruner(_Pruner):
         self.criterion = get_criterion(pruning_algorithm).name
         self.granularity = get_criterion(pruning_algorithm).default_granularity.to_value()
         super().__init__(model, config_list, "normal", None)
-        self.evaluator, self.finetune_epochs = evaluator, finetune_epochs
+        check_number(finetune_epochs, "finetune_epochs", low=0, integer=True)
+        self.evaluator, self.finetune_epochs = _check_evaluator(evaluator), finetune_epochs
         schedule = Schedule(kind=self.schedule, start=0, end=total_iteration)
         self.pruner = GradualPruner(
             model, self.config_list, schedule=schedule, criterion=self.criterion, example_inputs=dummy_input
@@ -287,7 +298,8 @@ class LotteryTicketPruner(_Pruner):
         self.criterion = get_criterion(pruning_algorithm).name
         self.granularity = get_criterion(pruning_algorithm).default_granularity.to_value()
         super().__init__(model, config_list, "normal", None)
-        self.evaluator, self.finetune_epochs = evaluator, finetune_epochs
+        check_number(finetune_epochs, "finetune_epochs", low=0, integer=True)
+        self.evaluator, self.finetune_epochs = _check_evaluator(evaluator), finetune_epochs
         self.ticket = LotteryTicket(model, self.config_list, rounds=total_iteration, criterion=self.criterion)
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
@@ -314,13 +326,18 @@ class MovementPruner(_Pruner):
         cool_down_beginning_step: int,
     ) -> None:
         super().__init__(model, config_list, "normal", None)
-        self.evaluator, self.training_epochs = evaluator, training_epochs
-        self.tracker = StatsTracker(model, keys=("movement",), config_list=self.config_list)
+        check_number(training_epochs, "training_epochs", low=0, integer=True)
+        self.evaluator, self.training_epochs = _check_evaluator(evaluator), training_epochs
         schedule = Schedule(kind="agp", start=warm_up_step, end=cool_down_beginning_step, every=1)
-        # A function (not the tracker itself) as the source: movement keeps accumulating over all of fine-tuning.
-        self.pruner = GradualPruner(
-            model, self.config_list, schedule=schedule, criterion="movement", stats=self.tracker.stats
-        )
+        self.tracker = StatsTracker(model, keys=("movement",), config_list=self.config_list)
+        try:
+            # A function (not the tracker itself) as the source: movement keeps accumulating over all of fine-tuning.
+            self.pruner = GradualPruner(
+                model, self.config_list, schedule=schedule, criterion="movement", stats=self.tracker.stats
+            )
+        except BaseException:
+            self.tracker.close()  # a failure leaves no hook on the model
+            raise
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
         try:
@@ -339,7 +356,7 @@ def _flat_masks(model: nn.Module, masks: Any) -> dict[str, torch.Tensor]:
     if isinstance(masks, (str, bytes)) or hasattr(masks, "__fspath__"):
         return load_masks(masks)
     if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a dict or a safetensors file path, got {type(masks).__name__}")
+        raise ConfigError(f"masks must be a dict or a safetensors file path, got {type(masks).__name__}")
     if isinstance(masks, NNIMasks) or not all(isinstance(v, Mapping) for v in masks.values()):
         return dict(masks.items())
     names = {id(m): n for n, m in model.named_modules()}
@@ -364,6 +381,7 @@ class ModelSpeedup:
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, masks: Any) -> None:
+        check_module(model, "ModelSpeedup")
         self.model = model
         self.dummy_input = dummy_input
         self.masks = _flat_masks(model, masks)

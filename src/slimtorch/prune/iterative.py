@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.criteria import Criterion, get_criterion
@@ -96,6 +97,20 @@ def _take(data: Any, count: int) -> list[Any]:
     return list(itertools.islice(iter(data), count))
 
 
+def _check_settings(schedule: Any, stats: Any, regrow: Any, example_inputs: Any) -> None:
+    """What :class:`GradualPruner` is given must work at every later step: checked when it is made."""
+    if not isinstance(schedule, Schedule):
+        fix = "Schedule.from_dict(...)" if isinstance(schedule, Mapping) else "Schedule(kind='agp', start=0, end=10)"
+        raise ConfigError(f"schedule must be a Schedule, got {type(schedule).__name__} {schedule!r}; pass {fix}")
+    if stats is not None and not isinstance(stats, StatsTracker) and not callable(stats):
+        raise ConfigError(f"stats must be a StatsTracker or a function returning {{layer: {{key: tensor}}}}, got "
+                          f"{type(stats).__name__} {stats!r}")
+    if not isinstance(regrow, bool):
+        raise ConfigError(f"regrow must be True or False, got {regrow!r}")
+    if example_inputs is not None:
+        check_example_finite(example_inputs, "GradualPruner")
+
+
 class GradualPruner(Callback):
     """Prunes the layers ``config_list`` selects towards its sparsities on a :class:`Schedule`.
 
@@ -122,6 +137,7 @@ class GradualPruner(Callback):
         regrow: bool = False,
         example_inputs: Any = None,
     ) -> None:
+        _check_settings(schedule, stats, regrow, example_inputs)
         self.model = model
         self.targets = parse_config_list(config_list)
         scale_targets(self.targets, lambda s: s)  # reject thresholds and N:M now

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.checks import check_number
 from slimtorch.errors import ConfigError
 from slimtorch.progress import progress
 
@@ -110,12 +111,16 @@ class Evaluator:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train_data, Iterable) or isinstance(self.train_data, (str, bytes)):
+            raise ConfigError(f"train_data must be an iterable of batches (a DataLoader or a list), got "
+                              f"{type(self.train_data).__name__}")
+        for name in ("loss_fn", "metric"):
+            if not callable(getattr(self, name)):
+                raise ConfigError(f"{name} must be a function, got {getattr(self, name)!r}")
         if self.optimizer not in _OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        check_number(self.lr, "lr", low=0.0, low_open=True)
+        check_number(self.weight_decay, "weight_decay", low=0.0)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """A fresh optimizer over the trainable parameters of ``model``."""

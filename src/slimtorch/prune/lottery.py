@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.criteria import Criterion, get_criterion
@@ -79,6 +80,8 @@ class LotteryTicket(Callback):
                 f"lottery tickets rank the trained weights; criterion {self.criterion.name!r} needs statistics "
                 f"{list(self.criterion.needs)}: use a weight criterion such as 'magnitude' or 'l1'"
             )
+        if example_inputs is not None:
+            check_example_finite(example_inputs, "LotteryTicket")
         self.rounds = rounds
         self.rewind_step = rewind_step
         self.example_inputs = example_inputs
@@ -113,6 +116,7 @@ class LotteryTicket(Callback):
             raise ConfigError(f"no rewind point yet: train {self.rewind_step} steps (calling step()) first")
         if self.round >= self.rounds:
             raise ConfigError(f"all {self.rounds} rounds are done; the ticket is at its final sparsity")
+        self._check_unchanged()
         self.round += 1
         progress = self.round / self.rounds
         targets = scale_targets(self.targets, lambda s: exponential(progress, s))
@@ -123,6 +127,19 @@ class LotteryTicket(Callback):
         apply_masks_(self.model, masks)
         self.masks = masks
         self.sparsity = weight_sparsity(masks, plans)
+
+    def _check_unchanged(self) -> None:
+        """The rewind point must fit the model (same tensors, same shapes): a model compacted or changed in
+        between cannot be rewound, and the masks of the last round would no longer fit it either."""
+        assert self.rewind_state is not None
+        state = self.model.state_dict()
+        for key, value in self.rewind_state.items():
+            now = state.get(key)
+            if now is None or now.shape != value.shape:
+                shown = "is gone" if now is None else f"is {tuple(now.shape)} now, {tuple(value.shape)} then"
+                raise ConfigError(f"the model changed since the rewind point: {key!r} {shown}. A lottery ticket "
+                                  "rewinds the same weights each round; compact the final ticket, after the last "
+                                  "round, not between rounds")
 
     @torch.no_grad()
     def _rewind_(self) -> None:

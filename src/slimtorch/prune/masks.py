@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from slimtorch.checks import check_materialized, check_module
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.blocks import masked
 
@@ -38,6 +39,7 @@ __all__ = [
     "MASK_SUFFIX",
     "apply_masks_",
     "canonical_masks",
+    "check_mask_values",
     "check_masks",
     "get_masks",
     "is_masked",
@@ -132,28 +134,36 @@ def _split(name: str) -> tuple[str, str]:
     return module_name, param_name
 
 
-def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Raise a clear error unless every key names a parameter of ``model`` and every mask fits it."""
+def check_mask_values(masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise a clear error unless ``masks`` maps names (str) to dense tensors holding only 0 and 1 (what any
+    model's masks must be, before they are matched to its parameters)."""
     if not isinstance(masks, Mapping):
         raise ConfigError(f"masks must be a dict of parameter name -> tensor, got {type(masks).__name__}")
-    params = dict(model.named_parameters(remove_duplicate=False))  # (a tied weight under each of its names)
     for name, mask in masks.items():
         if not isinstance(name, str):
             raise ConfigError(f"mask keys must be parameter names (str), got {name!r} ({type(name).__name__})")
-        if name not in params:
-            raise NoMatchError(f"mask {name!r} names no parameter of the model; {closest(name, params)}")
         if not isinstance(mask, torch.Tensor):
             raise ConfigError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
         if mask.layout != torch.strided or mask.is_meta:
             where = "on the meta device (no values)" if mask.is_meta else f"{mask.layout}"
             raise ConfigError(f"mask {name!r} is {where}: masks must be dense tensors with values (mask.to_dense(), "
                               "or made on a real device)")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ConfigError(f"mask {name!r} must be bool or hold only 0 and 1")
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise a clear error unless every key names a parameter of ``model`` and every mask fits it."""
+    check_module(model, "masks")
+    check_mask_values(masks)
+    params = dict(model.named_parameters(remove_duplicate=False))  # (a tied weight under each of its names)
+    for name, mask in masks.items():
+        if name not in params:
+            raise NoMatchError(f"mask {name!r} names no parameter of the model; {closest(name, params)}")
         if tuple(mask.shape) != tuple(params[name].shape):
             raise ConfigError(
                 f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has {tuple(params[name].shape)}"
             )
-        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ConfigError(f"mask {name!r} must be bool or hold only 0 and 1")
 
 
 def canonical_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,6 +188,7 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     checked before anything changes.
     """
     check_masks(model, masks)
+    check_materialized(model, "apply_masks_")
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for name, mask in masks.items():
         module_name, param_name = _split(name)
@@ -212,11 +223,13 @@ def _apply_module_(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> None
 
 def is_masked(model: nn.Module) -> bool:
     """True when any module of ``model`` carries masks from :func:`apply_masks_`."""
+    check_module(model, "is_masked")
     return any(_find_hook(m) is not None for m in model.modules())
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks currently applied to ``model`` (copies), keyed by parameter name."""
+    check_module(model, "get_masks")
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         found = _find_hook(module)
@@ -230,6 +243,7 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def remove_masks_(model: nn.Module) -> None:
     """Bake the masks in (pruned entries are exactly zero) and remove buffers and hooks."""
+    check_module(model, "remove_masks_")
     for module in model.modules():
         found = _find_hook(module)
         if found is None:

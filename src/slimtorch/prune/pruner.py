@@ -28,6 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtorch.checks import (
+    check_example_finite,
+    check_materialized,
+    check_module,
+    check_not_quantized,
+    check_number,
+)
 from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError, SlimWarning
 from slimtorch.graph.trace import collector_paused
@@ -76,6 +83,10 @@ def plan_layers(
     seed: int = 0,
 ) -> list[LayerPlan]:
     """Select layers and score their units (the pure first half of :func:`compute_masks`)."""
+    check_module(model, "pruning")
+    check_materialized(model, "pruning")
+    check_not_quantized(model, "pruning")
+    check_number(seed, "seed", low=0, high=2**63 - 1, integer=True)
     crit = get_criterion(criterion)
     selected = select_modules(model, config_list)
     generator = torch.Generator().manual_seed(seed)
@@ -91,15 +102,21 @@ def plan_layers(
             for key in crit.needs:
                 ctx.stat(key, crit.name)
             scores = crit.fn(view.units(weight), ctx)
-            if scores.shape != (view.num_units,):
-                raise RuntimeError(f"criterion {crit.name!r} returned {tuple(scores.shape)} for {view.num_units} "
-                                   "units")
+            if not isinstance(scores, torch.Tensor) or scores.shape != (view.num_units,):
+                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise ConfigError(f"criterion {crit.name!r} returned {got} for layer {name!r}; a criterion returns "
+                                  f"one score per unit, a tensor of shape ({view.num_units},)")
             plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view,
                                    scores.detach().to("cpu", torch.float64), param, crit.size_power))
     # (one check for every layer: a NaN anywhere is rare, and then the first layer with one is named)
     if plans and bool(torch.cat([p.scores for p in plans]).isnan().any()):
-        name = next(p.name for p in plans if bool(p.scores.isnan().any()))
-        raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {name!r}; check its statistics")
+        plan = next(p for p in plans if bool(p.scores.isnan().any()))
+        weight = plan.module._parameters[plan.param]
+        if not bool(torch.isfinite(weight).all()):
+            raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {plan.name!r}: its weight holds "
+                              f"{int((~torch.isfinite(weight)).sum())} NaN or infinite values; fix or re-train the "
+                              "model, or exclude the layer")
+        raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {plan.name!r}; check its statistics")
     return plans
 
 
@@ -249,7 +266,8 @@ def compute_masks(
         config_list: NNI-style entries (dicts or :class:`~slimtorch.config.PruneTarget`).
         example_inputs: a batch (tensor, tuple or dict) for the dependency graph: with it, structured
             masks are made consistent across coupled layers and extended to every parameter that
-            produces or normalises a pruned channel.
+            produces or normalises a pruned channel. Its values must be finite: a NaN or an infinity is a
+            ConfigError naming the input (the graph is traced on them, as :func:`~slimtorch.compact_` does).
         criterion: a registered criterion name (``"l1"``, ``"l2"``, ``"fpgm"``, ``"magnitude"``,
             ``"random"``, ...). Its default granularity applies where an entry gives none: the norm
             criteria default to whole output channels (as NNI's norm pruners), magnitude to single weights.
@@ -258,5 +276,7 @@ def compute_masks(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is not None:
+        check_example_finite(example_inputs, "compute_masks")
     plans = plan_layers(model, config_list, criterion, stats=stats, seed=seed)
     return masks_from_keep(model, plans, unit_keep(plans), example_inputs=example_inputs)

@@ -200,7 +200,7 @@ def sensitivity_analysis(
     if not numbers or not sparsities or not all(_fraction(s) for s in sparsities):
         raise ConfigError(f"sparsities must be a non-empty list of values in [0, 1), got {sparsities!r}")
     default = [{"op_types": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "sparsity": 0.5}]
-    targets = parse_config_list(config_list or default)
+    targets = parse_config_list(default if config_list is None else config_list)
     work = copy.deepcopy(model)
     baseline = _measure(metric, work, "the unpruned model")
     rows = []

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import check_number
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.loop import Callback
@@ -88,12 +89,11 @@ class DynamicSparsity(Callback):
     ) -> None:
         if regrow not in _REGROW:
             raise ConfigError(f"regrow must be one of {list(_REGROW)} (SET, RigL), got {regrow!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
-        if not (0.0 <= drop_fraction <= 1.0):
-            raise ConfigError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}")
-        if end is not None and end < 1:
-            raise ConfigError(f"end must be None or >= 1, got {end!r}")
+        check_number(every, "every", low=1, integer=True)
+        check_number(drop_fraction, "drop_fraction", low=0.0, high=1.0)
+        if end is not None:
+            check_number(end, "end (None or a step count)", low=1, integer=True)
+        check_number(seed, "seed", low=0, high=2**63 - 1, integer=True)
         self.model, self.regrow, self.every, self.drop_fraction, self.end = model, regrow, every, drop_fraction, end
         self.generator = torch.Generator().manual_seed(seed)
         self.params = self._select(model, parse_config_list(config_list))
@@ -166,13 +166,14 @@ class DynamicSparsity(Callback):
         """Drop and regrow now, in every layer, at the current step's fraction."""
         fraction = self.fraction(self.steps)
         new_masks, record = {}, {}
-        for name, param in self.params.items():
+        for name, param in self.params.items():  # every layer's new mask first: a failure changes nothing
             mask = self.masks[name]
             count = math.floor(fraction * int(mask.sum()) + 0.5)
-            new = drop_and_grow(mask, param, self._grow_scores(name, param), count)
+            new_masks[name] = drop_and_grow(mask, param, self._grow_scores(name, param), count)
+        for name, param in self.params.items():
+            mask, new = self.masks[name], new_masks[name]
             with torch.no_grad():
                 param.masked_fill_(new & ~mask, 0.0)  # regrown connections start at zero
-            new_masks[name] = new
             record[name] = {"dropped": (mask & ~new).nonzero(), "grown": (new & ~mask).nonzero()}
         apply_masks_(self.model, new_masks)
         self.masks = new_masks

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtorch.checks import check_finite_inputs, model_errors
 from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError
 from slimtorch.prune.loop import LossFn, forward_batch
@@ -227,18 +228,16 @@ def collect_stats(
     if needs_grad and loss_fn is None:
         wanted = sorted(_GRAD_KEYS & set(keys))
         raise ConfigError(f"statistics {wanted} need gradients; pass loss_fn=(model, batch) -> loss")
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes, torch.Tensor)):
+        raise ConfigError(f"batches must be an iterable of batches (a DataLoader or a list of them), got "
+                          f"{type(batches).__name__}")
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     count = 0
     with StatsTracker(model, keys=keys, config_list=config_list, activation=activation) as tracker:
         weights = list(tracker.weights.values())
         try:
             for batch in batches:
-                if needs_grad:
-                    assert loss_fn is not None
-                    torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
-                else:
-                    with torch.no_grad():
-                        forward_batch(model, batch)
+                _one_batch(model, batch, count, weights, loss_fn if needs_grad else None)
                 count += 1
         finally:
             with torch.no_grad():
@@ -248,6 +247,23 @@ def collect_stats(
     if count == 0:
         raise ConfigError("collect_stats got no batches; pass at least one calibration batch")
     return tracker.stats()
+
+
+def _one_batch(model: nn.Module, batch: Any, index: int, weights: list[torch.Tensor], loss_fn: LossFn | None) -> None:
+    """Run one batch (forward, and backward through ``loss_fn`` when gradients are wanted); a batch the model
+    cannot take, or one with NaN or infinite values (statistics of NaN rank nothing), is an error naming it."""
+    what = f"collect_stats batch {index}"
+    check_finite_inputs(batch, what)
+    with model_errors(batch, what):
+        if loss_fn is None:
+            with torch.no_grad():
+                forward_batch(model, batch)
+            return
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} on {what}")
+        torch.autograd.grad(loss, weights, allow_unused=True)
 
 
 def expand_input_stat(module: nn.Module, stat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
