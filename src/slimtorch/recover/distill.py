@@ -98,6 +98,7 @@ def distill_loss(
     """
     check_number(temperature, "temperature", low=0.0, low_open=True)
     check_number(alpha, "alpha", low=0.0, high=1.0)
+    _check_logits(student_logits, teacher_logits, target, alpha)
     t = temperature
     # (B, classes) log-probabilities of the softened distributions
     log_p_student = F.log_softmax(student_logits / t, dim=-1)
@@ -106,6 +107,23 @@ def distill_loss(
     if alpha == 1.0:
         return kd
     return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, target)
+
+
+def _check_logits(student: Any, teacher: Any, target: Any, alpha: float) -> None:
+    """Both outputs score the same classes for the same samples; integer labels name one of those classes."""
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise ConfigError(f"distillation compares logits: the student gave {type(student).__name__} and the teacher "
+                          f"{type(teacher).__name__}; both models must return a (batch, classes) tensor")
+    if student.shape != teacher.shape:
+        raise ConfigError(f"the student's logits are {tuple(student.shape)} but the teacher's {tuple(teacher.shape)}; "
+                          "distillation compares their distributions class by class, so both must score the same "
+                          "classes for the same batch (a teacher for another task, or a student with another head?)")
+    if alpha < 1.0 and isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel():
+        classes = student.shape[-1]
+        bad = (target >= classes) | ((target < 0) & (target != -100))  # (-100: cross_entropy's ignore_index)
+        if bool(bad.any()):
+            raise ConfigError(f"label {int(target[bad][0])} is not one of the {classes} classes the models score; "
+                              "check the labels of the training data against the model's output size")
 
 
 def _projection(student_shape: torch.Size, teacher_shape: torch.Size, pair: tuple[str, str]) -> nn.Module:
@@ -161,6 +179,10 @@ class Distiller(nn.Module):
         super().__init__()
         check_module(teacher, "Distiller's teacher")
         check_module(student, "Distiller's student")
+        if teacher is student:
+            raise ConfigError("the teacher and the student are the same model object: it would learn from itself as "
+                              "it trains. Keep a copy of the model before pruning (teacher = copy.deepcopy(model)) "
+                              "and pass that as the teacher")
         if config is not None and not isinstance(config, DistillConfig):
             raise ConfigError(f"Distiller takes a DistillConfig, got a {type(config).__name__} ({config!r}); pass "
                               "DistillConfig.from_dict(config)")

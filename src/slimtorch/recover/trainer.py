@@ -38,13 +38,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from slimtorch.atomic import check_output_file
+from slimtorch.checks import check_number
 from slimtorch.config import check_fields
-from slimtorch.errors import CheckpointError, ConfigError
+from slimtorch.errors import CheckpointError, ConfigError, SlimError
 from slimtorch.progress import progress
 from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy, fetch
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
 from slimtorch.recover.distributed import all_reduce_sum, dist_info
+from slimtorch.recover.guards import (
+    Start,
+    check_dataset,
+    check_loss,
+    check_trainable,
+    check_weights,
+    step_errors,
+)
 from slimtorch.recover.identity import differences, run_identity
 
 __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
@@ -75,15 +85,18 @@ class TrainConfig:
     augment: str = "none"
 
     def __post_init__(self) -> None:
+        # numbers first, each of its type (a string "0.1" or a float epoch count would fail mid-training)
+        check_number(self.epochs, "epochs", low=0, integer=True)
+        check_number(self.batch_size, "batch_size", low=1, integer=True)
+        check_number(self.lr, "lr", low=0.0, low_open=True)
+        check_number(self.weight_decay, "weight_decay", low=0.0)
+        check_number(self.momentum, "momentum", low=0.0)
+        check_number(self.seed, "seed", low=0, high=2**31 - 1, integer=True)
+        check_number(self.checkpoint_every, "checkpoint_every (steps)", low=0, integer=True)
+        check_number(self.grad_topk, "grad_topk (0 = off)", low=0.0, high=1.0)
         checks = [
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}"),
-            (0.0 <= self.grad_topk <= 1.0, f"grad_topk must be in [0, 1] (0 = off), got {self.grad_topk}"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
         ]
         for ok, message in checks:
@@ -259,11 +272,13 @@ def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | 
     every = run.config.checkpoint_every
     for index in todo:
         start = time.perf_counter()
-        x, y = fetch(data, index)
-        x = augment(x, run.config.augment)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss = run.net(x, y)
-        loss.backward()
+        with step_errors(state.step, state.epoch, index):
+            x, y = fetch(data, index)
+            x = augment(x, run.config.augment)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = run.net(x, y)
+            loss.backward()
+        check_loss(loss, x, step=state.step, epoch=state.epoch, lr=run.config.lr)
         run.optimizer.step()
         if run.scheduler is not None:
             run.scheduler.step()
@@ -304,29 +319,48 @@ def fit(
         context: what else decides the result (JSON-able, e.g. the recipe steps that made the model); it is
             recorded in the checkpoint and compared on resume.
     """
-    if len(train_data) == 0:
-        raise ConfigError("train_data is empty; give at least one (x, y) sample")
-    path = Path(checkpoint) if checkpoint is not None else None
-    if resume and path is None:
+    check_dataset(model, train_data)
+    if not isinstance(config, TrainConfig):
+        fix = "TrainConfig.from_dict(config)" if isinstance(config, Mapping) else "TrainConfig(epochs=1)"
+        raise ConfigError(f"fit takes a TrainConfig, got {type(config).__name__} {config!r}; pass {fix}")
+    if resume and checkpoint is None:
         raise ConfigError("resume=True needs a checkpoint path to resume from")
+    # a checkpoint that cannot be written fails now, not after the first epoch
+    path = check_output_file(checkpoint) if checkpoint is not None else None
     identity = None
     if path is not None:  # the model as it starts: recorded in every checkpoint, compared on resume
         identity = run_identity(model, train_data, config.to_dict(), loss_fn=loss_fn, eval_data=eval_data,
                                 world_size=dist_info().world_size, context=context)
     run = _Run(model, loss_fn or _cross_entropy, config, len(train_data), identity or {})
+    check_trainable(run.step_module.parameters())
+    start = Start(run.modules)
+    try:
+        state = _fit_epochs(run, train_data, eval_data, path, resume)
+    except Exception as err:  # the model (and loss module) go back to what they were; the message says so
+        start.restore()
+        if isinstance(err, SlimError):
+            err.args = (f"{err.args[0]}. The model was put back as it was before fit"
+                        + ("; checkpoints already written stay" if path is not None else ""), *err.args[1:])
+        raise
+    comm = run.hook.stats() if run.hook is not None else None
+    return FitResult([EpochStats(**h) for h in state.history], state.global_step, comm)
+
+
+def _fit_epochs(run: _Run, train_data: Dataset, eval_data: Dataset | None, path: Path | None,
+                resume: bool) -> _Progress:
     if resume and path is not None and path.exists():
         state = run.restore(path)
     else:
-        torch.manual_seed(config.seed + run.info.rank)
+        torch.manual_seed(run.config.seed + run.info.rank)
         state = _Progress()
-    model.train()
-    while state.epoch < config.epochs:
+    run.model.train()
+    while state.epoch < run.config.epochs:
         _train_epoch(run, train_data, state, path)
-        accuracy = evaluate_accuracy(model, eval_data) if eval_data is not None else None
+        check_weights(run.step_module, epoch=state.epoch, lr=run.config.lr)
+        accuracy = evaluate_accuracy(run.model, eval_data) if eval_data is not None else None
         loss_sum, loss_count = all_reduce_sum([state.loss_sum, state.loss_count])
         state.history.append(asdict(EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds)))
         state = _Progress(epoch=state.epoch + 1, global_step=state.global_step, history=state.history)
         if path is not None:
             run.save(path, state)
-    comm = run.hook.stats() if run.hook is not None else None
-    return FitResult([EpochStats(**h) for h in state.history], state.global_step, comm)
+    return state

@@ -1,0 +1,98 @@
+"""What :func:`~slimtorch.recover.fit` checks before and during training: its arguments, what each step raises,
+each step's loss, and the state to put back when training fails (the model is left as it was before the call).
+
+    >>> import torch
+    >>> check_loss(torch.tensor(float("nan")), torch.ones(2, 3), step=4, epoch=0, lr=10.0)
+    Traceback (most recent call last):
+    ...
+    slimtorch.errors.ConfigError: the training loss is nan at step 5 of epoch 1; the training diverged: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtorch.checks import check_module
+from slimtorch.errors import ConfigError, SlimError, TraceError
+
+__all__ = ["Start", "check_dataset", "check_loss", "check_trainable", "check_weights", "step_errors"]
+
+
+def check_dataset(model: Any, train_data: Any) -> None:
+    """A module, and a non-empty map-style dataset (``len`` and indexing)."""
+    check_module(model, "fit")
+    try:
+        size = len(train_data)
+    except TypeError:
+        raise ConfigError(f"train_data must be a map-style dataset of (x, y) samples (len and indexing), got "
+                          f"{type(train_data).__name__}; wrap tensors in TensorDataset(x, y)") from None
+    if size == 0:
+        raise ConfigError("train_data is empty; give at least one (x, y) sample")
+
+
+def check_trainable(modules: Iterator[nn.Parameter]) -> None:
+    if not any(p.requires_grad for p in modules):
+        raise ConfigError("the model has no trainable parameter (requires_grad is False everywhere): unfreeze what "
+                          "should train, e.g. model.requires_grad_(True)")
+
+
+@contextmanager
+def step_errors(step: int, epoch: int, index: torch.Tensor) -> Iterator[None]:
+    """What the data, the model or the loss raise on a training step becomes a TraceError naming the step."""
+    try:
+        yield
+    except SlimError:
+        raise
+    except Exception as err:  # the user's data, model and loss may raise anything
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise TraceError(f"training step {step + 1} of epoch {epoch + 1} failed on samples {index[:4].tolist()}... "
+                         f"({type(err).__name__}: {first}); check the data against the model (sample shapes, (x, y) "
+                         "pairs, labels within its classes) and the loss") from err
+
+
+def check_loss(loss: Any, x: torch.Tensor, *, step: int, epoch: int, lr: float) -> None:
+    """A NaN or infinite loss is an error naming the step and its likely cause, never a silently ruined model."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+        raise ConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__}{shape}")
+    if bool(torch.isfinite(loss.detach())):
+        return
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        cause = "the batch's inputs hold NaN or infinite values: clean the training data"
+    elif step == 0 and epoch == 0:
+        cause = ("the inputs are finite and nothing was trained yet: the model or the loss gives it (NaN weights, a "
+                 "distillation teacher's NaN outputs)")
+    else:
+        cause = f"the training diverged: lower the learning rate (lr={lr:g})"
+    raise ConfigError(f"the training loss is {float(loss.detach())} at step {step + 1} of epoch {epoch + 1}; {cause}")
+
+
+def check_weights(module: nn.Module, *, epoch: int, lr: float) -> None:
+    """After an epoch every trained weight must be finite: the last step's update is seen by no loss."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise ConfigError(f"after epoch {epoch + 1} the weight {name!r} holds NaN or infinite values: the training "
+                              f"diverged; lower the learning rate (lr={lr:g})")
+
+
+class Start:
+    """The trained modules' tensors and train/eval flags when training began, to put back on a failure (a copy
+    of every tensor: training needs that much memory again)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.states = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+        self.flags = {k: [(sub, sub.training) for sub in m.modules()] for k, m in self.modules.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key, module in self.modules.items():
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                tensor.copy_(self.states[key][name])  # in place: the parameter objects (and an optimizer) stay
+            for sub, training in self.flags[key]:
+                sub.training = training
