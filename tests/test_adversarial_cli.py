@@ -140,6 +140,83 @@ COMMANDS = [
 ]
 
 
+GOOD = RECIPE.format(criterion="l1")
+
+
+def _recipe(text: str, *more: Any):
+    """``slimtorch recipe`` on ``text`` written to r.yaml; it must fail before writing anything."""
+    return _cli_case("recipe", "{tmp}/r.yaml", "--out", "{tmp}/run", "--threads", "1", *more,
+                     prepare=lambda e: e.write("r.yaml", text))
+
+
+def _edit(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+RECIPES = [
+    ("recipe: seed as a word", _recipe(GOOD + "seed: abc\n"), SystemExit, "seed must be an integer"),
+    ("recipe: a fractional seed", _recipe(GOOD + "seed: 1.7\n"), SystemExit, "got 1.7"),
+    ("recipe: a seed beyond 32 bits", _recipe(GOOD + "seed: 100000000000000000000\n"), SystemExit,
+     "seed must be an integer in [0, 2147483647]"),
+    ("recipe: model_kwargs a list", _recipe(_edit("{width: 4}", "[4]")), SystemExit,
+     "model_kwargs must be a mapping"),
+    ("recipe: no model", _recipe(_edit("model: DigitsCNN", "model: null")), SystemExit, "a recipe needs a model"),
+    ("recipe: a negative data limit", _recipe(_edit("limit: 64", "limit: -5")), SystemExit,
+     "data.limit (samples per split) must be an integer >= 1"),
+    ("recipe: normalize as a word", _recipe(_edit("limit: 64", "limit: 64, normalize: sometimes")), SystemExit,
+     "data.normalize must be true or false"),
+    ("recipe: image size 0", _recipe(_edit("limit: 64", "limit: 64, image_size: 0")), SystemExit,
+     "data.image_size (pixels)"),
+    ("recipe: step settings as a list", _recipe(_edit("finetune: {epochs: 1, batch_size: 32}", "finetune: [1]")),
+     SystemExit, "the finetune step's settings must be a mapping"),
+    ("recipe: an unknown criterion, after a training step", _recipe(
+        "model: DigitsCNN\nmodel_kwargs: {width: 4}\ndata: {dataset: digits, limit: 64}\nsteps:\n"
+        "  - train: {epochs: 1}\n  - prune: {config_list: [{op_names: [down.0], sparse_ratio: 0.5}], "
+        "criterion: l7}\n"), SystemExit, "unknown criterion 'l7'"),
+    ("recipe: a criterion given as a number", _recipe(RECIPE.format(criterion=3)), SystemExit,
+     "criterion must be a name"),
+    ("recipe: a config list of numbers", _recipe(_edit("config_list: [{op_names: [down.0], sparse_ratio: 0.5}]",
+                                                       "config_list: [5]")), SystemExit,
+     "config_list entry 0 must be a mapping"),
+    ("recipe: a missing teacher file, after a training step", _recipe(
+        GOOD + "  - distill: {epochs: 1, teacher: /nonexistent/teacher.safetensors}\n"), SystemExit,
+     "'/nonexistent/teacher.safetensors' is neither"),
+    ("recipe: a key given twice", _recipe(GOOD.replace("steps:", "seed: 1\nseed: 2\nsteps:")), SystemExit,
+     "the key 'seed' appears twice"),
+    ("recipe: an infinite learning rate", _recipe(_edit("epochs: 1,", "epochs: 1, lr: .inf,")), SystemExit,
+     "lr must be a finite number"),
+    ("recipe: not UTF-8", _cli_case("recipe", "{tmp}/r.yaml", "--out", "{tmp}/run",
+                                    prepare=lambda e: e.write("r.yaml", b"\xff\xfe\x00 model")), SystemExit,
+     "is not UTF-8 text"),
+    ("recipe: a Python tag", _recipe(GOOD + "extra: !!python/object/apply:os.system [touch pwned]\n"), SystemExit,
+     "not valid YAML"),
+]
+
+PRUNE = [
+    ("cli: prune --exclude every selected layer", _cli_case(
+        "prune", "MnistNet", "--sparsity", "0.5", "--exclude", "conv1", "conv2", "--out", "{tmp}/o", "--runs", "0"),
+     SystemExit, "selects no layer"),
+    ("cli: prune --config not UTF-8", _cli_case(
+        "prune", "MnistNet", "--config", "{tmp}/c.yaml", "--out", "{tmp}/o",
+        prepare=lambda e: e.write("c.yaml", b"\xff\xfe\x00")), SystemExit, "is not UTF-8 text"),
+    ("cli: prune --config with a key twice", _cli_case(
+        "prune", "MnistNet", "--config", "{tmp}/c.yaml", "--out", "{tmp}/o",
+        prepare=lambda e: e.write("c.yaml", "- {op_types: [Conv2d], sparse_ratio: 0.5, sparse_ratio: 0.9}\n")),
+     SystemExit, "the key 'sparse_ratio' appears twice"),
+    ("cli: prune --config a folder", _cli_case(
+        "prune", "MnistNet", "--config", "{tmp}/cfg", "--out", "{tmp}/o", prepare=lambda e: (e.tmp / "cfg").mkdir()),
+     SystemExit, "(it is a folder)"),
+    ("cli: prune --batch-size beyond memory", _cli_case(
+        "prune", "MnistNet", "--sparsity", "0.5", "--batch-size", "100000000", "--out", "{tmp}/o", "--runs", "0"),
+     SystemExit, "--batch-size 100000000 of samples of shape (1, 28, 28)"),
+    ("cli: compact --batch-size beyond memory", _cli_case(
+        "compact", "{orig}/masked.safetensors", "--batch-size", "100000000", "--out", "{tmp}/o", "--runs", "0"),
+     SystemExit, "use a smaller --batch-size"),
+]
+
+COMMANDS += RECIPES + PRUNE
+
 
 @pytest.mark.parametrize(("setup", "error", "fragment"), [row[1:] for row in COMMANDS],
                          ids=[row[0] for row in COMMANDS])

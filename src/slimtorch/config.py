@@ -37,6 +37,8 @@ __all__ = [
     "fields_to_dict",
     "load_config_list",
     "parse_config_list",
+    "parse_yaml",
+    "read_yaml",
 ]
 
 #: Named granularities (the unit that is kept or pruned as a whole). Besides these, ``"N:M"`` strings
@@ -310,23 +312,59 @@ def parse_config_list(config_list: Sequence[Mapping[str, Any] | PruneTarget]) ->
     return tuple(targets)
 
 
+def parse_yaml(text: str, what: str) -> Any:
+    """The YAML document ``text`` as plain data (safe loading: no Python objects). A key given twice in one
+    mapping is a ConfigError naming it (YAML would silently keep the last one)."""
+    try:
+        import yaml
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("reading YAML needs PyYAML: pip install 'slimtorch[yaml]'") from err
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # (an unhashable key: the loader itself refuses it)
+                if key in seen:
+                    raise ConfigError(f"{what}: the key {key!r} appears twice in one mapping (line "
+                                      f"{key_node.start_mark.line + 1}); YAML would keep only the last: remove one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeys)  # (a SafeLoader: plain data only)
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{what} is not valid YAML ({first}); check its indentation and quoting") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document of the file ``path`` (see :func:`parse_yaml`); a missing file, a folder or a file that
+    is not UTF-8 text is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); give a YAML "
+                          "file saved as UTF-8") from None
+    return parse_yaml(text, f"{what} {str(path)!r}")
+
+
 def load_config_list(source: str | Path) -> tuple[PruneTarget, ...]:
     """Read a config list from a YAML (or JSON) file, or from YAML text, and parse it.
 
     The file may hold the list itself or a mapping with a ``config_list`` key.
     """
-    try:
-        import yaml
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("reading YAML config lists needs PyYAML: pip install 'slimtorch[yaml]'") from err
-    path = Path(source) if not isinstance(source, str) or "\n" not in source else None
-    if path is not None and not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text() if path is not None else str(source)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config is not valid YAML: {err}") from None
+    if not isinstance(source, (str, Path)):
+        raise ConfigError(f"load_config_list takes a file path or YAML text, got {type(source).__name__}")
+    if isinstance(source, str) and "\n" in source:
+        data = parse_yaml(source, "the config")
+    else:
+        data = read_yaml(source, "config file")
     if isinstance(data, Mapping) and "config_list" in data:
         data = data["config_list"]
     return parse_config_list(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -26,6 +27,7 @@ from slimtorch.data.datasets import TensorSplit
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.io import save_masks
 from slimtorch.models.modelfile import save_model
+from slimtorch.models.registry import MAX_SAMPLE_VALUES
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.prune.criteria import CRITERIA
 from slimtorch.prune.masks import get_masks, merge_masks
@@ -37,6 +39,11 @@ __all__ = ["add_commands"]
 
 def _example(model: torch.nn.Module, shape: tuple[int, ...], batch: int) -> torch.Tensor:
     """A random batch of ``shape`` samples, checked to run through ``model``."""
+    values = batch * math.prod(shape)
+    if values > MAX_SAMPLE_VALUES:
+        raise ConfigError(f"--batch-size {batch} of samples of shape {tuple(shape)} holds {values:,} values; at most "
+                          f"{MAX_SAMPLE_VALUES:,} are accepted (the batch is made in memory): use a smaller "
+                          "--batch-size")
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimtorch.config import parse_config_list
+from slimtorch.checks import check_number
+from slimtorch.config import parse_config_list, read_yaml
 from slimtorch.data.sources import DATASETS
 from slimtorch.errors import ConfigError, closest
+from slimtorch.prune.criteria import get_criterion
 from slimtorch.recover.distill import DistillConfig
 from slimtorch.recover.trainer import TrainConfig
 
@@ -37,6 +39,8 @@ __all__ = ["STEP_KINDS", "DataSpec", "Recipe", "Step", "load_recipe"]
 
 STEP_KINDS = ("train", "finetune", "prune", "compact", "distill")
 _DISTILL_KEYS = {"temperature", "alpha", "features", "feature_weight"}
+#: Larger images than this are surely a typo (a 4096 x 4096 RGB batch of 64 takes 12 GB).
+_MAX_IMAGE_SIZE = 4096
 
 
 def _check_keys(data: Any, allowed: set[str], what: str) -> Mapping[str, Any]:
@@ -61,7 +65,15 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; {closest(self.dataset, DATASETS)}")
+            raise ConfigError(f"unknown dataset {self.dataset!r}; {closest(str(self.dataset), DATASETS)}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ConfigError(f"data.data_dir must be a folder path, got {self.data_dir!r}")
+        if self.limit is not None:
+            check_number(self.limit, "data.limit (samples per split)", low=1, integer=True)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"data.normalize must be true or false, got {self.normalize!r}")
+        if self.image_size is not None:
+            check_number(self.image_size, "data.image_size (pixels)", low=1, high=_MAX_IMAGE_SIZE, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -107,13 +119,26 @@ class Step:
         if not isinstance(data, Mapping) or len(data) != 1:
             raise ConfigError(f"a step is a mapping with one key, its kind (one of {list(STEP_KINDS)}); got {data!r}")
         ((kind, body),) = data.items()
+        if kind not in STEP_KINDS:
+            raise ConfigError(f"unknown step {kind!r}; {closest(str(kind), STEP_KINDS)}")
+        if body is not None and not isinstance(body, Mapping):
+            example = "{config_list: [{op_types: [Conv2d], sparse_ratio: 0.5}]}" if kind == "prune" else "{epochs: 1}"
+            raise ConfigError(f"the {kind} step's settings must be a mapping (e.g. {example}), got {body!r}")
         body = dict(body or {})
         if kind == "prune":
             body = dict(_check_keys(body, {"config_list", "criterion"}, "prune step"))
             entries = body.get("config_list") or ()
             if not isinstance(entries, Sequence) or isinstance(entries, str):
                 raise ConfigError(f"config_list must be a list of entries, got {entries!r}")
-            return cls(kind=kind, config_list=tuple(dict(e) for e in entries), criterion=body.get("criterion", "l1"))
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, Mapping):
+                    raise ConfigError(f"config_list entry {i} must be a mapping such as {{op_types: [Conv2d], "
+                                      f"sparse_ratio: 0.5}}, got {entry!r}")
+            criterion = body.get("criterion", "l1")
+            if not isinstance(criterion, str):
+                raise ConfigError(f"a prune step's criterion must be a name such as l1, got {criterion!r}")
+            get_criterion(criterion)  # an unknown criterion fails now, not after the training steps before it
+            return cls(kind=kind, config_list=tuple(dict(e) for e in entries), criterion=criterion)
         if kind == "compact":
             _check_keys(body, set(), "compact step")
             return cls(kind=kind)
@@ -126,7 +151,11 @@ class Step:
         if kind != "distill":
             return cls(kind=kind, train=train)
         distill = DistillConfig.from_dict({k: v for k, v in body.items() if k in _DISTILL_KEYS})
-        return cls(kind=kind, train=train, distill=distill, teacher=str(body.get("teacher", "dense")))
+        teacher = body.get("teacher", "dense")
+        if not isinstance(teacher, str) or (teacher != "dense" and not Path(teacher).is_file()):
+            raise ConfigError(f"a distill step's teacher must be 'dense' (the model before the first prune step) or "
+                              f"a saved slimtorch model file; {teacher!r} is neither")
+        return cls(kind=kind, train=train, distill=distill, teacher=teacher)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,28 +180,24 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         data = _check_keys(data, {"model", "model_kwargs", "data", "steps", "seed"}, "recipe")
-        if "model" not in data:
-            raise ConfigError("a recipe needs a model: a reference name (DigitsCNN), torchvision:<name> or a file")
+        if not isinstance(data.get("model"), str) or not data["model"]:
+            raise ConfigError("a recipe needs a model: a reference name (DigitsCNN), torchvision:<name> or a file; got "
+                              f"{data.get('model')!r}")
+        kwargs = data.get("model_kwargs") or {}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise ConfigError(f"model_kwargs must be a mapping of argument names to values, got {kwargs!r}")
         steps = data.get("steps") or []
         if not isinstance(steps, Sequence) or isinstance(steps, str):
             raise ConfigError(f"steps must be a list, got {steps!r}")
-        return cls(model=str(data["model"]), model_kwargs=dict(data.get("model_kwargs") or {}),
-                   data=DataSpec.from_dict(data.get("data") or {}), steps=tuple(Step.from_dict(s) for s in steps),
-                   seed=int(data.get("seed", 0)))
+        seed = data.get("seed", 0)
+        check_number(seed, "seed", low=0, high=2**31 - 1, integer=True)
+        return cls(model=data["model"], model_kwargs=dict(kwargs), data=DataSpec.from_dict(data.get("data") or {}),
+                   steps=tuple(Step.from_dict(s) for s in steps), seed=seed)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML ({first}); check its indentation") from None
+    data = read_yaml(path, "recipe file")
     if not isinstance(data, Mapping):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping with model, data and steps")
     return Recipe.from_dict(data)
