@@ -11,6 +11,7 @@ folder and returns ``(call, models, paths)``; ``SUCCESSES`` rows are ``(id, chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from adversarial import files_state
 from adversarial_env import (
     DIGITS,
     IMAGE,
@@ -353,7 +355,53 @@ OUTPUTS = [
 ]
 
 
-FAILURES = LOADERS + OUTPUTS
+def _masks_value(value: Any, name: Any = "w"):
+    def setup(env: Env):
+        target = env.copy("masks.safetensors")
+        return (lambda: save_masks({name: value}, target)), [], [env.tmp]
+    return setup
+
+
+def _meta_residual() -> nn.Module:
+    with torch.device("meta"):
+        return make_residual()
+
+
+def _not_a_path(call: Callable[[Env], Any]):
+    return lambda env: ((lambda: call(env)), [], [env.tmp])
+
+
+ARGUMENTS = [
+    ("save_masks: a mask of fractions (would be saved as True)", _masks_value(torch.full((2,), 0.5)), ConfigError,
+     "must be bool or hold only 0 and 1"),
+    ("save_masks: a NaN mask (would be saved as True)", _masks_value(torch.full((2,), float("nan"))), ConfigError,
+     "must be bool or hold only 0 and 1"),
+    ("save_masks: a mask as a list", _masks_value([True, False]), ConfigError, "must be a tensor, got list"),
+    ("save_masks: a number as a name", _masks_value(torch.ones(2, dtype=torch.bool), name=0), ConfigError,
+     "mask keys must be parameter names"),
+    ("save_masks: a mask on the meta device", _masks_value(torch.ones(2, dtype=torch.bool, device="meta")),
+     ConfigError, "meta device"),
+    ("save_masks: a list of masks", _not_a_path(lambda e: save_masks([torch.ones(2)], e.tmp / "m.safetensors")),
+     ConfigError, "must be a dict"),
+    ("save_masks: path None", _not_a_path(lambda e: save_masks({}, None)), ConfigError,
+     "must be a path (a non-empty str or pathlib.Path), got NoneType"),
+    ("save_masks: path a number", _not_a_path(lambda e: save_masks({}, 5)), ConfigError, "got int 5"),
+    ("load_masks: path None", _not_a_path(lambda e: load_masks(None)), ConfigError, "load_masks's path must be a path"),
+    ("save_compacted: path None", lambda e: (lambda m: ((lambda: save_compacted(m, None)), [m], [e.tmp]))(
+        make_residual()), ConfigError, "must be a path"),
+    ("save_compacted: a state dict", _not_a_path(lambda e: save_compacted(make_residual().state_dict(),
+                                                                          e.tmp / "out")),
+     ConfigError, "torch.nn.Module, got OrderedDict"),
+    ("load_compacted_: onto a model on the meta device", lambda e: (lambda m: (
+        (lambda: load_compacted_(m, e.originals / "residual")), [m], [e.tmp]))(_meta_residual()), ConfigError,
+     "meta device"),
+    ("load_compacted_: onto a path", _not_a_path(lambda e: load_compacted_("model", e.originals / "residual")),
+     ConfigError, "torch.nn.Module, got str"),
+    ("load_model: path None", _not_a_path(lambda e: load_model(None)), ConfigError, "load_model's path"),
+]
+
+
+FAILURES = LOADERS + OUTPUTS + ARGUMENTS
 
 
 @pytest.mark.parametrize(("setup", "error", "fragment"), [row[1:] for row in FAILURES],
@@ -437,3 +485,104 @@ def test_works(check, originals, tmp_path):
     env = Env(tmp_path / "case", originals)
     env.tmp.mkdir()
     check(env)
+
+
+# -- writes interrupted half-way: a full disk, a killed process. Every writer leaves the old files as they were ----
+
+
+def _crash(argument: int):
+    """A stand-in for a library writer: it writes half a file at its ``argument``-th argument (a file or a
+    folder), then fails as a full disk does."""
+    def write(*args: Any, **kwargs: Any) -> None:
+        target = Path(args[argument])
+        if target.is_dir() or not target.suffix:
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / "config.json"
+        target.write_bytes(b"half written")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+def _masked_digits(env: Env) -> tuple[nn.Module, Any]:
+    loaded = load_model(env.originals / "masked.safetensors")
+    return loaded.model, loaded.spec
+
+
+def _interrupted_hf(env: Env) -> None:
+    from transformers import BertConfig, BertModel
+
+    from slimtorch.transformers.pretrained import save_compacted as save_hf
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=32, max_position_embeddings=16))
+    save_hf(bert, env.tmp / "bert")  # the earlier save the interrupted one would replace
+    with_crash = {"transformers.PreTrainedModel.save_pretrained": _crash(1)}
+    return (lambda: save_hf(bert, env.tmp / "bert")), with_crash
+
+
+def _llm_cache(env: Env) -> None:
+    from slimtorch.transformers import llm
+
+    cfg = llm.TinyLMConfig(vocab_size=32, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
+
+    class Tokenizer:
+        def save(self, path: str) -> None:
+            raise OSError(28, "No space left on device")
+
+    trained = llm.TinyLM(llm.build_model(cfg), Tokenizer(), cfg, {})
+    with_crash = {"slimtorch.transformers.llm.train_lm": lambda c: trained}
+    return (lambda: llm.load_or_train_lm(cfg, root=env.tmp / "cache")), with_crash
+
+
+def _writer(call: Callable[[Path], Any], target: Callable[[Env], Path], crashes: dict[str, Any]):
+    """``call(path)`` over the file or folder ``target(env)`` prepares, with the library writers crashing."""
+    def prepare(env: Env):
+        path = target(env)
+        return (lambda: call(path)), crashes
+    return prepare
+
+
+def _lora_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    add_lora_(model, LoRAConfig(r=2, target_modules=("0",)))
+    return model
+
+
+_FILE = {"safetensors.torch.save_file": _crash(1)}
+INTERRUPTED = [
+    ("save_masks", _writer(lambda p: save_masks({"w": torch.ones(2, dtype=torch.bool)}, p),
+                           lambda e: e.copy("masks.safetensors"), _FILE)),
+    ("save_compacted", lambda e: _writer(lambda p: save_compacted(_loaded_residual(e), p),
+                                         lambda e: e.copy("residual", "out"),
+                                         {"safetensors.torch.save_model": _crash(1)})(e)),
+    ("save_model", lambda e: _writer(lambda p: save_model(p, *_masked_digits(e)),
+                                     lambda e: e.copy("dense.safetensors"), _FILE)(e)),
+    ("save_checkpoint", _writer(lambda p: save_checkpoint(p, modules={"model": make_net()}),
+                                lambda e: e.copy("ck.safetensors"), _FILE)),
+    ("save_lora", _writer(lambda p: save_lora(_lora_model(), p), lambda e: e.copy("lora"), _FILE)),
+    ("Hugging Face save_compacted", _interrupted_hf),
+    ("the trained-model cache", _llm_cache),
+]
+
+
+def _loaded_residual(env: Env) -> nn.Module:
+    model = make_residual()
+    load_compacted_(model, env.originals / "residual")
+    return model
+
+
+@pytest.mark.parametrize("prepare", [row[1] for row in INTERRUPTED], ids=[row[0] for row in INTERRUPTED])
+def test_an_interrupted_write_leaves_the_files_as_they_were(prepare, originals, tmp_path):
+    from unittest import mock
+
+    env = Env(tmp_path / "case", originals)
+    env.tmp.mkdir()
+    call, crashes = prepare(env)
+    before = files_state([env.tmp])
+    with contextlib.ExitStack() as stack:
+        for target, fake in crashes.items():
+            stack.enter_context(mock.patch(target, fake))
+        with pytest.raises(OSError, match="No space left on device"):
+            call()
+    assert files_state([env.tmp]) == before

@@ -21,6 +21,7 @@ anything is written. Files of an existing output folder that are not rewritten s
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import stat
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from slimtorch.checks import check_path
 from slimtorch.errors import ConfigError
 
 __all__ = ["atomic_folder", "atomic_write", "check_output_file", "check_output_folder", "save_figure"]
@@ -83,7 +85,7 @@ def _parents(folder: Path) -> Iterator[None]:
 def check_output_file(path: str | Path) -> Path:
     """Raise a ConfigError unless ``path`` can be (re)written; returns the path that will be written
     (a symbolic link's target)."""
-    path = _resolve(Path(path))
+    path = _resolve(check_path(path, "the output file"))
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a folder; give a file name")
     if path.exists() and _read_only(path):
@@ -113,7 +115,7 @@ def check_output_folder(directory: str | Path, names: Iterable[str] = ()) -> Pat
     """Raise a ConfigError unless ``directory`` can receive the files ``names`` through
     :func:`atomic_folder` (its parent must be writable: the new folder is renamed into place there);
     returns the folder that will be written (absolute, a symbolic link's target)."""
-    directory = _resolve(Path(os.path.abspath(directory)))
+    directory = _resolve(Path(os.path.abspath(check_path(directory, "the output folder"))))
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{str(directory)!r} exists and is not a folder; choose another output folder")
     if directory.exists() and _read_only(directory):
@@ -175,8 +177,9 @@ def _replace_each(staging: Path, directory: Path, names: list[str]) -> None:
         raise
 
 
-def _commit(staging: Path, directory: Path) -> None:
-    """Rename ``staging`` into place as ``directory``, keeping the old folder's other entries and modes."""
+def _commit(staging: Path, directory: Path, replaces: tuple[str, ...] = ()) -> None:
+    """Rename ``staging`` into place as ``directory``, keeping the old folder's other entries and modes (but
+    not those matching a pattern of ``replaces``: files of an earlier save that the new one supersedes)."""
     names = sorted(p.name for p in staging.iterdir())
     check_output_folder(directory, names)
     if not directory.exists():
@@ -186,7 +189,7 @@ def _commit(staging: Path, directory: Path) -> None:
     for entry in directory.iterdir():
         if entry.name in names:
             os.chmod(staging / entry.name, stat.S_IMODE(entry.stat().st_mode))  # a rewritten file keeps its mode
-        elif not _holds_cwd(directory):
+        elif not _holds_cwd(directory) and not any(fnmatch.fnmatch(entry.name, p) for p in replaces):
             _carry(entry, staging / entry.name)
     if _holds_cwd(directory):  # renaming the working directory away would leave the process nowhere
         _replace_each(staging, directory, names)
@@ -207,9 +210,10 @@ def _commit(staging: Path, directory: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(directory: str | Path) -> Iterator[Path]:
+def atomic_folder(directory: str | Path, *, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder to write outputs into; when the block ends without an error, it becomes
-    ``directory`` at once (the old folder's other files stay). On any error nothing has changed. (The working
+    ``directory`` at once (the old folder's other files stay, except those matching a glob pattern of
+    ``replaces``, e.g. the weight shards of an earlier save). On any error nothing has changed. (The working
     directory, or a folder that cannot be renamed such as a mount point, receives the new files one by one
     instead, each atomically, the ones already replaced put back if one fails.)"""
     directory = check_output_folder(directory)
@@ -217,7 +221,7 @@ def atomic_folder(directory: str | Path) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
             yield staging
-            _commit(staging, directory)
+            _commit(staging, directory, tuple(replaces))
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder, atomic_write
+from slimtorch.checks import check_materialized, check_module, check_path
 from slimtorch.errors import CheckpointError
 
 __all__ = [
@@ -135,10 +136,15 @@ def load_plain_state_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Save masks as a safetensors file (bool tensors), atomically."""
+    """Save masks as a safetensors file (bool tensors), atomically. Masks that are not 0/1 tensors keyed by name
+    are a ConfigError (a fraction or a NaN would be saved as True)."""
     from safetensors.torch import save_file
 
-    tensors = {name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}
+    from slimtorch.prune.masks import check_mask_values
+
+    check_mask_values(masks)
+    # (a copy of each: masks that are views of one tensor would share memory, which safetensors refuses)
+    tensors = {name: m.detach().to("cpu", torch.bool).clone() for name, m in masks.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "slimtorch-masks-v1"}))
 
 
@@ -147,7 +153,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = check_path(path, "load_masks's path")
     if path.is_dir():
         raise CheckpointError(f"{str(path)!r} is a folder; give a masks file (.safetensors) written by save_masks")
     if not path.is_file():
@@ -192,6 +198,7 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     from slimtorch.prune.masks import is_masked
     from slimtorch.report import model_state
 
+    check_module(model, "save_compacted")
     if is_masked(model) and model_state(model) != "compacted":
         raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
                               "(slimtorch.remove_masks_) before save_compacted")
@@ -288,7 +295,9 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
     from slimtorch.report import COMPACTION_ATTR
 
-    directory = Path(directory)
+    check_module(model, "load_compacted_")
+    check_materialized(model, "load_compacted_")
+    directory = check_path(directory, "load_compacted_'s folder")
     description = _read_description(directory)
     if description["class"] != _class_name(model):
         raise CheckpointError(f"the checkpoint was saved from {description['class']}; got a {_class_name(model)}. "

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from slimtorch.checks import check_module
-from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.errors import ConfigError, NoMatchError, SlimWarning, closest
 from slimtorch.lora.config import LoRAConfig
+from slimtorch.prune.masks import is_masked
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 
 __all__ = ["LORA_ATTR", "LoRAConv2d", "LoRALinear", "adapters", "add_lora_", "lora_targets", "merge_lora_"]
@@ -137,6 +139,12 @@ def merge_lora_(model: nn.Module) -> None:
     found = adapters(model)
     if not found:
         raise ConfigError("the model has no LoRA adapters to merge; add them with add_lora_ first")
+    masked = [name for name, layer in found.items() if is_masked(layer.base_layer)]
+    if masked:
+        warnings.warn(f"merging adds the dense low-rank update to the masked weights of {masked[:5]}: the merged "
+                      "layers compute what the adapted model does, but they are no longer sparse and carry no "
+                      "masks. To keep the sparsity, keep the adapters unmerged, or apply the masks again "
+                      "(apply_masks_) and fine-tune", SlimWarning, stacklevel=2)
     merged = {name: layer.merged() for name, layer in found.items()}
     for name, layer in merged.items():
         model.set_submodule(name, layer)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_write
+from slimtorch.checks import check_path
 from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError, SlimError
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
@@ -141,7 +142,7 @@ def _build(spec: ModelSpec, path: Path) -> nn.Module:
 def load_model(path: str | Path) -> LoadedModel:
     """Rebuild a model saved by :func:`save_model`, or a folder :func:`slimtorch.io.save_compacted` wrote
     from a reference model (default arguments). A foreign or corrupt file is a CheckpointError."""
-    path = Path(path)
+    path = check_path(path, "load_model's path")
     if path.is_dir():
         return _load_compacted_folder(path)
     header, tensors = _read(path)

@@ -82,6 +82,31 @@ def _check_weights(model: nn.Module, layers: tuple[str, ...]) -> None:
                                   "turn them into garbage scales: fix or re-train the model, or exclude the layer")
 
 
+def _apply_keeping_masks(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
+                         batches: Any) -> nn.Module:
+    """``spec.apply`` on a model whose selected layers may carry masks. The methods replace those layers
+    (torch.ao copies a layer's hooks but not its mask buffers, so the replacement could not even run): the
+    masks are baked into the weights first, then put back wherever the result still holds the same float
+    parameter (fp16, bf16, the layers of quantization-aware training), so that training keeps the pruned
+    weights at zero. A failure puts them back on ``model``."""
+    from slimtorch.prune.masks import apply_masks_, get_masks, remove_masks_
+
+    masks = {n: m for n, m in get_masks(model).items() if n.rpartition(".")[0] in layers}
+    for name in {n.rpartition(".")[0] for n in masks}:
+        remove_masks_(model.get_submodule(name))
+    try:
+        result = spec.apply(model, config, layers, batches)
+    except BaseException:
+        apply_masks_(model, masks)
+        raise
+    params = dict(result.named_parameters())
+    kept = {n: m for n, m in masks.items()
+            if n in params and params[n].is_floating_point() and params[n].shape == m.shape}
+    if kept:
+        apply_masks_(result, kept)
+    return result
+
+
 def _attach(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
             source: nn.Module) -> None:
     info = QuantInfo(spec.name, spec.backend, spec.kernels, spec.weight_bits, spec.activation_bits, layers, spec.note)
@@ -117,7 +142,7 @@ def quantize(
     if batches is not None:
         batches = model_inputs(model, batches, "calibration" if calibration is not None else "example_inputs")
     was_training = model.training
-    result = spec.apply(copy.deepcopy(model), config, layers, batches)
+    result = _apply_keeping_masks(copy.deepcopy(model), spec, config, layers, batches)
     if spec.in_place:
         result.train(was_training)
     _attach(result, spec, config, layers, model)
@@ -151,7 +176,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
         )
     layers = select_layers(model, config)
     _check_weights(model, layers)
-    spec.apply(model, config, layers, None)
+    _apply_keeping_masks(model, spec, config, layers, None)
     _attach(model, spec, config, layers, model)
 
 

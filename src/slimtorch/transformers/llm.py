@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.atomic import atomic_folder
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.progress import progress
 from slimtorch.transformers.text import Document, TextSplits, text_splits
@@ -218,7 +219,8 @@ def _cache_path(cfg: TinyLMConfig, root: Path) -> Path:
 
 def load_or_train_lm(cfg: TinyLMConfig | None = None, *, root: str | Path | None = None) -> TinyLM:
     """The trained model of ``cfg`` from the cache, or train it (minutes) and cache it: weights through
-    ``save_pretrained`` (safetensors), the tokenizer as JSON, the training record as JSON."""
+    ``save_pretrained`` (safetensors), the tokenizer as JSON, the training record as JSON, written together
+    (:func:`slimtorch.atomic.atomic_folder`)."""
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
@@ -235,8 +237,8 @@ def load_or_train_lm(cfg: TinyLMConfig | None = None, *, root: str | Path | None
             ) from None
         return TinyLM(model, tokenizer, cfg, record)
     lm = train_lm(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save(str(path / "tokenizer.json"))
-    (path / "record.json").write_text(json.dumps({"config": cfg.to_dict(), **lm.record}, indent=2))
+    with atomic_folder(path) as staging:  # all files at once: an interrupted write leaves no half-made cache
+        lm.model.save_pretrained(staging)
+        lm.tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "record.json").write_text(json.dumps({"config": cfg.to_dict(), **lm.record}, indent=2))
     return lm

@@ -29,13 +29,16 @@ bounds the sizes in ``config.json`` before building anything.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
 
 from torch import nn
 
-from slimtorch.errors import CheckpointError, SlimWarning
+from slimtorch.atomic import atomic_folder
+from slimtorch.checks import check_module, check_path
+from slimtorch.errors import CheckpointError, SlimError, SlimWarning
 from slimtorch.prune.masks import is_masked, without_masks
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import find_blocks
@@ -43,6 +46,10 @@ from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
 
 __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
+
+#: Files of an earlier save that a new one supersedes (weights, their shards and index): not kept beside it.
+_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                 "pytorch_model.bin.index.json")
 
 #: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
 #: a save removes them from the config (nothing of ours runs code from a model folder).
@@ -53,10 +60,12 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
     """Save a compacted Hugging Face model (or a SentenceTransformer around one) to ``path``.
 
     Weights go to safetensors through ``save_pretrained`` (``SentenceTransformer.save``), sizes to
-    config.json (``slimtorch_blocks``). :func:`load_compacted` rebuilds the model from those two files
-    alone; no Python file is written, and no loader of ours runs code from a model folder.
+    config.json (``slimtorch_blocks``), all files at once (:func:`slimtorch.atomic.atomic_folder`: a failed
+    save leaves ``path`` as it was). :func:`load_compacted` rebuilds the model from those two files alone;
+    no Python file is written, and no loader of ours runs code from a model folder. The folder holds no
+    masks: those a compacted model keeps are saved apart with :func:`slimtorch.save_masks`.
     """
-    path = Path(path)
+    check_module(model, "save_compacted")
     hf_model = model[0].auto_model if hasattr(model, "_first_module") else model  # a SentenceTransformer
     if is_masked(hf_model):
         if not getattr(hf_model, COMPACTION_ATTR, None):
@@ -67,12 +76,20 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
                           "at zero when training the reloaded model", SlimWarning, stacklevel=2)
             return save_compacted(model, path)
     config = hf_model.config
-    if hasattr(config, "auto_map") and _OLD_REMOTE_MODULE in str(config.auto_map):
+    old_map = getattr(config, "auto_map", None)
+    if old_map is not None and _OLD_REMOTE_MODULE in str(old_map):
         del config.auto_map
-    if hasattr(model, "_first_module"):
-        model.save(str(path))
-    else:
-        model.save_pretrained(str(path))
+    try:
+        # every file at once (a temporary folder renamed into place): a failure leaves the folder as it was
+        with atomic_folder(path, replaces=_WEIGHT_FILES) as staging:
+            if hasattr(model, "_first_module"):
+                model.save(str(staging))
+            else:
+                model.save_pretrained(str(staging))
+    except BaseException:
+        if old_map is not None and not hasattr(config, "auto_map"):
+            config.auto_map = old_map  # (the model is left as it was too)
+        raise
 
 
 def _first_units(units: int, kv_units: int, kept: int, kept_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -145,6 +162,10 @@ def _check_sizes(data: object, path: Path, where: str = "") -> None:
     for key, value in data.items():
         if isinstance(value, (dict, list)):
             _check_sizes(value, path, f"{where}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}; a model's config holds "
+                                  "finite numbers only (a NaN epsilon or scale makes every output NaN): the file "
+                                  "is corrupt or was edited")
         elif isinstance(value, int) and not isinstance(value, bool) and _SIZE_KEY.search(key):
             bound = _MAX_LAYERS if _LAYER_KEY.search(key) else _MAX_SIZE
             if not -1 <= value <= bound:
@@ -163,6 +184,12 @@ def _read_config(path: Path) -> object:
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path / 'config.json')!r} is not a JSON object")
     _check_sizes(data, path)
+    if data.get("quantization_config") is not None:
+        method = data["quantization_config"].get("quant_method") if isinstance(data["quantization_config"], dict) \
+            else data["quantization_config"]
+        raise CheckpointError(f"{str(path / 'config.json')!r} asks transformers to quantize the model while loading "
+                              f"(quantization_config, {method!r}); load_compacted loads float models: remove the key, "
+                              "then quantize with slimtorch.quantize")
     model_type = data.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise CheckpointError(f"{str(path)!r} has model_type={model_type!r}, which transformers does not define; "
@@ -170,8 +197,8 @@ def _read_config(path: Path) -> object:
                               "the model with its own library")
     try:
         return transformers.CONFIG_MAPPING[model_type].from_pretrained(str(path))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
+    except Exception as err:  # transformers raises many types on a bad config (AttributeError for a bad dtype, ...)
+        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({type(err).__name__}: {err})") from None
 
 
 def _model_class(config: object, path: Path) -> type[nn.Module]:
@@ -195,8 +222,9 @@ def _check_param_count(model_class: type[nn.Module], config: object, path: Path)
     try:
         with torch.device("meta"):
             params = sum(p.numel() for p in model_class(config).parameters())
-    except (ValueError, TypeError, AttributeError, RuntimeError) as err:
-        raise CheckpointError(f"the config in {str(path)!r} does not build a {model_class.__name__}: {err}") from None
+    except Exception as err:  # the model's constructor may raise anything on a bad config (KeyError for an activation)
+        raise CheckpointError(f"the config in {str(path)!r} does not build a {model_class.__name__}: "
+                              f"{type(err).__name__}: {err}") from None
     if params > MAX_PARAMETERS:
         raise CheckpointError(f"the config in {str(path)!r} describes {params:,} parameters (at most "
                               f"{MAX_PARAMETERS:,}); the file is corrupt or not a real model's config")
@@ -219,7 +247,7 @@ def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = No
     folder runs, weights come from safetensors only, and the config's sizes are checked first."""
     from safetensors import SafetensorError
 
-    path = Path(path)
+    path = check_path(path, "load_compacted's folder")
     _check_files(path)
     config = _read_config(path)
     model_class = model_class or _model_class(config, path)
@@ -227,9 +255,14 @@ def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = No
     try:
         model, info = _shrinking_class(model_class).from_pretrained(
             str(path), config=config, output_loading_info=True, use_safetensors=True)
+    except SlimError:
+        raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"the weights in {str(path)!r} are unreadable or do not fit the recorded sizes: "
                               f"{err}") from None
+    except Exception as err:  # the config asks for what transformers cannot do here (an attention kernel, ...)
+        raise CheckpointError(f"transformers cannot load {str(path)!r} as its config asks ({type(err).__name__}: "
+                              f"{err}); fix config.json") from None
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"the weights in {str(path)!r} do not match the model: {problems}")
