@@ -471,7 +471,30 @@ def _lora_into_a_folder_with_other_files(env: Env) -> None:
     load_lora_(fresh, folder)
 
 
+def _hf_save_over_a_sharded_save(env: Env) -> None:
+    """A new save replaces an earlier one's weight files (shards and index included); other files stay."""
+    from transformers import BertConfig, BertModel
+
+    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.transformers.pretrained import save_compacted as save_hf
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=32, max_position_embeddings=16)).eval()
+    folder = env.tmp / "bert"
+    bert.save_pretrained(folder, max_shard_size="5KB")  # an earlier save in shards
+    (folder / "masks.safetensors").write_bytes(b"the user's own file")
+    assert (folder / "model.safetensors.index.json").is_file()
+    save_hf(bert, folder)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.json", "masks.safetensors", "model.safetensors"], names
+    x = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compacted(folder)(x).last_hidden_state, bert(x).last_hidden_state)
+
+
 SUCCESSES = [
+    ("Hugging Face save_compacted over a sharded save", _hf_save_over_a_sharded_save),
     ("save_masks writes through a linked file", _writes_through_a_linked_file),
     ("save_compacted writes into a linked folder", _writes_into_a_linked_folder),
     ("save_compacted over an earlier save", _saves_over_an_earlier_save),

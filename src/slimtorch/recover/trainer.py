@@ -20,6 +20,10 @@ What it guarantees:
   run gives (same seed, deterministic CPU kernels). A checkpoint of another run (other settings, data,
   architecture, masks, loss or caller's context: :mod:`slimtorch.recover.identity`) is refused before
   anything is loaded.
+* **Nothing half-done**: settings, data and the checkpoint path are checked before the first step; a step the
+  data, model or loss cannot run is a TraceError naming it, a NaN or infinite loss (or weights) a ConfigError
+  naming the step and its likely cause, and on any failure the model and the loss module get back the
+  tensors and train/eval flags they had when ``fit`` was called (:mod:`slimtorch.recover.guards`).
 * **Data parallel**: under ``torchrun`` (after :func:`~slimtorch.recover.distributed.init_distributed`)
   each process trains on its share of every batch under ``DistributedDataParallel``, optionally with
   top-k gradient compression (``grad_topk``); process 0 writes the checkpoints.
@@ -202,6 +206,7 @@ class _Run:
         self.optimizer = _optimizer(list(self.step_module.parameters()), config)
         self.scheduler = _scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.modules = {"model": model, **({"loss": loss_fn} if isinstance(loss_fn, nn.Module) else {})}
+        self.wrote = False  # whether a checkpoint was written by this call
 
     def _gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         if not self.info.distributed:
@@ -232,6 +237,7 @@ class _Run:
                  "identity": self.identity}
         save_checkpoint(path, modules=self.modules, optimizer=self.optimizer, scheduler=self.scheduler,
                         extra=extra, extra_tensors=tensors)
+        self.wrote = True
 
     def _check(self, path: Path, extra: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """Refuse a checkpoint of another run, before anything is loaded: every recorded setting is compared."""
@@ -340,7 +346,7 @@ def fit(
         start.restore()
         if isinstance(err, SlimError):
             err.args = (f"{err.args[0]}. The model was put back as it was before fit"
-                        + ("; checkpoints already written stay" if path is not None else ""), *err.args[1:])
+                        + (f"; the checkpoint {str(path)!r} it wrote stays" if run.wrote else ""), *err.args[1:])
         raise
     comm = run.hook.stats() if run.hook is not None else None
     return FitResult([EpochStats(**h) for h in state.history], state.global_step, comm)

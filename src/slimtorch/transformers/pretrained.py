@@ -48,8 +48,8 @@ __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
 
 #: Files of an earlier save that a new one supersedes (weights, their shards and index): not kept beside it.
-_WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 
 #: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
 #: a save removes them from the config (nothing of ours runs code from a model folder).
