@@ -12,6 +12,7 @@ from slimtorch.recipes.schema import Recipe, Step
 from slimtorch.recover import TrainConfig, evaluate_accuracy, fit
 from slimtorch.recover.batches import augment, batch_indices
 from slimtorch.recover.distributed import DistInfo
+from slimtorch.recover.guards import Start
 
 
 def test_fit_is_deterministic_and_keeps_masks():
@@ -147,3 +148,21 @@ def test_compacted_model_file_replays_its_shapes(tmp_path):
     save_file(tensors, str(tmp_path / "broken.safetensors"), metadata={**header, "compaction": "{}"})
     with pytest.raises(CheckpointError, match="compaction record"):
         load_model(tmp_path / "broken.safetensors")
+
+
+def test_the_start_of_training_copies_only_what_training_can_change():
+    """fit keeps a copy of the trained tensors to put back on a failure: frozen parameters (a LoRA's base
+    weights) are left out, buffers and trainable parameters are copied and restored."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    net[0].weight.requires_grad_(False)
+    start = Start({"model": net})
+    assert sorted(start.states["model"]) == ["0.bias", "1.bias", "1.num_batches_tracked", "1.running_mean",
+                                             "1.running_var", "1.weight"]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for t in net.state_dict(keep_vars=True).values():
+            if t.dtype.is_floating_point and t.requires_grad:
+                t.add_(1.0)
+        net[1].running_mean.add_(1.0)
+    start.restore()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())

@@ -80,19 +80,27 @@ def check_weights(module: nn.Module, *, epoch: int, lr: float) -> None:
                               f"diverged; lower the learning rate (lr={lr:g})")
 
 
+def _changes(tensor: torch.Tensor) -> bool:
+    """Whether training may change ``tensor``: not a frozen parameter."""
+    return not (isinstance(tensor, nn.Parameter) and not tensor.requires_grad)
+
+
 class Start:
-    """The trained modules' tensors and train/eval flags when training began, to put back on a failure (a copy
-    of every tensor: training needs that much memory again)."""
+    """The trained modules' tensors and train/eval flags when training began, to put back on a failure: a copy
+    of every tensor training can change (parameters that require gradients, and buffers), so training needs
+    that much memory again; frozen parameters (a LoRA's base weights) are not copied."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = dict(modules)
-        self.states = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in self.modules.items()}
+        self.states = {k: {n: t.detach().clone() for n, t in m.state_dict(keep_vars=True).items() if _changes(t)}
+                       for k, m in self.modules.items()}
         self.flags = {k: [(sub, sub.training) for sub in m.modules()] for k, m in self.modules.items()}
 
     @torch.no_grad()
     def restore(self) -> None:
         for key, module in self.modules.items():
             for name, tensor in module.state_dict(keep_vars=True).items():
-                tensor.copy_(self.states[key][name])  # in place: the parameter objects (and an optimizer) stay
+                if name in self.states[key]:  # in place: the parameter objects (and an optimizer) stay
+                    tensor.copy_(self.states[key][name])
             for sub, training in self.flags[key]:
                 sub.training = training
