@@ -159,7 +159,7 @@ def test_slimming_training_shrinks_scales_then_bn_scale_prunes_them():
 
 def test_bn_scale_masks_reach_the_conv_and_compact():
     import slimtorch
-    from slimtorch.prune.masks import apply_masks_
+    from slimtorch.masks import apply_masks_
 
     net = _bn_net().eval()
     with torch.no_grad():

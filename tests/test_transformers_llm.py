@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from slimtorch.errors import ConfigError
-from slimtorch.prune.masks import is_masked
+from slimtorch.masks import is_masked
 from slimtorch.transformers.llm import (
     TinyLMConfig,
     build_model,

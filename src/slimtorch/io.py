@@ -169,7 +169,7 @@ def _class_name(model: nn.Module) -> str:
 
 
 def _description(model: nn.Module) -> dict[str, Any]:
-    from slimtorch.prune.masks import get_masks
+    from slimtorch.masks import get_masks
     from slimtorch.report import COMPACTION_ATTR
 
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
@@ -189,7 +189,7 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     """
     from safetensors.torch import save_model
 
-    from slimtorch.prune.masks import is_masked
+    from slimtorch.masks import is_masked
     from slimtorch.report import model_state
 
     if is_masked(model) and model_state(model) != "compacted":
@@ -285,7 +285,7 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     leaves ``model`` as it was: everything is read and checked before a value is copied into the model.
     """
     from slimtorch.compact.compact import _Snapshot, replay_
-    from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
+    from slimtorch.masks import apply_masks_, is_masked, remove_masks_
     from slimtorch.report import COMPACTION_ATTR
 
     directory = Path(directory)

@@ -26,7 +26,7 @@ from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
 from slimtorch.graph.trace import call_model, temporary_mode
-from slimtorch.prune.masks import is_masked
+from slimtorch.masks import is_masked
 
 __all__ = [
     "COMPACTION_ATTR",

@@ -36,7 +36,7 @@ from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.blocks import BlockMode, BlockOps
 from slimtorch.graph.replay import forget
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
-from slimtorch.prune.masks import is_masked, mask_factor, remove_masks_
+from slimtorch.masks import is_masked, mask_factor, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 
 __all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "compact_", "replay_"]

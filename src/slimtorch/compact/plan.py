@@ -30,7 +30,7 @@ from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.graph import PerMember, Sink, label_table
 from slimtorch.graph.replay import known_structure
-from slimtorch.prune.masks import canonical_masks, check_masks, is_masked
+from slimtorch.masks import canonical_masks, check_masks, is_masked
 
 __all__ = ["CompactionPlan", "coupled_channels", "plan_compaction"]
 

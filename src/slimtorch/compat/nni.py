@@ -22,11 +22,11 @@ from torch import nn
 
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_, remove_masks_
 from slimtorch.prune.criteria import get_criterion
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.lottery import LotteryTicket
-from slimtorch.prune.masks import apply_masks_, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.prune.regularize import SlimmingRegularizer
 from slimtorch.prune.schedule import Schedule

@@ -6,11 +6,11 @@ sparse training (:class:`DynamicSparsity`), network slimming (:class:`SlimmingRe
 blocks (:mod:`slimtorch.prune.blocks`); :func:`sensitivity_analysis` measures what each layer tolerates.
 """
 
+from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.loop import Callback, Evaluator
 from slimtorch.prune.lottery import LotteryTicket
-from slimtorch.prune.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.pruner import LayerPlan, compute_masks, masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.schedule import SCHEDULES, Schedule, register_schedule

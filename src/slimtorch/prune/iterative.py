@@ -35,9 +35,9 @@ from torch import nn
 
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_
 from slimtorch.prune.criteria import Criterion, get_criterion
 from slimtorch.prune.loop import Callback, Evaluator
-from slimtorch.prune.masks import apply_masks_
 from slimtorch.prune.pruner import LayerPlan, masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.schedule import Schedule
 from slimtorch.prune.stats import Stats, StatsTracker, collect_stats

@@ -32,10 +32,10 @@ from torch import nn
 
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import MASK_SUFFIX, apply_masks_, get_masks
 from slimtorch.prune.criteria import Criterion, get_criterion
 from slimtorch.prune.iterative import _force_pruned, scale_targets, weight_sparsity
 from slimtorch.prune.loop import Callback, Evaluator
-from slimtorch.prune.masks import MASK_SUFFIX, apply_masks_, get_masks
 from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.schedule import exponential
 from slimtorch.select import select_modules

@@ -38,8 +38,8 @@ from torch import nn
 
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import _drop_grad_hook, apply_masks_, get_masks
 from slimtorch.prune.loop import Callback
-from slimtorch.prune.masks import _drop_grad_hook, apply_masks_, get_masks
 from slimtorch.prune.pruner import units_to_prune
 from slimtorch.select import select_modules, weight_param_name
 

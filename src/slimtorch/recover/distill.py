@@ -272,7 +272,7 @@ def prune_and_distill_(
     """
     import copy
 
-    from slimtorch.prune.masks import apply_masks_
+    from slimtorch.masks import apply_masks_
     from slimtorch.recover.trainer import fit
 
     teacher = copy.deepcopy(model)

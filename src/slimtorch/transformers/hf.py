@@ -28,7 +28,7 @@ from torch import nn
 
 from slimtorch.compact.compact import AFTER_COMPACTION
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.prune.masks import get_masks, is_masked
+from slimtorch.masks import get_masks, is_masked
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import BlockSpec, Slice, find_blocks
 from slimtorch.transformers.engine import attention_layout, slice_params_

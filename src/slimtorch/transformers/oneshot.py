@@ -33,9 +33,9 @@ from torch import nn
 
 from slimtorch.config import Granularity
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_
 from slimtorch.prune.criteria import ScoreContext, get_criterion
 from slimtorch.prune.granularity import unit_view
-from slimtorch.prune.masks import apply_masks_
 from slimtorch.transformers.sparsegpt import sparsegpt_solve
 
 __all__ = ["ONE_SHOT_METHODS", "OneShotResult", "apply_one_shot_", "decoder_layers", "one_shot_prune"]

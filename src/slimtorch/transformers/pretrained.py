@@ -36,7 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.errors import CheckpointError, SlimWarning
-from slimtorch.prune.masks import is_masked, without_masks
+from slimtorch.masks import is_masked, without_masks
 from slimtorch.report import COMPACTION_ATTR
 from slimtorch.transformers.blocks import find_blocks
 from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
