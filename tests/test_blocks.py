@@ -1,4 +1,4 @@
-"""Layers of a masked model computed on their live block (slimtorch.graph.blocks): the masked op's values,
+"""Layers of a masked model computed on their live block (slimtorch.graph.live): the masked op's values,
 and the blocks reused by compaction's surgery."""
 
 import copy
@@ -12,7 +12,7 @@ import slimtorch
 import slimtorch.compact.plan as plan_module
 from slimtorch.compact.surgery import reusing, shrink_linear_
 from slimtorch.graph import build_graph
-from slimtorch.graph.blocks import BlockOps, Cut, live_blocks
+from slimtorch.graph.live import BlockOps, Cut, live_blocks
 from slimtorch.graph.replay import forget
 
 LINEAR, CONVS = torch._C._nn.linear, {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
@@ -216,7 +216,7 @@ class _Reads(nn.Module):
 def _unmasked_run(model, masks, x):
     """``model`` run under BlockMode with the masked weights left as they are (``unmasked``), and run with its
     weights masked; returns both outputs and the ops."""
-    from slimtorch.graph.blocks import BlockMode
+    from slimtorch.graph.live import BlockMode
 
     x = x if isinstance(x, tuple) else (x,)
     params = dict(model.named_parameters())

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.graph.blocks import masked
+from slimtorch.graph.live import masked
 
 __all__ = [
     "MASK_SUFFIX",

@@ -33,7 +33,7 @@ from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
 from slimtorch.compact.plan import CompactionPlan, coupled_channels, plan_compaction
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
-from slimtorch.graph.blocks import BlockMode, BlockOps
+from slimtorch.graph.live import BlockMode, BlockOps
 from slimtorch.graph.replay import forget
 from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.masks import is_masked, mask_factor, remove_masks_

@@ -27,8 +27,8 @@ from slimtorch.compact.checks import check_arguments, check_example_inputs, chec
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
-from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.graph import PerMember, Sink, label_table
+from slimtorch.graph.live import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.replay import known_structure
 from slimtorch.masks import canonical_masks, check_masks, is_masked
 
@@ -55,7 +55,7 @@ class CompactionPlan:
     live: LiveBlocks = field(default_factory=LiveBlocks, repr=False)
     # masked parameters left out of ``masked`` (name -> mask): every entry the surgery keeps of them is kept
     # by their mask, so the compacted layer takes their own values; a run of the masked model makes their
-    # masked values only where it reads more than their live block (slimtorch.graph.blocks.BlockOps)
+    # masked values only where it reads more than their live block (slimtorch.graph.live.BlockOps)
     unmasked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # the masks the surgery cuts down to entries they all keep (nothing of them stays masked afterwards)
     whole: set[str] = field(default_factory=set, repr=False)
@@ -80,7 +80,7 @@ class CompactionPlan:
 def _dead(member: Member, mask: torch.Tensor | None,
           alive: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> torch.Tensor:
     """Per label of ``member``: is the weight slice it indexes entirely masked? ``alive``: the live rows and
-    columns of masks, found already (:class:`~slimtorch.graph.blocks.LiveBlocks`). (In numpy: on a layer's
+    columns of masks, found already (:class:`~slimtorch.graph.live.LiveBlocks`). (In numpy: on a layer's
     mask its reductions take a fraction of torch's fixed cost per call, and a model has a hundred of them.)"""
     size = member.labels.numel()
     if mask is None:
@@ -457,7 +457,7 @@ def coupled_channels(model: nn.Module, plan: CompactionPlan,
 def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
             skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The masked values of the masked parameters but ``skip``, as apply_masks_ computes them (zeros in masked
-    positions, whatever they held: see :func:`~slimtorch.graph.blocks.masked`)."""
+    positions, whatever they held: see :func:`~slimtorch.graph.live.masked`)."""
     return {n: masked(params[n].detach(), masks[n].to(params[n].device, torch.bool)) for n in masks
             if n not in skip}
 

@@ -10,8 +10,8 @@ Stands alone: imports torch only, never pruning or compaction code.
     64
 """
 
-from slimtorch.graph import layers, modules, moves, products, reductions  # noqa: F401  (register the rules)
-from slimtorch.graph.fixes import FixSite, apply_fix
+from slimtorch.graph import layer_rules, module_rules, moves, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph.callsites import FixSite, apply_fix
 from slimtorch.graph.graph import ChannelGroup, DependencyGraph, Member, Sink
 from slimtorch.graph.rules import find_module_rule, find_rule, register_module_rule, register_rule
 from slimtorch.graph.trace import ModuleContext, OpContext, build_graph

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slimtorch.graph.fixes import SHAPE_OPS, FixSite, shape_args
+from slimtorch.graph.callsites import SHAPE_OPS, FixSite, shape_args
 from slimtorch.graph.labels import collapse, union_rows, varying_dims
 from slimtorch.graph.rules import after_move, bind_positions
 

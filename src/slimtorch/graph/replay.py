@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph, Sink
+from slimtorch.graph.live import Block, BlockOps
 from slimtorch.graph.rules import tensors_in
 from slimtorch.graph.trace import _Frame, _named_tensors, _Tracer, measure, run_state, run_traced, temporary_mode
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from slimtorch.graph.fixes import FixSite
+from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
 if TYPE_CHECKING:

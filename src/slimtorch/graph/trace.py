@@ -33,8 +33,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from slimtorch.errors import ConfigError, SlimError, TraceError, UnsupportedOpError
-from slimtorch.graph.blocks import Block, BlockOps
 from slimtorch.graph.graph import DependencyGraph
+from slimtorch.graph.live import Block, BlockOps
 from slimtorch.graph.rules import PLAIN_TYPES, VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
 
 __all__ = [
@@ -197,7 +197,7 @@ class _Tracer(TorchFunctionMode):
         self.unreplayable: str | None = None
         self.outputs: list[tuple[tuple, ...]] = []  # per tape entry, per output: (shape, dtype, had no values)
         self.sinks: list[Any] = []  # a shapes-only trace's sinks, statistics still placeholders (set at its end)
-        self.blocks: BlockOps | None = None  # computes layers on their live block (slimtorch.graph.blocks)
+        self.blocks: BlockOps | None = None  # computes layers on their live block (slimtorch.graph.live)
         self._derived: dict[int, weakref.ref] = {}  # tensors computed from channels (see _follow_values)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
@@ -620,9 +620,9 @@ def build_graph(
             traces in full when the run differs in anything; ``graph.replayed`` says which was done (see
             :mod:`slimtorch.graph.replay`).
         live: by parameter name, the live block (output rows, input columns) of weights that are zero outside
-            it, as :func:`~slimtorch.graph.blocks.live_blocks` finds from their masks: a measured run computes
+            it, as :func:`~slimtorch.graph.live.live_blocks` finds from their masks: a measured run computes
             their linear and convolution ops on that block only (the same values at a fraction of the cost;
-            see :mod:`slimtorch.graph.blocks`). The caller vouches for the zeros.
+            see :mod:`slimtorch.graph.live`). The caller vouches for the zeros.
     """
     if unknown_ops not in ("error", "keep"):
         raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")

@@ -44,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 from slimtorch.compact.surgery import register_shrink
 from slimtorch.errors import CompactionError, SlimWarning
 from slimtorch.graph import Sink, register_module_rule
-from slimtorch.graph.layers import channel_labels, consumer_sink, placed
+from slimtorch.graph.layer_rules import channel_labels, consumer_sink, placed
 
 if TYPE_CHECKING:
     from slimtorch.graph import ModuleContext

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from slimtorch.graph.layers import channel_labels, consumer_sink, placed
+from slimtorch.graph.layer_rules import channel_labels, consumer_sink, placed
 from slimtorch.graph.rules import register_module_rule
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from slimtorch.graph.fixes import FixSite
+from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.graph import Sink
 from slimtorch.graph.labels import union_rows, varying_dims
 from slimtorch.graph.reductions import zero_sink
