@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from slimtorch.compact.checks import check_arguments, check_finite, tied_parameters, verify_result
-from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
 from slimtorch.compact.plan import CompactionPlan, coupled_channels, plan_compaction
+from slimtorch.compact.rewrites import ShapeFixer
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.live import BlockMode, BlockOps

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.compact.modules import SlimMultiheadAttention, make_zero_padded_
+from slimtorch.compact.layers import SlimMultiheadAttention, make_zero_padded_
 from slimtorch.errors import CompactionError
 from slimtorch.graph.live import Cut, take_block
 
