@@ -10,7 +10,7 @@ from torch import nn
 from slimtorch import compute_masks
 from slimtorch.errors import ConfigError, NoMatchError
 from slimtorch.nn import DropConnectLinear, add_dropconnect_, drop_connect
-from slimtorch.prune.blocks import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
+from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.sensitivity import SensitivityResult, SensitivityRow, sensitivity_analysis

@@ -3,7 +3,7 @@
 Criteria say what to cut, granularities which unit, schedules and methods when: one-shot
 (:func:`compute_masks`), gradual (:class:`GradualPruner`), lottery tickets (:class:`LotteryTicket`),
 sparse training (:class:`DynamicSparsity`), network slimming (:class:`SlimmingRegularizer`), whole
-blocks (:mod:`slimtorch.prune.blocks`); :func:`sensitivity_analysis` measures what each layer tolerates.
+blocks (:mod:`slimtorch.prune.depth`); :func:`sensitivity_analysis` measures what each layer tolerates.
 """
 
 from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
