@@ -207,7 +207,7 @@ def _pickled(folder: Path) -> Path:
 
 
 def _hf(ctx: Ctx) -> nn.Module:
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_compacted
 
     return load_compacted(ctx.path("bert"))
 
@@ -655,8 +655,8 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
 def _bert(folder: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from slimtorch.transformers.hf import compact_hf_, unit_masks
-    from slimtorch.transformers.pretrained import save_compacted
+    from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
+    from slimtorch.integrations.hf.folders import save_compacted
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

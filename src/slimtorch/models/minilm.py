@@ -63,12 +63,12 @@ def _offline():
 
 def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
     """The ``BertModel`` (eval mode) and tokenizer of all-MiniLM-L6-v2, or the model saved at ``path`` (by
-    :func:`~slimtorch.transformers.pretrained.save_compacted` or ``save_pretrained``) with that tokenizer.
-    A folder loads through :func:`~slimtorch.transformers.pretrained.load_compacted`: safetensors only, and
+    :func:`~slimtorch.integrations.hf.folders.save_compacted` or ``save_pretrained``) with that tokenizer.
+    A folder loads through :func:`~slimtorch.integrations.hf.folders.load_compacted`: safetensors only, and
     no code from the folder runs."""
     from transformers import AutoModel, AutoTokenizer
 
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_compacted
 
     with _offline():
         model = load_compacted(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
@@ -79,12 +79,12 @@ def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
 def sentence_transformer(model: nn.Module | None = None, *, path: str | None = None) -> Any:
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (offline), its transformer replaced by ``model`` if
     given (a pruned or compacted copy), or by the model saved at ``path`` (loaded with
-    :func:`~slimtorch.transformers.pretrained.load_compacted`: no code from the folder runs, and the
+    :func:`~slimtorch.integrations.hf.folders.load_compacted`: no code from the folder runs, and the
     tokenizer and pooling stay those of the shipped all-MiniLM-L6-v2). ``encode`` then runs the library's
     own pipeline on it."""
     from sentence_transformers import SentenceTransformer
 
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_compacted
 
     if model is None and path is not None:
         model = load_compacted(path)
@@ -176,7 +176,7 @@ def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor, *, k: 
 def heldout_sentences(count: int = 256, *, min_words: int = 8, max_words: int = 40) -> list[str]:
     """``count`` sentences from the news stories (a register the distillation text, Wikipedia, does not
     cover), the first sentences of each story in turn, so that many stories are represented."""
-    from slimtorch.transformers.text import news_stories, split_sentences
+    from slimtorch.data.text import news_stories, split_sentences
 
     per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words) for d in news_stories()]
     picked: list[str] = []

@@ -15,10 +15,10 @@ import slimtorch  # noqa: E402
 from nets import assert_shapes_trace_exact  # noqa: E402
 from slimtorch import apply_masks_, compute_masks  # noqa: E402
 from slimtorch.errors import CheckpointError, CompactionError, ConfigError, NoMatchError, SlimWarning  # noqa: E402
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads, unit_masks  # noqa: E402
+from slimtorch.integrations.hf.folders import load_compacted, save_compacted  # noqa: E402
+from slimtorch.integrations.hf.units import find_blocks  # noqa: E402
 from slimtorch.report import count_params, model_state  # noqa: E402
-from slimtorch.transformers.blocks import find_blocks  # noqa: E402
-from slimtorch.transformers.hf import compact_hf_, format_pruned_heads, unit_masks  # noqa: E402
-from slimtorch.transformers.pretrained import load_compacted, save_compacted  # noqa: E402
 
 H, LAYERS = 32, 2
 

