@@ -520,7 +520,7 @@ def test_shapes_only_conv_output_shape_is_torchs():
     grid of strides, paddings, dilations, groups and sizes it gives torch's shape or defers to torch."""
     import itertools
 
-    from slimtorch.graph.trace import _conv_shape
+    from slimtorch.graph.shapes import _conv_shape
 
     convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
     for k, stride, pad, dil, groups, size in itertools.product([1, 2, 3], [1, 2], [0, 2], [1, 2], [1, 2], [4, 9]):
@@ -543,7 +543,7 @@ def test_shapes_only_attention_outputs_are_torchs():
     torch."""
     import itertools
 
-    from slimtorch.graph.trace import _attention_shape
+    from slimtorch.graph.shapes import _attention_shape
 
     calls = []
     original = F.multi_head_attention_forward
@@ -569,7 +569,7 @@ def test_shapes_only_attention_outputs_are_torchs():
 
 
 def test_shapes_only_sums_keep_torchs_layout():
-    from slimtorch.graph.trace import _shape_of
+    from slimtorch.graph.shapes import _shape_of
 
     x = torch.empty(2, 3, 4, 4, device="meta").to(memory_format=torch.channels_last)
     for other in (2.0, torch.empty_like(x)):
@@ -582,7 +582,7 @@ def test_shapes_only_sums_keep_torchs_layout():
 
 
 def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
-    from slimtorch.graph.trace import substituted
+    from slimtorch.graph.run import substituted
 
     net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
     net[2].weight = net[0].weight  # tied: a value for one name holds for both
@@ -602,7 +602,7 @@ def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
 def test_collector_paused_during_tracing_and_restored_after():
     import gc
 
-    from slimtorch.graph.trace import collector_paused
+    from slimtorch.graph.run import collector_paused
 
     net, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 6, 6)
     seen = []

@@ -131,7 +131,7 @@ def model_errors(inputs: Any, what: str) -> Iterator[None]:
 def run_model(model: nn.Module, inputs: Any, what: str) -> Any:
     """``model`` called on ``inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs);
     anything the model raises becomes a TraceError naming the inputs."""
-    from slimtorch.graph.trace import call_model
+    from slimtorch.graph.run import call_model
 
     with model_errors(inputs, what):
         return call_model(model, inputs)

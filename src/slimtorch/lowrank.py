@@ -249,7 +249,7 @@ def lowrank_sensitivity(
     The error is ``|f(x) - f_layer(x)| / |f(x)|`` on ``example_inputs``; :func:`ranks_for_tolerance` turns
     the table into per-layer ranks for ``factorize_(model, config, ranks=...)``.
     """
-    from slimtorch.graph.trace import call_model
+    from slimtorch.graph.run import call_model
 
     _check_call(model, config, "lowrank_sensitivity")
     if isinstance(energies, (str, bytes)) or not all(_number(e) and 0 < e <= 1 for e in energies):

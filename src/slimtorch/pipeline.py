@@ -36,7 +36,7 @@ from torch import nn
 
 from slimtorch.config import check_fields, parse_config_list
 from slimtorch.errors import ConfigError
-from slimtorch.graph.trace import call_model
+from slimtorch.graph.run import call_model
 from slimtorch.masks import apply_masks_, is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.quant import QuantConfig, quant_info, quantize

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
-from slimtorch.graph.trace import call_model, temporary_mode
+from slimtorch.graph.run import call_model, temporary_mode
 from slimtorch.masks import is_masked
 
 __all__ = [

@@ -35,7 +35,7 @@ from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.live import BlockMode, BlockOps
 from slimtorch.graph.replay import forget
-from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
+from slimtorch.graph.run import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.masks import is_masked, mask_factor, remove_masks_
 from slimtorch.report import COMPACTION_ATTR
 

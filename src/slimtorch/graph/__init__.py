@@ -11,10 +11,11 @@ Stands alone: imports torch only, never pruning or compaction code.
 """
 
 from slimtorch.graph import layer_rules, module_rules, moves, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph.build import build_graph
 from slimtorch.graph.callsites import FixSite, apply_fix
+from slimtorch.graph.context import ModuleContext, OpContext
 from slimtorch.graph.graph import ChannelGroup, DependencyGraph, Member, Sink
 from slimtorch.graph.rules import find_module_rule, find_rule, register_module_rule, register_rule
-from slimtorch.graph.trace import ModuleContext, OpContext, build_graph
 
 __all__ = [
     "ChannelGroup",

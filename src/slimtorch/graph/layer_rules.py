@@ -21,7 +21,7 @@ from slimtorch.graph.reductions import zero_sink
 from slimtorch.graph.rules import register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__ = ["channel_labels", "consumer_sink", "placed"]
 

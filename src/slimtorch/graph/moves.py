@@ -31,7 +31,7 @@ from slimtorch.graph.labels import collapse, union_rows, varying_dims
 from slimtorch.graph.rules import after_move, bind_positions
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__: list[str] = []
 

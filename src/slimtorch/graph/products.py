@@ -19,7 +19,7 @@ from slimtorch.graph.labels import broadcast_merge, varying_dims
 from slimtorch.graph.rules import _aligned, register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__: list[str] = []
 

@@ -17,7 +17,7 @@ from slimtorch.graph.labels import union_rows, varying_dims
 from slimtorch.graph.rules import register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__ = ["zero_sink"]
 

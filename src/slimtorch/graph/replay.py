@@ -39,10 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.graph.context import measure
 from slimtorch.graph.graph import DependencyGraph, Sink
 from slimtorch.graph.live import Block, BlockOps
 from slimtorch.graph.rules import tensors_in
-from slimtorch.graph.trace import _Frame, _named_tensors, _Tracer, measure, run_state, run_traced, temporary_mode
+from slimtorch.graph.run import _named_tensors, run_state, run_traced, temporary_mode
+from slimtorch.graph.tracer import _Frame, _Tracer
 
 __all__ = ["forget", "known_structure", "remember", "replay"]
 

@@ -31,7 +31,7 @@ from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import ModuleContext, OpContext
+    from slimtorch.graph.context import ModuleContext, OpContext
 
 __all__ = ["MOVE_EXTRA", "PLAIN_TYPES", "VALUE_FREE", "after_move", "bind_positions", "find_module_rule", "find_rule",
            "note_grid", "op_name", "register_module_rule", "register_rule", "tensors_in"]

@@ -30,7 +30,7 @@ from torch import nn
 
 from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError, SlimWarning
-from slimtorch.graph.trace import collector_paused
+from slimtorch.graph.run import collector_paused
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
 from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
 from slimtorch.select import bias_param_name, select_modules, weight_param_name

@@ -183,7 +183,7 @@ class Distiller(nn.Module):
         return self._teacher[0]
 
     def _install(self, student: nn.Module, example_inputs: Any) -> None:
-        from slimtorch.graph.trace import temporary_mode
+        from slimtorch.graph.run import temporary_mode
 
         if example_inputs is None:
             raise ConfigError("feature matching needs example_inputs (one batch) to size its projections")
