@@ -59,7 +59,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("removal requests", PLAN, "_requests"),
     ("consumer checks", PLAN, "_check_sinks"),
     ("module changes", PLAN, "_module_changes"),
-    ("snapshot for restoring", COMPACT, "_Snapshot"),
+    ("snapshot for restoring", COMPACT, "Snapshot"),
     ("surgery", COMPACT, "_apply"),
     ("check of the result", COMPACT, "verify_result"),
     ("masks cut for the compacted model", COMPACT, "cut_masks"),

@@ -31,6 +31,7 @@ from torch import nn
 from slimtorch.errors import ConfigError, SlimError, TraceError
 
 __all__ = [
+    "MAX_PARAMETERS",
     "check_finite_inputs",
     "check_materialized",
     "check_module",
@@ -42,6 +43,10 @@ __all__ = [
     "run_model",
     "tensors_in",
 ]
+
+#: The most parameters a model built from sizes read in a file or an argument may have (checked before it is
+#: allocated: a corrupt or hostile size must not exhaust memory).
+MAX_PARAMETERS = 1 << 33
 
 
 def check_module(model: Any, what: str) -> None:

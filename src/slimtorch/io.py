@@ -42,7 +42,9 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder, atomic_write
+from slimtorch.compact.compact import Snapshot, replay_
 from slimtorch.errors import CheckpointError
+from slimtorch.masks import COMPACTION_ATTR, apply_masks_, get_masks, is_masked, model_state, remove_masks_
 
 __all__ = [
     "atomic_write",
@@ -169,9 +171,6 @@ def _class_name(model: nn.Module) -> str:
 
 
 def _description(model: nn.Module) -> dict[str, Any]:
-    from slimtorch.masks import get_masks
-    from slimtorch.report import COMPACTION_ATTR
-
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
     steps = info.pop("steps", [])
     return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info,
@@ -188,9 +187,6 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     the architecture.
     """
     from safetensors.torch import save_model
-
-    from slimtorch.masks import is_masked
-    from slimtorch.report import model_state
 
     if is_masked(model) and model_state(model) != "compacted":
         raise CheckpointError("the model carries pruning masks; compact it (slimtorch.compact_) or remove them "
@@ -284,10 +280,6 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     pickle). A missing, corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and
     leaves ``model`` as it was: everything is read and checked before a value is copied into the model.
     """
-    from slimtorch.compact.compact import _Snapshot, replay_
-    from slimtorch.masks import apply_masks_, is_masked, remove_masks_
-    from slimtorch.report import COMPACTION_ATTR
-
     directory = Path(directory)
     description = _read_description(directory)
     if description["class"] != _class_name(model):
@@ -297,7 +289,7 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted or masked")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     state = _read_weights(directory / WEIGHTS, device)
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         replay_(model, description["steps"])
         params = dict(model.named_parameters())

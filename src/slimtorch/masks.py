@@ -35,6 +35,7 @@ from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.live import masked
 
 __all__ = [
+    "COMPACTION_ATTR",
     "MASK_SUFFIX",
     "apply_masks_",
     "canonical_masks",
@@ -44,11 +45,15 @@ __all__ = [
     "mask_factor",
     "mask_sparsity",
     "merge_masks",
+    "model_state",
     "remove_masks_",
     "without_masks",
 ]
 
 MASK_SUFFIX = "_mask"
+
+#: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
+COMPACTION_ATTR = "slimtorch_compaction"
 
 # Gradient hooks installed, by id(parameter) -> (weak reference to it, handle). Tensor hooks are not
 # copied by ``copy.deepcopy``, so the forward pre-hook (which is) installs them lazily on whatever
@@ -284,3 +289,14 @@ def without_masks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of zeros in each mask, keyed like the masks."""
     return {name: 1.0 - float(m.float().mean()) if m.numel() else 0.0 for name, m in masks.items()}
+
+
+def model_state(model: nn.Module) -> str:
+    """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
+    :func:`slimtorch.report.quantization` says how it is quantized). A compacted model is ``"compacted"`` even
+    when it carries masks (what the masks prune inside the channels compaction kept, or a later pruning round)."""
+    if getattr(model, COMPACTION_ATTR, None):
+        return "compacted"
+    if is_masked(model):
+        return "masked"
+    return "dense"

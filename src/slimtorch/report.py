@@ -26,7 +26,7 @@ from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
 from slimtorch.graph.run import call_model, temporary_mode
-from slimtorch.masks import is_masked
+from slimtorch.masks import COMPACTION_ATTR, model_state
 
 __all__ = [
     "COMPACTION_ATTR",
@@ -42,10 +42,6 @@ __all__ = [
     "saved_size",
     "sparsity_table",
 ]
-
-#: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
-COMPACTION_ATTR = "slimtorch_compaction"
-
 
 def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
@@ -180,17 +176,6 @@ def quantization(model: nn.Module) -> str | None:
 
     info = quant_info(model)
     return info.describe() if info is not None else None
-
-
-def model_state(model: nn.Module) -> str:
-    """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
-    :func:`quantization` says how it is quantized). A compacted model is ``"compacted"`` even when it
-    carries masks (what the masks prune inside the channels compaction kept, or a later pruning round)."""
-    if getattr(model, COMPACTION_ATTR, None):
-        return "compacted"
-    if is_masked(model):
-        return "masked"
-    return "dense"
 
 
 def _batch_size(example_inputs: Any) -> int:

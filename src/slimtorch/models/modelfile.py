@@ -33,9 +33,8 @@ from torch import nn
 from slimtorch.atomic import atomic_write
 from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError, SlimError
-from slimtorch.masks import MASK_SUFFIX, apply_masks_, get_masks
+from slimtorch.masks import COMPACTION_ATTR, MASK_SUFFIX, apply_masks_, get_masks, model_state
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
-from slimtorch.report import COMPACTION_ATTR, model_state
 
 __all__ = ["LoadedModel", "load_model", "save_model"]
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.masks import COMPACTION_ATTR
 from slimtorch.prune.loop import forward_batch
-from slimtorch.report import COMPACTION_ATTR
 
 __all__ = ["block_drop_loss", "block_influence", "drop_blocks_", "plan_block_drop"]
 

@@ -24,10 +24,10 @@ from torch import nn
 
 from slimtorch.checks import check_materialized, check_module, model_devices
 from slimtorch.errors import ConfigError
+from slimtorch.masks import COMPACTION_ATTR
 from slimtorch.quant.batches import model_inputs
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
-from slimtorch.report import COMPACTION_ATTR
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 

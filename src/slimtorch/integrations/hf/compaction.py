@@ -30,8 +30,7 @@ from slimtorch.compact.compact import AFTER_COMPACTION
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.integrations.hf.rules import attention_layout, slice_params_
 from slimtorch.integrations.hf.units import BlockSpec, Slice, find_blocks
-from slimtorch.masks import get_masks, is_masked
-from slimtorch.report import COMPACTION_ATTR
+from slimtorch.masks import COMPACTION_ATTR, get_masks, is_masked
 
 __all__ = [
     "BlockPlan",

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from torch import nn
 
+from slimtorch.checks import MAX_PARAMETERS
 from slimtorch.errors import CheckpointError, SlimWarning
 from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
 from slimtorch.integrations.hf.units import find_blocks
-from slimtorch.masks import is_masked, without_masks
-from slimtorch.report import COMPACTION_ATTR
+from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
 __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 
@@ -189,8 +189,6 @@ def _model_class(config: object, path: Path) -> type[nn.Module]:
 
 def _check_param_count(model_class: type[nn.Module], config: object, path: Path) -> None:
     import torch
-
-    from slimtorch.models.registry import MAX_PARAMETERS
 
     try:
         with torch.device("meta"):
