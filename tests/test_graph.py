@@ -569,7 +569,7 @@ def test_shapes_only_attention_outputs_are_torchs():
 
 
 def test_shapes_only_sums_keep_torchs_layout():
-    from slimtorch.graph.shapes import _shape_of
+    from slimtorch.graph.shapes import shape_of as _shape_of
 
     x = torch.empty(2, 3, 4, 4, device="meta").to(memory_format=torch.channels_last)
     for other in (2.0, torch.empty_like(x)):

@@ -16,7 +16,7 @@ from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block
 from slimtorch.graph.replay import forget, remember, replay
 from slimtorch.graph.run import collector_paused, temporary_mode
-from slimtorch.graph.tracer import _trace, _Tracer
+from slimtorch.graph.tracer import Tracer, trace_once
 
 __all__ = ["build_graph"]
 
@@ -82,10 +82,10 @@ def build_graph(
 
 
 def _traced(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-            values: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, _Tracer]:
+            values: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, Tracer]:
     if not values:
         # Anything that fails on shapes alone (see the module docstring) is traced for real: the real
         # trace gives the same structure, or the error the user should see.
         with contextlib.suppress(Exception):
-            return _trace(model, example_inputs, params, unknown_ops, measuring=False)
-    return _trace(model, example_inputs, params, unknown_ops, measuring=True, live=live)
+            return trace_once(model, example_inputs, params, unknown_ops, measuring=False)
+    return trace_once(model, example_inputs, params, unknown_ops, measuring=True, live=live)

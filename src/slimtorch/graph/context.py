@@ -7,25 +7,70 @@ model is traced; a module-level rule (:func:`~slimtorch.graph.register_module_ru
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from slimtorch.graph.graph import DependencyGraph
-from slimtorch.graph.rules import tensors_in
-from slimtorch.graph.shapes import _NeedsValues
 
-if TYPE_CHECKING:
-    from slimtorch.graph.tracer import _Tracer
+__all__ = ["PLAIN_TYPES", "ModuleContext", "NeedsValues", "OpContext", "Recorder", "measure", "tensors_in"]
 
-__all__ = ["ModuleContext", "OpContext", "measure"]
+
+class NeedsValues(Exception):
+    """Raised inside a shapes-only (meta) trace when something needs real values (the model is then traced
+    for real)."""
+
+
+#: types of plain (non-tensor, non-container) op arguments
+PLAIN_TYPES = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
+               torch.layout, torch.Size)
+_PLAIN_EXACT = frozenset(PLAIN_TYPES)
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or outputs, in order. Plain tuples, lists and dicts are walked here
+    (torch's pytree, which also knows namedtuples and registered classes, costs ~10x more per call and
+    runs for every op traced); anything else goes to the pytree."""
+    kind = type(tree)
+    if kind is tuple or kind is list or kind is dict:
+        out: list[torch.Tensor] = []
+        for item in tree.values() if kind is dict else tree:
+            if type(item) in _PLAIN_EXACT:  # (an exact-type lookup first: most arguments are ints, floats or None)
+                continue
+            if isinstance(item, torch.Tensor):
+                out.append(item)
+            elif not isinstance(item, PLAIN_TYPES):
+                out += tensors_in(item)
+        return out
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, PLAIN_TYPES):
+        return []
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class Recorder(Protocol):
+    """What a context reads of the tracer that runs the model (:class:`~slimtorch.graph.tracer.Tracer`)."""
+
+    graph: DependencyGraph
+    names: dict[int, str]  # tensor id -> the name of the parameter or buffer it is
+    buffers: set[str]
+    measuring: bool  # False in a shapes-only trace
+    stack: list[Any]  # the module calls running, innermost last (``kind``: its module's class)
+
+    def labels(self, t: torch.Tensor) -> torch.Tensor | None: ...
+
+    def set_labels(self, t: torch.Tensor, labels: torch.Tensor | None) -> None: ...
+
+    def defer(self, ctx: OpContext, t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, ...]: ...
 
 
 class OpContext:
     """What a rule sees: the call (``args``, ``kwargs``, ``out``), the graph, and label helpers."""
 
-    def __init__(self, tracer: _Tracer, func: Any, args: tuple, kwargs: dict, out: Any, site: tuple) -> None:
+    def __init__(self, tracer: Recorder, func: Any, args: tuple, kwargs: dict, out: Any, site: tuple) -> None:
         self.tracer, self.func, self.args, self.kwargs, self.out = tracer, func, args, kwargs, out
         self.site = site  # (innermost module name, op name, occurrence of that op in the module call)
         self.graph: DependencyGraph = tracer.graph
@@ -43,7 +88,7 @@ class OpContext:
     def require_values(self) -> None:
         """For rules that read values (weights, data): in a shapes-only trace, trace for real instead."""
         if not self.tracer.measuring:
-            raise _NeedsValues(self.where)
+            raise NeedsValues(self.where)
 
     @property
     def module_type(self) -> type | None:
@@ -125,7 +170,7 @@ def measure(t: torch.Tensor, keep: list[int]) -> tuple[torch.Tensor, torch.Tenso
 class ModuleContext(OpContext):
     """What a module-level rule sees: ``module``, its name, the call's ``args``/``kwargs``, ``out``."""
 
-    def __init__(self, tracer: _Tracer, module: nn.Module, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+    def __init__(self, tracer: Recorder, module: nn.Module, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         super().__init__(tracer, type(module), args, kwargs, out, (name, type(module).__name__, 0))
         self.module, self.module_name = module, name
 

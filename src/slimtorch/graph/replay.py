@@ -39,12 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.graph.context import measure
+from slimtorch.graph.context import measure, tensors_in
 from slimtorch.graph.graph import DependencyGraph, Sink
 from slimtorch.graph.live import Block, BlockOps
-from slimtorch.graph.rules import tensors_in
-from slimtorch.graph.run import _named_tensors, run_state, run_traced, temporary_mode
-from slimtorch.graph.tracer import _Frame, _Tracer
+from slimtorch.graph.run import named_tensors, run_state, temporary_mode
+from slimtorch.graph.tracer import Frame, Tracer, run_traced
 
 __all__ = ["forget", "known_structure", "remember", "replay"]
 
@@ -71,14 +70,14 @@ def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -
     """What must be equal for a template to apply: the inputs' signature, every module's class and mode, every
     parameter's and buffer's name, shape and dtype (a model compacted or given new layers since is not the
     model traced), the options."""
-    inputs = _Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
+    inputs = Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
     modules = tuple((type(m), m.training) for m in model.modules())
-    tensors = tuple((n, t.shape, t.dtype) for group in _named_tensors(model) for n, t in group.items())
+    tensors = tuple((n, t.shape, t.dtype) for group in named_tensors(model) for n, t in group.items())
     return inputs, modules, tensors, unknown_ops, cover
 
 
 def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool, graph: DependencyGraph,
-             tracer: _Tracer) -> None:
+             tracer: Tracer) -> None:
     """Keep the tape of a shapes-only trace of ``model`` (``graph``: its result), unless its rules measured
     something a replay could not find again."""
     placeholders = {id(p[0]): p for entries in tracer.pending.values() for _, _, p in entries}
@@ -118,7 +117,7 @@ def known_structure(model: nn.Module, example_inputs: Any, unknown_ops: str,
     return graph, template.sinks
 
 
-class _Replayer(_Tracer):
+class _Replayer(Tracer):
     """Runs no rule: checks each op against the tape and measures where the tape says."""
 
     def __init__(self, template: _Template, names: dict[int, str]) -> None:
@@ -137,8 +136,8 @@ class _Replayer(_Tracer):
     def _op(self, func: Any, site: tuple, args: tuple, kwargs: dict, out: Any) -> None:
         self._check(("op", site, func), (args, kwargs), out)
 
-    def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
-        with torch._C.DisableTorchFunction():  # (see _Tracer._module)
+    def _module(self, module: nn.Module, name: str, frame: Frame, out: Any) -> None:
+        with torch._C.DisableTorchFunction():  # (see Tracer._module)
             self._check(("module", name, type(module)), frame.call, out)
 
     def _check(self, entry: tuple, call: Any, out: Any) -> None:

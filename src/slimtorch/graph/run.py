@@ -1,5 +1,5 @@
 """Running a model for the graph and for compaction: calling it on example inputs, with other tensors swapped
-in, in another mode, under a tracer, with the cyclic garbage collector paused.
+in (meta tensors for a shapes-only run), in another mode, with the cyclic garbage collector paused.
 """
 
 from __future__ import annotations
@@ -7,18 +7,14 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.errors import SlimError, TraceError
-from slimtorch.graph.shapes import _to_meta
+from slimtorch.graph.shapes import to_meta
 
-if TYPE_CHECKING:
-    from slimtorch.graph.tracer import _Tracer
-
-__all__ = ["call_model", "collector_paused", "run_state", "run_traced", "substituted", "temporary_mode"]
+__all__ = ["call_model", "collector_paused", "named_tensors", "run_state", "substituted", "temporary_mode"]
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -95,7 +91,7 @@ def temporary_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
             m.training = mode
 
 
-def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``named_parameters`` and ``named_buffers`` (every name of a shared tensor included), in one walk
     over the modules instead of two."""
     params: dict[str, torch.Tensor] = {}
@@ -116,7 +112,7 @@ def run_state(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.
     """What a traced run swaps into the model: ``(tensors by name, buffer names, inputs, tensor id -> name)``.
     ``params`` replace parameters by name; buffers are copies (BatchNorm updates its statistics in place);
     in a shapes-only run every floating-point tensor, inputs included, is a meta tensor."""
-    state, buffers = _named_tensors(model)
+    state, buffers = named_tensors(model)
     if params:  # a value given for one name of tied weights holds for every name of that tensor
         given = {id(state[n]): v for n, v in params.items() if n in state}
         state = {n: given.get(id(t), t) for n, t in state.items()}
@@ -124,33 +120,10 @@ def run_state(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.
         buffers = {n: b.clone() for n, b in buffers.items()}
     else:
         memo: dict[int, torch.Tensor] = {}
-        state, example_inputs = _to_meta(state, memo), _to_meta(example_inputs, memo)
+        state, example_inputs = to_meta(state, memo), to_meta(example_inputs, memo)
         # integer buffers stay real (indices), as copies: BatchNorm counts its batches in place
-        buffers = {n: b if b.is_meta else b.clone() for n, b in _to_meta(buffers, memo).items()}
+        buffers = {n: b if b.is_meta else b.clone() for n, b in to_meta(buffers, memo).items()}
     names: dict[int, str] = {}
     for n, t in [*state.items(), *buffers.items()]:
         names.setdefault(id(t), n)
     return {**state, **buffers}, set(buffers), example_inputs, names
-
-
-def run_traced(model: nn.Module, tracer: _Tracer, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
-    """Run ``model`` on ``example_inputs`` with ``state`` swapped in, under ``tracer``, every module's forward
-    wrapped by it (and given back after, as it was)."""
-    wrapped = []  # (module, its own instance-level forward if it had one)
-    try:
-        for name, module in model.named_modules():
-            own = module.__dict__.get("forward")
-            module.__dict__["forward"] = tracer.traced_forward(module, name, module.forward)
-            wrapped.append((module, own))
-        with torch.no_grad(), tracer, substituted(model, state):
-            return call_model(model, example_inputs)
-    except SlimError:
-        raise
-    except Exception as err:
-        raise TraceError(f"the model failed to run on the example inputs: {type(err).__name__}: {err}") from err
-    finally:
-        for module, own in wrapped:
-            if own is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = own

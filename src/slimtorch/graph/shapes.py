@@ -2,7 +2,7 @@
 
 See :mod:`slimtorch.graph.tracer`: the channel structure does not depend on values, so it is first traced with
 every floating-point parameter, buffer and input on the ``meta`` device. What needs a value raises
-``_NeedsValues`` there, and the model is traced for real instead.
+``slimtorch.graph.context.NeedsValues`` there, and the model is traced for real instead.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
+from slimtorch.graph.context import NeedsValues
 from slimtorch.graph.rules import op_name
 
-__all__: list[str] = []
-
-
-class _NeedsValues(Exception):
-    """Raised inside a shapes-only (meta) trace when something needs real values."""
+__all__ = ["check_meta", "shape_of", "to_meta"]
 
 
 # Ops whose output shape the shapes-only trace computes itself. On meta tensors torch computes it through
@@ -123,7 +120,7 @@ def _attention_shape(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Ten
     return out, torch.empty(shape, dtype=q.dtype, device="meta")
 
 
-def _shape_of(func: Any, args: tuple, kwargs: dict) -> Any:
+def shape_of(func: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_meta or not x.is_floating_point():
         return None
@@ -160,17 +157,17 @@ def _shape_of(func: Any, args: tuple, kwargs: dict) -> Any:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
 
 
-def _check_meta(values: list[Any], op: str) -> None:
+def check_meta(values: list[Any], op: str) -> None:
     """A meta tensor that is not floating point (a mask or index computed from data) has no values a
     rule could read: indexing a real tensor with it would give garbage, so trace for real instead.
     (Not called for elementwise ops, whose rules read labels and shapes only: a computed mask in
     ``masked_fill`` or ``where`` is harmless there.)"""
     for t in values:
         if isinstance(t, torch.Tensor) and t.is_meta and not (t.is_floating_point() or t.is_complex()):
-            raise _NeedsValues(f"{op!r} takes a {t.dtype} tensor computed from data")
+            raise NeedsValues(f"{op!r} takes a {t.dtype} tensor computed from data")
 
 
-def _to_meta(tree: Any, memo: dict[int, torch.Tensor]) -> Any:
+def to_meta(tree: Any, memo: dict[int, torch.Tensor]) -> Any:
     """Floating-point tensors of ``tree`` as meta tensors (one per distinct tensor: tied weights stay tied)."""
 
     def convert(t: Any) -> Any:

@@ -27,15 +27,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from slimtorch.errors import UnsupportedOpError
-from slimtorch.graph.context import ModuleContext, OpContext
+from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
+from slimtorch.graph.context import PLAIN_TYPES, ModuleContext, OpContext, tensors_in
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block, BlockOps
-from slimtorch.graph.rules import PLAIN_TYPES, VALUE_FREE, find_module_rule, find_rule, op_name, tensors_in
-from slimtorch.graph.run import run_state, run_traced
-from slimtorch.graph.shapes import _check_meta, _shape_of
+from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name
+from slimtorch.graph.run import call_model, run_state, substituted
+from slimtorch.graph.shapes import check_meta, shape_of
 
-__all__: list[str] = []
+__all__ = ["Frame", "Tracer", "run_traced", "trace_once"]
 
 
 _PLAIN_TYPES = frozenset(PLAIN_TYPES) - {torch.device}  # (a signature leaves devices out: meta in a shapes-only trace)
@@ -52,7 +52,7 @@ def _no_ref() -> None:  # a weak reference to nothing
 
 
 @dataclass
-class _Frame:
+class Frame:
     module: str
     counts: Counter = field(default_factory=Counter)
     kind: type | None = None  # the module's class
@@ -60,12 +60,12 @@ class _Frame:
     call: tuple[Any, Any] | None = None
 
 
-class _Tracer(TorchFunctionMode):
+class Tracer(TorchFunctionMode):
     def __init__(self, graph: DependencyGraph, names: dict[int, str], buffers: set[str], measuring: bool) -> None:
         super().__init__()
         self.graph, self.names, self.buffers, self.measuring = graph, names, buffers, measuring
         self._labels: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
-        self.stack = [_Frame("<outside>")]  # ops outside the model's forward are not recorded
+        self.stack = [Frame("<outside>")]  # ops outside the model's forward are not recorded
         self.atomic = 0
         # A shapes-only trace keeps a tape of every op it saw (see slimtorch.graph.replay), so that the values
         # compaction needs can later be measured by a plain forward pass checked against it.
@@ -82,7 +82,7 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        out = None if self.measuring else _shape_of(func, args, kwargs)
+        out = None if self.measuring else shape_of(func, args, kwargs)
         if out is None and self.blocks is not None:
             out = self.blocks.run(func, args, kwargs)
         if out is None:
@@ -157,7 +157,7 @@ class _Tracer(TorchFunctionMode):
             self._tape(("op", site, func), (args, kwargs), inputs, out)
         name = site[1]
         if not self.measuring and name not in VALUE_FREE:
-            _check_meta(inputs, name)
+            check_meta(inputs, name)
         leaves = [self.names[id(t)] for t in inputs if id(t) in self.names]
         self.graph.used.update(leaves)
         if self.measuring:
@@ -172,7 +172,7 @@ class _Tracer(TorchFunctionMode):
             return
         rule(ctx)
 
-    def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
+    def _module(self, module: nn.Module, name: str, frame: Frame, out: Any) -> None:
         """A module handled as one node by its module-level rule (called as the module's forward returns,
         where this mode is active: what it does with tensors must not be traced)."""
         with torch._C.DisableTorchFunction():
@@ -181,7 +181,7 @@ class _Tracer(TorchFunctionMode):
                 self._tape(("module", name, type(module)), frame.call, inputs, out)
             self.graph.used.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
             if not self.measuring:
-                _check_meta(inputs, type(module).__name__)
+                check_meta(inputs, type(module).__name__)
             else:
                 self._follow_values(type(module).__name__, name, inputs, out)
             frame.rule(ModuleContext(self, module, name, *frame.call, out))
@@ -226,7 +226,7 @@ class _Tracer(TorchFunctionMode):
         @functools.wraps(forward)
         def run(*args: Any, **kwargs: Any) -> Any:
             self.graph.called.add(name)
-            frame = _Frame(name, kind=type(module))
+            frame = Frame(name, kind=type(module))
             self.stack.append(frame)
             if self.atomic:
                 self.atomic += 1
@@ -245,11 +245,34 @@ class _Tracer(TorchFunctionMode):
         return run
 
 
-def _trace(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-           measuring: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, _Tracer]:
+def run_traced(model: nn.Module, tracer: Tracer, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
+    """Run ``model`` on ``example_inputs`` with ``state`` swapped in, under ``tracer``, every module's forward
+    wrapped by it (and given back after, as it was)."""
+    wrapped = []  # (module, its own instance-level forward if it had one)
+    try:
+        for name, module in model.named_modules():
+            own = module.__dict__.get("forward")
+            module.__dict__["forward"] = tracer.traced_forward(module, name, module.forward)
+            wrapped.append((module, own))
+        with torch.no_grad(), tracer, substituted(model, state):
+            return call_model(model, example_inputs)
+    except SlimError:
+        raise
+    except Exception as err:
+        raise TraceError(f"the model failed to run on the example inputs: {type(err).__name__}: {err}") from err
+    finally:
+        for module, own in wrapped:
+            if own is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = own
+
+
+def trace_once(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
+           measuring: bool, live: Mapping[str, Block] | None = None) -> tuple[DependencyGraph, Tracer]:
     state, buffers, example_inputs, names = run_state(model, example_inputs, params, measuring)
     graph = DependencyGraph(training=model.training, measured=measuring)
-    tracer = _Tracer(graph, names, buffers, measuring)
+    tracer = Tracer(graph, names, buffers, measuring)
     if measuring and live:
         tracer.blocks = BlockOps(live, names)
     out = run_traced(model, tracer, state, example_inputs)
