@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +13,7 @@ from slimtorch.errors import ConfigError, TraceError
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block
 from slimtorch.graph.replay import forget, remember, replay
+from slimtorch.graph.rules import TRACE_PREPARERS
 from slimtorch.graph.run import collector_paused, temporary_mode
 from slimtorch.graph.tracer import Tracer, trace_once
 
@@ -60,9 +59,8 @@ def build_graph(
     """
     if unknown_ops not in ("error", "keep"):
         raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
-    if "transformers" in sys.modules:  # Hugging Face attention rules, registered on first use (heavy import)
-        with contextlib.suppress(ImportError):
-            importlib.import_module("slimtorch.integrations.hf.compaction")
+    for prepare in TRACE_PREPARERS:
+        prepare(model)
     if values and (measured := replay(model, example_inputs, params, unknown_ops, cover, live)) is not None:
         return measured
     graph, tracer = _traced(model, example_inputs, params, unknown_ops, values, live)

@@ -31,14 +31,19 @@ from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.context import ModuleContext, OpContext, tensors_in
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
-__all__ = ["MOVE_EXTRA", "VALUE_FREE", "after_move", "aligned", "bind_positions", "find_module_rule", "find_rule",
-           "nary", "note_grid", "op_name", "register_module_rule", "register_rule"]
+__all__ = ["MOVE_EXTRA", "TRACE_PREPARERS", "VALUE_FREE", "after_move", "aligned", "bind_positions", "find_module_rule",
+           "find_rule", "nary", "note_grid", "op_name", "register_module_rule", "register_rule"]
 
 Rule = Callable[[OpContext], None]
 ModuleRule = Callable[[ModuleContext], None]
 _BY_FUNC: dict[Any, Rule] = {}
 _BY_NAME: dict[str, Rule] = {}
 _BY_TYPE: dict[type, ModuleRule] = {}
+
+#: ``fn(model)`` called as every trace starts, before any rule is looked up: an integration with a third-party
+#: library registers its rules from here when the library is in use (see :mod:`slimtorch.integrations`), so
+#: that the graph never imports it
+TRACE_PREPARERS: list[Callable[[Any], None]] = []
 
 
 def register_rule(*ops: Any) -> Callable[[Rule], Rule]:
