@@ -369,14 +369,12 @@ class _Switch(nn.Module):
 
 def test_replay_measures_what_a_full_trace_measures_with_given_values():
     from nets import graph_structure, measured_values
-    from slimtorch.graph.replay import forget
 
     net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
-    build_graph(net, x, values=False)
+    trace = build_graph(net, x, values=False).trace
     keep = torch.arange(6) % 2 == 0
     masked = {"a.weight": net.a.weight.detach() * keep[:, None, None, None], "a.bias": net.a.bias.detach() * keep}
-    replayed = build_graph(net, x, params=masked)
-    forget(net)
+    replayed = build_graph(net, x, params=masked, trace=trace)
     real = build_graph(net, x, params=masked)
     assert replayed.replayed and replayed.measured and not real.replayed
     assert graph_structure(replayed) == graph_structure(real)
@@ -390,10 +388,9 @@ def test_replay_traces_in_full_when_the_run_differs(change):
     """A template is used only when the run follows it op by op: another branch, other index values,
     other input shapes or another mode mean a full trace (whose result is then the truth)."""
     from nets import graph_structure, measured_values
-    from slimtorch.graph.replay import forget
 
     net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
-    build_graph(net, x, values=False)
+    trace = build_graph(net, x, values=False).trace
     if change == "branch":
         net.wide = True
     elif change == "index":
@@ -402,8 +399,7 @@ def test_replay_traces_in_full_when_the_run_differs(change):
         x = torch.randn(1, 3, 5, 5)
     else:
         net.train()
-    graph = build_graph(net, x)
-    forget(net)
+    graph = build_graph(net, x, trace=trace)
     assert not graph.replayed
     assert graph_structure(graph) == graph_structure(build_graph(net, x))
     assert measured_values(graph) == measured_values(build_graph(net, x))
@@ -413,11 +409,9 @@ def test_a_template_goes_with_its_model():
     import gc
     import weakref
 
-    from slimtorch.graph.replay import _TEMPLATES
-
     net = _Switch().eval()
-    build_graph(net, torch.randn(2, 3, 4, 4), values=False)
-    assert net in _TEMPLATES
+    graph = build_graph(net, torch.randn(2, 3, 4, 4), values=False)  # (kept: its trace must not keep the model)
+    assert graph.trace is not None
     ref = weakref.ref(net)
     del net
     gc.collect()

@@ -33,10 +33,12 @@ from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.live import masked
+from slimtorch.graph.replay import Trace
 
 __all__ = [
     "COMPACTION_ATTR",
     "MASK_SUFFIX",
+    "Masks",
     "apply_masks_",
     "canonical_masks",
     "check_masks",
@@ -54,6 +56,30 @@ MASK_SUFFIX = "_mask"
 
 #: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
 COMPACTION_ATTR = "slimtorch_compaction"
+
+
+class Masks(dict):
+    """Masks as :func:`~slimtorch.compute_masks` returns them: a ``dict[str, Tensor]`` in every use (indexing,
+    iteration, ``dict(masks)``, ``{**masks}``, saving) that also carries what computing them learned about the
+    model, ``trace``: the shapes-only trace of its dependency graph (None when no graph was built, or the model
+    had to be traced for real). :func:`~slimtorch.compact_` hands it to the graph, which measures the values
+    compaction needs by replaying it (one forward pass, checked op by op) instead of tracing the model again,
+    when the trace still fits the model. What is derived from the masks (``dict(masks)``, a comprehension, a
+    merge) is a plain dict without it: compacting with it gives the same result, tracing the model again.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from slimtorch import compute_masks
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+        >>> isinstance(masks, dict), masks.trace is not None, type(dict(masks)).__name__
+        (True, True, 'dict')
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None, *, trace: Trace | None = None) -> None:
+        super().__init__(masks or {})
+        self.trace = trace
 
 # Gradient hooks installed, by id(parameter) -> (weak reference to it, handle). Tensor hooks are not
 # copied by ``copy.deepcopy``, so the forward pre-hook (which is) installs them lazily on whatever

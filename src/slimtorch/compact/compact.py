@@ -34,7 +34,6 @@ from slimtorch.compact.rewrites import ShapeFixer
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.live import BlockMode, BlockOps
-from slimtorch.graph.replay import forget
 from slimtorch.graph.run import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.masks import COMPACTION_ATTR, is_masked, mask_factor, remove_masks_
 
@@ -188,7 +187,9 @@ def compact_(
 
     Args:
         model: the model (masked or not: the masks given are the truth).
-        masks: ``{param_name: bool tensor}`` as :func:`~slimtorch.compute_masks` returns.
+        masks: ``{param_name: bool tensor}`` as :func:`~slimtorch.compute_masks` returns (whose shapes-only
+            trace of the model, ``masks.trace``, is replayed when it still fits the model, instead of tracing
+            the model again: :class:`~slimtorch.masks.Masks`).
         example_inputs: a batch the model accepts (tensor, tuple of positional inputs or dict of keyword
             inputs), used to trace it and to check the result.
         verify: check that the compacted model reproduces the masked one on ``example_inputs`` (eval
@@ -201,7 +202,7 @@ def compact_(
     compacted size (:mod:`slimtorch.compact.kept_masks`): training keeps it at zero unless
     :func:`~slimtorch.remove_masks_` lets it grow back.
     """
-    # With the check, a plan may take the structure of the model's last shapes-only trace instead of running
+    # With the check, a plan may take the structure of the shapes-only trace the masks carry instead of running
     # the masked model through the graph (when no measured value would change it): the check's reference is
     # then a forward pass of the masked model on live blocks, and if the check fails, the model is restored
     # and planned again from a measured run.
@@ -228,8 +229,6 @@ def compact_(
     except BaseException:
         snapshot.restore(model)
         raise
-    finally:
-        forget(model)  # (the last trace no longer describes the model)
     if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
         warnings.warn(_nothing_removed(model, plan, masks), SlimWarning, stacklevel=2)
     if plan.graph.branches:

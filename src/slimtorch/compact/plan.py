@@ -30,7 +30,7 @@ from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.graph.graph import PerMember, Sink, label_table
 from slimtorch.graph.live import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.replay import known_structure
-from slimtorch.masks import canonical_masks, check_masks, is_masked
+from slimtorch.masks import Masks, canonical_masks, check_masks, is_masked
 
 __all__ = ["CompactionPlan", "coupled_channels", "plan_compaction"]
 
@@ -370,10 +370,12 @@ def plan_compaction(
 ) -> CompactionPlan:
     """Work out, without changing ``model``, how :func:`~slimtorch.compact_` would compact it.
 
+    When ``masks`` carry a shapes-only trace of the model (:class:`~slimtorch.masks.Masks`, as
+    :func:`~slimtorch.compute_masks` returns them) that still fits it and these inputs, the values the plan
+    needs are measured by replaying that trace (one checked forward pass) instead of tracing again.
     ``measure=False`` lets the plan skip running the model when no value would change it: when the masks
-    mask every requested channel wherever it is consumed (as :func:`~slimtorch.compute_masks` does), and
-    the last shapes-only trace of the model (``compute_masks`` makes one) holds for these inputs, the
-    structure is taken from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
+    mask every requested channel wherever it is consumed (as ``compute_masks`` does), the structure is taken
+    from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
     must check the result against the masked model, as ``compact_`` does. Such a plan also leaves the
     weights whose masks keep exactly their live block, and everything the surgery keeps of them, out of
     ``plan.masked`` (``plan.unmasked``: their own values are the compacted layer's).
@@ -382,13 +384,14 @@ def plan_compaction(
     """
     check_arguments(model, unknown_ops)
     check_masks(model, masks)
+    trace = masks.trace if isinstance(masks, Masks) else None  # (what computing the masks learned of the model)
     masks = canonical_masks(model, masks)
     check_example_inputs(example_inputs)
     params = dict(model.named_parameters())
     # the masked weights are zero outside their live blocks: a run of the masked model (the measured pass, or
     # the forward pass the check compares with) computes on those, and the surgery takes the blocks it cut
     live = live_blocks(masks)
-    known = None if measure else known_structure(model, example_inputs, unknown_ops, cover=True)
+    known = None if measure else known_structure(trace, model, example_inputs, unknown_ops, cover=True)
     if known is not None:
         graph, sinks = known
         roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
@@ -396,7 +399,8 @@ def plan_compaction(
             known = None  # (a requested channel's values matter somewhere: they must be measured)
     if known is None:
         masked = _masked(params, masks)
-        graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
+        graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live,
+                            trace=trace)
         roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
         allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
     else:  # no sink reads a requested channel: every one is allowed, none is folded

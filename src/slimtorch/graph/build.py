@@ -12,7 +12,7 @@ from torch import nn
 from slimtorch.errors import ConfigError, TraceError
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block
-from slimtorch.graph.replay import forget, remember, replay
+from slimtorch.graph.replay import Trace, record, replay
 from slimtorch.graph.rules import TRACE_PREPARERS
 from slimtorch.graph.run import collector_paused, temporary_mode
 from slimtorch.graph.tracer import Tracer, trace_once
@@ -30,6 +30,7 @@ def build_graph(
     cover: bool = False,
     values: bool = True,
     live: Mapping[str, Block] | None = None,
+    trace: Trace | None = None,
 ) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
     inputs) and return its :class:`~slimtorch.graph.DependencyGraph`. Nothing of the model changes: BatchNorm
@@ -47,21 +48,23 @@ def build_graph(
         values: record what compaction needs besides the structure (the values where channels are
             consumed, ``graph.output``). ``False`` (what pruning needs) traces shapes only when the model
             allows it, several times faster on a large model; ``graph.measured`` says which was done.
-            A shapes-only trace keeps a tape of the model's ops; a later ``values=True`` build of the same
-            model on inputs of the same shapes, in the same modes, replays it (one forward pass checked op
-            by op against the tape, values measured where the rules asked) instead of tracing again, and
-            traces in full when the run differs in anything; ``graph.replayed`` says which was done (see
-            :mod:`slimtorch.graph.replay`).
+            A shapes-only graph carries its :class:`~slimtorch.graph.replay.Trace` (``graph.trace``: the
+            structure and a tape of the model's ops, None when the model had to be traced for real).
         live: by parameter name, the live block (output rows, input columns) of weights that are zero outside
             it, as :func:`~slimtorch.graph.live.live_blocks` finds from their masks: a measured run computes
             their linear and convolution ops on that block only (the same values at a fraction of the cost;
             see :mod:`slimtorch.graph.live`). The caller vouches for the zeros.
+        trace: a shapes-only graph's ``trace``: a ``values=True`` build of the same model on inputs of the same
+            shapes, in the same modes, replays it (one forward pass checked op by op against the tape, values
+            measured where the rules asked) instead of tracing again, and traces in full when the run differs
+            in anything; ``graph.replayed`` says which was done (see :mod:`slimtorch.graph.replay`).
     """
     if unknown_ops not in ("error", "keep"):
         raise ConfigError(f"unknown_ops must be 'error' or 'keep', got {unknown_ops!r}")
     for prepare in TRACE_PREPARERS:
         prepare(model)
-    if values and (measured := replay(model, example_inputs, params, unknown_ops, cover, live)) is not None:
+    if values and trace is not None \
+            and (measured := replay(trace, model, example_inputs, params, unknown_ops, cover, live)) is not None:
         return measured
     graph, tracer = _traced(model, example_inputs, params, unknown_ops, values, live)
     if cover and graph.unreached and not model.training:
@@ -73,9 +76,7 @@ def build_graph(
         if trained is not None and len(trained[0].unreached) < len(graph.unreached):
             graph, tracer = trained
     if not graph.measured:
-        remember(model, example_inputs, unknown_ops, cover, graph, tracer)
-    elif not values:
-        forget(model)  # (the model needed values this time: an older template is no longer to be trusted)
+        graph.trace = record(model, example_inputs, unknown_ops, cover, graph, tracer)
     return graph
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError, SlimWarning
 from slimtorch.graph.run import collector_paused
+from slimtorch.masks import Masks
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
 from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
 from slimtorch.select import bias_param_name, select_modules, weight_param_name
@@ -216,9 +217,10 @@ def masks_from_keep(
     keep: Mapping[str, torch.Tensor],
     *,
     example_inputs: Any = None,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """Turn per-unit keep flags (:func:`unit_keep`) into parameter masks (the last step of
-    :func:`compute_masks`); with ``example_inputs``, structured masks go through the dependency graph."""
+    :func:`compute_masks`); with ``example_inputs``, structured masks go through the dependency graph, whose
+    trace they carry (:class:`~slimtorch.masks.Masks`)."""
     plans = list(plans)
     if example_inputs is not None and any(p.view.structured for p in plans):
         from slimtorch.prune.coupled import coupled_masks
@@ -226,7 +228,7 @@ def masks_from_keep(
         masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], dict(keep))
         plans = [p for p in plans if not p.view.structured]
     else:
-        masks = {}
+        masks = Masks()
     for plan in plans:
         masks.update(_layer_masks(plan, keep[plan.name]))
     return masks
@@ -241,7 +243,7 @@ def compute_masks(
     criterion: str | Criterion = "l1",
     stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """Masks (``param name -> bool tensor``, True = keep) for the layers ``config_list`` selects.
 
     Args:
@@ -249,7 +251,9 @@ def compute_masks(
         config_list: NNI-style entries (dicts or :class:`~slimtorch.config.PruneTarget`).
         example_inputs: a batch (tensor, tuple or dict) for the dependency graph: with it, structured
             masks are made consistent across coupled layers and extended to every parameter that
-            produces or normalises a pruned channel.
+            produces or normalises a pruned channel; the masks then carry the graph's shapes-only trace,
+            which :func:`~slimtorch.compact_` replays instead of tracing the model again
+            (:class:`~slimtorch.masks.Masks`).
         criterion: a registered criterion name (``"l1"``, ``"l2"``, ``"fpgm"``, ``"magnitude"``,
             ``"random"``, ...). Its default granularity applies where an entry gives none: the norm
             criteria default to whole output channels (as NNI's norm pruners), magnitude to single weights.
