@@ -42,6 +42,7 @@ __all__ = [
     "apply_masks_",
     "canonical_masks",
     "check_masks",
+    "drop_grad_hook",
     "get_masks",
     "is_masked",
     "mask_factor",
@@ -99,7 +100,8 @@ def _add_grad_hook(param: torch.Tensor, mask: torch.Tensor) -> None:
     _GRAD_HOOKS[id(param)] = (weakref.ref(param), param.register_hook(_GradMask(mask)))
 
 
-def _drop_grad_hook(param: torch.Tensor) -> None:
+def drop_grad_hook(param: torch.Tensor) -> None:
+    """Remove the hook that masks ``param``'s gradient (masking installs one per masked parameter)."""
     if _has_grad_hook(param):
         _GRAD_HOOKS.pop(id(param))[1].remove()
 
@@ -272,7 +274,7 @@ def remove_masks_(model: nn.Module) -> None:
             if getattr(sd_hook, "__self__", None) is hook:
                 del module._state_dict_pre_hooks[sd_key]
         for name in hook.names:
-            _drop_grad_hook(module._parameters[name])
+            drop_grad_hook(module._parameters[name])
             del module._buffers[name + MASK_SUFFIX]
 
 

@@ -9,9 +9,10 @@ blocks (:mod:`slimtorch.prune.depth`); :func:`sensitivity_analysis` measures wha
 from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
 from slimtorch.prune.iterative import GradualPruner
+from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
 from slimtorch.prune.lottery import LotteryTicket
-from slimtorch.prune.pruner import LayerPlan, compute_masks, masks_from_keep, plan_layers, unit_keep
+from slimtorch.prune.pruner import compute_masks, masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.schedule import SCHEDULES, Schedule, register_schedule
 from slimtorch.prune.sensitivity import SensitivityResult, sensitivity_analysis

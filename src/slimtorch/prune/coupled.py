@@ -32,7 +32,7 @@ from slimtorch.errors import NoMatchError, SlimWarning
 from slimtorch.graph import DependencyGraph, Member, build_graph
 from slimtorch.masks import Masks
 from slimtorch.prune.granularity import channel_dims
-from slimtorch.prune.pruner import LayerPlan, _layer_masks
+from slimtorch.prune.layer_plan import LayerPlan, layer_masks
 
 __all__ = ["coupled_masks", "implied_param_count"]
 
@@ -169,7 +169,7 @@ def coupled_masks(
             continue
         found = _channel_units(graph, plan)
         if found is None:
-            masks.update(_layer_masks(plan, keep[plan.name]))
+            masks.update(layer_masks(plan, keep[plan.name]))
         else:
             mapped.append((plan, *found))
     for _plan, member, units in mapped:  # a unit of several channels (a head) goes as a whole

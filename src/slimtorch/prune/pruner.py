@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,33 +31,13 @@ from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError, SlimWarning
 from slimtorch.graph.run import collector_paused
 from slimtorch.masks import Masks
+from slimtorch.prune.coupled import coupled_masks
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
-from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
-from slimtorch.select import bias_param_name, select_modules, weight_param_name
+from slimtorch.prune.granularity import unit_view
+from slimtorch.prune.layer_plan import LayerPlan, layer_masks
+from slimtorch.select import select_modules, weight_param_name
 
 __all__ = ["LayerPlan", "compute_masks", "masks_from_keep", "plan_layers", "unit_keep", "units_to_prune"]
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One selected layer, cut into units and scored. ``scores`` is float64 on the CPU, one per unit.
-
-    ``param`` is the scored parameter (``"weight"``, or ``"in_proj_weight"`` of a MultiheadAttention);
-    ``size_power`` is the criterion's (how its scores grow with the unit size, for global ranking).
-    """
-
-    name: str
-    module: nn.Module
-    target: PruneTarget
-    entry: int
-    view: UnitView
-    scores: torch.Tensor
-    param: str = "weight"
-    size_power: float = 1.0
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.{self.param}"
 
 
 def units_to_prune(num_units: int, sparsity: float, *, structured: bool) -> int:
@@ -196,21 +175,6 @@ def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_masks(plan: LayerPlan, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The weight mask of one layer, and its bias mask when whole output rows (channels, heads) go."""
-    weight = plan.module._parameters[plan.param]
-    mask = plan.view.expand(keep).to(weight.device)
-    masks = {plan.weight_name: mask}
-    bias_name = bias_param_name(plan.module)
-    bias = plan.module._parameters.get(bias_name)
-    if plan.view.granularity.kind in ("out_channel", "head") and isinstance(bias, torch.Tensor):
-        out_dim = channel_dims(plan.module)[0] if mask.dim() > 1 else 0
-        rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1).any(dim=1)  # (out,): row kept or not
-        if bias.shape == rows.shape:
-            masks[f"{plan.name}.{bias_name}"] = rows
-    return masks
-
-
 def masks_from_keep(
     model: nn.Module,
     plans: Sequence[LayerPlan],
@@ -223,14 +187,12 @@ def masks_from_keep(
     trace they carry (:class:`~slimtorch.masks.Masks`)."""
     plans = list(plans)
     if example_inputs is not None and any(p.view.structured for p in plans):
-        from slimtorch.prune.coupled import coupled_masks
-
         masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], dict(keep))
         plans = [p for p in plans if not p.view.structured]
     else:
         masks = Masks()
     for plan in plans:
-        masks.update(_layer_masks(plan, keep[plan.name]))
+        masks.update(layer_masks(plan, keep[plan.name]))
     return masks
 
 
