@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimtorch.errors import ConfigError, SlimError, TraceError
+from slimtorch.graph.run import call_model
 
 __all__ = [
     "MAX_PARAMETERS",
@@ -136,8 +137,6 @@ def model_errors(inputs: Any, what: str) -> Iterator[None]:
 def run_model(model: nn.Module, inputs: Any, what: str) -> Any:
     """``model`` called on ``inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs);
     anything the model raises becomes a TraceError naming the inputs."""
-    from slimtorch.graph.run import call_model
-
     with model_errors(inputs, what):
         return call_model(model, inputs)
 

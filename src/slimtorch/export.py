@@ -42,7 +42,8 @@ from slimtorch.quant.api import sqnr
 from slimtorch.quant.config import quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 
-__all__ = ["OnnxCheck", "OnnxModule", "export_onnx", "export_program", "onnx_session", "run_onnx"]
+__all__ = ["OnnxCheck", "OnnxModule", "args_kwargs", "export_onnx", "export_program", "onnx_session", "quiet_onnx",
+           "run_onnx"]
 
 _INT8_ALTERNATIVE = (
     "export the float model with export_onnx(float_model, example_inputs, path) and quantize the file with "
@@ -68,7 +69,8 @@ def _refuse_unexportable(model: nn.Module) -> None:
                           + _INT8_ALTERNATIVE.format(method=method, calib=calib))
 
 
-def _args_kwargs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def args_kwargs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs) as ``(args, kwargs)``."""
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
@@ -86,7 +88,7 @@ def export_program(model: nn.Module, example_inputs: Any) -> torch.export.Export
     check_module(model, "export_program")
     check_materialized(model, "export_program")
     _refuse_unexportable(model)
-    args, kwargs = _args_kwargs(example_inputs)
+    args, kwargs = args_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -126,7 +128,7 @@ def run_onnx(session: Any, example_inputs: Any) -> list[torch.Tensor]:
     if isinstance(example_inputs, Mapping):
         feed = {k: v for k, v in example_inputs.items() if k in names}
     else:
-        args, _ = _args_kwargs(example_inputs)
+        args, _ = args_kwargs(example_inputs)
         feed = dict(zip(names, args, strict=False))
     outs = session.run(None, {k: v.detach().cpu().numpy() for k, v in feed.items()})
     return [torch.from_numpy(o) for o in outs]
@@ -167,7 +169,7 @@ def _dynamic_batch(example_inputs: Any) -> Any:
     batch = torch.export.Dim("batch", min=1)
     if isinstance(example_inputs, Mapping):
         return {k: {0: batch} for k in example_inputs}
-    args, _ = _args_kwargs(example_inputs)
+    args, _ = args_kwargs(example_inputs)
     return tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
 
 
@@ -189,7 +191,7 @@ def export_onnx(
     path = check_output_file(path, "export_onnx")
     _refuse_unexportable(model)
     check_finite_inputs(example_inputs, "export_onnx's example_inputs")
-    args, kwargs = _args_kwargs(example_inputs)
+    args, kwargs = args_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:

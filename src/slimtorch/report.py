@@ -26,7 +26,9 @@ from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
 from slimtorch.graph.run import call_model, temporary_mode
+from slimtorch.io import plain_state
 from slimtorch.masks import COMPACTION_ATTR, model_state
+from slimtorch.quant.config import quant_info
 
 __all__ = [
     "COMPACTION_ATTR",
@@ -132,8 +134,6 @@ def saved_size(model: nn.Module) -> int:
     weights as their integers plus scales)."""
     from safetensors.torch import save
 
-    from slimtorch.io import plain_state
-
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in plain_state(model).items():
@@ -172,8 +172,6 @@ def measure_latency(
 
 def quantization(model: nn.Module) -> str | None:
     """How a quantized model is stored and run (``"static_int8 (w8a8): real kernels (...)"``), or None."""
-    from slimtorch.quant.config import quant_info  # slimtorch.quant is heavier than this module
-
     info = quant_info(model)
     return info.describe() if info is not None else None
 

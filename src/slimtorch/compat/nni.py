@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.io import load_masks
 from slimtorch.masks import apply_masks_, remove_masks_
 from slimtorch.prune.criteria import get_criterion
 from slimtorch.prune.iterative import GradualPruner
@@ -334,8 +336,6 @@ class MovementPruner(_Pruner):
 
 def _flat_masks(model: nn.Module, masks: Any) -> dict[str, torch.Tensor]:
     """slimtorch's flat masks from flat ones, NNI's nested ``{module or name: {param: mask}}``, or a file."""
-    from slimtorch.io import load_masks
-
     if isinstance(masks, (str, bytes)) or hasattr(masks, "__fspath__"):
         return load_masks(masks)
     if not isinstance(masks, Mapping):
@@ -370,7 +370,5 @@ class ModelSpeedup:
 
     def speedup_model(self) -> nn.Module:
         """Compact the model in place; returns it for convenience."""
-        from slimtorch.compact import compact_
-
         compact_(self.model, self.masks, example_inputs=self.dummy_input)
         return self.model

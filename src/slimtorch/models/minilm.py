@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.data.text import news_stories, split_sentences
 from slimtorch.errors import ConfigError
 
 __all__ = [
@@ -176,8 +177,6 @@ def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor, *, k: 
 def heldout_sentences(count: int = 256, *, min_words: int = 8, max_words: int = 40) -> list[str]:
     """``count`` sentences from the news stories (a register the distillation text, Wikipedia, does not
     cover), the first sentences of each story in turn, so that many stories are represented."""
-    from slimtorch.data.text import news_stories, split_sentences
-
     per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words) for d in news_stories()]
     picked: list[str] = []
     depth = 0

@@ -28,6 +28,7 @@ from slimtorch.masks import COMPACTION_ATTR
 from slimtorch.quant.batches import model_inputs
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
+from slimtorch.quant.methods import quiet_torch_ao
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 
@@ -181,9 +182,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
     if info.method == "qat_int8":
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        from slimtorch.quant.methods import _quiet_torch_ao
-
-        with _quiet_torch_ao():
+        with quiet_torch_ao():
             work = convert_fx(work)
     else:
         # The fake-quantized layers are still Linear/Conv2d: pack them with the post-training method.

@@ -22,7 +22,7 @@ from typing import Any
 
 from slimtorch.checks import check_output_file
 from slimtorch.errors import CheckpointError, ConfigError, ExportError, SlimError
-from slimtorch.export import _args_kwargs, quiet_onnx
+from slimtorch.export import args_kwargs, quiet_onnx
 from slimtorch.io import atomic_write
 from slimtorch.quant.batches import checked_batches
 from slimtorch.quant.config import QuantConfig
@@ -42,7 +42,7 @@ class _Reader:
             return None
         if isinstance(batch, Mapping):
             return {k: v.numpy() for k, v in batch.items() if k in self._names}
-        args, _ = _args_kwargs(batch)
+        args, _ = args_kwargs(batch)
         return {n: a.numpy() for n, a in zip(self._names, args, strict=False)}
 
 

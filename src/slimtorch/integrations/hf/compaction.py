@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.compact import compact_
 from slimtorch.compact.compact import AFTER_COMPACTION
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.integrations.hf.rules import attention_layout, slice_params_
@@ -207,8 +208,6 @@ def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = Non
     default to :func:`example_inputs_for`. Records the pruned heads in ``model.slimtorch_compaction``
     and the kept sizes in ``model.config``.
     """
-    from slimtorch.compact import compact_
-
     masks = dict(masks) if masks is not None else {}
     if is_masked(model):
         masks = {**get_masks(model), **masks}
