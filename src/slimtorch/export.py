@@ -17,10 +17,7 @@ says so.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +34,14 @@ from slimtorch.checks import (
     run_model,
 )
 from slimtorch.errors import ExportError, SlimError
+from slimtorch.graph.run import args_kwargs
 from slimtorch.io import atomic_write
 from slimtorch.quant.api import sqnr
 from slimtorch.quant.config import quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
+from slimtorch.quant.onnx import quiet_onnx
 
-__all__ = ["OnnxCheck", "OnnxModule", "args_kwargs", "export_onnx", "export_program", "onnx_session", "quiet_onnx",
-           "run_onnx"]
+__all__ = ["OnnxCheck", "OnnxModule", "export_onnx", "export_program", "onnx_session", "run_onnx"]
 
 _INT8_ALTERNATIVE = (
     "export the float model with export_onnx(float_model, example_inputs, path) and quantize the file with "
@@ -67,13 +65,6 @@ def _refuse_unexportable(model: nn.Module) -> None:
         calib = ", calibration=..." if method == "static_int8" else ""
         raise ExportError("torch.ao int8 layers cannot go through torch.export or ONNX: "
                           + _INT8_ALTERNATIVE.format(method=method, calib=calib))
-
-
-def args_kwargs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Example inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs) as ``(args, kwargs)``."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
 
 
 def export_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
@@ -240,16 +231,3 @@ def _write_checked(onnx_program: Any, path: Path, example_inputs: Any, ref: torc
     except OSError as err:
         raise ExportError(f"cannot write {str(path)!r} ({err.strerror or err}); choose a writable path") from None
     return OnnxCheck(str(path), path.stat().st_size, checked["diff"], checked["sqnr"])
-
-
-@contextlib.contextmanager
-def quiet_onnx() -> Iterator[None]:
-    """The exporter prints progress lines to stdout, ORT's quantizers log advice at WARNING on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)

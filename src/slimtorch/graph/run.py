@@ -14,7 +14,9 @@ from torch import nn
 
 from slimtorch.graph.shapes import to_meta
 
-__all__ = ["call_model", "collector_paused", "named_tensors", "run_state", "substituted", "temporary_mode"]
+__all__ = [
+    "args_kwargs", "call_model", "collector_paused", "named_tensors", "run_state", "substituted", "temporary_mode",
+]
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -24,6 +26,13 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, tuple):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def args_kwargs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs) as ``(args, kwargs)``."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
 
 
 @contextmanager
