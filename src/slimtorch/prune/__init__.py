@@ -3,11 +3,12 @@
 Criteria say what to cut, granularities which unit, schedules and methods when: one-shot
 (:func:`compute_masks`), gradual (:class:`GradualPruner`), lottery tickets (:class:`LotteryTicket`),
 sparse training (:class:`DynamicSparsity`), network slimming (:class:`SlimmingRegularizer`), whole
-blocks (:mod:`slimtorch.prune.depth`); :func:`sensitivity_analysis` measures what each layer tolerates.
+blocks (:mod:`slimtorch.prune.depth`: depth pruning); :func:`sensitivity_analysis` measures what each layer tolerates.
 """
 
 from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
+from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
@@ -36,14 +37,18 @@ __all__ = [
     "SlimmingRegularizer",
     "StatsTracker",
     "apply_masks_",
+    "block_drop_loss",
+    "block_influence",
     "bn_l1_penalty",
     "collect_stats",
     "compute_masks",
+    "drop_blocks_",
     "get_criterion",
     "get_masks",
     "is_masked",
     "mask_sparsity",
     "masks_from_keep",
+    "plan_block_drop",
     "plan_layers",
     "register_criterion",
     "register_schedule",
