@@ -207,9 +207,9 @@ def _pickled(folder: Path) -> Path:
 
 
 def _hf(ctx: Ctx) -> nn.Module:
-    from slimtorch.integrations.hf.folders import load_compacted
+    from slimtorch.integrations.hf.folders import load_hf_folder
 
-    return load_compacted(ctx.path("bert"))
+    return load_hf_folder(ctx.path("bert"))
 
 
 def _no_marker(ctx: Ctx, model: nn.Module) -> None:
@@ -639,7 +639,7 @@ CASES = QUANTIZE + EXPORT + LOWRANK + LORA + REPORT + DISTILL + SENSITIVITY + HF
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Path]:
     """Files some cases need, made once: a float ONNX export (and a truncated copy), a LoRA adapter and a
-    corrupt one, and a head-pruned tiny BERT saved with save_compacted. Each case gets its own copies."""
+    corrupt one, and a head-pruned tiny BERT saved with save_hf_folder. Each case gets its own copies."""
     root = tmp_path_factory.mktemp("prepared")
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -656,13 +656,13 @@ def _bert(folder: Path) -> None:
     from transformers import BertConfig, BertModel
 
     from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
-    from slimtorch.integrations.hf.folders import save_compacted
+    from slimtorch.integrations.hf.folders import save_hf_folder
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                 vocab_size=64, max_position_embeddings=32)).eval()
     compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0, 2]}))
-    save_compacted(bert, folder)
+    save_hf_folder(bert, folder)
 
 
 @pytest.fixture

@@ -563,16 +563,16 @@ def test_shapes_only_attention_outputs_are_torchs():
 
 
 def test_shapes_only_sums_keep_torchs_layout():
-    from slimtorch.graph.shapes import shape_of as _shape_of
+    from slimtorch.graph.shapes import shape_of
 
     x = torch.empty(2, 3, 4, 4, device="meta").to(memory_format=torch.channels_last)
     for other in (2.0, torch.empty_like(x)):
-        out = _shape_of(torch.add, (x, other), {})
+        out = shape_of(torch.add, (x, other), {})
         real = torch.add(x, other)
         assert out.shape == real.shape and out.stride() == real.stride() == x.stride()
-    assert _shape_of(torch.add, (x, torch.empty(2, 3, 4, 4, device="meta")), {}) is None  # other layout: torch
-    assert _shape_of(torch.add, (x, torch.empty(1, 3, 1, 1, device="meta")), {}) is None  # broadcast: torch
-    assert _shape_of(torch.Tensor.add_, (x, 1.0), {}) is x
+    assert shape_of(torch.add, (x, torch.empty(2, 3, 4, 4, device="meta")), {}) is None  # other layout: torch
+    assert shape_of(torch.add, (x, torch.empty(1, 3, 1, 1, device="meta")), {}) is None  # broadcast: torch
+    assert shape_of(torch.Tensor.add_, (x, 1.0), {}) is x
 
 
 def test_substituted_runs_with_other_tensors_and_puts_the_models_back():

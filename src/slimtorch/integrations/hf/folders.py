@@ -5,7 +5,7 @@ for every layer and the architecture has a config key for it (``intermediate_siz
 ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``), the config's own keys are updated
 too, so plain ``from_pretrained`` rebuilds the model. Per-layer head counts (BERT, GPT-2 derive the head
 width from the head count, and Hugging Face no longer supports ``pruned_heads``) need
-:func:`load_compacted`, which builds the model from its config, shrinks every recorded block, then
+:func:`load_hf_folder`, which builds the model from its config, shrinks every recorded block, then
 loads the weights::
 
     >>> import tempfile, torch
@@ -15,12 +15,12 @@ loads the weights::
     ...                             intermediate_size=64)).eval()
     >>> compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0]}))
     >>> path = tempfile.mkdtemp()
-    >>> save_compacted(bert, path)
-    >>> again = load_compacted(path)
+    >>> save_hf_folder(bert, path)
+    >>> again = load_hf_folder(path)
     >>> again.encoder.layer[1].attention.self.query.out_features
     24
 
-:func:`load_compacted` is also the safe way to load any ``save_pretrained`` folder: it never runs code
+:func:`load_hf_folder` is also the safe way to load any ``save_pretrained`` folder: it never runs code
 from the folder (``auto_map`` entries and ``.py`` files are ignored, the class comes from ``transformers``
 itself), reads weights from safetensors only (a pickled ``pytorch_model.bin`` is a CheckpointError), and
 bounds the sizes in ``config.json`` before building anything.
@@ -41,7 +41,7 @@ from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_b
 from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
-__all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
+__all__ = ["load_hf_folder", "save_hf_folder", "shrink_to_config_"]
 
 
 #: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
@@ -49,11 +49,11 @@ __all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
 _OLD_REMOTE_MODULE = "slimtorch_model"
 
 
-def save_compacted(model: nn.Module, path: str | Path) -> None:
+def save_hf_folder(model: nn.Module, path: str | Path) -> None:
     """Save a compacted Hugging Face model (or a SentenceTransformer around one) to ``path``.
 
     Weights go to safetensors through ``save_pretrained`` (``SentenceTransformer.save``), sizes to
-    config.json (``slimtorch_blocks``). :func:`load_compacted` rebuilds the model from those two files
+    config.json (``slimtorch_blocks``). :func:`load_hf_folder` rebuilds the model from those two files
     alone; no Python file is written, and no loader of ours runs code from a model folder.
     """
     path = Path(path)
@@ -65,7 +65,7 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
             warnings.warn(f"the masks the compacted model keeps ({', '.join(sorted(masks)[:3])}...) are not saved "
                           "in a Hugging Face folder; save them with slimtorch.io.save_masks to keep those weights "
                           "at zero when training the reloaded model", SlimWarning, stacklevel=2)
-            return save_compacted(model, path)
+            return save_hf_folder(model, path)
     config = hf_model.config
     if hasattr(config, "auto_map") and _OLD_REMOTE_MODULE in str(config.auto_map):
         del config.auto_map
@@ -130,7 +130,7 @@ def _check_files(path: Path) -> None:
         raise CheckpointError(f"{str(path)!r} holds pickled weights {pickles[:3]} and no safetensors file; slimtorch "
                               "never unpickles: convert them to safetensors where the file is trusted "
                               "(model.save_pretrained(folder) writes model.safetensors)")
-    raise CheckpointError(f"{str(path)!r} holds no model.safetensors; save the model with save_compacted or "
+    raise CheckpointError(f"{str(path)!r} holds no model.safetensors; save the model with save_hf_folder or "
                           "save_pretrained")
 
 
@@ -211,8 +211,8 @@ def _shrinking_class(model_class: type[nn.Module]) -> type[nn.Module]:
     return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": model_class.__module__})
 
 
-def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_compacted` (or any ``save_pretrained`` folder), in eval mode.
+def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_hf_folder` (or any ``save_pretrained`` folder), in eval mode.
     ``model_class`` defaults to the config's ``architectures[0]`` from ``transformers``. Nothing from the
     folder runs, weights come from safetensors only, and the config's sizes are checked first."""
     from safetensors import SafetensorError
