@@ -177,7 +177,7 @@ class DependencyGraph:
     trace: Any = field(default=None, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     # what depends on the members alone (not on the union-find): shared with copies made by
-    # ``dataclasses.replace``, which share the members too (a replayed graph, the template it replays)
+    # ``dataclasses.replace``, which share the members too (a replayed graph, the trace it replays)
     _member_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- recording (used by rules while tracing) -------------------------------------------------
