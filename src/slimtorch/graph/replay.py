@@ -62,11 +62,11 @@ def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -
     return inputs, modules, tensors, unknown_ops, cover
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trace:
     """What a shapes-only trace learned about a model: its structure and the tape a replay follows. It holds
     no reference to the model (only classes, names, shapes and integer values), so keeping it keeps nothing
-    else alive."""
+    else alive. Made by ``build_graph(..., values=False)`` (``graph.trace``); compared by identity."""
 
     key: tuple  # see fits()
     graph: DependencyGraph  # the structure (no sinks), with a union-find of its own
