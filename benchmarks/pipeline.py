@@ -88,9 +88,9 @@ def bookcnn(args: Any) -> tuple[str, PipelineResult]:
 
 
 def minilm(args: Any) -> tuple[str, PipelineResult]:
-    from slimtorch.transformers.minilm import embedding_agreement, heldout_sentences, load_minilm, mean_pool
-    from slimtorch.transformers.text import split_sentences, text_splits
-    from slimtorch.transformers.workflow import distil_embeddings_, ffn_config
+    from slimtorch.data.text import split_sentences, text_splits
+    from slimtorch.models.minilm import embedding_agreement, heldout_sentences, load_minilm, mean_pool
+    from slimtorch.recipes.minilm import distil_embeddings_, ffn_config
 
     dense, tokenizer = load_minilm()
     if args.smoke:

@@ -40,7 +40,7 @@ from slimtorch import compact_, compute_masks
 # ":Class" for a method. The graph builds are wrapped where each caller looks them up, so that the
 # shapes-only trace and the masked pass are told apart.
 PRUNER, COUPLED, GRAPH = "slimtorch.prune.pruner", "slimtorch.prune.coupled", "slimtorch.graph.graph:DependencyGraph"
-COMPACT, PLAN, BLOCKS = "slimtorch.compact.compact", "slimtorch.compact.plan", "slimtorch.graph.blocks"
+COMPACT, PLAN, BLOCKS = "slimtorch.compact.compact", "slimtorch.compact.plan", "slimtorch.graph.live"
 STAGES: list[tuple[str, str, str]] = [
     ("layer selection and scoring", PRUNER, "plan_layers"),
     ("per-layer keep flags", PRUNER, "unit_keep"),
@@ -59,7 +59,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("removal requests", PLAN, "_requests"),
     ("consumer checks", PLAN, "_check_sinks"),
     ("module changes", PLAN, "_module_changes"),
-    ("snapshot for restoring", COMPACT, "_Snapshot"),
+    ("snapshot for restoring", COMPACT, "Snapshot"),
     ("surgery", COMPACT, "_apply"),
     ("check of the result", COMPACT, "verify_result"),
     ("masks cut for the compacted model", COMPACT, "cut_masks"),

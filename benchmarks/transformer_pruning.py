@@ -22,9 +22,11 @@ from datetime import date
 import torch
 
 from slimtorch import compute_masks, report
+from slimtorch.data.text import TextSplits, split_sentences, text_splits
 from slimtorch.errors import ConfigError
-from slimtorch.transformers.hf import compact_hf_
-from slimtorch.transformers.llm import (
+from slimtorch.integrations.hf.compaction import compact_hf_
+from slimtorch.models.minilm import embedding_agreement, encode, heldout_sentences, load_minilm
+from slimtorch.models.tiny_lm import (
     TinyLMConfig,
     calibration_batches,
     encode_documents,
@@ -32,10 +34,8 @@ from slimtorch.transformers.llm import (
     perplexity,
     train_lm,
 )
-from slimtorch.transformers.minilm import embedding_agreement, encode, heldout_sentences, load_minilm
-from slimtorch.transformers.oneshot import apply_one_shot_, one_shot_prune
-from slimtorch.transformers.text import TextSplits, split_sentences, text_splits
-from slimtorch.transformers.workflow import WorkflowConfig, ffn_config, head_config, prune_workflow_
+from slimtorch.prune.oneshot import apply_one_shot_, one_shot_prune
+from slimtorch.recipes.minilm import WorkflowConfig, ffn_config, head_config, prune_workflow_
 
 # Wanda paper (Sun et al. 2023), LLaMA-2-7B, WikiText-2 perplexity: context for the ordering only.
 PAPER = {("dense", None): 5.12, ("magnitude", None): 14.89, ("sparsegpt", None): 6.51, ("wanda", None): 6.42,

@@ -11,7 +11,6 @@ from torch.utils._pytree import tree_leaves
 
 from slimtorch import apply_masks_, compact_
 from slimtorch.graph import build_graph
-from slimtorch.graph.replay import forget
 from slimtorch.prune.coupled import implied_param_count
 
 
@@ -68,8 +67,7 @@ def assert_shapes_trace_exact(model: nn.Module, x) -> bool:
     shapes-only trace was used (False: it fell back to a real trace)."""
     fast = build_graph(model, x, cover=True, values=False)
     torch.manual_seed(0)  # (a train-mode pass, for cover, may run dropout)
-    replayed = build_graph(model, x, cover=True)
-    forget(model)
+    replayed = build_graph(model, x, cover=True, trace=fast.trace)
     torch.manual_seed(0)
     real = build_graph(model, x, cover=True)
     assert not real.replayed and replayed.replayed == (not fast.measured)

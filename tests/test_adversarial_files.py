@@ -475,8 +475,8 @@ def _hf_save_over_a_sharded_save(env: Env) -> None:
     """A new save replaces an earlier one's weight files (shards and index included); other files stay."""
     from transformers import BertConfig, BertModel
 
-    from slimtorch.transformers.pretrained import load_compacted
-    from slimtorch.transformers.pretrained import save_compacted as save_hf
+    from slimtorch.integrations.hf.folders import load_hf_folder as load_compacted
+    from slimtorch.integrations.hf.folders import save_hf_folder as save_hf
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -534,7 +534,7 @@ def _masked_digits(env: Env) -> tuple[nn.Module, Any]:
 def _interrupted_hf(env: Env) -> None:
     from transformers import BertConfig, BertModel
 
-    from slimtorch.transformers.pretrained import save_compacted as save_hf
+    from slimtorch.integrations.hf.folders import save_hf_folder as save_hf
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -545,7 +545,7 @@ def _interrupted_hf(env: Env) -> None:
 
 
 def _llm_cache(env: Env) -> None:
-    from slimtorch.transformers import llm
+    from slimtorch.models import tiny_lm as llm
 
     cfg = llm.TinyLMConfig(vocab_size=32, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
 
@@ -554,7 +554,7 @@ def _llm_cache(env: Env) -> None:
             raise OSError(28, "No space left on device")
 
     trained = llm.TinyLM(llm.build_model(cfg), Tokenizer(), cfg, {})
-    with_crash = {"slimtorch.transformers.llm.train_lm": lambda c: trained}
+    with_crash = {"slimtorch.models.tiny_lm.train_lm": lambda c: trained}
     return (lambda: llm.load_or_train_lm(cfg, root=env.tmp / "cache")), with_crash
 
 

@@ -218,9 +218,9 @@ def _pickled(folder: Path) -> Path:
 
 
 def _hf(ctx: Ctx) -> nn.Module:
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_hf_folder
 
-    return load_compacted(ctx.path("bert"))
+    return load_hf_folder(ctx.path("bert"))
 
 
 def _no_marker(ctx: Ctx, model: nn.Module) -> None:
@@ -562,15 +562,15 @@ def _half_weights(folder: Path) -> None:
 
 
 def _load_hf(path: Any) -> nn.Module:
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_hf_folder
 
-    return load_compacted(path)
+    return load_hf_folder(path)
 
 
 def _save_hf(model: Any, path: Path) -> None:
-    from slimtorch.transformers.pretrained import save_compacted
+    from slimtorch.integrations.hf.folders import save_hf_folder
 
-    save_compacted(model, path)
+    save_hf_folder(model, path)
 
 
 def _truncate(path: Path) -> None:
@@ -746,7 +746,7 @@ CASES = (QUANTIZE + AFTER_PRUNING + EXPORT + LOWRANK + LORA + REPORT + DISTILL +
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Path]:
     """Files some cases need, made once: a float ONNX export (and a truncated copy), a LoRA adapter and a
-    corrupt one, and a head-pruned tiny BERT saved with save_compacted. Each case gets its own copies."""
+    corrupt one, and a head-pruned tiny BERT saved with save_hf_folder. Each case gets its own copies."""
     root = tmp_path_factory.mktemp("prepared")
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -762,14 +762,14 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
 def _bert(folder: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    from slimtorch.transformers.hf import compact_hf_, unit_masks
-    from slimtorch.transformers.pretrained import save_compacted
+    from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
+    from slimtorch.integrations.hf.folders import save_hf_folder
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                 vocab_size=64, max_position_embeddings=32)).eval()
     compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0, 2]}))
-    save_compacted(bert, folder)
+    save_hf_folder(bert, folder)
 
 
 @pytest.fixture

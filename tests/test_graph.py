@@ -369,14 +369,12 @@ class _Switch(nn.Module):
 
 def test_replay_measures_what_a_full_trace_measures_with_given_values():
     from nets import graph_structure, measured_values
-    from slimtorch.graph.replay import forget
 
     net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
-    build_graph(net, x, values=False)
+    trace = build_graph(net, x, values=False).trace
     keep = torch.arange(6) % 2 == 0
     masked = {"a.weight": net.a.weight.detach() * keep[:, None, None, None], "a.bias": net.a.bias.detach() * keep}
-    replayed = build_graph(net, x, params=masked)
-    forget(net)
+    replayed = build_graph(net, x, params=masked, trace=trace)
     real = build_graph(net, x, params=masked)
     assert replayed.replayed and replayed.measured and not real.replayed
     assert graph_structure(replayed) == graph_structure(real)
@@ -390,10 +388,9 @@ def test_replay_traces_in_full_when_the_run_differs(change):
     """A template is used only when the run follows it op by op: another branch, other index values,
     other input shapes or another mode mean a full trace (whose result is then the truth)."""
     from nets import graph_structure, measured_values
-    from slimtorch.graph.replay import forget
 
     net, x = _Switch().eval(), torch.randn(2, 3, 4, 4)
-    build_graph(net, x, values=False)
+    trace = build_graph(net, x, values=False).trace
     if change == "branch":
         net.wide = True
     elif change == "index":
@@ -402,8 +399,7 @@ def test_replay_traces_in_full_when_the_run_differs(change):
         x = torch.randn(1, 3, 5, 5)
     else:
         net.train()
-    graph = build_graph(net, x)
-    forget(net)
+    graph = build_graph(net, x, trace=trace)
     assert not graph.replayed
     assert graph_structure(graph) == graph_structure(build_graph(net, x))
     assert measured_values(graph) == measured_values(build_graph(net, x))
@@ -413,11 +409,9 @@ def test_a_template_goes_with_its_model():
     import gc
     import weakref
 
-    from slimtorch.graph.replay import _TEMPLATES
-
     net = _Switch().eval()
-    build_graph(net, torch.randn(2, 3, 4, 4), values=False)
-    assert net in _TEMPLATES
+    graph = build_graph(net, torch.randn(2, 3, 4, 4), values=False)  # (kept: its trace must not keep the model)
+    assert graph.trace is not None
     ref = weakref.ref(net)
     del net
     gc.collect()
@@ -520,7 +514,7 @@ def test_shapes_only_conv_output_shape_is_torchs():
     grid of strides, paddings, dilations, groups and sizes it gives torch's shape or defers to torch."""
     import itertools
 
-    from slimtorch.graph.trace import _conv_shape
+    from slimtorch.graph.shapes import _conv_shape
 
     convs = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
     for k, stride, pad, dil, groups, size in itertools.product([1, 2, 3], [1, 2], [0, 2], [1, 2], [1, 2], [4, 9]):
@@ -543,7 +537,7 @@ def test_shapes_only_attention_outputs_are_torchs():
     torch."""
     import itertools
 
-    from slimtorch.graph.trace import _attention_shape
+    from slimtorch.graph.shapes import _attention_shape
 
     calls = []
     original = F.multi_head_attention_forward
@@ -569,20 +563,20 @@ def test_shapes_only_attention_outputs_are_torchs():
 
 
 def test_shapes_only_sums_keep_torchs_layout():
-    from slimtorch.graph.trace import _shape_of
+    from slimtorch.graph.shapes import shape_of
 
     x = torch.empty(2, 3, 4, 4, device="meta").to(memory_format=torch.channels_last)
     for other in (2.0, torch.empty_like(x)):
-        out = _shape_of(torch.add, (x, other), {})
+        out = shape_of(torch.add, (x, other), {})
         real = torch.add(x, other)
         assert out.shape == real.shape and out.stride() == real.stride() == x.stride()
-    assert _shape_of(torch.add, (x, torch.empty(2, 3, 4, 4, device="meta")), {}) is None  # other layout: torch
-    assert _shape_of(torch.add, (x, torch.empty(1, 3, 1, 1, device="meta")), {}) is None  # broadcast: torch
-    assert _shape_of(torch.Tensor.add_, (x, 1.0), {}) is x
+    assert shape_of(torch.add, (x, torch.empty(2, 3, 4, 4, device="meta")), {}) is None  # other layout: torch
+    assert shape_of(torch.add, (x, torch.empty(1, 3, 1, 1, device="meta")), {}) is None  # broadcast: torch
+    assert shape_of(torch.Tensor.add_, (x, 1.0), {}) is x
 
 
 def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
-    from slimtorch.graph.trace import substituted
+    from slimtorch.graph.run import substituted
 
     net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
     net[2].weight = net[0].weight  # tied: a value for one name holds for both
@@ -602,7 +596,7 @@ def test_substituted_runs_with_other_tensors_and_puts_the_models_back():
 def test_collector_paused_during_tracing_and_restored_after():
     import gc
 
-    from slimtorch.graph.trace import collector_paused
+    from slimtorch.graph.run import collector_paused
 
     net, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 6, 6)
     seen = []

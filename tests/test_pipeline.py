@@ -72,7 +72,7 @@ def test_config_is_validated_and_round_trips():
 
 def test_hugging_face_model_through_compact_hf_and_dynamic_int8():
     transformers = pytest.importorskip("transformers")
-    from slimtorch.transformers.workflow import ffn_config
+    from slimtorch.recipes.minilm import ffn_config
 
     torch.manual_seed(0)
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -7,11 +7,11 @@ from torch import nn
 from slimtorch import compact_, compute_masks
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.io import plain_state, save_compacted
+from slimtorch.masks import COMPACTION_ATTR
 from slimtorch.models.modelfile import save_model
 from slimtorch.models.registry import ModelSpec
 from slimtorch.quant import QuantConfig, quant_info, quantize
 from slimtorch.quant.saving import load_quantized, save_quantized
-from slimtorch.report import COMPACTION_ATTR
 
 
 def cnn():

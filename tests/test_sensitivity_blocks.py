@@ -10,7 +10,7 @@ from torch import nn
 from slimtorch import compute_masks
 from slimtorch.errors import ConfigError, NoMatchError
 from slimtorch.nn import DropConnectLinear, add_dropconnect_, drop_connect
-from slimtorch.prune.blocks import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
+from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.sensitivity import SensitivityResult, SensitivityRow, sensitivity_analysis
@@ -159,7 +159,7 @@ def test_slimming_training_shrinks_scales_then_bn_scale_prunes_them():
 
 def test_bn_scale_masks_reach_the_conv_and_compact():
     import slimtorch
-    from slimtorch.prune.masks import apply_masks_
+    from slimtorch.masks import apply_masks_
 
     net = _bn_net().eval()
     with torch.no_grad():

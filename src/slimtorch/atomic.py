@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import reprlib
 import shutil
 import stat
 import tempfile
@@ -31,10 +32,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slimtorch.checks import check_path
 from slimtorch.errors import ConfigError
 
-__all__ = ["atomic_folder", "atomic_write", "check_output_file", "check_output_folder", "save_figure"]
+__all__ = ["atomic_folder", "atomic_write", "check_output_file", "check_output_folder", "check_path", "save_figure"]
+
+
+def check_path(value: Any, what: str) -> Path:
+    """A file or folder path given as ``str`` or ``os.PathLike`` (not None, a number or an open file)."""
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        return Path(value)
+    raise ConfigError(f"{what} must be a path (a non-empty str or pathlib.Path), got {type(value).__name__} "
+                      f"{reprlib.repr(value)}")
 
 
 def _umask() -> int:

@@ -19,7 +19,6 @@ anything is changed or written.
 from __future__ import annotations
 
 import math
-import os
 import reprlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,9 +29,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
+from slimtorch.atomic import check_path
 from slimtorch.errors import ConfigError, SlimError, TraceError
+from slimtorch.graph.run import call_model
 
 __all__ = [
+    "MAX_PARAMETERS",
     "check_example_finite",
     "check_finite_inputs",
     "check_materialized",
@@ -47,6 +49,10 @@ __all__ = [
     "run_model",
     "tensors_in",
 ]
+
+#: The most parameters a model built from sizes read in a file or an argument may have (checked before it is
+#: allocated: a corrupt or hostile size must not exhaust memory).
+MAX_PARAMETERS = 1 << 33
 
 
 def check_module(model: Any, what: str) -> None:
@@ -149,14 +155,6 @@ def check_example_finite(example_inputs: Any, what: str) -> None:
             )
 
 
-def check_path(value: Any, what: str) -> Path:
-    """A file or folder path given as ``str`` or ``os.PathLike`` (not None, a number or an open file)."""
-    if isinstance(value, (str, os.PathLike)) and str(value):
-        return Path(value)
-    raise ConfigError(f"{what} must be a path (a non-empty str or pathlib.Path), got {type(value).__name__} "
-                      f"{reprlib.repr(value)}")
-
-
 @contextmanager
 def model_errors(inputs: Any, what: str) -> Iterator[None]:
     """Within the block, anything but a slimtorch error (raised by the user's model on ``inputs``) becomes a
@@ -174,8 +172,6 @@ def model_errors(inputs: Any, what: str) -> Iterator[None]:
 def run_model(model: nn.Module, inputs: Any, what: str) -> Any:
     """``model`` called on ``inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs);
     anything the model raises becomes a TraceError naming the inputs."""
-    from slimtorch.graph.trace import call_model
-
     with model_errors(inputs, what):
         return call_model(model, inputs)
 

@@ -50,7 +50,7 @@ GRANULARITIES = {
     "out_channel": "whole output channels: conv filters, Linear output neurons (structured)",
     "in_channel": "whole input channels of a layer (structured)",
     "head": "whole attention heads of a projection (structured); 'head(H)' gives the head count",
-    "layer": "a whole layer or block (dropped with slimtorch.prune.blocks, not with masks)",
+    "layer": "a whole layer or block (dropped with slimtorch.prune.depth, not with masks)",
 }
 _ALIASES = {
     "default": None,

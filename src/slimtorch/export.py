@@ -17,10 +17,7 @@ says so.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +34,12 @@ from slimtorch.checks import (
     run_model,
 )
 from slimtorch.errors import ExportError, SlimError
+from slimtorch.graph.run import args_kwargs
 from slimtorch.io import atomic_write
 from slimtorch.quant.api import sqnr
 from slimtorch.quant.config import quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
+from slimtorch.quant.onnx import quiet_onnx
 
 __all__ = ["OnnxCheck", "OnnxModule", "export_onnx", "export_program", "onnx_session", "run_onnx"]
 
@@ -68,12 +67,6 @@ def _refuse_unexportable(model: nn.Module) -> None:
                           + _INT8_ALTERNATIVE.format(method=method, calib=calib))
 
 
-def _args_kwargs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    return (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
-
-
 def export_program(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
     """``torch.export`` the model in eval mode (non-strict), with a typed error naming the alternative.
 
@@ -86,7 +79,7 @@ def export_program(model: nn.Module, example_inputs: Any) -> torch.export.Export
     check_module(model, "export_program")
     check_materialized(model, "export_program")
     _refuse_unexportable(model)
-    args, kwargs = _args_kwargs(example_inputs)
+    args, kwargs = args_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -126,7 +119,7 @@ def run_onnx(session: Any, example_inputs: Any) -> list[torch.Tensor]:
     if isinstance(example_inputs, Mapping):
         feed = {k: v for k, v in example_inputs.items() if k in names}
     else:
-        args, _ = _args_kwargs(example_inputs)
+        args, _ = args_kwargs(example_inputs)
         feed = dict(zip(names, args, strict=False))
     outs = session.run(None, {k: v.detach().cpu().numpy() for k, v in feed.items()})
     return [torch.from_numpy(o) for o in outs]
@@ -167,7 +160,7 @@ def _dynamic_batch(example_inputs: Any) -> Any:
     batch = torch.export.Dim("batch", min=1)
     if isinstance(example_inputs, Mapping):
         return {k: {0: batch} for k in example_inputs}
-    args, _ = _args_kwargs(example_inputs)
+    args, _ = args_kwargs(example_inputs)
     return tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
 
 
@@ -189,7 +182,7 @@ def export_onnx(
     path = check_output_file(path, "export_onnx")
     _refuse_unexportable(model)
     check_finite_inputs(example_inputs, "export_onnx's example_inputs")
-    args, kwargs = _args_kwargs(example_inputs)
+    args, kwargs = args_kwargs(example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -238,16 +231,3 @@ def _write_checked(onnx_program: Any, path: Path, example_inputs: Any, ref: torc
     except OSError as err:
         raise ExportError(f"cannot write {str(path)!r} ({err.strerror or err}); choose a writable path") from None
     return OnnxCheck(str(path), path.stat().st_size, checked["diff"], checked["sqnr"])
-
-
-@contextlib.contextmanager
-def quiet_onnx() -> Iterator[None]:
-    """The exporter prints progress lines to stdout, ORT's quantizers log advice at WARNING on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)

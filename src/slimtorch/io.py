@@ -43,7 +43,17 @@ from torch import nn
 
 from slimtorch.atomic import atomic_folder, atomic_write
 from slimtorch.checks import check_materialized, check_module, check_path
+from slimtorch.compact.compact import Snapshot, replay_
 from slimtorch.errors import CheckpointError
+from slimtorch.masks import (
+    COMPACTION_ATTR,
+    apply_masks_,
+    check_mask_values,
+    get_masks,
+    is_masked,
+    model_state,
+    remove_masks_,
+)
 
 __all__ = [
     "atomic_write",
@@ -140,8 +150,6 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:
     are a ConfigError (a fraction or a NaN would be saved as True)."""
     from safetensors.torch import save_file
 
-    from slimtorch.prune.masks import check_mask_values
-
     check_mask_values(masks)
     # (a copy of each: masks that are views of one tensor would share memory, which safetensors refuses)
     tensors = {name: m.detach().to("cpu", torch.bool).clone() for name, m in masks.items()}
@@ -175,9 +183,6 @@ def _class_name(model: nn.Module) -> str:
 
 
 def _description(model: nn.Module) -> dict[str, Any]:
-    from slimtorch.prune.masks import get_masks
-    from slimtorch.report import COMPACTION_ATTR
-
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
     steps = info.pop("steps", [])
     return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info,
@@ -194,9 +199,6 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     the architecture.
     """
     from safetensors.torch import save_model
-
-    from slimtorch.prune.masks import is_masked
-    from slimtorch.report import model_state
 
     check_module(model, "save_compacted")
     if is_masked(model) and model_state(model) != "compacted":
@@ -291,10 +293,6 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
     pickle). A missing, corrupt or mismatched file raises :class:`~slimtorch.errors.CheckpointError` and
     leaves ``model`` as it was: everything is read and checked before a value is copied into the model.
     """
-    from slimtorch.compact.compact import _Snapshot, replay_
-    from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
-    from slimtorch.report import COMPACTION_ATTR
-
     check_module(model, "load_compacted_")
     check_materialized(model, "load_compacted_")
     directory = check_path(directory, "load_compacted_'s folder")
@@ -306,7 +304,7 @@ def load_compacted_(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError("load_compacted_ needs a freshly built model; this one is already compacted or masked")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     state = _read_weights(directory / WEIGHTS, device)
-    snapshot = _Snapshot(model)
+    snapshot = Snapshot(model)
     try:
         replay_(model, description["steps"])
         params = dict(model.named_parameters())

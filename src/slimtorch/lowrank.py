@@ -36,6 +36,7 @@ from torch import nn
 from slimtorch.checks import check_finite_inputs, check_materialized, check_module, check_number, run_model
 from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import ConfigError
+from slimtorch.graph.run import call_model
 from slimtorch.select import select_layers
 
 __all__ = [
@@ -249,8 +250,6 @@ def lowrank_sensitivity(
     The error is ``|f(x) - f_layer(x)| / |f(x)|`` on ``example_inputs``; :func:`ranks_for_tolerance` turns
     the table into per-layer ranks for ``factorize_(model, config, ranks=...)``.
     """
-    from slimtorch.graph.trace import call_model
-
     _check_call(model, config, "lowrank_sensitivity")
     if isinstance(energies, (str, bytes)) or not all(_number(e) and 0 < e <= 1 for e in energies):
         raise ConfigError(f"energies must be kept fractions of sum(S^2) in (0, 1], e.g. (0.8, 0.9), got {energies!r}")

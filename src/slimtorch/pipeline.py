@@ -16,7 +16,7 @@ Every stage works on a copy (the model given is never changed) and is measured t
 parameters (quantized weights included), saved size, the caller's quality score, and the median
 latency on ``example_inputs`` with the thread count set (all stages timed together at the end,
 round-robin, so that they share a busy machine's load alike). Compaction is :func:`slimtorch.compact_` (traced
-graph) or :func:`slimtorch.transformers.hf.compact_hf_` (heads and FFN neurons of Hugging Face blocks);
+graph) or :func:`slimtorch.integrations.hf.compaction.compact_hf_` (heads and FFN neurons of Hugging Face blocks);
 recovery is any ``recover(student, teacher) -> description`` function, e.g. :func:`distil_recovery`.
 """
 
@@ -34,12 +34,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimtorch.compact import compact_
 from slimtorch.config import check_fields, parse_config_list
 from slimtorch.errors import ConfigError
-from slimtorch.graph.trace import call_model
-from slimtorch.prune.masks import apply_masks_, is_masked, remove_masks_
+from slimtorch.export import OnnxModule, export_onnx
+from slimtorch.graph.run import call_model
+from slimtorch.masks import apply_masks_, is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.quant import QuantConfig, quant_info, quantize
+from slimtorch.quant.onnx import quantize_onnx
+from slimtorch.recover import Distiller, fit
 from slimtorch.report import count_params, model_state, saved_size
 
 if TYPE_CHECKING:
@@ -156,8 +160,6 @@ def distil_recovery(train_data: Dataset, train: TrainConfig, distill: DistillCon
     """A ``recover`` step for :func:`run_pipeline`: :func:`slimtorch.recover.fit` with a
     :class:`~slimtorch.recover.Distiller` (``distill``: a ``DistillConfig``; None: plain fine-tuning
     with cross-entropy). ``train_data`` is a dataset of ``(x, y)``; ``train`` a ``TrainConfig``."""
-    from slimtorch.recover import Distiller, fit
-
     def recover(student: nn.Module, teacher: nn.Module) -> str:
         if distill is None:
             fit(student, train_data, train)
@@ -225,11 +227,9 @@ def _float(model: nn.Module) -> nn.Module:
 
 def _compact(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs: Any, compactor: str) -> str:
     if compactor == "graph":
-        from slimtorch.compact import compact_
-
         compact_(model, masks, example_inputs=example_inputs)
         return "slimtorch.compact_ (traced graph, verified against the masked model)"
-    from slimtorch.transformers.hf import compact_hf_
+    from slimtorch.integrations.hf.compaction import compact_hf_
 
     compact_hf_(model, masks, example_inputs=example_inputs)
     return "compact_hf_ (heads and FFN neurons removed by slimtorch.compact_, verified; config updated)"
@@ -237,9 +237,6 @@ def _compact(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs: A
 
 def _onnx_stages(meter: _Meter, model: nn.Module, config: PipelineConfig, calibration: list[Any] | None,
                  folder: str) -> None:
-    from slimtorch.export import OnnxModule, export_onnx
-    from slimtorch.quant.onnx import quantize_onnx
-
     check = export_onnx(model, meter.example_inputs, os.path.join(folder, "float.onnx"), atol=1e-3)
     meter("export", OnnxModule(check.path, threads=config.threads),
           f"torch.export -> ONNX, max |diff| to PyTorch {check.max_abs_diff:.1e}", onnx_of=model, size=check.size_bytes)

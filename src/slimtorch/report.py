@@ -26,8 +26,10 @@ from torch.utils import flop_counter
 
 from slimtorch.checks import check_materialized, check_module, check_number, model_errors
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.graph.trace import call_model, temporary_mode
-from slimtorch.prune.masks import check_mask_values, is_masked
+from slimtorch.graph.run import call_model, temporary_mode
+from slimtorch.io import plain_state
+from slimtorch.masks import COMPACTION_ATTR, check_mask_values, model_state
+from slimtorch.quant.config import quant_info
 
 __all__ = [
     "COMPACTION_ATTR",
@@ -43,10 +45,6 @@ __all__ = [
     "saved_size",
     "sparsity_table",
 ]
-
-#: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
-COMPACTION_ATTR = "slimtorch_compaction"
-
 
 def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
@@ -137,8 +135,6 @@ def saved_size(model: nn.Module) -> int:
     weights as their integers plus scales)."""
     from safetensors.torch import save
 
-    from slimtorch.io import plain_state
-
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in plain_state(model).items():
@@ -177,21 +173,8 @@ def measure_latency(
 
 def quantization(model: nn.Module) -> str | None:
     """How a quantized model is stored and run (``"static_int8 (w8a8): real kernels (...)"``), or None."""
-    from slimtorch.quant.config import quant_info  # slimtorch.quant is heavier than this module
-
     info = quant_info(model)
     return info.describe() if info is not None else None
-
-
-def model_state(model: nn.Module) -> str:
-    """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
-    :func:`quantization` says how it is quantized). A compacted model is ``"compacted"`` even when it
-    carries masks (what the masks prune inside the channels compaction kept, or a later pruning round)."""
-    if getattr(model, COMPACTION_ATTR, None):
-        return "compacted"
-    if is_masked(model):
-        return "masked"
-    return "dense"
 
 
 def _batch_size(example_inputs: Any) -> int:

@@ -26,11 +26,11 @@ from slimtorch.config import load_config_list, parse_config_list
 from slimtorch.data.datasets import TensorSplit
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.io import save_masks
+from slimtorch.masks import get_masks, merge_masks
 from slimtorch.models.modelfile import save_model
 from slimtorch.models.registry import MAX_SAMPLE_VALUES
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.prune.criteria import CRITERIA
-from slimtorch.prune.masks import get_masks, merge_masks
 from slimtorch.recipes.plots import plot_layers
 from slimtorch.report import compare_markdown, report, sparsity_table
 

@@ -13,9 +13,9 @@ from slimtorch.atomic import atomic_write
 from slimtorch.data.sources import DATASETS
 from slimtorch.errors import ConfigError
 from slimtorch.io import load_masks
+from slimtorch.masks import apply_masks_, check_masks
 from slimtorch.models.modelfile import LoadedModel, load_model
 from slimtorch.models.registry import ModelSpec, build_model, check_sample_shape
-from slimtorch.prune.masks import apply_masks_, check_masks
 
 __all__ = [
     "OneLineParser",

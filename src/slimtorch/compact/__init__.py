@@ -1,7 +1,7 @@
 """Compaction: turn masks into a really smaller model (the "speedup" of NNI) that computes the same thing."""
 
 from slimtorch.compact.compact import COMPACTION_ATTR, compact_, replay_
-from slimtorch.compact.modules import SlimMultiheadAttention, ZeroPaddedLayerNorm
+from slimtorch.compact.layers import SlimMultiheadAttention, ZeroPaddedLayerNorm
 from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.surgery import (
     register_shrink,

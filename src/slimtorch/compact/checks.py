@@ -19,7 +19,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 from slimtorch.checks import check_materialized, check_not_quantized
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.graph import Member
-from slimtorch.graph.trace import call_model, temporary_mode
+from slimtorch.graph.run import call_model, temporary_mode
 
 __all__ = [
     "check_arguments", "check_example_inputs", "check_finite", "check_not_tied", "compare", "non_finite_inputs",

@@ -28,25 +28,23 @@ import torch
 from torch import nn
 
 from slimtorch.compact.checks import check_arguments, check_finite, tied_parameters, verify_result
-from slimtorch.compact.fixer import ShapeFixer
 from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
 from slimtorch.compact.plan import CompactionPlan, coupled_channels, plan_compaction
+from slimtorch.compact.rewrites import ShapeFixer
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
-from slimtorch.graph.blocks import BlockMode, BlockOps
-from slimtorch.graph.replay import forget
-from slimtorch.graph.trace import call_model, collector_paused, run_state, substituted, temporary_mode
-from slimtorch.prune.masks import is_masked, mask_factor, remove_masks_
-from slimtorch.report import COMPACTION_ATTR
+from slimtorch.graph.live import BlockMode, BlockOps
+from slimtorch.graph.run import call_model, collector_paused, run_state, substituted, temporary_mode
+from slimtorch.masks import COMPACTION_ATTR, is_masked, mask_factor, remove_masks_
 
-__all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "compact_", "replay_"]
+__all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "Snapshot", "compact_", "replay_"]
 
 #: ``fn(model)`` called after every successful compaction (e.g. to update a Hugging Face config)
 AFTER_COMPACTION: list[Callable[[nn.Module], None]] = []
 
 
 
-class _Snapshot:
+class Snapshot:
     """Every module's class and attributes, so that a failed compaction can be undone exactly. Compaction replaces
     tensors (never writes into them) and rewrites the containers that hold them (parameter, buffer and hook
     dicts, lists): a copy of each module's attribute dict and of the containers in it is enough. Restoring
@@ -189,7 +187,9 @@ def compact_(
 
     Args:
         model: the model (masked or not: the masks given are the truth).
-        masks: ``{param_name: bool tensor}`` as :func:`~slimtorch.compute_masks` returns.
+        masks: ``{param_name: bool tensor}`` as :func:`~slimtorch.compute_masks` returns (whose shapes-only
+            trace of the model, ``masks.trace``, is replayed when it still fits the model, instead of tracing
+            the model again: :class:`~slimtorch.masks.Masks`).
         example_inputs: a batch the model accepts (tensor, tuple of positional inputs or dict of keyword
             inputs), used to trace it and to check the result.
         verify: check that the compacted model reproduces the masked one on ``example_inputs`` (eval
@@ -202,12 +202,12 @@ def compact_(
     compacted size (:mod:`slimtorch.compact.kept_masks`): training keeps it at zero unless
     :func:`~slimtorch.remove_masks_` lets it grow back.
     """
-    # With the check, a plan may take the structure of the model's last shapes-only trace instead of running
+    # With the check, a plan may take the structure of the shapes-only trace the masks carry instead of running
     # the masked model through the graph (when no measured value would change it): the check's reference is
     # then a forward pass of the masked model on live blocks, and if the check fails, the model is restored
     # and planned again from a measured run.
     check_arguments(model, unknown_ops, verify)
-    snapshot = _Snapshot(model)  # (before the plan runs the model: a forward that changes attributes is undone)
+    snapshot = Snapshot(model)  # (before the plan runs the model: a forward that changes attributes is undone)
     before = sum(p.numel() for p in model.parameters())
     plan = _planned(model, masks, example_inputs, unknown_ops, not verify, snapshot)
     carried = carried_masks(model, masks)  # what stays masked inside the kept channels, cut like its parameter
@@ -229,8 +229,6 @@ def compact_(
     except BaseException:
         snapshot.restore(model)
         raise
-    finally:
-        forget(model)  # (the last trace no longer describes the model)
     if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
         warnings.warn(_nothing_removed(model, plan, masks), SlimWarning, stacklevel=2)
     if plan.graph.branches:
@@ -253,7 +251,7 @@ def compact_(
 
 
 def _planned(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: Any, unknown_ops: str,
-             measure: bool, snapshot: _Snapshot) -> CompactionPlan:
+             measure: bool, snapshot: Snapshot) -> CompactionPlan:
     """The plan; if planning fails, the model is restored (its forward, run by the plan, may change attributes)."""
     try:
         return plan_compaction(model, masks, example_inputs=example_inputs, unknown_ops=unknown_ops, measure=measure)
@@ -263,7 +261,7 @@ def _planned(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs
 
 
 def _cut(model: nn.Module, carried: Mapping[str, torch.Tensor], plan: CompactionPlan,
-         snapshot: _Snapshot) -> dict[str, torch.Tensor]:
+         snapshot: Snapshot) -> dict[str, torch.Tensor]:
     """The masks that stay on the compacted model, at its size; if cutting them fails, the model is restored.
     A mask the surgery cuts down to entries it keeps is left out (``plan.whole``: a structured mask whose
     parameter keeps nothing outside its live block; most of a channel-pruned model's, and cutting those
@@ -294,7 +292,7 @@ def _nothing_removed(model: nn.Module, plan: CompactionPlan, masks: Mapping[str,
 
 
 def _apply_checked(model: nn.Module, plan: CompactionPlan, example_inputs: Any, verify: bool,
-                   snapshot: _Snapshot) -> dict[str, Any]:
+                   snapshot: Snapshot) -> dict[str, Any]:
     """Apply ``plan`` and (``verify``) check the result against the masked model; on any failure, restore
     ``model`` from ``snapshot`` and raise (a :class:`~slimtorch.errors.SlimError` as it is, anything else
     as a :class:`~slimtorch.errors.CompactionError`)."""

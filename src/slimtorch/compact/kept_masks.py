@@ -31,7 +31,7 @@ from torch import nn
 
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, SHRINKS
 from slimtorch.errors import CompactionError
-from slimtorch.prune.masks import apply_masks_, get_masks
+from slimtorch.masks import apply_masks_, get_masks
 
 __all__ = ["carried_masks", "cut_masks", "keep_masks_"]
 

@@ -27,10 +27,10 @@ from slimtorch.compact.checks import check_arguments, check_example_inputs, chec
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
-from slimtorch.graph.blocks import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.graph import PerMember, Sink, label_table
+from slimtorch.graph.live import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.replay import known_structure
-from slimtorch.prune.masks import canonical_masks, check_masks, is_masked
+from slimtorch.masks import Masks, canonical_masks, check_masks, is_masked
 
 __all__ = ["CompactionPlan", "coupled_channels", "plan_compaction"]
 
@@ -55,7 +55,7 @@ class CompactionPlan:
     live: LiveBlocks = field(default_factory=LiveBlocks, repr=False)
     # masked parameters left out of ``masked`` (name -> mask): every entry the surgery keeps of them is kept
     # by their mask, so the compacted layer takes their own values; a run of the masked model makes their
-    # masked values only where it reads more than their live block (slimtorch.graph.blocks.BlockOps)
+    # masked values only where it reads more than their live block (slimtorch.graph.live.BlockOps)
     unmasked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # the masks the surgery cuts down to entries they all keep (nothing of them stays masked afterwards)
     whole: set[str] = field(default_factory=set, repr=False)
@@ -80,7 +80,7 @@ class CompactionPlan:
 def _dead(member: Member, mask: torch.Tensor | None,
           alive: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> torch.Tensor:
     """Per label of ``member``: is the weight slice it indexes entirely masked? ``alive``: the live rows and
-    columns of masks, found already (:class:`~slimtorch.graph.blocks.LiveBlocks`). (In numpy: on a layer's
+    columns of masks, found already (:class:`~slimtorch.graph.live.LiveBlocks`). (In numpy: on a layer's
     mask its reductions take a fraction of torch's fixed cost per call, and a model has a hundred of them.)"""
     size = member.labels.numel()
     if mask is None:
@@ -370,10 +370,12 @@ def plan_compaction(
 ) -> CompactionPlan:
     """Work out, without changing ``model``, how :func:`~slimtorch.compact_` would compact it.
 
+    When ``masks`` carry a shapes-only trace of the model (:class:`~slimtorch.masks.Masks`, as
+    :func:`~slimtorch.compute_masks` returns them) that still fits it and these inputs, the values the plan
+    needs are measured by replaying that trace (one checked forward pass) instead of tracing again.
     ``measure=False`` lets the plan skip running the model when no value would change it: when the masks
-    mask every requested channel wherever it is consumed (as :func:`~slimtorch.compute_masks` does), and
-    the last shapes-only trace of the model (``compute_masks`` makes one) holds for these inputs, the
-    structure is taken from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
+    mask every requested channel wherever it is consumed (as ``compute_masks`` does), the structure is taken
+    from that trace (``plan.graph.measured`` is then False). Whoever applies such a plan
     must check the result against the masked model, as ``compact_`` does. Such a plan also leaves the
     weights whose masks keep exactly their live block, and everything the surgery keeps of them, out of
     ``plan.masked`` (``plan.unmasked``: their own values are the compacted layer's).
@@ -382,13 +384,14 @@ def plan_compaction(
     """
     check_arguments(model, unknown_ops)
     check_masks(model, masks)
+    trace = masks.trace if isinstance(masks, Masks) else None  # (what computing the masks learned of the model)
     masks = canonical_masks(model, masks)
     check_example_inputs(example_inputs)
     params = dict(model.named_parameters())
     # the masked weights are zero outside their live blocks: a run of the masked model (the measured pass, or
     # the forward pass the check compares with) computes on those, and the surgery takes the blocks it cut
     live = live_blocks(masks)
-    known = None if measure else known_structure(model, example_inputs, unknown_ops, cover=True)
+    known = None if measure else known_structure(trace, model, example_inputs, unknown_ops, cover=True)
     if known is not None:
         graph, sinks = known
         roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
@@ -396,7 +399,8 @@ def plan_compaction(
             known = None  # (a requested channel's values matter somewhere: they must be measured)
     if known is None:
         masked = _masked(params, masks)
-        graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live)
+        graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live,
+                            trace=trace)
         roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
         allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
     else:  # no sink reads a requested channel: every one is allowed, none is folded
@@ -457,7 +461,7 @@ def coupled_channels(model: nn.Module, plan: CompactionPlan,
 def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
             skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The masked values of the masked parameters but ``skip``, as apply_masks_ computes them (zeros in masked
-    positions, whatever they held: see :func:`~slimtorch.graph.blocks.masked`)."""
+    positions, whatever they held: see :func:`~slimtorch.graph.live.masked`)."""
     return {n: masked(params[n].detach(), masks[n].to(params[n].device, torch.bool)) for n in masks
             if n not in skip}
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.compact.modules import SlimMultiheadAttention, make_zero_padded_
+from slimtorch.compact.layers import SlimMultiheadAttention, make_zero_padded_
 from slimtorch.errors import CompactionError
-from slimtorch.graph.blocks import Cut, take_block
+from slimtorch.graph.live import Cut, take_block
 
 __all__ = [
     "SHRINKS",
@@ -98,7 +98,7 @@ def _take(module: nn.Module, attr: str, dim: int, keep: torch.Tensor | None) -> 
         _set(module, attr, value.index_select(dim, keep.to(value.device)))
 
 
-# Blocks that a measured run of the masked model already cut (see slimtorch.graph.blocks), by the address
+# Blocks that a measured run of the masked model already cut (see slimtorch.graph.live), by the address
 # of their weight's memory: taken instead of cut again while ``reusing`` is active.
 _REUSABLE: ContextVar[Mapping[int, Cut] | None] = ContextVar("reusable_cuts", default=None)
 

@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 from slimtorch.checks import check_module, check_number
+from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.io import load_masks
+from slimtorch.masks import apply_masks_, remove_masks_
 from slimtorch.prune.criteria import get_criterion
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.loop import Evaluator
 from slimtorch.prune.lottery import LotteryTicket
-from slimtorch.prune.masks import apply_masks_, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.prune.regularize import SlimmingRegularizer
 from slimtorch.prune.schedule import Schedule
@@ -351,8 +353,6 @@ class MovementPruner(_Pruner):
 
 def _flat_masks(model: nn.Module, masks: Any) -> dict[str, torch.Tensor]:
     """slimtorch's flat masks from flat ones, NNI's nested ``{module or name: {param: mask}}``, or a file."""
-    from slimtorch.io import load_masks
-
     if isinstance(masks, (str, bytes)) or hasattr(masks, "__fspath__"):
         return load_masks(masks)
     if not isinstance(masks, Mapping):
@@ -388,7 +388,5 @@ class ModelSpeedup:
 
     def speedup_model(self) -> nn.Module:
         """Compact the model in place; returns it for convenience."""
-        from slimtorch.compact import compact_
-
         compact_(self.model, self.masks, example_inputs=self.dummy_input)
         return self.model

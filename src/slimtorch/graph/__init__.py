@@ -1,6 +1,10 @@
 """The dependency graph: which channels of which parameters must be kept or removed together.
 
-Stands alone: imports torch only, never pruning or compaction code.
+Stands alone: imports torch, numpy and :mod:`slimtorch.errors` only, never pruning, compaction or an
+integration. Extension points: :func:`register_rule` (an op), :func:`register_module_rule` (a module handled
+as one node) and ``TRACE_PREPARERS`` (called as every trace starts: integrations register their rules
+there). A shapes-only graph carries its :class:`Trace`, which a later build replays (``build_graph(...,
+trace=...)``).
 
     >>> import torch
     >>> from torchvision.models import resnet18
@@ -10,13 +14,17 @@ Stands alone: imports torch only, never pruning or compaction code.
     64
 """
 
-from slimtorch.graph import layers, modules, moves, products, reductions  # noqa: F401  (register the rules)
-from slimtorch.graph.fixes import FixSite, apply_fix
+from slimtorch.graph import layer_rules, module_rules, moves, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph.build import build_graph
+from slimtorch.graph.callsites import FixSite, apply_fix
+from slimtorch.graph.context import ModuleContext, OpContext
 from slimtorch.graph.graph import ChannelGroup, DependencyGraph, Member, Sink
-from slimtorch.graph.rules import find_module_rule, find_rule, register_module_rule, register_rule
-from slimtorch.graph.trace import ModuleContext, OpContext, build_graph
+from slimtorch.graph.layer_rules import channel_labels, consumer_sink, placed
+from slimtorch.graph.replay import Trace
+from slimtorch.graph.rules import TRACE_PREPARERS, find_module_rule, find_rule, register_module_rule, register_rule
 
 __all__ = [
+    "TRACE_PREPARERS",
     "ChannelGroup",
     "DependencyGraph",
     "FixSite",
@@ -24,10 +32,14 @@ __all__ = [
     "ModuleContext",
     "OpContext",
     "Sink",
+    "Trace",
     "apply_fix",
     "build_graph",
+    "channel_labels",
+    "consumer_sink",
     "find_module_rule",
     "find_rule",
+    "placed",
     "register_module_rule",
     "register_rule",
 ]

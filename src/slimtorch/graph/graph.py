@@ -173,9 +173,11 @@ class DependencyGraph:
     unreached: list[str] = field(default_factory=list)
     # where a value computed from channels became a Python value (a data-dependent branch): "'op' in module 'm'"
     branches: list[str] = field(default_factory=list)
+    # a shapes-only graph's slimtorch.graph.replay.Trace: what a later build with values replays (None otherwise)
+    trace: Any = field(default=None, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     # what depends on the members alone (not on the union-find): shared with copies made by
-    # ``dataclasses.replace``, which share the members too (a replayed graph, the template it replays)
+    # ``dataclasses.replace``, which share the members too (a replayed graph, the trace it replays)
     _member_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- recording (used by rules while tracing) -------------------------------------------------

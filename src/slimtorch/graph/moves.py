@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slimtorch.graph.fixes import SHAPE_OPS, FixSite, shape_args
+from slimtorch.graph.callsites import SHAPE_OPS, FixSite, shape_args
 from slimtorch.graph.labels import collapse, union_rows, varying_dims
 from slimtorch.graph.rules import after_move, bind_positions
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__: list[str] = []
 

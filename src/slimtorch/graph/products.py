@@ -16,10 +16,10 @@ import torch
 
 from slimtorch.graph.graph import Sink
 from slimtorch.graph.labels import broadcast_merge, varying_dims
-from slimtorch.graph.rules import _aligned, register_rule
+from slimtorch.graph.rules import aligned, register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__: list[str] = []
 
@@ -104,7 +104,7 @@ def _addmm(ctx: OpContext) -> None:
     spec = _matmul_spec(a.dim(), b.dim())
     product = contract(ctx, a, b, spec)
     rank = ctx.outputs[0].dim()
-    ctx.set_output(broadcast_merge(ctx.uf, [_aligned(product, rank), _aligned(ctx.labels(bias), rank)]))
+    ctx.set_output(broadcast_merge(ctx.uf, [aligned(product, rank), aligned(ctx.labels(bias), rank)]))
 
 
 def _expand_ellipsis(term: str, rank: int, fill: str) -> str:

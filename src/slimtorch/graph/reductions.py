@@ -14,10 +14,10 @@ import torch
 
 from slimtorch.graph.graph import Sink
 from slimtorch.graph.labels import union_rows, varying_dims
-from slimtorch.graph.rules import register_rule
+from slimtorch.graph.rules import nary, register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__ = ["zero_sink"]
 
@@ -68,9 +68,7 @@ def _reduce(ctx: OpContext) -> None:
         return
     rank = x.dim()
     if ctx.name in ("max", "min") and len(ctx.args) > 1 and isinstance(ctx.args[1], torch.Tensor):
-        from slimtorch.graph.rules import _nary  # max(a, b) is elementwise
-
-        _nary(ctx)
+        nary(ctx)  # max(a, b) is elementwise
         return
     dims = _dims(ctx, rank)
     reduced = [d for d in dims if d in varying_dims(labels)]

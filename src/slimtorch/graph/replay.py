@@ -3,12 +3,14 @@
 Compaction needs the dependency graph of the masked model and, besides its structure, values: the
 statistics of every tensor where channels are consumed (the graph's sinks) and the model's output. The
 structure does not depend on values, so when pruning has traced the model shapes-only
-(``build_graph(..., values=False)``), that trace keeps a *tape*: every op it saw, with its call site and
-a signature of its arguments (shapes, dtypes, where each tensor came from, the values of integer
-tensors, plain arguments), and which tensors its rules wanted measured.
+(``build_graph(..., values=False)``), that graph carries a :class:`Trace` (``graph.trace``): the structure
+and a *tape* of every op the trace saw, with its call site and a signature of its arguments (shapes, dtypes,
+where each tensor came from, the values of integer tensors, plain arguments), and which tensors its rules
+wanted measured. Nothing is kept anywhere else: whoever wants it replayed hands it on
+(:func:`~slimtorch.compute_masks` returns it with the masks, ``masks.trace``, for :func:`~slimtorch.compact_`).
 
-A later ``build_graph(..., values=True)`` of the same model on inputs of the same shapes, in the same
-modes, then *replays* the tape: the model runs once for real (with the given parameter values, e.g.
+A later ``build_graph(..., values=True, trace=...)`` of the same model on inputs of the same shapes, in the
+same modes, then *replays* the tape: the model runs once for real (with the given parameter values, e.g.
 masked ones), and a light function mode compares each op with the tape and measures where the tape
 says, without running any rule. If anything differs (another op, another shape, an integer index that
 changed, a branch taken differently), the replay is abandoned and the model is traced in full. The
@@ -21,10 +23,12 @@ of about one forward pass.
     >>> from slimtorch.graph import build_graph
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
     >>> x = torch.randn(1, 3, 6, 6)
-    >>> structure = build_graph(net, x, values=False)      # shapes only; keeps its tape
-    >>> graph = build_graph(net, x)                         # replays the tape: one checked forward pass
+    >>> structure = build_graph(net, x, values=False)              # shapes only; carries its trace
+    >>> graph = build_graph(net, x, trace=structure.trace)         # replays it: one checked forward pass
     >>> graph.replayed, len(graph.sinks), torch.equal(graph.output, net(x))
     (True, 1, True)
+    >>> build_graph(net, x).replayed                                # no trace given: a full trace
+    False
 """
 
 from __future__ import annotations
@@ -39,45 +43,51 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.graph.blocks import Block, BlockOps
+from slimtorch.graph.context import measure, tensors_in
 from slimtorch.graph.graph import DependencyGraph, Sink
-from slimtorch.graph.rules import tensors_in
-from slimtorch.graph.trace import _Frame, _named_tensors, _Tracer, measure, run_state, run_traced, temporary_mode
+from slimtorch.graph.live import Block, BlockOps
+from slimtorch.graph.run import named_tensors, run_state, temporary_mode
+from slimtorch.graph.tracer import Frame, Tracer, run_traced
 
-__all__ = ["forget", "known_structure", "remember", "replay"]
+__all__ = ["Trace", "known_structure", "record", "replay"]
 
 
-@dataclass
-class _Template:
-    key: tuple
+def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -> tuple:
+    """What must be equal for a trace to apply: the inputs' signature, every module's class and mode, every
+    parameter's and buffer's name, shape and dtype (a model compacted or given new layers since is not the
+    model traced), the options."""
+    inputs = Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
+    modules = tuple((type(m), m.training) for m in model.modules())
+    tensors = tuple((n, t.shape, t.dtype) for group in named_tensors(model) for n, t in group.items())
+    return inputs, modules, tensors, unknown_ops, cover
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """What a shapes-only trace learned about a model: its structure and the tape a replay follows. It holds
+    no reference to the model (only classes, names, shapes and integer values), so keeping it keeps nothing
+    else alive. Made by ``build_graph(..., values=False)`` (``graph.trace``); compared by identity."""
+
+    key: tuple  # see fits()
     graph: DependencyGraph  # the structure (no sinks), with a union-find of its own
     sinks: list[Sink]  # with placeholder statistics
     tape: list[tuple]
     pending: dict[int, list[tuple[int, list[int], tuple]]]  # tape index -> (tensor position, dims, placeholders)
     outputs: list[tuple[tuple, ...]]  # tape index -> per output (shape, dtype, on meta in the shapes-only trace)
 
-
-# One template per model, dropped with the model. A later shapes-only trace of it replaces the template.
-_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, _Template] = weakref.WeakKeyDictionary()
+    def fits(self, model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -> bool:
+        """Whether this is a trace of ``model`` as it is now (every module's class and mode, every tensor's name,
+        shape and dtype), on inputs like ``example_inputs``, with these options."""
+        return self.key == _key(model, example_inputs, unknown_ops, cover)
 
 
 class _Diverged(Exception):
     """The run does not follow the tape."""
 
 
-def _key(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool) -> tuple:
-    """What must be equal for a template to apply: the inputs' signature, every module's class and mode, every
-    parameter's and buffer's name, shape and dtype (a model compacted or given new layers since is not the
-    model traced), the options."""
-    inputs = _Tracer(DependencyGraph(), {}, set(), measuring=True).signature(example_inputs)
-    modules = tuple((type(m), m.training) for m in model.modules())
-    tensors = tuple((n, t.shape, t.dtype) for group in _named_tensors(model) for n, t in group.items())
-    return inputs, modules, tensors, unknown_ops, cover
-
-
-def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool, graph: DependencyGraph,
-             tracer: _Tracer) -> None:
-    """Keep the tape of a shapes-only trace of ``model`` (``graph``: its result), unless its rules measured
+def record(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: bool, graph: DependencyGraph,
+           tracer: Tracer) -> Trace | None:
+    """The trace of a shapes-only run of ``model`` (``graph``: its result), or None when its rules measured
     something a replay could not find again."""
     placeholders = {id(p[0]): p for entries in tracer.pending.values() for _, _, p in entries}
 
@@ -87,75 +97,68 @@ def remember(model: nn.Module, example_inputs: Any, unknown_ops: str, cover: boo
                                 and deferred(sink.other))
 
     if tracer.unreplayable is not None or not all(deferred(s) for s in tracer.sinks):
-        _TEMPLATES.pop(model, None)
-        return
+        return None
     structure = dataclasses.replace(graph, uf=graph.uf.copy(), sinks=[], _cache={})
-    _TEMPLATES[model] = _Template(_key(model, example_inputs, unknown_ops, cover), structure, tracer.sinks,
-                                  tracer.tape, tracer.pending, tracer.outputs)
+    return Trace(_key(model, example_inputs, unknown_ops, cover), structure, tracer.sinks, tracer.tape,
+                 tracer.pending, tracer.outputs)
 
 
-def forget(model: nn.Module) -> None:
-    """Drop ``model``'s template: the next ``build_graph(..., values=True)`` traces it in full."""
-    _TEMPLATES.pop(model, None)
-
-
-def known_structure(model: nn.Module, example_inputs: Any, unknown_ops: str,
+def known_structure(trace: Trace | None, model: nn.Module, example_inputs: Any, unknown_ops: str,
                     cover: bool) -> tuple[DependencyGraph, list[Sink]] | None:
-    """The structure the last shapes-only trace of ``model`` found for these inputs and options, as a graph of
+    """The structure ``trace`` found, when it fits ``model`` on these inputs with these options, as a graph of
     its own with nothing measured (no sinks, no output), and its sinks with placeholder statistics (what
-    would be measured where); None when there is none.
+    would be measured where); None otherwise.
 
     Nothing here runs the model: it is trusted to run as it was traced. A caller that uses this instead of
     :func:`replay` must check its result another way (``compact_`` compares the compacted model with the
     masked one, and plans again from a measured run if they differ)."""
-    template = _TEMPLATES.get(model)
-    if template is None or template.key != _key(model, example_inputs, unknown_ops, cover):
+    if trace is None or not trace.fits(model, example_inputs, unknown_ops, cover):
         return None
-    graph = dataclasses.replace(template.graph, uf=template.graph.uf.copy(), _cache={}, output=None, measured=False,
+    graph = dataclasses.replace(trace.graph, uf=trace.graph.uf.copy(), _cache={}, output=None, measured=False,
                                 replayed=False, sinks=[])
-    return graph, template.sinks
+    return graph, trace.sinks
 
 
-class _Replayer(_Tracer):
+class _Replayer(Tracer):
     """Runs no rule: checks each op against the tape and measures where the tape says."""
 
-    def __init__(self, template: _Template, names: dict[int, str]) -> None:
+    def __init__(self, trace: Trace, names: dict[int, str]) -> None:
         super().__init__(DependencyGraph(), names, set(), measuring=True)
-        self.template = template
+        self.trace = trace
         self.at = 0
         self.measured: dict[int, tuple[torch.Tensor, ...]] = {}  # id of a placeholder -> its measured values
 
     def _exact(self, value: torch.Tensor, source: Any) -> bytes | None:
         # a tensor the shapes-only trace had on meta (a mask computed from floats) was recorded without
         # values; elementwise rules took it there without reading them, and so may it be here
-        if type(source) is tuple and self.template.outputs[source[0]][source[1]][2]:
+        if type(source) is tuple and self.trace.outputs[source[0]][source[1]][2]:
             return None
         return value.detach().cpu().numpy().tobytes()
 
     def _op(self, func: Any, site: tuple, args: tuple, kwargs: dict, out: Any) -> None:
         self._check(("op", site, func), (args, kwargs), out)
 
-    def _module(self, module: nn.Module, name: str, frame: _Frame, out: Any) -> None:
-        with torch._C.DisableTorchFunction():  # (see _Tracer._module)
+    def _module(self, module: nn.Module, name: str, frame: Frame, out: Any) -> None:
+        with torch._C.DisableTorchFunction():  # (see Tracer._module)
             self._check(("module", name, type(module)), frame.call, out)
 
     def _check(self, entry: tuple, call: Any, out: Any) -> None:
-        index, tape = self.at, self.template.tape
+        index, tape = self.at, self.trace.tape
         if index >= len(tape) or tape[index] != (*entry, self.signature(call)):
             raise _Diverged(f"op {index}: {entry[:2]}")
         self.at += 1
         outputs = tensors_in(out)
         # the outputs too: their number places measured tensors, and their shapes check the shapes-only
         # trace's own shape arithmetic against the real ops
-        if tuple((t.shape, t.dtype) for t in outputs) != tuple(o[:2] for o in self.template.outputs[index]):
+        if tuple((t.shape, t.dtype) for t in outputs) != tuple(o[:2] for o in self.trace.outputs[index]):
             raise _Diverged(f"op {index}: {entry[:2]} gave other outputs")
-        for position, keep, placeholders in self.template.pending.get(index, ()):
+        for position, keep, placeholders in self.trace.pending.get(index, ()):
             self.measured[id(placeholders[0])] = measure([*tensors_in(call), *outputs][position], keep)
         for k, t in enumerate(outputs):
             self.produced[id(t)] = (weakref.ref(t), index, k)
 
     def finish(self, out: Any) -> None:
-        tape = self.template.tape
+        tape = self.trace.tape
         if self.at != len(tape) - 1 or tape[-1] != ("output", self.signature(out)):
             raise _Diverged("the run ended elsewhere")
 
@@ -169,20 +172,19 @@ def _measured_sinks(sinks: list[Sink], measured: dict[int, tuple[torch.Tensor, .
     return [fill(s) for s in sinks]
 
 
-def replay(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None, unknown_ops: str,
-           cover: bool, live: Mapping[str, Block] | None = None) -> DependencyGraph | None:
+def replay(trace: Trace, model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Tensor] | None,
+           unknown_ops: str, cover: bool, live: Mapping[str, Block] | None = None) -> DependencyGraph | None:
     """The graph a full ``build_graph(model, example_inputs, params=params, ...)`` would give, measured on one
-    forward pass checked against the model's template; None when there is no template for these inputs
-    and options, or the run does not follow it (the caller then traces in full)."""
-    template = _TEMPLATES.get(model)
-    if template is None or template.key != _key(model, example_inputs, unknown_ops, cover):
+    forward pass checked against ``trace``; None when the trace does not fit the model, these inputs and
+    options, or the run does not follow it (the caller then traces in full)."""
+    if not trace.fits(model, example_inputs, unknown_ops, cover):
         return None
     state, _, inputs, names = run_state(model, example_inputs, params, measuring=True)
-    replayer = _Replayer(template, names)
+    replayer = _Replayer(trace, names)
     if live:
         replayer.blocks = BlockOps(live, names)
-    # the template's graph may come from build_graph's train-mode pass (``cover``): run in that mode
-    mode = temporary_mode(model, training=True) if template.graph.training and not model.training \
+    # the trace's graph may come from build_graph's train-mode pass (``cover``): run in that mode
+    mode = temporary_mode(model, training=True) if trace.graph.training and not model.training \
         else contextlib.nullcontext()
     try:
         with mode:
@@ -190,5 +192,5 @@ def replay(model: nn.Module, example_inputs: Any, params: Mapping[str, torch.Ten
         replayer.finish(out)
     except Exception:  # (_Diverged, or an error the full trace will report properly)
         return None
-    return dataclasses.replace(template.graph, uf=template.graph.uf.copy(), _cache={}, output=out, measured=True,
-                               replayed=True, sinks=_measured_sinks(template.sinks, replayer.measured))
+    return dataclasses.replace(trace.graph, uf=trace.graph.uf.copy(), _cache={}, output=out, measured=True,
+                               replayed=True, sinks=_measured_sinks(trace.sinks, replayer.measured))

@@ -11,7 +11,7 @@ removed (``ctx.block``), equal-count constraints, measured values (sinks) and fi
 and a rule for a whole module (its forward is not traced inside) with ``@register_module_rule(MyBlock)``.
 This file holds the generic rules (elementwise, data movement); what data movement records besides moving
 labels (fix sites, blocks) is in ``moves.py``, reductions in ``reductions.py``, products in ``products.py``,
-layer rules in ``layers.py`` and module-level rules in ``modules.py``.
+layer rules in ``layer_rules.py`` and module-level rules in ``module_rules.py``.
 
 A rule is *exact* when the compacted model, running the op on the kept channels (with any sizes or positions
 in the call rewritten), computes what the full op computes with the removed channels dropped. An op whose
@@ -22,25 +22,28 @@ indices, a mean), is either rewritten so that it stays exact or blocks the chann
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from slimtorch.graph.fixes import FixSite
+from slimtorch.graph.callsites import FixSite
+from slimtorch.graph.context import ModuleContext, OpContext, tensors_in
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
-if TYPE_CHECKING:
-    from slimtorch.graph.trace import ModuleContext, OpContext
+__all__ = ["MOVE_EXTRA", "TRACE_PREPARERS", "VALUE_FREE", "after_move", "aligned", "bind_positions", "find_module_rule",
+           "find_rule", "nary", "note_grid", "op_name", "register_module_rule", "register_rule"]
 
-__all__ = ["MOVE_EXTRA", "PLAIN_TYPES", "VALUE_FREE", "after_move", "bind_positions", "find_module_rule", "find_rule",
-           "note_grid", "op_name", "register_module_rule", "register_rule", "tensors_in"]
-
-Rule = Callable[["OpContext"], None]
-ModuleRule = Callable[["ModuleContext"], None]
+Rule = Callable[[OpContext], None]
+ModuleRule = Callable[[ModuleContext], None]
 _BY_FUNC: dict[Any, Rule] = {}
 _BY_NAME: dict[str, Rule] = {}
 _BY_TYPE: dict[type, ModuleRule] = {}
+
+#: ``fn(model)`` called as every trace starts, before any rule is looked up: an integration with a third-party
+#: library registers its rules from here when the library is in use (see :mod:`slimtorch.integrations`), so
+#: that the graph never imports it
+TRACE_PREPARERS: list[Callable[[Any], None]] = []
 
 
 def register_rule(*ops: Any) -> Callable[[Rule], Rule]:
@@ -70,34 +73,6 @@ def op_name(func: Any) -> str:
     if name == "__get__":  # a property such as Tensor.T: name it after the property
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name
-
-
-#: types of plain (non-tensor, non-container) op arguments
-PLAIN_TYPES = (int, float, bool, str, type(None), slice, type(...), torch.dtype, torch.device, torch.memory_format,
-               torch.layout, torch.Size)
-_PLAIN_EXACT = frozenset(PLAIN_TYPES)
-
-
-def tensors_in(tree: Any) -> list[torch.Tensor]:
-    """The tensors in an op's arguments or outputs, in order. Plain tuples, lists and dicts are walked here
-    (torch's pytree, which also knows namedtuples and registered classes, costs ~10x more per call and
-    runs for every op traced); anything else goes to the pytree."""
-    kind = type(tree)
-    if kind is tuple or kind is list or kind is dict:
-        out: list[torch.Tensor] = []
-        for item in tree.values() if kind is dict else tree:
-            if type(item) in _PLAIN_EXACT:  # (an exact-type lookup first: most arguments are ints, floats or None)
-                continue
-            if isinstance(item, torch.Tensor):
-                out.append(item)
-            elif not isinstance(item, PLAIN_TYPES):
-                out += tensors_in(item)
-        return out
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, PLAIN_TYPES):
-        return []
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def find_rule(func: Any) -> Rule | None:
@@ -146,7 +121,7 @@ _NARY = [
 _TRIANGLE = ["tril", "triu", "tril_", "triu_"]
 
 
-def _aligned(labels: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+def aligned(labels: torch.Tensor | None, rank: int) -> torch.Tensor | None:
     """Labels of a broadcast operand, with the leading dims broadcasting adds."""
     if labels is None or labels.dim() == rank:
         return labels
@@ -172,13 +147,13 @@ def _unary(ctx: OpContext) -> None:
 
 
 @register_rule(*_NARY)
-def _nary(ctx: OpContext) -> None:
+def nary(ctx: OpContext) -> None:
     outs = ctx.outputs
     if not outs:
         return
     rank = outs[0].dim()
     tensors = tensors_in((ctx.args, ctx.kwargs))
-    parts = [_aligned(ctx.labels(t), rank) for t in tensors]
+    parts = [aligned(ctx.labels(t), rank) for t in tensors]
     merged = broadcast_merge(ctx.uf, parts)
     ctx.set_output(merged)
     note_grid(ctx, merged)
@@ -219,7 +194,7 @@ def _triangle(ctx: OpContext) -> None:
 
 @register_rule("copy_")
 def _copy(ctx: OpContext) -> None:
-    ctx.set_labels(ctx.args[0], _aligned(ctx.labels(ctx.args[1]), ctx.args[0].dim()))
+    ctx.set_labels(ctx.args[0], aligned(ctx.labels(ctx.args[1]), ctx.args[0].dim()))
 
 
 _UNIFORM = ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",

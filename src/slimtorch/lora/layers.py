@@ -11,7 +11,7 @@ from torch import nn
 from slimtorch.checks import check_module
 from slimtorch.errors import ConfigError, NoMatchError, SlimWarning, closest
 from slimtorch.lora.config import LoRAConfig
-from slimtorch.prune.masks import is_masked
+from slimtorch.masks import is_masked
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 
 __all__ = ["LORA_ATTR", "LoRAConv2d", "LoRALinear", "adapters", "add_lora_", "lora_targets", "merge_lora_"]

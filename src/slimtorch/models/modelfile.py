@@ -34,9 +34,9 @@ from slimtorch.atomic import atomic_write
 from slimtorch.checks import check_path
 from slimtorch.compact import replay_
 from slimtorch.errors import CheckpointError, CompactionError, SlimError
+from slimtorch.io import DESCRIPTION, load_compacted_
+from slimtorch.masks import COMPACTION_ATTR, MASK_SUFFIX, apply_masks_, get_masks, model_state
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
-from slimtorch.prune.masks import MASK_SUFFIX, apply_masks_, get_masks
-from slimtorch.report import COMPACTION_ATTR, model_state
 
 __all__ = ["LoadedModel", "load_model", "save_model"]
 
@@ -100,8 +100,6 @@ def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
 
 def _load_compacted_folder(path: Path) -> LoadedModel:
     """A folder written by :func:`slimtorch.io.save_compacted` from one of the reference models."""
-    from slimtorch.io import DESCRIPTION, load_compacted_
-
     if not (path / DESCRIPTION).is_file():
         raise CheckpointError(f"{str(path)!r} is a folder without {DESCRIPTION}; give a model file or a folder "
                               "written by slimtorch.io.save_compacted")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import MAX_PARAMETERS
 from slimtorch.errors import ConfigError, closest
 from slimtorch.models.reference import BookCNN, DigitsCNN, MnistNet
 
@@ -42,10 +43,9 @@ REFERENCE_MODELS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
 }
 _TORCHVISION_SHAPE = (3, 224, 224)
 #: Bounds on sizes read from files and arguments, checked before allocating: one sample's values, one
-#: integer constructor argument (a width, a class count) and a built model's parameters.
+#: integer constructor argument (a width, a class count); a built model's parameters: MAX_PARAMETERS.
 MAX_SAMPLE_VALUES = 1 << 28
 MAX_KWARG_INT = 1 << 24
-MAX_PARAMETERS = 1 << 33
 #: Builder arguments that would fetch weights from the internet; builds always pass None for them.
 _DOWNLOADING_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 

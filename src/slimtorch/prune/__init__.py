@@ -3,15 +3,17 @@
 Criteria say what to cut, granularities which unit, schedules and methods when: one-shot
 (:func:`compute_masks`), gradual (:class:`GradualPruner`), lottery tickets (:class:`LotteryTicket`),
 sparse training (:class:`DynamicSparsity`), network slimming (:class:`SlimmingRegularizer`), whole
-blocks (:mod:`slimtorch.prune.blocks`); :func:`sensitivity_analysis` measures what each layer tolerates.
+blocks (:mod:`slimtorch.prune.depth`: depth pruning); :func:`sensitivity_analysis` measures what each layer tolerates.
 """
 
+from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
+from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
 from slimtorch.prune.iterative import GradualPruner
+from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
 from slimtorch.prune.lottery import LotteryTicket
-from slimtorch.prune.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
-from slimtorch.prune.pruner import LayerPlan, compute_masks, masks_from_keep, plan_layers, unit_keep
+from slimtorch.prune.pruner import compute_masks, masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.regularize import SlimmingRegularizer, bn_l1_penalty
 from slimtorch.prune.schedule import SCHEDULES, Schedule, register_schedule
 from slimtorch.prune.sensitivity import SensitivityResult, sensitivity_analysis
@@ -35,14 +37,18 @@ __all__ = [
     "SlimmingRegularizer",
     "StatsTracker",
     "apply_masks_",
+    "block_drop_loss",
+    "block_influence",
     "bn_l1_penalty",
     "collect_stats",
     "compute_masks",
+    "drop_blocks_",
     "get_criterion",
     "get_masks",
     "is_masked",
     "mask_sparsity",
     "masks_from_keep",
+    "plan_block_drop",
     "plan_layers",
     "register_criterion",
     "register_schedule",

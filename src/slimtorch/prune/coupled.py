@@ -30,8 +30,9 @@ from torch import nn
 
 from slimtorch.errors import NoMatchError, SlimWarning
 from slimtorch.graph import DependencyGraph, Member, build_graph
+from slimtorch.masks import Masks
 from slimtorch.prune.granularity import channel_dims
-from slimtorch.prune.pruner import LayerPlan, _layer_masks
+from slimtorch.prune.layer_plan import LayerPlan, layer_masks
 
 __all__ = ["coupled_masks", "implied_param_count"]
 
@@ -150,16 +151,16 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
 
 def coupled_masks(
     model: nn.Module, example_inputs: Any, plans: list[LayerPlan], keep: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """Masks for structured ``plans`` made consistent across coupled layers (see the module docstring).
 
     ``keep`` holds each plan's per-unit keep flags as the per-layer selection made them: their fraction is
     the fraction of the coupled group pruned. A layer that never runs on ``example_inputs`` (in eval or
     train mode) is not pruned; a plan whose units the graph cannot map (e.g. a grouped conv's input
-    channels) gets its per-layer mask unchanged.
+    channels) gets its per-layer mask unchanged. The masks carry the graph's shapes-only trace.
     """
     graph = build_graph(model, example_inputs, cover=True, values=False)
-    masks: dict[str, torch.Tensor] = {}
+    masks = Masks(trace=graph.trace)
     mapped = []
     for plan in plans:
         if plan.name in graph.unreached:
@@ -168,7 +169,7 @@ def coupled_masks(
             continue
         found = _channel_units(graph, plan)
         if found is None:
-            masks.update(_layer_masks(plan, keep[plan.name]))
+            masks.update(layer_masks(plan, keep[plan.name]))
         else:
             mapped.append((plan, *found))
     for _plan, member, units in mapped:  # a unit of several channels (a head) goes as a whole

@@ -28,6 +28,7 @@ from torch import nn
 from slimtorch.config import Granularity
 from slimtorch.errors import ConfigError
 from slimtorch.prune.granularity import UnitView
+from slimtorch.prune.stats import expand_input_stat
 
 __all__ = ["CRITERIA", "Criterion", "ScoreContext", "get_criterion", "register_criterion"]
 
@@ -200,8 +201,6 @@ def movement(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
 def wanda(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     """Wanda (Sun et al. 2023): |w| times the L2 norm of the input feature it multiplies, over the
     calibration data; summed over the unit."""
-    from slimtorch.prune.stats import expand_input_stat
-
     norm = expand_input_stat(ctx.module, ctx.stat("input_norm", "wanda").to(torch.float32), ctx.view.shape)
     return (units.abs() * ctx.view.units(norm)).sum(dim=1)
 

@@ -263,5 +263,5 @@ def _head(module: nn.Module, shape: tuple[int, ...], g: Granularity) -> UnitView
 def _layer(module: nn.Module, shape: tuple[int, ...], g: Granularity) -> UnitView:
     raise ConfigError(
         "whole layers or blocks are not pruned with masks: rank them with "
-        "slimtorch.prune.blocks.plan_block_drop and remove them with drop_blocks_"
+        "slimtorch.prune.depth.plan_block_drop and remove them with drop_blocks_"
     )

@@ -36,15 +36,16 @@ from torch import nn
 from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_
 from slimtorch.prune.criteria import Criterion, get_criterion
+from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
-from slimtorch.prune.masks import apply_masks_
-from slimtorch.prune.pruner import LayerPlan, masks_from_keep, plan_layers, unit_keep
+from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.schedule import Schedule
 from slimtorch.prune.stats import Stats, StatsTracker, collect_stats
 from slimtorch.select import select_modules
 
-__all__ = ["CALIBRATION_BATCHES", "GradualPruner", "scale_targets", "weight_sparsity"]
+__all__ = ["CALIBRATION_BATCHES", "GradualPruner", "force_pruned", "scale_targets", "weight_sparsity"]
 
 #: Batches of training data used for a criterion's statistics when the library drives and none are given.
 CALIBRATION_BATCHES = 16
@@ -84,7 +85,7 @@ def weight_sparsity(masks: Mapping[str, torch.Tensor], plans: Sequence[LayerPlan
     return 1.0 - kept / total if total else 0.0
 
 
-def _force_pruned(plan: LayerPlan, masks: Mapping[str, torch.Tensor]) -> LayerPlan:
+def force_pruned(plan: LayerPlan, masks: Mapping[str, torch.Tensor]) -> LayerPlan:
     """Units already fully pruned score -inf, so they stay pruned and count towards the new target."""
     mask = masks.get(plan.weight_name)
     if mask is None:
@@ -168,7 +169,7 @@ class GradualPruner(Callback):
             stats = self._read_stats()
         plans = plan_layers(self.model, targets, self.criterion, stats=stats, seed=step)
         if not self.regrow and self.masks:
-            plans = [_force_pruned(p, self.masks) for p in plans]
+            plans = [force_pruned(p, self.masks) for p in plans]
         masks = masks_from_keep(self.model, plans, unit_keep(plans), example_inputs=self.example_inputs)
         if self.regrow:
             _zero_(self.model, masks)

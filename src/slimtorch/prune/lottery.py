@@ -33,10 +33,10 @@ from torch import nn
 from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import MASK_SUFFIX, apply_masks_, get_masks
 from slimtorch.prune.criteria import Criterion, get_criterion
-from slimtorch.prune.iterative import _force_pruned, scale_targets, weight_sparsity
+from slimtorch.prune.iterative import force_pruned, scale_targets, weight_sparsity
 from slimtorch.prune.loop import Callback, Evaluator
-from slimtorch.prune.masks import MASK_SUFFIX, apply_masks_, get_masks
 from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
 from slimtorch.prune.schedule import exponential
 from slimtorch.select import select_modules
@@ -121,7 +121,7 @@ class LotteryTicket(Callback):
         progress = self.round / self.rounds
         targets = scale_targets(self.targets, lambda s: exponential(progress, s))
         plans = plan_layers(self.model, targets, self.criterion)
-        plans = [_force_pruned(p, self.masks) for p in plans]
+        plans = [force_pruned(p, self.masks) for p in plans]
         masks = masks_from_keep(self.model, plans, unit_keep(plans), example_inputs=self.example_inputs)
         self._rewind_()
         apply_masks_(self.model, masks)

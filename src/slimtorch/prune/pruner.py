@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,34 +36,15 @@ from slimtorch.checks import (
 )
 from slimtorch.config import PruneTarget
 from slimtorch.errors import ConfigError, SlimWarning
-from slimtorch.graph.trace import collector_paused
+from slimtorch.graph.run import collector_paused
+from slimtorch.masks import Masks
+from slimtorch.prune.coupled import coupled_masks
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
-from slimtorch.prune.granularity import UnitView, channel_dims, unit_view
-from slimtorch.select import bias_param_name, select_modules, weight_param_name
+from slimtorch.prune.granularity import unit_view
+from slimtorch.prune.layer_plan import LayerPlan, layer_masks
+from slimtorch.select import select_modules, weight_param_name
 
 __all__ = ["LayerPlan", "compute_masks", "masks_from_keep", "plan_layers", "unit_keep", "units_to_prune"]
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One selected layer, cut into units and scored. ``scores`` is float64 on the CPU, one per unit.
-
-    ``param`` is the scored parameter (``"weight"``, or ``"in_proj_weight"`` of a MultiheadAttention);
-    ``size_power`` is the criterion's (how its scores grow with the unit size, for global ranking).
-    """
-
-    name: str
-    module: nn.Module
-    target: PruneTarget
-    entry: int
-    view: UnitView
-    scores: torch.Tensor
-    param: str = "weight"
-    size_power: float = 1.0
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.{self.param}"
 
 
 def units_to_prune(num_units: int, sparsity: float, *, structured: bool) -> int:
@@ -212,40 +192,24 @@ def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_masks(plan: LayerPlan, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The weight mask of one layer, and its bias mask when whole output rows (channels, heads) go."""
-    weight = plan.module._parameters[plan.param]
-    mask = plan.view.expand(keep).to(weight.device)
-    masks = {plan.weight_name: mask}
-    bias_name = bias_param_name(plan.module)
-    bias = plan.module._parameters.get(bias_name)
-    if plan.view.granularity.kind in ("out_channel", "head") and isinstance(bias, torch.Tensor):
-        out_dim = channel_dims(plan.module)[0] if mask.dim() > 1 else 0
-        rows = mask.movedim(out_dim, 0).reshape(mask.shape[out_dim], -1).any(dim=1)  # (out,): row kept or not
-        if bias.shape == rows.shape:
-            masks[f"{plan.name}.{bias_name}"] = rows
-    return masks
-
-
 def masks_from_keep(
     model: nn.Module,
     plans: Sequence[LayerPlan],
     keep: Mapping[str, torch.Tensor],
     *,
     example_inputs: Any = None,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """Turn per-unit keep flags (:func:`unit_keep`) into parameter masks (the last step of
-    :func:`compute_masks`); with ``example_inputs``, structured masks go through the dependency graph."""
+    :func:`compute_masks`); with ``example_inputs``, structured masks go through the dependency graph, whose
+    trace they carry (:class:`~slimtorch.masks.Masks`)."""
     plans = list(plans)
     if example_inputs is not None and any(p.view.structured for p in plans):
-        from slimtorch.prune.coupled import coupled_masks
-
         masks = coupled_masks(model, example_inputs, [p for p in plans if p.view.structured], dict(keep))
         plans = [p for p in plans if not p.view.structured]
     else:
-        masks = {}
+        masks = Masks()
     for plan in plans:
-        masks.update(_layer_masks(plan, keep[plan.name]))
+        masks.update(layer_masks(plan, keep[plan.name]))
     return masks
 
 
@@ -258,7 +222,7 @@ def compute_masks(
     criterion: str | Criterion = "l1",
     stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
-) -> dict[str, torch.Tensor]:
+) -> Masks:
     """Masks (``param name -> bool tensor``, True = keep) for the layers ``config_list`` selects.
 
     Args:
@@ -268,6 +232,8 @@ def compute_masks(
             masks are made consistent across coupled layers and extended to every parameter that
             produces or normalises a pruned channel. Its values must be finite: a NaN or an infinity is a
             ConfigError naming the input (the graph is traced on them, as :func:`~slimtorch.compact_` does).
+            The masks then carry the graph's shapes-only trace, which :func:`~slimtorch.compact_` replays
+            instead of tracing the model again (:class:`~slimtorch.masks.Masks`).
         criterion: a registered criterion name (``"l1"``, ``"l2"``, ``"fpgm"``, ``"magnitude"``,
             ``"random"``, ...). Its default granularity applies where an entry gives none: the norm
             criteria default to whole output channels (as NNI's norm pruners), magnitude to single weights.

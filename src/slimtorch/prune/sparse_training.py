@@ -39,8 +39,8 @@ from torch import nn
 from slimtorch.checks import check_number
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_, drop_grad_hook, get_masks
 from slimtorch.prune.loop import Callback
-from slimtorch.prune.masks import _drop_grad_hook, apply_masks_, get_masks
 from slimtorch.prune.pruner import units_to_prune
 from slimtorch.select import select_modules, weight_param_name
 
@@ -137,7 +137,7 @@ class DynamicSparsity(Callback):
     def _capture(self, name: str, param: nn.Parameter) -> torch.utils.hooks.RemovableHandle:
         # Tensor hooks run in registration order: the masks' gradient hook (which zeroes pruned entries)
         # is removed here and re-added by apply_masks_ after this one, so this one sees the dense gradient.
-        _drop_grad_hook(param)
+        drop_grad_hook(param)
 
         def hook(grad: torch.Tensor) -> None:
             if (self.steps + 1) % self.every == 0:  # only the backward of an update step is kept

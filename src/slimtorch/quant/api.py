@@ -24,10 +24,11 @@ from torch import nn
 
 from slimtorch.checks import check_materialized, check_module, model_devices
 from slimtorch.errors import ConfigError
+from slimtorch.masks import COMPACTION_ATTR, apply_masks_, get_masks, remove_masks_
 from slimtorch.quant.batches import model_inputs
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
-from slimtorch.report import COMPACTION_ATTR
+from slimtorch.quant.methods import quiet_torch_ao
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 
@@ -89,8 +90,6 @@ def _apply_keeping_masks(model: nn.Module, spec: QuantMethod, config: QuantConfi
     masks are baked into the weights first, then put back wherever the result still holds the same float
     parameter (fp16, bf16, the layers of quantization-aware training), so that training keeps the pruned
     weights at zero. A failure puts them back on ``model``."""
-    from slimtorch.prune.masks import apply_masks_, get_masks, remove_masks_
-
     masks = {n: m for n, m in get_masks(model).items() if n.rpartition(".")[0] in layers}
     for name in {n.rpartition(".")[0] for n in masks}:
         remove_masks_(model.get_submodule(name))
@@ -206,9 +205,7 @@ def convert_qat(model: nn.Module) -> nn.Module:
     if info.method == "qat_int8":
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        from slimtorch.quant.methods import _quiet_torch_ao
-
-        with _quiet_torch_ao():
+        with quiet_torch_ao():
             work = convert_fx(work)
     else:
         # The fake-quantized layers are still Linear/Conv2d: pack them with the post-training method.

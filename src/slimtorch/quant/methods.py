@@ -25,17 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.checks import run_model
 from slimtorch.errors import ConfigError, TraceError
 from slimtorch.quant.config import QuantConfig, register_quant_method
 from slimtorch.quant.lowbit import FakeLowBitConv2d, FakeLowBitLinear, LowBitConv2d, LowBitLinear
 
-__all__: list[str] = []
+__all__ = ["quiet_torch_ao"]
 
 _CONV_LINEAR = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 @contextlib.contextmanager
-def _quiet_torch_ao() -> Iterator[None]:
+def quiet_torch_ao() -> Iterator[None]:
     """torch.ao warns on every call that it is deprecated (see the module docstring for why we pin it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
@@ -72,7 +73,7 @@ def _dynamic_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...]
     linear = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
     spec = {name: float_qparams_weight_only_qconfig if isinstance(model.get_submodule(name), nn.Embedding)
             else linear for name in layers}
-    with _quiet_torch_ao():
+    with quiet_torch_ao():
         quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     for name in layers:
         layer = model.get_submodule(name)
@@ -115,7 +116,7 @@ def _as_args(batch: Any) -> tuple[Any, ...]:
 
 def _trace(prepare: Any, model: nn.Module, mapping: Any, example: tuple[Any, ...]) -> nn.Module:
     try:
-        with _quiet_torch_ao():
+        with quiet_torch_ao():
             return prepare(model, mapping, example)
     except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as err:
         raise TraceError(
@@ -133,8 +134,6 @@ def _trace(prepare: Any, model: nn.Module, mapping: Any, example: tuple[Any, ...
 def _static_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Iterable[Any]) -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from slimtorch.checks import run_model
-
     first, rest = _peek(batches, "static_int8 needs calibration=<iterable of model inputs>")
     with torch.no_grad():
         run_model(model.eval(), first, "static_int8 calibration batch 0")  # the float model first: a clear error
@@ -142,7 +141,7 @@ def _static_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...],
     with torch.no_grad():
         for index, batch in enumerate(itertools.chain([first], rest)):
             run_model(prepared, batch, f"static_int8 calibration batch {index}")  # observers record ranges
-    with _quiet_torch_ao():
+    with quiet_torch_ao():
         return convert_fx(prepared)
 
 
@@ -153,8 +152,6 @@ def _static_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...],
 )
 def _qat_int8(model: nn.Module, config: QuantConfig, layers: tuple[str, ...], batches: Iterable[Any]) -> nn.Module:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
-
-    from slimtorch.checks import run_model
 
     first, _ = _peek(batches, "qat_int8 traces the model: pass example_inputs=")
     with torch.no_grad():

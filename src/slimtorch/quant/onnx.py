@@ -16,18 +16,34 @@ modules cannot be exported).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from slimtorch.checks import check_output_file
 from slimtorch.errors import CheckpointError, ConfigError, ExportError, SlimError
-from slimtorch.export import _args_kwargs, quiet_onnx
+from slimtorch.graph.run import args_kwargs
 from slimtorch.io import atomic_write
 from slimtorch.quant.batches import checked_batches
 from slimtorch.quant.config import QuantConfig
 
-__all__ = ["quantize_onnx"]
+__all__ = ["quantize_onnx", "quiet_onnx"]
+
+
+@contextlib.contextmanager
+def quiet_onnx() -> Iterator[None]:
+    """The exporter prints progress lines to stdout, ORT's quantizers log advice at WARNING on every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 class _Reader:
@@ -42,7 +58,7 @@ class _Reader:
             return None
         if isinstance(batch, Mapping):
             return {k: v.numpy() for k, v in batch.items() if k in self._names}
-        args, _ = _args_kwargs(batch)
+        args, _ = args_kwargs(batch)
         return {n: a.numpy() for n, a in zip(self._names, args, strict=False)}
 
 

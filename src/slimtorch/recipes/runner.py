@@ -39,10 +39,10 @@ from slimtorch.compact import compact_
 from slimtorch.data.datasets import TensorSplit
 from slimtorch.data.sources import load_dataset
 from slimtorch.errors import ConfigError
+from slimtorch.masks import get_masks, merge_masks
 from slimtorch.models.modelfile import load_model
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 from slimtorch.prune import apply_masks_, compute_masks
-from slimtorch.prune.masks import get_masks, merge_masks
 from slimtorch.recipes.schema import Recipe, Step
 from slimtorch.recover.distill import Distiller
 from slimtorch.recover.distributed import dist_info

@@ -10,17 +10,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from slimtorch.recover.config import TrainConfig
 from slimtorch.recover.distributed import DistInfo, all_reduce_sum, dist_info
-
-if TYPE_CHECKING:
-    from slimtorch.recover.trainer import TrainConfig
 
 __all__ = ["augment", "batch_indices", "evaluate_accuracy", "fetch"]
 

@@ -25,6 +25,7 @@ parameters: give them to the optimizer too (``fit`` does).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,8 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.checks import check_module, check_number, run_model
+from slimtorch.compact import compact_
 from slimtorch.config import check_fields
 from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.graph.run import temporary_mode
+from slimtorch.masks import apply_masks_
+from slimtorch.recover.trainer import fit
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -205,8 +210,6 @@ class Distiller(nn.Module):
         return self._teacher[0]
 
     def _install(self, student: nn.Module, example_inputs: Any) -> None:
-        from slimtorch.graph.trace import temporary_mode
-
         if example_inputs is None:
             raise ConfigError("feature matching needs example_inputs (one batch) to size its projections")
         for pair in self.config.features:
@@ -292,16 +295,9 @@ def prune_and_distill_(
         >>> int((net[0].weight.abs().sum(dim=1) == 0).sum()), result.steps
         (8, 4)
     """
-    import copy
-
-    from slimtorch.prune.masks import apply_masks_
-    from slimtorch.recover.trainer import fit
-
     teacher = copy.deepcopy(model)
     apply_masks_(model, masks)
     if example_inputs is not None:
-        from slimtorch.compact import compact_
-
         compact_(model, masks, example_inputs=example_inputs)
     distiller = Distiller(teacher, model, distill, example_inputs=example_inputs)
     try:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from slimtorch.prune.masks import get_masks
+from slimtorch.masks import get_masks
 
 __all__ = ["dataset_identity", "differences", "digest", "run_identity"]
 

@@ -43,13 +43,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimtorch.atomic import check_output_file
-from slimtorch.checks import check_number
-from slimtorch.config import check_fields
 from slimtorch.errors import CheckpointError, ConfigError, SlimError
 from slimtorch.progress import progress
 from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy, fetch
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
+from slimtorch.recover.config import TrainConfig
 from slimtorch.recover.distributed import all_reduce_sum, dist_info
 from slimtorch.recover.guards import (
     Start,
@@ -64,56 +63,6 @@ from slimtorch.recover.identity import differences, run_identity
 __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
-AUGMENTS = ("none", "flip", "flip-crop")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Hyper-parameters of :func:`fit`. ``batch_size`` is the global batch (split across processes);
-    ``checkpoint_every`` counts steps (0: at the end of each epoch only); ``grad_topk`` is the fraction
-    of each gradient sent under DDP (0: dense all-reduce); ``augment`` flips images left-right
-    (``"flip"``) and also shifts them by up to 4 pixels (``"flip-crop"``), drawn from torch's global RNG."""
-
-    epochs: int
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    schedule: str = "constant"
-    seed: int = 0
-    checkpoint_every: int = 0
-    grad_topk: float = 0.0
-    augment: str = "none"
-
-    def __post_init__(self) -> None:
-        # numbers first, each of its type (a string "0.1" or a float epoch count would fail mid-training)
-        check_number(self.epochs, "epochs", low=0, integer=True)
-        check_number(self.batch_size, "batch_size", low=1, integer=True)
-        check_number(self.lr, "lr", low=0.0, low_open=True)
-        check_number(self.weight_decay, "weight_decay", low=0.0)
-        check_number(self.momentum, "momentum", low=0.0)
-        check_number(self.seed, "seed", low=0, high=2**31 - 1, integer=True)
-        check_number(self.checkpoint_every, "checkpoint_every (steps)", low=0, integer=True)
-        check_number(self.grad_topk, "grad_topk (0 = off)", low=0.0, high=1.0)
-        checks = [
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        check_fields(cls, data, what="training")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ are reported with a :class:`~slimtorch.errors.SlimWarning`. Feed-forward blocks 
 
     >>> import torch, slimtorch
     >>> from transformers import LlamaConfig, LlamaModel
-    >>> from slimtorch.transformers.hf import unit_masks
+    >>> from slimtorch.integrations.hf.compaction import unit_masks
     >>> llama = LlamaModel(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
     ...                                num_key_value_heads=2, head_dim=4, intermediate_size=64)).eval()
     >>> masks = unit_masks(llama, {"layers.0.self_attn": [0, 1, 2, 3]})       # a whole key/value group
@@ -44,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 from slimtorch.compact.surgery import register_shrink
 from slimtorch.errors import CompactionError, SlimWarning
 from slimtorch.graph import Sink, register_module_rule
-from slimtorch.graph.layers import channel_labels, consumer_sink, placed
+from slimtorch.graph.layer_rules import channel_labels, consumer_sink, placed
 
 if TYPE_CHECKING:
     from slimtorch.graph import ModuleContext

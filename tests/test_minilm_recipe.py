@@ -10,9 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from slimtorch.errors import ConfigError  # noqa: E402
-from slimtorch.transformers.blocks import find_blocks  # noqa: E402
-from slimtorch.transformers.minilm import embed  # noqa: E402
-from slimtorch.transformers.workflow import WorkflowConfig, distil_embeddings_, prune_workflow_  # noqa: E402
+from slimtorch.integrations.hf.units import find_blocks  # noqa: E402
+from slimtorch.models.minilm import embed  # noqa: E402
+from slimtorch.recipes.minilm import WorkflowConfig, distil_embeddings_, prune_workflow_  # noqa: E402
 
 
 def _bert():

@@ -2,7 +2,7 @@
 
 This is the extension point for attention blocks and recurrent layers, whose internals (heads, gates,
 time steps) are easier to state once for the module than to rediscover op by op. A module rule gets a
-:class:`~slimtorch.graph.trace.ModuleContext` (``ctx.module``, ``ctx.args``, ``ctx.kwargs``, ``ctx.out``,
+:class:`~slimtorch.graph.context.ModuleContext` (``ctx.module``, ``ctx.args``, ``ctx.kwargs``, ``ctx.out``,
 ``ctx.param(attr)`` for full parameter names) and must set the labels of the module's outputs.
 """
 
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from slimtorch.graph.layers import channel_labels, consumer_sink, placed
+from slimtorch.graph.layer_rules import channel_labels, consumer_sink, placed
 from slimtorch.graph.rules import register_module_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import ModuleContext
+    from slimtorch.graph.context import ModuleContext
 
 __all__: list[str] = []
 

@@ -33,24 +33,56 @@ from torch import nn
 
 from slimtorch.checks import check_materialized, check_module
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.graph.blocks import masked
+from slimtorch.graph.live import masked
+from slimtorch.graph.replay import Trace
 
 __all__ = [
+    "COMPACTION_ATTR",
     "MASK_SUFFIX",
+    "Masks",
     "apply_masks_",
     "canonical_masks",
     "check_mask_values",
     "check_masks",
+    "drop_grad_hook",
     "get_masks",
     "is_masked",
     "mask_factor",
     "mask_sparsity",
     "merge_masks",
+    "model_state",
     "remove_masks_",
     "without_masks",
 ]
 
 MASK_SUFFIX = "_mask"
+
+#: Attribute the compaction stage sets on a model it has made smaller (a dict describing the change).
+COMPACTION_ATTR = "slimtorch_compaction"
+
+
+class Masks(dict):
+    """Masks as :func:`~slimtorch.compute_masks` returns them: a ``dict[str, Tensor]`` in every use (indexing,
+    iteration, ``dict(masks)``, ``{**masks}``, saving) that also carries what computing them learned about the
+    model, ``trace``: the shapes-only trace of its dependency graph (None when no graph was built, or the model
+    had to be traced for real). :func:`~slimtorch.compact_` hands it to the graph, which measures the values
+    compaction needs by replaying it (one forward pass, checked op by op) instead of tracing the model again,
+    when the trace still fits the model. What is derived from the masks (``dict(masks)``, a comprehension, a
+    merge) is a plain dict without it: compacting with it gives the same result, tracing the model again.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from slimtorch import compute_masks
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+        >>> isinstance(masks, dict), masks.trace is not None, type(dict(masks)).__name__
+        (True, True, 'dict')
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None, *, trace: Trace | None = None) -> None:
+        super().__init__(masks or {})
+        self.trace = trace
 
 # Gradient hooks installed, by id(parameter) -> (weak reference to it, handle). Tensor hooks are not
 # copied by ``copy.deepcopy``, so the forward pre-hook (which is) installs them lazily on whatever
@@ -70,7 +102,8 @@ def _add_grad_hook(param: torch.Tensor, mask: torch.Tensor) -> None:
     _GRAD_HOOKS[id(param)] = (weakref.ref(param), param.register_hook(_GradMask(mask)))
 
 
-def _drop_grad_hook(param: torch.Tensor) -> None:
+def drop_grad_hook(param: torch.Tensor) -> None:
+    """Remove the hook that masks ``param``'s gradient (masking installs one per masked parameter)."""
     if _has_grad_hook(param):
         _GRAD_HOOKS.pop(id(param))[1].remove()
 
@@ -255,7 +288,7 @@ def remove_masks_(model: nn.Module) -> None:
             if getattr(sd_hook, "__self__", None) is hook:
                 del module._state_dict_pre_hooks[sd_key]
         for name in hook.names:
-            _drop_grad_hook(module._parameters[name])
+            drop_grad_hook(module._parameters[name])
             del module._buffers[name + MASK_SUFFIX]
 
 
@@ -298,3 +331,14 @@ def without_masks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of zeros in each mask, keyed like the masks."""
     return {name: 1.0 - float(m.float().mean()) if m.numel() else 0.0 for name, m in masks.items()}
+
+
+def model_state(model: nn.Module) -> str:
+    """``"masked"``, ``"compacted"`` or ``"dense"`` (a quantized model is still one of these three:
+    :func:`slimtorch.report.quantization` says how it is quantized). A compacted model is ``"compacted"`` even
+    when it carries masks (what the masks prune inside the channels compaction kept, or a later pruning round)."""
+    if getattr(model, COMPACTION_ATTR, None):
+        return "compacted"
+    if is_masked(model):
+        return "masked"
+    return "dense"

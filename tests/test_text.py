@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimtorch.transformers.text import (
+from slimtorch.data.text import (
     Document,
     news_stories,
     split_documents,

@@ -1,7 +1,7 @@
 """A small LLaMA-style causal language model (grouped-query attention) trained here on offline Wikipedia
 text, its tokenizer, perplexity, and a cache so that it is trained once per machine.
 
-    >>> from slimtorch.transformers.llm import TinyLMConfig, build_model
+    >>> from slimtorch.models.tiny_lm import TinyLMConfig, build_model
     >>> cfg = TinyLMConfig(vocab_size=64, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate_size=64)
     >>> model = build_model(cfg)
     >>> model.config.num_key_value_heads, model.model.layers[0].self_attn.k_proj.out_features
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder
+from slimtorch.data.text import Document, TextSplits, text_splits
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.progress import progress
-from slimtorch.transformers.text import Document, TextSplits, text_splits
 
 __all__ = [
     "TinyLM",

@@ -1,7 +1,7 @@
 """Compaction of Hugging Face transformers: attention heads and FFN neurons that the masks prune are
 physically removed by the compaction engine (:func:`slimtorch.compact_`, with the attention rules of
-:mod:`slimtorch.transformers.engine`), then the config and the record of pruned heads are updated so
-that the result saves and loads (:mod:`slimtorch.transformers.pretrained`).
+:mod:`slimtorch.integrations.hf.rules`), then the config and the record of pruned heads are updated so
+that the result saves and loads (:mod:`slimtorch.integrations.hf.folders`).
 
 :func:`compact_hf_` is ``compact_`` with inputs made from the config and the model's applied masks; a
 head that is only partly masked stays, with its masked weights at zero, as the seeds' workflow does.
@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.compact import compact_
 from slimtorch.compact.compact import AFTER_COMPACTION
 from slimtorch.errors import ConfigError, NoMatchError, closest
-from slimtorch.prune.masks import get_masks, is_masked
-from slimtorch.report import COMPACTION_ATTR
-from slimtorch.transformers.blocks import BlockSpec, Slice, find_blocks
-from slimtorch.transformers.engine import attention_layout, slice_params_
+from slimtorch.integrations.hf.rules import attention_layout, slice_params_
+from slimtorch.integrations.hf.units import BlockSpec, Slice, find_blocks
+from slimtorch.masks import COMPACTION_ATTR, get_masks, is_masked
 
 __all__ = [
     "BlockPlan",
@@ -92,7 +92,7 @@ def _sync_layer_sizes(layer: nn.Module) -> None:
 
 def shrink_block_(spec: BlockSpec, plan: BlockPlan) -> None:
     """Keep only ``plan``'s units in the block's parameters (the slicing the engine's shrink functions do,
-    :func:`~slimtorch.transformers.engine.slice_params_`), then update the size attributes of its layers
+    :func:`~slimtorch.integrations.hf.rules.slice_params_`), then update the size attributes of its layers
     and of the block itself. Used to rebuild saved shapes; compaction itself runs through the engine."""
     keeps: dict[str, dict[int, torch.Tensor]] = {}
     for s in (*spec.producers, *spec.consumers):
@@ -208,8 +208,6 @@ def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = Non
     default to :func:`example_inputs_for`. Records the pruned heads in ``model.slimtorch_compaction``
     and the kept sizes in ``model.config``.
     """
-    from slimtorch.compact import compact_
-
     masks = dict(masks) if masks is not None else {}
     if is_masked(model):
         masks = {**get_masks(model), **masks}

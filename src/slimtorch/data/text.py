@@ -8,7 +8,7 @@ WikiText-2 is made of, the data set of the one-shot pruning papers' perplexity t
 model trained and evaluated here is measured on the same kind of text; the news stories are a second,
 different register used for held-out sentence-embedding checks.
 
-    >>> from slimtorch.transformers.text import split_sentences
+    >>> from slimtorch.data.text import split_sentences
     >>> split_sentences("The cat sat on the mat. It was a warm day in May, said Dr. Smith! Short.", min_words=3)
     ['The cat sat on the mat.', 'It was a warm day in May, said Dr. Smith!']
 """

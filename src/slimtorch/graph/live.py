@@ -190,7 +190,7 @@ class BlockOps:
     ``blocks``: by parameter name (:func:`live_blocks`); ``names``: tensor id -> parameter name, for the
     tensors the model runs with (whose values must be zero outside their block: masked ones).
 
-    ``unmasked``: parameter name -> mask (0/1: bool, or the faster multiplier ``prune.masks.mask_factor``
+    ``unmasked``: parameter name -> mask (0/1: bool, or the faster multiplier ``slimtorch.masks.mask_factor``
     makes) for tensors the model runs with as they are, although masked: masks that keep exactly their live
     block (:attr:`LiveBlocks.exact`), whose block is then the masked weight's. Every other read of such a
     tensor, by any op (:meth:`call`), gets its masked values, made on first use: a masked copy of a large

@@ -15,10 +15,10 @@ import slimtorch  # noqa: E402
 from nets import assert_shapes_trace_exact  # noqa: E402
 from slimtorch import apply_masks_, compute_masks  # noqa: E402
 from slimtorch.errors import CheckpointError, CompactionError, ConfigError, NoMatchError, SlimWarning  # noqa: E402
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads, unit_masks  # noqa: E402
+from slimtorch.integrations.hf.folders import load_hf_folder, save_hf_folder  # noqa: E402
+from slimtorch.integrations.hf.units import find_blocks  # noqa: E402
 from slimtorch.report import count_params, model_state  # noqa: E402
-from slimtorch.transformers.blocks import find_blocks  # noqa: E402
-from slimtorch.transformers.hf import compact_hf_, format_pruned_heads, unit_masks  # noqa: E402
-from slimtorch.transformers.pretrained import load_compacted, save_compacted  # noqa: E402
 
 H, LAYERS = 32, 2
 
@@ -127,8 +127,8 @@ def test_head_pruning_compacts_to_the_masked_model(family, engine, tmp_path):
     assert model.slimtorch_compaction["pruned_heads"][attn[0].name] == first
     kept_back = family == "llama"  # layer 1's head stays, with a warning (see above)
     assert model.config.slimtorch_blocks[attn[1].name].get("pruned", []) == ([] if kept_back else [attn[1].units - 1])
-    save_compacted(model, tmp_path)
-    again = load_compacted(tmp_path)
+    save_hf_folder(model, tmp_path)
+    again = load_hf_folder(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(_output(again, inputs), _output(model, inputs))
     assert count_params(again) == count_params(model)
@@ -152,7 +152,7 @@ def test_ffn_pruning_compacts_to_the_masked_model(family, tmp_path):
     # Every layer kept the same width: the config says so and plain from_pretrained rebuilds the model.
     key = ffn[0].config_keys["units"]
     assert getattr(model.config, key) == ffn[0].units // 2
-    save_compacted(model, tmp_path)
+    save_hf_folder(model, tmp_path)
     plain = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(_output(plain, inputs), _output(model, inputs))
@@ -164,7 +164,7 @@ def test_llama_uniform_head_pruning_round_trips_through_plain_from_pretrained(tm
     masks = unit_masks(model, {s.name: [0, 1, 4, 5] for s in _blocks(model, "attention")})
     _oracle(model, inputs, masks)
     assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (4, 2, 4)
-    save_compacted(model, tmp_path)
+    save_hf_folder(model, tmp_path)
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(_output(plain, inputs), _output(model, inputs))
@@ -175,8 +175,8 @@ def test_sizes_the_config_class_refuses_stay_out_of_the_config(tmp_path):
     # 6 of 8 heads: LlamaConfig refuses a hidden size (32) that is no multiple of 6 heads.
     _oracle(model, inputs, unit_masks(model, {s.name: [0, 4] for s in _blocks(model, "attention")}))
     assert model.config.num_attention_heads == 8
-    save_compacted(model, tmp_path)
-    again = load_compacted(tmp_path)
+    save_hf_folder(model, tmp_path)
+    again = load_hf_folder(tmp_path)
     assert again.model.layers[1].self_attn.q_proj.out_features == 6 * 4
     with torch.no_grad():
         torch.testing.assert_close(_output(again, inputs), _output(model, inputs))
@@ -244,17 +244,17 @@ def test_gqa_keeps_query_heads_so_that_groups_stay_equal_and_warns():
 
 def test_load_rejects_foreign_and_corrupt_folders(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
-        load_compacted(tmp_path)
+        load_hf_folder(tmp_path)
     model, _ = _bert()
     compact_hf_(model, unit_masks(model, {"encoder.layer.0.attention": [0]}))
-    save_compacted(model, tmp_path)
+    save_hf_folder(model, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable"):
-        load_compacted(tmp_path)
+        load_hf_folder(tmp_path)
     masked, _ = _bert()
     apply_masks_(masked, unit_masks(masked, {"encoder.layer.0.attention": [0]}))
     with pytest.raises(CheckpointError, match="masks"):
-        save_compacted(masked, tmp_path / "other")
+        save_hf_folder(masked, tmp_path / "other")
 
 
 def test_format_pruned_heads_prints_one_line_per_layer():

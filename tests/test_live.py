@@ -1,4 +1,4 @@
-"""Layers of a masked model computed on their live block (slimtorch.graph.blocks): the masked op's values,
+"""Layers of a masked model computed on their live block (slimtorch.graph.live): the masked op's values,
 and the blocks reused by compaction's surgery."""
 
 import copy
@@ -12,8 +12,7 @@ import slimtorch
 import slimtorch.compact.plan as plan_module
 from slimtorch.compact.surgery import reusing, shrink_linear_
 from slimtorch.graph import build_graph
-from slimtorch.graph.blocks import BlockOps, Cut, live_blocks
-from slimtorch.graph.replay import forget
+from slimtorch.graph.live import BlockOps, Cut, live_blocks
 
 LINEAR, CONVS = torch._C._nn.linear, {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 
@@ -112,11 +111,9 @@ def test_a_measured_run_on_live_blocks_measures_what_the_masked_run_does(path):
     model, x, masks, masked = _masked_resnet()
     live = live_blocks(masks)
     assert len(live) == 21  # every conv loses rows or columns, the classifier columns
-    forget(model)
     want = build_graph(model, x, params=masked)
-    if path == "replay":
-        build_graph(model, x, values=False)
-    got = build_graph(model, x, params=masked, live=live)
+    trace = build_graph(model, x, values=False).trace if path == "replay" else None
+    got = build_graph(model, x, params=masked, live=live, trace=trace)
     assert got.replayed == (path == "replay")
     assert len(live.cuts) == 21  # every one ran on its block
     assert len(got.sinks) == len(want.sinks) > 0
@@ -170,7 +167,6 @@ def test_attention_projections_run_on_their_blocks_and_linear_is_given_back():
     params = dict(model.named_parameters())
     masked = {n: params[n].detach() * masks[n] for n in masks}
     live = live_blocks(masks)
-    forget(model)
     want = build_graph(model, x, params=masked)
     got = build_graph(model, x, params=masked, live=live)
     projections = [n for n in live if n.endswith(("in_proj_weight", "out_proj.weight"))]
@@ -216,7 +212,7 @@ class _Reads(nn.Module):
 def _unmasked_run(model, masks, x):
     """``model`` run under BlockMode with the masked weights left as they are (``unmasked``), and run with its
     weights masked; returns both outputs and the ops."""
-    from slimtorch.graph.blocks import BlockMode
+    from slimtorch.graph.live import BlockMode
 
     x = x if isinstance(x, tuple) else (x,)
     params = dict(model.named_parameters())

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from slimtorch.graph.fixes import FixSite
+from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.graph import Sink
 from slimtorch.graph.labels import union_rows, varying_dims
 from slimtorch.graph.reductions import zero_sink
 from slimtorch.graph.rules import register_rule
 
 if TYPE_CHECKING:
-    from slimtorch.graph.trace import OpContext
+    from slimtorch.graph.context import OpContext
 
 __all__ = ["channel_labels", "consumer_sink", "placed"]
 

@@ -5,22 +5,22 @@ for every layer and the architecture has a config key for it (``intermediate_siz
 ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim``), the config's own keys are updated
 too, so plain ``from_pretrained`` rebuilds the model. Per-layer head counts (BERT, GPT-2 derive the head
 width from the head count, and Hugging Face no longer supports ``pruned_heads``) need
-:func:`load_compacted`, which builds the model from its config, shrinks every recorded block, then
+:func:`load_hf_folder`, which builds the model from its config, shrinks every recorded block, then
 loads the weights::
 
     >>> import tempfile, torch
     >>> from transformers import BertConfig, BertModel
-    >>> from slimtorch.transformers.hf import compact_hf_, unit_masks
+    >>> from slimtorch.integrations.hf.compaction import compact_hf_, unit_masks
     >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                             intermediate_size=64)).eval()
     >>> compact_hf_(bert, unit_masks(bert, {"encoder.layer.1.attention": [0]}))
     >>> path = tempfile.mkdtemp()
-    >>> save_compacted(bert, path)
-    >>> again = load_compacted(path)
+    >>> save_hf_folder(bert, path)
+    >>> again = load_hf_folder(path)
     >>> again.encoder.layer[1].attention.self.query.out_features
     24
 
-:func:`load_compacted` is also the safe way to load any ``save_pretrained`` folder: it never runs code
+:func:`load_hf_folder` is also the safe way to load any ``save_pretrained`` folder: it never runs code
 from the folder (``auto_map`` entries and ``.py`` files are ignored, the class comes from ``transformers``
 itself), reads weights from safetensors only (a pickled ``pytorch_model.bin`` is a CheckpointError), and
 bounds the sizes in ``config.json`` before building anything.
@@ -37,14 +37,13 @@ from pathlib import Path
 from torch import nn
 
 from slimtorch.atomic import atomic_folder
-from slimtorch.checks import check_module, check_path
+from slimtorch.checks import MAX_PARAMETERS, check_module, check_path
 from slimtorch.errors import CheckpointError, SlimError, SlimWarning
-from slimtorch.prune.masks import is_masked, without_masks
-from slimtorch.report import COMPACTION_ATTR
-from slimtorch.transformers.blocks import find_blocks
-from slimtorch.transformers.hf import CONFIG_KEY, BlockPlan, shrink_block_
+from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
+from slimtorch.integrations.hf.units import find_blocks
+from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
-__all__ = ["load_compacted", "save_compacted", "shrink_to_config_"]
+__all__ = ["load_hf_folder", "save_hf_folder", "shrink_to_config_"]
 
 
 #: Files of an earlier save that a new one supersedes (weights, their shards and index): not kept beside it.
@@ -56,16 +55,16 @@ _WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safeten
 _OLD_REMOTE_MODULE = "slimtorch_model"
 
 
-def save_compacted(model: nn.Module, path: str | Path) -> None:
+def save_hf_folder(model: nn.Module, path: str | Path) -> None:
     """Save a compacted Hugging Face model (or a SentenceTransformer around one) to ``path``.
 
     Weights go to safetensors through ``save_pretrained`` (``SentenceTransformer.save``), sizes to
     config.json (``slimtorch_blocks``), all files at once (:func:`slimtorch.atomic.atomic_folder`: a failed
-    save leaves ``path`` as it was). :func:`load_compacted` rebuilds the model from those two files alone;
+    save leaves ``path`` as it was). :func:`load_hf_folder` rebuilds the model from those two files alone;
     no Python file is written, and no loader of ours runs code from a model folder. The folder holds no
     masks: those a compacted model keeps are saved apart with :func:`slimtorch.save_masks`.
     """
-    check_module(model, "save_compacted")
+    check_module(model, "save_hf_folder")
     hf_model = model[0].auto_model if hasattr(model, "_first_module") else model  # a SentenceTransformer
     if is_masked(hf_model):
         if not getattr(hf_model, COMPACTION_ATTR, None):
@@ -74,7 +73,7 @@ def save_compacted(model: nn.Module, path: str | Path) -> None:
             warnings.warn(f"the masks the compacted model keeps ({', '.join(sorted(masks)[:3])}...) are not saved "
                           "in a Hugging Face folder; save them with slimtorch.io.save_masks to keep those weights "
                           "at zero when training the reloaded model", SlimWarning, stacklevel=2)
-            return save_compacted(model, path)
+            return save_hf_folder(model, path)
     config = hf_model.config
     old_map = getattr(config, "auto_map", None)
     if old_map is not None and _OLD_REMOTE_MODULE in str(old_map):
@@ -147,7 +146,7 @@ def _check_files(path: Path) -> None:
         raise CheckpointError(f"{str(path)!r} holds pickled weights {pickles[:3]} and no safetensors file; slimtorch "
                               "never unpickles: convert them to safetensors where the file is trusted "
                               "(model.save_pretrained(folder) writes model.safetensors)")
-    raise CheckpointError(f"{str(path)!r} holds no model.safetensors; save the model with save_compacted or "
+    raise CheckpointError(f"{str(path)!r} holds no model.safetensors; save the model with save_hf_folder or "
                           "save_pretrained")
 
 
@@ -188,7 +187,7 @@ def _read_config(path: Path) -> object:
         method = data["quantization_config"].get("quant_method") if isinstance(data["quantization_config"], dict) \
             else data["quantization_config"]
         raise CheckpointError(f"{str(path / 'config.json')!r} asks transformers to quantize the model while loading "
-                              f"(quantization_config, {method!r}); load_compacted loads float models: remove the key, "
+                              f"(quantization_config, {method!r}); load_hf_folder loads float models: remove the key, "
                               "then quantize with slimtorch.quantize")
     model_type = data.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -217,8 +216,6 @@ def _model_class(config: object, path: Path) -> type[nn.Module]:
 def _check_param_count(model_class: type[nn.Module], config: object, path: Path) -> None:
     import torch
 
-    from slimtorch.models.registry import MAX_PARAMETERS
-
     try:
         with torch.device("meta"):
             params = sum(p.numel() for p in model_class(config).parameters())
@@ -241,13 +238,13 @@ def _shrinking_class(model_class: type[nn.Module]) -> type[nn.Module]:
     return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": model_class.__module__})
 
 
-def load_compacted(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_compacted` (or any ``save_pretrained`` folder), in eval mode.
+def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_hf_folder` (or any ``save_pretrained`` folder), in eval mode.
     ``model_class`` defaults to the config's ``architectures[0]`` from ``transformers``. Nothing from the
     folder runs, weights come from safetensors only, and the config's sizes are checked first."""
     from safetensors import SafetensorError
 
-    path = check_path(path, "load_compacted's folder")
+    path = check_path(path, "load_hf_folder's folder")
     _check_files(path)
     config = _read_config(path)
     model_class = model_class or _model_class(config, path)

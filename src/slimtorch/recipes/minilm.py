@@ -3,7 +3,7 @@ recover by distillation, then FFN neurons, recover again, sparsity raised over s
 
 1. Heads: each head is scored as the block of its output-projection columns (``granularity [-1, head
    width]``), ranked across all layers (``total_sparsity``), so layers lose different numbers of heads;
-   fully masked heads are physically removed (:func:`~slimtorch.transformers.hf.compact_hf_`).
+   fully masked heads are physically removed (:func:`~slimtorch.integrations.hf.compaction.compact_hf_`).
 2. Distillation from the original model between steps.
 3. FFN: whole neurons of the first FFN layer (output channels of ``intermediate.dense``) per layer;
    removing them removes the second layer's inputs.
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from slimtorch.errors import ConfigError
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads
+from slimtorch.integrations.hf.units import find_blocks
+from slimtorch.models.minilm import embed
 from slimtorch.prune.pruner import compute_masks
-from slimtorch.transformers.blocks import find_blocks
-from slimtorch.transformers.hf import compact_hf_, format_pruned_heads
-from slimtorch.transformers.minilm import embed
 
 __all__ = ["WorkflowConfig", "distil_embeddings_", "ffn_config", "head_config", "prune_workflow_"]
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtorch.data.text import news_stories, split_sentences
 from slimtorch.errors import ConfigError
 
 __all__ = [
@@ -63,15 +64,15 @@ def _offline():
 
 def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
     """The ``BertModel`` (eval mode) and tokenizer of all-MiniLM-L6-v2, or the model saved at ``path`` (by
-    :func:`~slimtorch.transformers.pretrained.save_compacted` or ``save_pretrained``) with that tokenizer.
-    A folder loads through :func:`~slimtorch.transformers.pretrained.load_compacted`: safetensors only, and
+    :func:`~slimtorch.integrations.hf.folders.save_hf_folder` or ``save_pretrained``) with that tokenizer.
+    A folder loads through :func:`~slimtorch.integrations.hf.folders.load_hf_folder`: safetensors only, and
     no code from the folder runs."""
     from transformers import AutoModel, AutoTokenizer
 
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_hf_folder
 
     with _offline():
-        model = load_compacted(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
+        model = load_hf_folder(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     return model.eval(), tokenizer
 
@@ -79,15 +80,15 @@ def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
 def sentence_transformer(model: nn.Module | None = None, *, path: str | None = None) -> Any:
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (offline), its transformer replaced by ``model`` if
     given (a pruned or compacted copy), or by the model saved at ``path`` (loaded with
-    :func:`~slimtorch.transformers.pretrained.load_compacted`: no code from the folder runs, and the
+    :func:`~slimtorch.integrations.hf.folders.load_hf_folder`: no code from the folder runs, and the
     tokenizer and pooling stay those of the shipped all-MiniLM-L6-v2). ``encode`` then runs the library's
     own pipeline on it."""
     from sentence_transformers import SentenceTransformer
 
-    from slimtorch.transformers.pretrained import load_compacted
+    from slimtorch.integrations.hf.folders import load_hf_folder
 
     if model is None and path is not None:
-        model = load_compacted(path)
+        model = load_hf_folder(path)
     with _offline():
         st = SentenceTransformer(minilm_path(), device="cpu")
     if model is not None:
@@ -176,8 +177,6 @@ def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor, *, k: 
 def heldout_sentences(count: int = 256, *, min_words: int = 8, max_words: int = 40) -> list[str]:
     """``count`` sentences from the news stories (a register the distillation text, Wikipedia, does not
     cover), the first sentences of each story in turn, so that many stories are represented."""
-    from slimtorch.transformers.text import news_stories, split_sentences
-
     per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words) for d in news_stories()]
     picked: list[str] = []
     depth = 0

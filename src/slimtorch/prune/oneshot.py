@@ -10,7 +10,7 @@ Pure first, then apply: :func:`one_shot_prune` computes new weights and masks on
 and leaves the model alone; :func:`apply_one_shot_` writes them in::
 
     >>> import torch
-    >>> from slimtorch.transformers.llm import TinyLMConfig, build_model
+    >>> from slimtorch.models.tiny_lm import TinyLMConfig, build_model
     >>> model = build_model(TinyLMConfig(vocab_size=64, hidden_size=32, layers=2, heads=4, kv_heads=2,
     ...                                  intermediate_size=64))
     >>> result = one_shot_prune(model, torch.randint(0, 64, (4, 16)), method="sparsegpt", pattern="2:4")
@@ -33,10 +33,10 @@ from torch import nn
 
 from slimtorch.config import Granularity
 from slimtorch.errors import ConfigError
+from slimtorch.masks import apply_masks_
 from slimtorch.prune.criteria import ScoreContext, get_criterion
 from slimtorch.prune.granularity import unit_view
-from slimtorch.prune.masks import apply_masks_
-from slimtorch.transformers.sparsegpt import sparsegpt_solve
+from slimtorch.prune.sparsegpt import sparsegpt_solve
 
 __all__ = ["ONE_SHOT_METHODS", "OneShotResult", "apply_one_shot_", "decoder_layers", "one_shot_prune"]
 

@@ -10,21 +10,21 @@ import torch
 pytest.importorskip("transformers")
 
 from slimtorch.errors import ConfigError
-from slimtorch.prune.masks import is_masked
-from slimtorch.transformers.llm import (
+from slimtorch.masks import is_masked
+from slimtorch.models.tiny_lm import (
     TinyLMConfig,
     build_model,
     calibration_batches,
     load_or_train_lm,
     perplexity,
 )
-from slimtorch.transformers.oneshot import (
+from slimtorch.prune.oneshot import (
     ONE_SHOT_METHODS,
     apply_one_shot_,
     decoder_layers,
     one_shot_prune,
 )
-from slimtorch.transformers.sparsegpt import sparsegpt_solve
+from slimtorch.prune.sparsegpt import sparsegpt_solve
 
 TINY = TinyLMConfig(vocab_size=64, hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64, seq_len=16)
 
