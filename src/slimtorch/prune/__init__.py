@@ -7,7 +7,14 @@ blocks (:mod:`slimtorch.prune.depth`: depth pruning); :func:`sensitivity_analysi
 """
 
 from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
-from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
+from slimtorch.prune.criteria import (
+    CRITERIA,
+    Criterion,
+    ScoreContext,
+    criteria_needs,
+    get_criterion,
+    register_criterion,
+)
 from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.layer_plan import LayerPlan
@@ -42,6 +49,7 @@ __all__ = [
     "bn_l1_penalty",
     "collect_stats",
     "compute_masks",
+    "criteria_needs",
     "drop_blocks_",
     "get_criterion",
     "get_masks",
