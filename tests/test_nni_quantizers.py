@@ -25,7 +25,7 @@ from slimtorch.errors import ConfigError, NoMatchError
 from slimtorch.prune.loop import Evaluator
 from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.quant.fakequant import RangeQuantizer
-from slimtorch.quant.saving import load_quantized
+from slimtorch.quant.saving import load_quantized, save_quantized
 from slimtorch.quant.targets import plan_quant_layers
 
 FINE_TUNE_EPOCHS = 2
@@ -235,3 +235,17 @@ def test_quantize_and_quantize_on_slimtorch_quant_directly(trained):
         QuantConfig(method="dynamic_int8", targets=[{**LINEARS, "quant_types": ["weight"]}])
     with pytest.raises(ConfigError, match="not both"):
         QuantConfig(method="lsq", op_types=("Linear",), targets=[{**LINEARS, "quant_types": ["weight"]}])
+
+
+@pytest.mark.parametrize("method", ["qat_minmax", "ptq_minmax", "dorefa", "bnn", "lsq"])
+def test_fake_quantized_models_save_and_load_exactly(trained, tmp_path, method):
+    base, evaluator, _ = trained
+    x = next(iter(evaluator.eval_data))[0][:64]
+    targets = [{**LINEARS, "quant_types": ["weight", "input"]}, {"op_types": ["Hardtanh"], "quant_types": ["output"]}]
+    if method == "dorefa":
+        targets[1]["op_types"] = ["BatchNorm1d"]  # DoReFa's activations are [0, 1]; a Hardtanh output is not
+    q = quantize(base, QuantConfig(method=method, targets=targets), calibration=[x])
+    save_quantized(q, tmp_path / "q.safetensors")
+    loaded = load_quantized(copy.deepcopy(base), tmp_path / "q.safetensors", example_inputs=x[:2])
+    torch.testing.assert_close(loaded.eval()(x), q.eval()(x))
+    assert quant_info(loaded) == quant_info(q)
