@@ -5,6 +5,7 @@ its accuracy close to fp32 trained as long; what they run on is said (simulated)
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from slimtorch.compat.nni.compression.quantization import (
 from slimtorch.data import load_digits, load_mnist
 from slimtorch.errors import ConfigError, NoMatchError
 from slimtorch.prune.loop import Evaluator
-from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
+from slimtorch.quant import QuantConfig, convert_qat, quant_info, quantize, quantize_
 from slimtorch.quant.fakequant import RangeQuantizer
 from slimtorch.quant.saving import load_quantized, save_quantized
 from slimtorch.quant.targets import plan_quant_layers
@@ -249,3 +250,18 @@ def test_fake_quantized_models_save_and_load_exactly(trained, tmp_path, method):
     loaded = load_quantized(copy.deepcopy(base), tmp_path / "q.safetensors", example_inputs=x[:2])
     torch.testing.assert_close(loaded.eval()(x), q.eval()(x))
     assert quant_info(loaded) == quant_info(q)
+
+
+def test_the_real_int8_counterparts_run_on_int8_kernels(trained):
+    """The quantizers simulate; static_int8 (calibrated, as PTQ) and qat_int8 converted (trained, as QAT) are
+    what real int8 kernels run, on the same model and at about the same accuracy."""
+    base, evaluator, fp32 = trained
+    calibration = [x for x, _ in itertools.islice(iter(evaluator.train_data), 16)]
+    static = quantize(base, QuantConfig(method="static_int8"), calibration=calibration)
+    qat = quantize(base, QuantConfig(method="qat_int8"), example_inputs=calibration[0][:2])
+    evaluator.train_(qat, epochs=FINE_TUNE_EPOCHS)
+    converted = convert_qat(qat)
+    for model in (static, converted):
+        assert quant_info(model).kernels == "real" and quant_info(model).weight_bits == 8
+    assert evaluator.evaluate(static) >= evaluator.evaluate(base) - 0.02
+    assert evaluator.evaluate(converted) >= fp32 - 0.02
