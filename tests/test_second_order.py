@@ -175,3 +175,18 @@ def test_sparsegpt_with_a_given_mask_keeps_exactly_it():
     assert float(err) < 0.7 * float(((w * keep - w) @ x.T).pow(2).mean())
     with pytest.raises(ConfigError, match="keep must be"):
         sparsegpt_solve(w, 2 * x.T @ x / 256, keep=keep[:, :8])
+
+
+def test_obd_fisher_scores_half_the_mean_squared_gradient_times_weight_squared():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    batches = [(torch.randn(32, 6), torch.randn(32, 3)) for _ in range(4)]
+    cfg = [{"op_names": ["0"], "sparse_ratio": 0.5}]
+    assert get_criterion("obd_fisher").needs == ("grad_sq",)
+    stats = collect_stats(net, batches, keys=("grad_sq",), loss_fn=_mse, config_list=cfg)
+    mask = compute_masks(net, cfg, criterion="obd_fisher", stats=stats)["0.weight"]
+    grads = [torch.autograd.grad(_mse(net, b), net[0].weight)[0] for b in batches]
+    fisher = torch.stack(grads).pow(2).mean(dim=0)  # the mean squared gradient per batch
+    saliency = 0.5 * fisher * net[0].weight.detach().pow(2)
+    assert int(mask.sum()) == 24
+    assert float(saliency[mask].min()) >= float(saliency[~mask].max())
