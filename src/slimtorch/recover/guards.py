@@ -1,5 +1,6 @@
-"""What :func:`~slimtorch.recover.fit` checks before and during training: its arguments, what each step raises,
-each step's loss, and the state to put back when training fails (the model is left as it was before the call).
+"""What the training loop (:mod:`slimtorch.recover.loop`) and :func:`~slimtorch.recover.fit` check before and
+during training: their arguments, what each step raises, each step's loss, the weights after each epoch, and
+the state ``fit`` puts back when training fails (the model is left as it was before the call).
 
     >>> import torch
     >>> check_loss(torch.tensor(float("nan")), torch.ones(2, 3), step=4, epoch=0, lr=10.0)

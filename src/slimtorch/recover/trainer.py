@@ -1,4 +1,6 @@
-"""``fit``: the training loop recovery uses, with checkpoints, exact resume and data parallelism.
+"""``fit``: training on a dataset of ``(x, y)`` samples, with seeded batches, checkpoints, exact resume and data
+parallelism, its epochs run by the one training loop (:mod:`slimtorch.recover.loop`: the steps, their guards
+and the pruning methods' callbacks).
 
     >>> import torch
     >>> from torch import nn
