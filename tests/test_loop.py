@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimtorch.errors import ConfigError, TraceError
+from slimtorch.errors import CheckpointError, ConfigError, TraceError
 from slimtorch.prune import Callback, Evaluator, GradualPruner, Schedule
 from slimtorch.recover import TrainConfig, fit
 from slimtorch.recover.loop import FunctionLR, Loop, StepModule
@@ -75,6 +75,16 @@ def test_fit_refuses_to_resume_a_run_with_callbacks(tmp_path):
             callbacks=[_Recorder(model)])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_checkpoint_of_a_run_with_callbacks_is_not_resumed_without_them(tmp_path):
+    path = tmp_path / "c.safetensors"
+    model = _mlp()
+    fit(model, _data(), TrainConfig(epochs=1, batch_size=16), checkpoint=path, callbacks=[_Recorder(model)])
+    with pytest.raises(CheckpointError, match="the callbacks acting during training"):
+        fit(_mlp(), _data(), TrainConfig(epochs=1, batch_size=16), checkpoint=path, resume=True)
+    fit(_mlp(), _data(), TrainConfig(epochs=1, batch_size=16), checkpoint=tmp_path / "d.safetensors")
+    fit(_mlp(), _data(), TrainConfig(epochs=1, batch_size=16), checkpoint=tmp_path / "d.safetensors", resume=True)
 
 
 def test_evaluator_trains_with_the_loops_guards():

@@ -247,7 +247,7 @@ def fit(
     identity = None
     if path is not None:  # the model as it starts: recorded in every checkpoint, compared on resume
         identity = run_identity(model, train_data, config.to_dict(), loss_fn=loss_fn, eval_data=eval_data,
-                                world_size=dist_info().world_size, context=context)
+                                world_size=dist_info().world_size, context=context, callbacks=callbacks)
     run = _Run(model, loss_fn, config, len(train_data), identity or {}, callbacks)
     check_trainable(run.step_module.parameters())
     start = Start(run.modules)
