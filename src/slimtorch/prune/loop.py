@@ -1,5 +1,6 @@
-"""Training-loop glue: the callbacks pruning methods plug into *your* loop, and an :class:`Evaluator` for
-callers who would rather let the library drive.
+"""Training-loop glue: the callbacks pruning methods plug into a training loop (yours or the library's), and an
+:class:`Evaluator` for callers who would rather let the library drive. The library's one loop lives above
+pruning (:mod:`slimtorch.recover.loop`) and registers itself here (:func:`register_training_loop`).
 
 Every method in :mod:`slimtorch.prune` that acts during training (gradual pruning, lottery tickets,
 sparse training, network slimming) is a :class:`Callback`. In a plain loop, call its two hooks::
