@@ -5,7 +5,10 @@
     print(slimtorch.report(model, x).to_markdown())
 """
 
-from slimtorch import integrations  # noqa: F401  (registers integrations with third-party libraries lazily)
+from slimtorch import (
+    integrations,  # noqa: F401  (registers integrations with third-party libraries lazily)
+    recover,  # noqa: F401  (registers the training loop the pruning methods' Evaluator runs)
+)
 from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, load_config_list, parse_config_list
 from slimtorch.errors import (
