@@ -193,12 +193,12 @@ def write_file(path: str | Path, kind: Kind, description: Mapping[str, Any],
 # -- reading ----------------------------------------------------------------------------------------------
 
 
-def _existing(path: str | Path, what: str) -> Path:
+def _existing(path: str | Path, what: str, fix: str) -> Path:
     path = check_path(path, f"the {what}'s path")
     if path.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a folder, not a {what}")
+        raise CheckpointError(f"{str(path)!r} is a folder, not a {what}; {fix}")
     if not path.is_file():
-        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist; {fix}")
     return path
 
 
@@ -228,7 +228,7 @@ def _bad(path: Path, kind: Kind, what: str) -> CheckpointError:
 def inspect_tensors(path: str | Path, kind: Kind) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """The metadata and tensor list of a safetensors file, read from its header alone (no tensor is loaded):
     a missing, pickled, corrupt or truncated file, or one beyond the bounds, is a CheckpointError."""
-    path = _existing(path, kind.title)
+    path = _existing(path, kind.title, kind.fix)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -341,7 +341,7 @@ def read_file(path: str | Path, kind: Kind, *, device: str | torch.device = "cpu
 
 def read_json(path: str | Path, kind: Kind) -> Any:
     """A JSON file of a folder of ``kind`` (bounded in size), parsed; unreadable JSON is a CheckpointError."""
-    path = _existing(path, f"{kind.described} file")
+    path = _existing(path, f"{kind.described} file", kind.fix)
     size = path.stat().st_size
     if size > MAX_HEADER_BYTES:
         raise CheckpointError(f"{str(path)!r} is {size:,} bytes (at most {MAX_HEADER_BYTES:,}): it is corrupt or not "

@@ -165,7 +165,7 @@ def _check_weights(path: Path) -> None:
 def _check_files(path: Path) -> None:
     """Weights from safetensors only: a folder holding only pickled weights is refused, never unpickled."""
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} has no config.json; is it a save_pretrained folder?")
+        raise CheckpointError(f"{str(path)!r} has no config.json, so it is no Hugging Face model folder; {HF.fix}")
     if any(path.glob("*.safetensors")):
         _check_weights(path)
         return
@@ -192,12 +192,13 @@ def _check_sizes(data: object, path: Path, where: str = "") -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}; a model's config holds "
                                   "finite numbers only (a NaN epsilon or scale makes every output NaN): the file "
-                                  "is corrupt or was edited")
+                                  f"is corrupt or was edited; {HF.fix}")
         elif isinstance(value, int) and not isinstance(value, bool) and _SIZE_KEY.search(key):
             bound = _MAX_LAYERS if _LAYER_KEY.search(key) else _MAX_SIZE
             if not -1 <= value <= bound:
                 raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}, out of range "
-                                      f"(at most {bound:,}); the file is corrupt or not a real model's config")
+                                      f"(at most {bound:,}); the file is corrupt or not a real model's config: "
+                                      f"{HF.fix}")
 
 
 def _read_config(path: Path) -> object:
