@@ -391,3 +391,9 @@ def test_the_docs_table_lists_every_kind():
     text = (ROOT.parent / "docs" / "architecture.md").read_text().split("## File formats", 1)[1].split("\n## ", 1)[0]
     documented = {m for line in text.splitlines() if line.startswith("| `") for m in re.findall(r"^\| `(\w+)`", line)}
     assert documented == set(container.kinds()) | ({"hf"} if not HAS_TRANSFORMERS else set())
+
+
+def test_a_kind_needs_a_name_the_format_can_carry():
+    with pytest.raises(slimtorch.ConfigError, match="lower-case word"):
+        container.register_kind(container.Kind(name="My-Kind", version=1, title="file", fix="none"))
+    assert "My-Kind" not in container.kinds()

@@ -47,7 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from slimtorch.atomic import atomic_write, check_path
-from slimtorch.errors import CheckpointError
+from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.version import VERSION
 
 __all__ = [
@@ -139,7 +139,8 @@ _KINDS: dict[str, Kind] = {}
 def register_kind(kind: Kind) -> Kind:
     """Make ``kind`` known, so that a file of it given to another kind's reader is named by what it is."""
     if not _FORMAT.fullmatch(f"slimtorch-{kind.name}-v{kind.version}"):
-        raise ValueError(f"kind names are lower-case words (a-z, 0-9, _), got {kind.name!r}")
+        raise ConfigError(f"a kind's name is a lower-case word (a-z, 0-9, _) and its version a positive number, "
+                          f"got {kind.name!r} version {kind.version!r}")
     _KINDS[kind.name] = kind
     return kind
 
