@@ -40,8 +40,9 @@ from slimtorch.prune import (
 from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
+from slimtorch.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "CheckpointError",

@@ -1,16 +1,20 @@
 """Adapters on disk in PEFT's layout: ``adapter_model.safetensors`` (keys
-``base_model.model.<layer>.lora_A.weight``) and ``adapter_config.json``."""
+``base_model.model.<layer>.lora_A.weight``) and ``adapter_config.json``. The layout is PEFT's; its files are
+read by slimtorch's container (kind ``lora``: bounded JSON, safetensors only, the same errors)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder
 from slimtorch.checks import check_module, check_output_file
+from slimtorch.container import DescriptionError, Kind, TensorInfo, read_description, read_tensors, register_kind
 from slimtorch.errors import CheckpointError, ConfigError
 from slimtorch.lora.config import LoRAConfig
 from slimtorch.lora.layers import CONV, LORA_ATTR, adapters, add_lora_, lora_targets
@@ -20,6 +24,19 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_lora_", "lora_state_dict", "save
 
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 _PREFIX = "base_model.model."  # PEFT wraps the model twice; its saved keys carry this prefix
+
+
+def _check_config(description: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    try:
+        LoRAConfig.from_peft(dict(description))
+    except (ConfigError, KeyError, TypeError) as err:
+        raise DescriptionError(str(err)) from None
+
+
+LORA = register_kind(Kind(
+    name="lora", version=1, title="LoRA adapter folder", readable="safetensors file of a LoRA adapter",
+    described="adapter config", header=False, check=_check_config,
+    fix="save the adapter with slimtorch.lora.save_lora (or PEFT's save_pretrained)"))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,13 +63,10 @@ def save_lora(model: nn.Module, directory: str | Path) -> None:
 
 
 def _read_adapter(directory: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        config = LoRAConfig.from_peft(json.loads((directory / CONFIG_NAME).read_text()))
-        return config, load_file(str(directory / WEIGHTS_NAME))
-    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ConfigError) as err:
+        config = LoRAConfig.from_peft(read_description(directory / CONFIG_NAME, LORA))
+        return config, read_tensors(directory / WEIGHTS_NAME, LORA)[1]
+    except CheckpointError as err:
         raise CheckpointError(f"{str(directory)!r} is not a readable LoRA adapter folder: {err}") from None
 
 
