@@ -80,7 +80,7 @@ def training_files(out: Path, expected: dict[str, torch.Tensor]) -> None:
     tuned = mlp()
     add_lora_(tuned, LoRAConfig(r=2, target_modules=("0",)))
     with torch.no_grad():
-        tuned[0].lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        tuned[0].lora_B["default"].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     save_lora(tuned, out / "lora")
     expected["lora"] = tuned(VECTORS)
 
