@@ -71,11 +71,15 @@ class EpochStats:
     loss: float
     accuracy: float | None
     seconds: float
+    #: CPU seconds of the process (all its threads) over the same steps; None for an epoch resumed from a
+    #: checkpoint that did not record them
+    cpu_seconds: float | None = None
 
 
 @dataclass
 class FitResult:
-    """Per-epoch loss, accuracy and training seconds (evaluation excluded), and the comm-hook byte counts."""
+    """Per-epoch loss, accuracy and training seconds (evaluation excluded: wall-clock and CPU time), and the
+    comm-hook byte counts."""
 
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
@@ -86,12 +90,19 @@ class FitResult:
         return sum(e.seconds for e in self.epochs)
 
     @property
+    def train_cpu_seconds(self) -> float | None:
+        """CPU seconds of training (wall-clock seconds mislead on a shared machine); None if an epoch lacks them."""
+        cpu = [e.cpu_seconds for e in self.epochs]
+        return None if any(c is None for c in cpu) else sum(cpu)  # type: ignore[misc]
+
+    @property
     def accuracy(self) -> float | None:
         return self.epochs[-1].accuracy if self.epochs else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"epochs": [asdict(e) for e in self.epochs], "steps": self.steps, "comm": self.comm,
-                "train_seconds": self.train_seconds, "accuracy": self.accuracy}
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "accuracy": self.accuracy}
 
 
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,6 +145,7 @@ class _Progress:
     loss_sum: float = 0.0
     loss_count: int = 0
     seconds: float = 0.0  # training seconds spent in the current epoch
+    cpu_seconds: float | None = 0.0  # CPU seconds of the same steps (None: resumed from a file without them)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -201,7 +213,8 @@ class _Run:
                 "that run had, or run without --resume (resume=False) to start afresh"
             )
         progress_keys = set(_Progress.__dataclass_fields__)
-        if not isinstance(extra.get("progress"), dict) or set(extra["progress"]) != progress_keys \
+        saved_keys = set(extra["progress"]) | {"cpu_seconds"} if isinstance(extra.get("progress"), dict) else None
+        if saved_keys != progress_keys \
                 or not isinstance(extra.get("rng"), dict) or f"rng.{self.info.rank}" not in tensors:
             raise CheckpointError(f"{str(path)!r} lacks its progress or random states: it is corrupt; delete it, "
                                   "or run without --resume to start afresh")
@@ -215,7 +228,7 @@ class _Run:
             self.hook.residuals = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             counters = extra["comm"] or {}
             self.hook.dense_bytes, self.hook.sent_bytes = counters.get("dense_bytes", 0), counters.get("sent_bytes", 0)
-        return _Progress(**extra["progress"])
+        return _Progress(**{"cpu_seconds": None, **extra["progress"]})  # (older files lack cpu_seconds)
 
 
 def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | None) -> None:
@@ -226,7 +239,7 @@ def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | 
         todo = progress(todo, desc=f"epoch {state.epoch + 1}/{run.config.epochs}", total=len(todo))
     every = run.config.checkpoint_every
     for index in todo:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with step_errors(state.step, state.epoch, index):
             x, y = fetch(data, index)
             x = augment(x, run.config.augment)
@@ -242,6 +255,8 @@ def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | 
         state.step += 1
         state.global_step += 1
         state.seconds += time.perf_counter() - start
+        if state.cpu_seconds is not None:
+            state.cpu_seconds += time.process_time() - start_cpu
         if checkpoint is not None and every and state.global_step % every == 0:
             run.save(checkpoint, state)
 
@@ -314,7 +329,8 @@ def _fit_epochs(run: _Run, train_data: Dataset, eval_data: Dataset | None, path:
         check_weights(run.step_module, epoch=state.epoch, lr=run.config.lr)
         accuracy = evaluate_accuracy(run.model, eval_data) if eval_data is not None else None
         loss_sum, loss_count = all_reduce_sum([state.loss_sum, state.loss_count])
-        state.history.append(asdict(EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds)))
+        stats = EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds, state.cpu_seconds)
+        state.history.append(asdict(stats))
         state = _Progress(epoch=state.epoch + 1, global_step=state.global_step, history=state.history)
         if path is not None:
             run.save(path, state)
