@@ -71,11 +71,13 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                         "fastest run (s)", "x Torch-Pruning's fastest", "params", "MACs removed",
                         "latency b1 1 thread (ms)", "latency removed", "realised / MACs"], 3)],
     "criteria.py": [(["criterion", "pruned", "after pruning", "after fine-tune", "model", "params", "non-zero params",
-                      "s"], 16),
+                      "s"], 20),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
+    "quantizers.py": [(["quantizer", "method", "bits (weights / inputs)", "kernels", "accuracy", "vs fp32",
+                        "latency ms", "x fp32", "s"], 8)],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
                          "98%"], 5)],
     "stages.py": [(["stage", "fastest (ms)", "median (ms)"], 25)],
@@ -114,6 +116,13 @@ def check_quantize(out: str, found: list[Table]) -> None:
         assert len(ours) == 12 and all(r["kernels"] != "-" for r in ours), ours
 
 
+def check_quantizers(out: str, found: list[Table]) -> None:
+    kernels = {r["quantizer"]: r["kernels"].split(" ")[0] for r in _records(found[0])}
+    assert kernels == {"fp32": "real", "QATQuantizer": "simulated", "PtqQuantizer": "simulated",
+                       "LsqQuantizer": "simulated", "DoReFaQuantizer": "simulated", "BNNQuantizer": "simulated",
+                       "static_int8": "real", "qat_int8, converted": "real"}, kernels
+
+
 def check_sensitivity(out: str, found: list[Table]) -> None:
     assert "top-1 accuracy on 128 test images" in out  # --eval-limit holds (it counted whole batches of 500)
 
@@ -134,8 +143,9 @@ def check_stages(out: str, found: list[Table]) -> None:
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
-CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
-          "pipeline.py": check_pipeline, "compaction.py": check_compaction, "stages.py": check_stages}
+CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
+          "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
+          "stages.py": check_stages}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

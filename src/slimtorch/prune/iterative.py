@@ -37,7 +37,7 @@ from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.masks import apply_masks_
-from slimtorch.prune.criteria import Criterion, get_criterion
+from slimtorch.prune.criteria import Criterion, criteria_needs, get_criterion
 from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
 from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
@@ -64,7 +64,7 @@ def scale_targets(
     for t in targets:
         if t.exclude:
             out.append(t)
-        elif t.sparse_threshold is not None or (t.granularity and t.granularity.implied_sparsity is not None):
+        elif t.thresholded or (t.granularity and t.granularity.implied_sparsity is not None):
             raise ConfigError(
                 "gradual methods need 'sparse_ratio' or 'total_sparsity' entries; a threshold or an N:M "
                 f"pattern fixes the sparsity at once (entry selecting {t.op_types or t.op_names or t.op_partial_names})"
@@ -144,6 +144,7 @@ class GradualPruner(Callback):
         scale_targets(self.targets, lambda s: s)  # reject thresholds and N:M now
         select_modules(model, self.targets)  # a bad selector fails here, not mid-training
         self.criterion = get_criterion(criterion)
+        self.needs = criteria_needs(self.targets, self.criterion)  # every entry's criterion, not only the default
         self.schedule = schedule
         self.stats = stats
         self.regrow = regrow
@@ -165,7 +166,7 @@ class GradualPruner(Callback):
     def prune_to_(self, step: int, *, stats: Stats | None = None) -> None:
         """Prune to the schedule's sparsity at ``step`` now (statistics from ``stats`` or the source)."""
         targets = scale_targets(self.targets, lambda s: self.schedule.sparsity(step, s))
-        if stats is None and self.criterion.needs:
+        if stats is None and self.needs:
             stats = self._read_stats()
         plans = plan_layers(self.model, targets, self.criterion, stats=stats, seed=step)
         if not self.regrow and self.masks:
@@ -181,7 +182,8 @@ class GradualPruner(Callback):
     def _read_stats(self) -> Stats:
         if self.stats is None:
             raise ConfigError(
-                f"criterion {self.criterion.name!r} needs statistics {list(self.criterion.needs)}; pass "
+                f"criterion {self.criterion.name!r} (with the entries' own criteria) needs statistics "
+                f"{list(self.needs)}; pass "
                 "stats=StatsTracker(model, keys=...) (or a function returning them), or use run_()"
             )
         if isinstance(self.stats, StatsTracker):
@@ -217,13 +219,13 @@ class GradualPruner(Callback):
                                      "metric": evaluator.evaluate(self.model)})
 
     def _round_stats(self, evaluator: Evaluator) -> Stats | None:
-        if not self.criterion.needs:
+        if not self.needs:
             return None
         if self.stats is not None:
             return self._read_stats()
         batches = _take(evaluator.train_data, CALIBRATION_BATCHES)
         return collect_stats(
-            self.model, batches, keys=self.criterion.needs, loss_fn=evaluator.loss_fn, config_list=self.targets
+            self.model, batches, keys=self.needs, loss_fn=evaluator.loss_fn, config_list=self.targets
         )
 
 

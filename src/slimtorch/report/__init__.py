@@ -1,4 +1,6 @@
-"""Measurements: parameters, non-zeros, MACs/FLOPs, saved size, CPU latency and throughput.
+"""Measurements: parameters, non-zeros, MACs/FLOPs, saved size, CPU latency and throughput; and observation:
+weight histograms and activation sparsity per layer (:mod:`slimtorch.report.observe`, figures in
+:mod:`slimtorch.report.plots`).
 
 Every report says what it looked at: a *dense* model, a *masked* one (pruned values are zero but the
 model is exactly as large and as slow as before) or a *compacted* one (really smaller)::
@@ -30,11 +32,25 @@ from slimtorch.graph.run import call_model, temporary_mode
 from slimtorch.io import plain_state
 from slimtorch.masks import COMPACTION_ATTR, check_mask_values, model_state
 from slimtorch.quant.config import quant_info
+from slimtorch.report.observe import (
+    ActivationSparsity,
+    WeightHistogram,
+    activation_sparsity,
+    activation_table,
+    compare_weight_histograms,
+    weight_histograms,
+    weight_table,
+)
 
 __all__ = [
     "COMPACTION_ATTR",
+    "ActivationSparsity",
     "Report",
+    "WeightHistogram",
+    "activation_sparsity",
+    "activation_table",
     "compare_markdown",
+    "compare_weight_histograms",
     "count_flops",
     "count_nonzero",
     "count_params",
@@ -44,6 +60,8 @@ __all__ = [
     "report",
     "saved_size",
     "sparsity_table",
+    "weight_histograms",
+    "weight_table",
 ]
 
 def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
