@@ -109,7 +109,7 @@ def _prune(args: argparse.Namespace) -> int:
     table = compare_markdown({"before": before, "pruned (masked)": after})
     with atomic_folder(args.out) as out:
         save_masks(masks, out / "masks.safetensors")
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
         write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{table}\n")
         write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows})
         plot_layers(rows, out / "layers.png", title=f"{args.model}: kept per layer")
@@ -136,7 +136,8 @@ def _compact(args: argparse.Namespace) -> int:
     table = compare_markdown({"masked": masked, "compacted": compacted})
     text = f"# slimtorch compact {args.model}\n\n{table}\n\nmax |output difference|: {diff:.3g}\n"
     with atomic_folder(args.out) as out:
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)  # with the masks it keeps, if any
+        # with the masks it keeps, if any, stored sparse
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
         write_text(out / "report.md", text)
         write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(),
                                          "max_diff": diff})

@@ -23,8 +23,8 @@ from slimtorch.sparse import SparseFormatError, check_sparse_entry, decode_spars
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
