@@ -8,7 +8,7 @@ blocks (:mod:`slimtorch.prune.depth`: depth pruning); :func:`sensitivity_analysi
 
 from slimtorch.masks import apply_masks_, get_masks, is_masked, mask_sparsity, remove_masks_
 from slimtorch.prune.criteria import CRITERIA, Criterion, ScoreContext, get_criterion, register_criterion
-from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
+from slimtorch.prune.depth import block_drop_loss, block_influence, chain_layers, drop_blocks_, plan_block_drop
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
@@ -40,6 +40,7 @@ __all__ = [
     "block_drop_loss",
     "block_influence",
     "bn_l1_penalty",
+    "chain_layers",
     "collect_stats",
     "compute_masks",
     "drop_blocks_",
