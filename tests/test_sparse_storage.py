@@ -126,6 +126,13 @@ def _bad_shape(tensors, metadata):
     metadata["sparse"] = json.dumps(sparse)
 
 
+def _huge_shape(tensors, metadata):
+    sparse = json.loads(metadata["sparse"])
+    name = next(iter(sparse))
+    sparse[name]["shape"] = [sparse[name]["shape"][0], 1 << 30]  # CSR: no part grows with the columns
+    metadata["sparse"] = json.dumps(sparse)
+
+
 def _missing_part(tensors, metadata):
     del tensors[next(k for k in tensors if k.endswith("::values"))]
 
@@ -136,7 +143,8 @@ def _unlisted(tensors, metadata):
 
 @pytest.mark.parametrize(("layout", "change", "words"), [
     ("bitmask", _flip_bit, "keeps"), ("csr", _bad_column, "column indices"), ("bitmask", _bad_shape, "bitmask"),
-    ("csr", _missing_part, "parts"), ("bitmask", _unlisted, "no sparse parameter"),
+    ("csr", _huge_shape, "in the file, \\[20, 1, 5, 5\\] in the model"), ("csr", _missing_part, "parts"),
+    ("bitmask", _unlisted, "no sparse parameter"),
 ])
 def test_corrupt_sparse_file_is_a_checkpoint_error(tmp_path, layout, change, words):
     net, spec = _masked(FINE)

@@ -180,6 +180,15 @@ def _build(spec: ModelSpec, path: Path) -> nn.Module:
         raise CheckpointError(f"{str(path)!r} describes a model that cannot be built ({err})") from None
 
 
+def _check_sparse_shapes(path: Path, model: nn.Module, entries: Mapping[str, Any]) -> None:
+    own = dict(model.named_parameters())
+    for name, entry in entries.items():
+        if name not in own or list(own[name].shape) != entry["shape"]:
+            found = list(own[name].shape) if name in own else "no such parameter"
+            raise CheckpointError(f"{str(path)!r} does not fit its model: sparse weight {name!r} is "
+                                  f"{entry['shape']} in the file, {found} in the model; {MODEL.fix}")
+
+
 def _decoded(path: Path, entries: Mapping[str, Any],
              tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The weights and masks stored sparse, decoded (before a model is built: a bad one changes nothing)."""
@@ -205,11 +214,13 @@ def load_model(path: str | Path) -> LoadedModel:
     spec, state = ModelSpec.from_dict(contents.description["spec"]), contents.description["state"]
     masks = {k.split("::", 1)[1]: v for k, v in contents.tensors.items() if k.startswith("mask::")}
     state_dict = {k.split("::", 1)[1]: v for k, v in contents.tensors.items() if k.startswith("state::")}
-    for name, (weight, mask) in _decoded(path, contents.description.get("sparse", {}), contents.tensors).items():
-        state_dict[name], masks[name] = weight, mask
     model = _build(spec, path)
     if state == "compacted":
         _replay_(model, contents.description["compaction"], path)
+    entries = contents.description.get("sparse", {})
+    _check_sparse_shapes(path, model, entries)  # (decoding allocates the declared shape: the model's own)
+    for name, (weight, mask) in _decoded(path, entries, contents.tensors).items():
+        state_dict[name], masks[name] = weight, mask
     try:
         if masks:
             apply_masks_(model, masks)
