@@ -9,7 +9,6 @@ keeps inside the channels that stay, at its size). A compacted model also record
     >>> import os, tempfile, torch
     >>> from slimtorch import apply_masks_, compute_masks
     >>> from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
-from slimtorch.sparse import SparseFormatError, check_sparse_entry, decode_sparse, split_state
     >>> from slimtorch.models.modelfile import load_model, save_model
     >>> spec = ModelSpec(name="MnistNet")
     >>> net = build_model(spec)
@@ -19,6 +18,13 @@ from slimtorch.sparse import SparseFormatError, check_sparse_entry, decode_spars
     >>> loaded = load_model(path)
     >>> loaded.state, torch.equal(loaded.model.conv1.weight, net.conv1.weight)
     ('masked', True)
+
+With ``sparse=`` the masked weights are stored as their kept values and their positions (version 2 of the
+kind; :mod:`slimtorch.sparse.storage`), which load back as the same weights and masks::
+
+    >>> save_model(path, net, spec, sparse="auto")
+    >>> torch.equal(load_model(path).masks["conv1.weight"], net.conv1.weight_mask)
+    True
 """
 
 from __future__ import annotations
