@@ -31,7 +31,7 @@ from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.context import PLAIN_TYPES, ModuleContext, OpContext, tensors_in
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block, BlockOps
-from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name
+from slimtorch.graph.rules import NUMBER_FACTORIES, VALUE_FREE, find_module_rule, find_rule, note_number, op_name
 from slimtorch.graph.run import attributes_kept, call_model, run_state, substituted
 from slimtorch.graph.shapes import check_meta, shape_of
 
@@ -163,6 +163,8 @@ class Tracer(TorchFunctionMode):
         if self.measuring:
             self._follow_values(name, site[0], inputs, out)
         if not leaves and not any(self._has(t) for t in inputs):
+            if name in NUMBER_FACTORIES:
+                note_number(OpContext(self, func, args, kwargs, out, site))
             return
         ctx = OpContext(self, func, args, kwargs, out, site)
         rule = find_rule(func)
