@@ -98,12 +98,15 @@ def assert_outputs_close(got: Any, want: Any, rtol: float = 1e-4, atol: float = 
 @dataclass
 class Case:
     """A model of a zoo: ``build()`` gives the model (eval mode, random weights) and two inputs of one shape, the
-    example and a fresh one; ``op_types`` and ``exclude`` (module names) choose what is pruned by half."""
+    example and a fresh one; ``op_types`` and ``exclude`` (module names) choose what is pruned by half.
+    ``keeps``: masked channels must stay (the reason is the model's, e.g. weight standardisation), and compaction
+    must say which in a warning and in its record."""
 
     build: Callable[[], tuple[nn.Module, Any, Any]]
     op_types: tuple[str, ...] = ("Conv2d", "Linear")
     exclude: list[str] = field(default_factory=list)
     save_load: bool = True
+    keeps: bool = False
 
 
 def check(case: Case) -> dict[str, Any]:
@@ -123,7 +126,13 @@ def check(case: Case) -> dict[str, Any]:
     got, want, _ = pinned_outputs(model, ref, fresh)
     assert_outputs_close(got, want)
     after = sum(p.numel() for p in model.parameters())
-    assert after == implied_param_count(ref, masks) < before
+    kept = model.slimtorch_compaction["masked_channels_kept"]
+    if case.keeps:  # what stays is said, with numbers, and recorded
+        assert kept and after <= before
+        first = f"{kept[0]['channels']} {kept[0]['side']} channels of {kept[0]['parameter']!r}"
+        assert any(first in str(w.message) for w in caught), [str(w.message) for w in caught]
+    else:
+        assert not kept and after == implied_param_count(ref, masks) < before
     if case.save_load:
         with tempfile.TemporaryDirectory() as folder:
             save_compacted(model, folder)

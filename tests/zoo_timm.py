@@ -128,4 +128,7 @@ def _builder(name: str, size: int, kwargs: dict[str, Any]) -> Any:
     return lambda: build_timm(name, size, kwargs)
 
 
-CASES = {family: Case(_builder(*spec)) for family, spec in MODELS.items()}
+#: families whose convolutions standardise their weights in forward (NF-ResNets): masked input channels stay
+KEEPS = {"nfnet"}
+
+CASES = {family: Case(_builder(*spec), keeps=family in KEEPS) for family, spec in MODELS.items()}
