@@ -10,8 +10,8 @@ import pytest
 from zoo import check
 from zoo_torchvision import CASES, DETECTION, FLOW, SEGMENTATION, VIDEO
 
-#: run by default (one model of each kind, the quickest); the rest with --zoo
-DEFAULT = {"ssdlite320_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "r3d_18", "raft_small"}
+#: run by default (a detector, a segmenter, a video model: the quickest of each); the rest with --zoo
+DEFAULT = {"fasterrcnn_mobilenet_v3_large_320_fpn", "lraspp_mobilenet_v3_large", "r3d_18"}
 
 
 def _param(name: str) -> object:
