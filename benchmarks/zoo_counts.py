@@ -3,7 +3,7 @@ on one small model of every timm family (the list of ``tests/zoo_timm.py``), ran
 
 Each library prunes 50% of the channels of every convolution and linear layer by L1 magnitude its own way
 (slimtorch: ``compute_masks`` then ``compact_``; Torch-Pruning: its documented ``BasePruner`` recipe with
-``MagnitudeImportance``, the classifier ignored and timm's attention heads declared), and each result is compared
+``MagnitudeImportance``, the classifiers ignored and timm's attention heads declared), and each result is compared
 on a fresh input with that library's own *masked* model: the dense model with the removed channels zeroed where
 they are made (slimtorch: its masks; Torch-Pruning: every output slice of each group it removes, recorded as it
 prunes). A model is
@@ -129,14 +129,17 @@ def torch_pruning_run(model: nn.Module, x: torch.Tensor, fresh: torch.Tensor) ->
     masked = copy.deepcopy(model)
     twins = dict(zip(map(id, model.modules()), masked.modules(), strict=True))
     twins.update(zip(map(id, model.parameters()), masked.parameters(), strict=True))
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    # the classifiers (a distilled model has two): every layer making the model's class scores
+    classes = getattr(model, "num_classes", None)
+    heads_out = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                 and classes in (getattr(m, "out_features", None), getattr(m, "out_channels", None))]
     # timm's attention layers: the fused qkv projection's heads, as Torch-Pruning's timm example declares them
     heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear)
              and isinstance(getattr(m, "num_heads", None), int)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (its note on parameters outside modules, which it prunes as documented)
         pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
-                                      ignored_layers=[head] if isinstance(head, nn.Module) else [], num_heads=heads)
+                                      ignored_layers=heads_out, num_heads=heads)
         for group in pruner.step(interactive=True):
             _zero_removed(group, twins)
             group.prune()
