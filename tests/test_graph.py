@@ -1,5 +1,7 @@
 """The dependency graph: one test per channel rule, on small nets whose coupling is known by hand."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -651,3 +653,30 @@ def test_a_forward_that_caches_tensors_keeps_nothing_of_a_traced_run():
     masks = slimtorch.compute_masks(model, [{"op_names": ["conv"], "sparse_ratio": 0.5}], example_inputs=x)
     slimtorch.compact_(model, masks, example_inputs=x)
     assert model.conv.out_channels == 4
+
+
+class LearnableAffine(nn.Module):
+    """One learnable scale and offset for every channel (HGNetV2's ``LearnableAffineBlock``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor([1.5])), nn.Parameter(torch.tensor([0.25]))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+def test_a_one_element_parameter_shared_by_the_channels_does_not_tie_them():
+    """Its one label tied every channel it met into one unit: the conv before it was left whole, without a word
+    (HGNetV2 compacted to 1.00x)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), LearnableAffine(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x, values=False)
+    assert len(torch.unique(graph.unit_of(graph.member("0.weight").labels))) == 8
+    masks = slimtorch.compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+    ref = copy.deepcopy(model)
+    slimtorch.apply_masks_(ref, masks)
+    slimtorch.compact_(model, masks, example_inputs=x)
+    assert model[0].out_channels == 4 and model[3].in_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)

@@ -181,7 +181,11 @@ def nary(ctx: OpContext) -> None:
         return
     rank = outs[0].dim()
     tensors = tensors_in((ctx.args, ctx.kwargs))
-    parts = [aligned(ctx.labels(t), rank) for t in tensors]
+    # A one-element parameter or buffer (a learnable scale or offset, as in HGNetV2's affine blocks) is shared by
+    # every channel it meets: it is no channel, and its one label would tie all of them into one unit that no
+    # pruning can split (the layers before it were then left whole without a word).
+    parts = [None if t.numel() == 1 and ctx.param_name(t) is not None else aligned(ctx.labels(t), rank)
+             for t in tensors]
     merged = broadcast_merge(ctx.uf, parts)
     ctx.set_output(merged)
     note_grid(ctx, merged)
