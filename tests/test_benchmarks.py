@@ -91,6 +91,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                                  "paper x dense"], 7),
                                (["model", "params", "MACs", "latency", "speed-up", "cosine mean", "cosine min",
                                  "top-1 NN", "top-10 NN"], 5)],
+    "zoo_counts.py": [(["family", "model", "input", "slimtorch", "Torch-Pruning"], 2),
+                      (["library", "models", "compacted", "exact"], 2)],
 }
 
 
@@ -155,9 +157,16 @@ def check_stages(out: str, found: list[Table]) -> None:
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
+def check_zoo_counts(out: str, found: list[Table]) -> None:
+    per_model, counts = (_records(t) for t in found)
+    assert all(r["slimtorch"].startswith("exact: ") for r in per_model), per_model
+    assert counts[0] == {"library": "slimtorch", "models": "2", "compacted": "2", "exact": "2"}, counts
+
+
 CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
           "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
-          "stages.py": check_stages, "sparse_kernels.py": check_sparse_kernels}
+          "stages.py": check_stages, "sparse_kernels.py": check_sparse_kernels,
+          "zoo_counts.py": check_zoo_counts}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
