@@ -172,7 +172,11 @@ def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 8) -> dic
     params = inspect.signature(model.forward).parameters
     ids = torch.arange(batch * length).reshape(batch, length) % (_vocabulary(config) - 1) + 1  # (batch, length)
     out: dict[str, torch.Tensor] = {}
-    if "input_features" in params:
+    if "input_features" in params and hasattr(config, "input_feat_per_channel"):
+        feats = config.input_feat_per_channel * getattr(config, "input_channels", 1)
+        # Speech2Text: (batch, frames, features); its two convolutions take the frames down 2x each
+        out["input_features"] = torch.randn(batch, 4 * length, feats)
+    elif "input_features" in params:
         frames = 2 * getattr(config, "max_source_positions", length)  # (Whisper's convolutions halve the frames)
         out["input_features"] = torch.randn(batch, config.num_mel_bins, frames)
     elif "input_values" in params:  # raw audio (wav2vec2): the convolutions' strides make ``length`` + 2 frames

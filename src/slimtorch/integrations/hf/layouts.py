@@ -356,6 +356,18 @@ def _fused_per_head(m: nn.Module) -> AttentionLayout | None:
                            residual="residual" if kind.startswith("Bloom") else None)
 
 
+@register_layout("Wqkv")
+def _mpt(m: nn.Module) -> AttentionLayout | None:
+    """MPT: one ``Wqkv`` holding every query head, then every key head, then every value head; ALiBi biases
+    ``(heads, 1, keys)`` passed in as ``position_bias``."""
+    d = _int(m, "head_dim")
+    if d is None or not _linear(m, "Wqkv", "out_proj") or not _only(m, {"Wqkv", "out_proj"}):
+        return None
+    e = m.Wqkv.out_features // 3
+    return AttentionLayout(*(Proj(rows("Wqkv", d, offset=k * e)) for k in range(3)), columns("out_proj", d),
+                           e // d, e // d, d, alibi="position_bias")
+
+
 @register_layout("qkv_proj")
 def _phi3(m: nn.Module) -> AttentionLayout | None:
     """Phi-3: one ``qkv_proj`` holding every query head, then the key heads, then the value heads."""

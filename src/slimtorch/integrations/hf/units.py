@@ -216,12 +216,15 @@ def _ffn_keys(name: str, *candidates: str) -> tuple[str, ...]:
 _PAIRS: tuple[tuple[tuple[str, ...], str, str, tuple[str, ...]], ...] = (
     (("intermediate.dense",), "output.dense", "intermediate.intermediate_act_fn", ("intermediate_size",)),
     (("gate_proj", "up_proj"), "down_proj", "act_fn", ("intermediate_size",)),
+    (("up_proj",), "down_proj", "act", ()),
     (("fc1",), "fc2", "activation_fn", ("ffn_dim", "intermediate_size")),
     (("lin1",), "lin2", "activation", ("hidden_dim",)),
     (("ffn",), "ffn_output", "activation", ("intermediate_size",)),
     (("wi",), "wo", "act", ("d_ff",)),
     (("wi_0", "wi_1"), "wo", "act", ("d_ff",)),
     (("dense_h_to_4h",), "dense_4h_to_h", "act", ("intermediate_size", "ffn_hidden_size")),
+    (("fc_in",), "fc_out", "act", ("n_inner",)),
+    (("c_fc",), "c_proj", "act", ("intermediate_size",)),
 )
 
 
