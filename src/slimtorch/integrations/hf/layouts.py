@@ -220,19 +220,26 @@ def _norm_refusal(m: nn.Module, d: int) -> str:
 # -- the layouts of Hugging Face families -----------------------------------------------------------------
 
 
+def _bias_table(m: nn.Module, heads: int) -> tuple[Slice, ...]:
+    """A relative position bias table with a column per head (Swin, BEiT), as a per-head parameter."""
+    table = getattr(getattr(m, "relative_position_bias", None), "relative_position_bias_table", None)
+    if isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == heads:
+        return (Slice("relative_position_bias.relative_position_bias_table", 1, 1),)
+    return ()
+
+
 @register_layout("q_proj/k_proj/v_proj")
 def _qkvo(m: nn.Module) -> AttentionLayout | None:
     """LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, mBART, Marian, Whisper, CLIP, ViT, Swin (a relative position
-    bias table with a column per head), the MoE families..."""
+    bias table with a column per head), the MoE families...; BEiT passes its relative position bias (batch, heads,
+    queries, keys) in as the attention mask: its heads are these heads."""
     o = next((n for n in ("o_proj", "out_proj", "dense") if _linear(m, n)), None)
     d = _int(m, "head_dim")
     if o is None or d is None or not _linear(m, "q_proj", "k_proj", "v_proj"):
         return None
     norms = {n for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if getattr(m, n, None) is not None}
     heads, kv = m.q_proj.out_features // d, m.k_proj.out_features // d
-    table = getattr(getattr(m, "relative_position_bias", None), "relative_position_bias_table", None)
-    per_head = (Slice("relative_position_bias.relative_position_bias_table", 1, 1),) \
-        if isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[1] == heads else ()
+    per_head = _bias_table(m, heads)
     if not _only(m, {"q_proj", "k_proj", "v_proj", o, *norms, *(["relative_position_bias"] if per_head else [])}):
         return None
     if heads * d != m.q_proj.out_features or kv * d != m.k_proj.out_features or kv == 0 or heads % kv:
@@ -240,13 +247,13 @@ def _qkvo(m: nn.Module) -> AttentionLayout | None:
     gqa = kv != heads
     return AttentionLayout(Proj(rows("q_proj", d)), Proj(rows("k_proj", d, kv=gqa), _CROSS),
                            Proj(rows("v_proj", d, kv=gqa), _CROSS), columns(o, d), heads, kv, d, per_head=per_head,
-                           refuse=_norm_refusal(m, d))
+                           refuse=_norm_refusal(m, d), head_state=("attention_mask", None))
 
 
 @register_layout("query/key/value")
 def _bert_like(m: nn.Module) -> AttentionLayout | None:
-    """BERT, RoBERTa, XLM-R, ELECTRA (the output projection is a sibling); ALBERT (dense, residual and LayerNorm
-    inside)."""
+    """BERT, RoBERTa, XLM-R, ELECTRA, BEiT (the output projection is a sibling); ALBERT (dense, residual and
+    LayerNorm inside)."""
     d = _int(m, "attention_head_size")
     if d is None or not _linear(m, "query", "key", "value"):
         return None
@@ -256,10 +263,11 @@ def _bert_like(m: nn.Module) -> AttentionLayout | None:
             return None
         return AttentionLayout(Proj(rows("query", d)), Proj(rows("key", d)), Proj(rows("value", d)),
                                columns("dense", d), heads, heads, d, residual="hidden_states", norm="LayerNorm")
-    if not _only(m, {"query", "key", "value"}):
+    per_head = _bias_table(m, heads)  # (BEiT's, when each layer has its own)
+    if not _only(m, {"query", "key", "value", *(["relative_position_bias"] if per_head else [])}):
         return None
     return AttentionLayout(Proj(rows("query", d)), Proj(rows("key", d), _CROSS), Proj(rows("value", d), _CROSS),
-                           None, heads, heads, d)
+                           None, heads, heads, d, per_head=per_head)
 
 
 @register_layout("deberta")
@@ -297,8 +305,8 @@ def _distilbert(m: nn.Module) -> AttentionLayout | None:
 def _t5_mpnet(m: nn.Module) -> AttentionLayout | None:
     """T5, mT5 (relative bias in the first layer, passed on); MPNet (relative bias computed by the encoder)."""
     d = _int(m, "key_value_proj_dim", "attention_head_size")
-    if d is None or not _linear(m, "q", "k", "v", "o"):
-        return None
+    if d is None or not _linear(m, "q", "k", "v", "o") or hasattr(m, "block_len"):
+        return None  # (LongT5's local attention: its position bias holds the heads on another dim)
     bias = getattr(m, "relative_attention_bias", None)
     if not _only(m, {"q", "k", "v", "o", "relative_attention_bias"}):
         return None
@@ -320,6 +328,24 @@ def _gpt2(m: nn.Module) -> AttentionLayout | None:
     e = c_attn.weight.shape[1] // 3  # (in, 3 * e): query, key and value columns, e each
     return AttentionLayout(*(Proj(rows("c_attn", d, offset=k * e, conv1d=True)) for k in range(3)),
                            columns("c_proj", d, conv1d=True), e // d, e // d, d, sizes=(("split_size", "width"),))
+
+
+@register_layout("c_attn Linear")
+def _bigcode(m: nn.Module) -> AttentionLayout | None:
+    """GPT-BigCode/StarCoder: a Linear ``c_attn`` holding every query head then one key and one value head
+    (multi-query), or per head its query, key and value rows."""
+    d, heads = _int(m, "head_dim"), _int(m, "num_heads")
+    if d is None or heads is None or not _linear(m, "c_attn", "c_proj") or hasattr(m, "q_attn") \
+            or not _only(m, {"c_attn", "c_proj"}) or not isinstance(getattr(m, "multi_query", None), bool):
+        return None
+    sizes = (("embed_dim", "width"), ("split_size", "width"))
+    if m.multi_query:
+        e = heads * d
+        return AttentionLayout(Proj(rows("c_attn", d)), Proj(rows("c_attn", d, offset=e, kv=True)),
+                               Proj(rows("c_attn", d, offset=e + d, kv=True)), columns("c_proj", d), heads, 1, d,
+                               sizes=sizes)
+    return AttentionLayout(*(Proj(rows("c_attn", d, offset=k * d, stride=3 * d)) for k in range(3)),
+                           columns("c_proj", d), heads, heads, d, sizes=sizes)
 
 
 @register_layout("query_key_value")
