@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionLayout", "Proj", "Slice", "attention_layout", "register_layout", "set_attention_sizes_",
-           "use_layout"]
+__all__ = ["AttentionLayout", "Proj", "Slice", "attention_layout", "columns", "register_layout", "rows",
+           "set_attention_sizes_", "use_layout"]
 
 
 @dataclass(frozen=True)
