@@ -690,7 +690,7 @@ def _merged_masked(ctx: Ctx) -> bool:
     model computes."""
     add_lora_(ctx.mlp, LoRAConfig(target_modules=("0",), r=2))
     with torch.no_grad():
-        ctx.mlp[0].lora_B.weight.normal_()
+        ctx.mlp[0].lora_B["default"].weight.normal_()
         adapted = ctx.mlp(ctx.x)
     with pytest.warns(SlimWarning, match="no longer sparse"):
         merge_lora_(ctx.mlp)

@@ -20,7 +20,8 @@ PACKAGE = ROOT / "src" / "slimtorch"
 
 #: bottom to top: a module imports only from its own layer or a lower one
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["slimtorch.errors", "slimtorch.progress", "slimtorch.atomic"]),
+    ("foundation", ["slimtorch.errors", "slimtorch.progress", "slimtorch.atomic", "slimtorch.container",
+                    "slimtorch.version"]),
     ("configuration", ["slimtorch.config", "slimtorch.select"]),
     ("graph", ["slimtorch.graph"]),
     ("contract", ["slimtorch.masks", "slimtorch.checks"]),

@@ -38,7 +38,7 @@ def test_factorized_and_lora_models_export(tmp_path):
     factorize_(model, LowRankConfig(rank=8, op_names=("5",)))
     add_lora_(model, LoRAConfig(r=2, target_modules=("7",)))
     with torch.no_grad():
-        model.get_submodule("7").lora_B.weight.normal_()
+        model.get_submodule("7").lora_B["default"].weight.normal_()
     assert export_onnx(model, X, tmp_path / "adapted.onnx").max_abs_diff < 1e-5
     merge_lora_(model)
     assert export_onnx(model, X, tmp_path / "merged.onnx").max_abs_diff < 1e-5

@@ -5,7 +5,10 @@
     print(slimtorch.report(model, x).to_markdown())
 """
 
-from slimtorch import integrations  # noqa: F401  (registers integrations with third-party libraries lazily)
+from slimtorch import (
+    integrations,  # noqa: F401  (registers integrations with third-party libraries lazily)
+    recover,  # noqa: F401  (registers the training loop the pruning methods' Evaluator runs)
+)
 from slimtorch.compact import compact_
 from slimtorch.config import Granularity, PruneTarget, load_config_list, parse_config_list
 from slimtorch.errors import (
@@ -37,8 +40,9 @@ from slimtorch.prune import (
 from slimtorch.quant import QuantConfig, quant_info, quantize, quantize_
 from slimtorch.report import Report, report, sparsity_table
 from slimtorch.select import select_modules
+from slimtorch.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "CheckpointError",

@@ -1,7 +1,9 @@
-"""Saving and loading without pickle: safetensors for tensors, JSON for descriptions.
+"""Saving and loading masks and compacted models without pickle, in slimtorch's container
+(:mod:`slimtorch.container`: safetensors for tensors, a JSON header for descriptions).
 
-A compacted model is saved as a folder with ``model.safetensors`` (its weights) and ``compaction.json``
-(the class it was built from and the compaction steps: what each layer kept, the rewritten calls). It is
+Masks are one safetensors file of bool tensors (kind ``masks``). A compacted model is saved as a folder
+(kind ``compacted``) with ``model.safetensors`` (its weights) and ``compaction.json`` (the header: the
+class it was built from and the compaction steps: what each layer kept, the rewritten calls). It is
 loaded onto a freshly built instance of the same class: the steps are replayed on that instance's shapes,
 then the weights are loaded, strictly::
 
@@ -32,7 +34,6 @@ Masks:
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,19 @@ from torch import nn
 from slimtorch.atomic import atomic_folder, atomic_write
 from slimtorch.checks import check_materialized, check_module, check_path
 from slimtorch.compact.compact import Snapshot, replay_
+from slimtorch.container import (
+    DescriptionError,
+    Field,
+    Kind,
+    TensorInfo,
+    description_text,
+    file_header,
+    read_description,
+    read_file,
+    read_tensors,
+    register_kind,
+    write_file,
+)
 from slimtorch.errors import CheckpointError
 from slimtorch.masks import (
     COMPACTION_ATTR,
@@ -56,7 +70,10 @@ from slimtorch.masks import (
 )
 
 __all__ = [
+    "COMPACTED",
+    "MASKS",
     "atomic_write",
+    "check_compaction_steps",
     "load_compacted_",
     "load_masks",
     "load_plain_state_",
@@ -65,8 +82,41 @@ __all__ = [
     "save_masks",
 ]
 
-FORMAT = "slimtorch-compacted-v1"
 WEIGHTS, DESCRIPTION = "model.safetensors", "compaction.json"
+
+
+def check_compaction_steps(steps: Any) -> None:
+    """Every field of a compaction record's steps that replaying reads, with the type it needs (before
+    anything is changed); raises :class:`~slimtorch.container.DescriptionError`."""
+    if not isinstance(steps, list):
+        raise DescriptionError(f"'steps' must be a list, got {type(steps).__name__}")
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("modules"), dict) \
+                or not isinstance(step.get("fixes"), list):
+            raise DescriptionError(f"step {i} needs a 'modules' mapping and a 'fixes' list")
+        for name, change in step["modules"].items():
+            if not isinstance(change, dict) or not isinstance(change.get("kind"), str) \
+                    or not isinstance(change.get("keeps"), dict) or not isinstance(change.get("options"), dict):
+                raise DescriptionError(f"step {i}, module {name!r} needs 'kind', 'keeps' and 'options'")
+            for key, keep in change["keeps"].items():
+                if not isinstance(keep, list) or not all(type(k) is int and k >= 0 for k in keep):
+                    raise DescriptionError(f"step {i}, module {name!r}, keeps {key!r} must be a list of indices >= 0")
+
+
+def _check_compacted(description: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    check_compaction_steps(description["steps"])
+    if not all(isinstance(m, str) for m in description.get("masks", [])):
+        raise DescriptionError("'masks' must list parameter names")
+
+
+MASKS = register_kind(Kind(
+    name="masks", version=1, title="mask file", readable="safetensors mask file", dtypes=("BOOL",), foreign=True,
+    fix="save the masks with slimtorch.save_masks (a safetensors file of bool tensors keyed by parameter name)"))
+COMPACTED = register_kind(Kind(
+    name="compacted", version=1, title="compacted model folder", fix="save the model again with save_compacted",
+    fields=(Field("class", str), Field("steps", list), Field("summary", dict),
+            Field("masks", list, required=False)),  # (no masks: written before compacted models kept theirs)
+    check=_check_compacted))
 
 
 def _plain_tensors(name: str, value: object) -> dict[str, torch.Tensor]:
@@ -148,34 +198,14 @@ def load_plain_state_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Save masks as a safetensors file (bool tensors), atomically. Masks that are not 0/1 tensors keyed by name
     are a ConfigError (a fraction or a NaN would be saved as True)."""
-    from safetensors.torch import save_file
-
     check_mask_values(masks)
-    # (a copy of each: masks that are views of one tensor would share memory, which safetensors refuses)
-    tensors = {name: m.detach().to("cpu", torch.bool).clone() for name, m in masks.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "slimtorch-masks-v1"}))
+    write_file(path, MASKS, {}, {name: m.detach().to(torch.bool) for name, m in masks.items()})
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load masks saved by :func:`save_masks`. A missing, corrupt or foreign file is a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = check_path(path, "load_masks's path")
-    if path.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a folder; give a masks file (.safetensors) written by save_masks")
-    if not path.is_file():
-        raise CheckpointError(f"mask file {str(path)!r} does not exist")
-    try:
-        masks = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable safetensors mask file ({err}); re-save it with save_masks"
-        ) from None
-    bad = [name for name, m in masks.items() if m.dtype != torch.bool]
-    if bad:
-        raise CheckpointError(f"{str(path)!r} holds non-bool tensors {bad[:3]}: it is not a mask file")
-    return masks
+    """Load masks saved by :func:`save_masks` (or any safetensors file of bool tensors). A missing, corrupt
+    or foreign file is a CheckpointError (:func:`slimtorch.container.read_file`)."""
+    return read_file(check_path(path, "load_masks's path"), MASKS).tensors
 
 
 def _class_name(model: nn.Module) -> str:
@@ -185,8 +215,7 @@ def _class_name(model: nn.Module) -> str:
 def _description(model: nn.Module) -> dict[str, Any]:
     info = dict(getattr(model, COMPACTION_ATTR, None) or {})
     steps = info.pop("steps", [])
-    return {"format": FORMAT, "class": _class_name(model), "steps": steps, "summary": info,
-            "masks": sorted(get_masks(model))}
+    return {"class": _class_name(model), "steps": steps, "summary": info, "masks": sorted(get_masks(model))}
 
 
 def save_compacted(model: nn.Module, directory: str | Path) -> None:
@@ -207,60 +236,21 @@ def save_compacted(model: nn.Module, directory: str | Path) -> None:
     if getattr(model, "slimtorch_quantization", None):
         raise CheckpointError("the model is quantized: save the compacted float model with save_compacted and the "
                               "quantized one with slimtorch.quant.saving.save_quantized (it loads onto the former)")
-    description = json.dumps(_description(model), indent=1)
+    description = description_text(COMPACTED, _description(model))
     with atomic_folder(directory) as staging:
-        save_model(model, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        # (safetensors' save_model, not save_file: it drops the aliases of tied weights, which loading accepts)
+        save_model(model, str(staging / WEIGHTS), metadata=file_header(COMPACTED, {}))
         (staging / DESCRIPTION).write_text(description)
 
 
-def _check_description(description: Any, path: Path) -> dict[str, Any]:
-    """Every field :func:`load_compacted_` reads, with the type it needs (before anything is changed)."""
-    def fail(what: str) -> CheckpointError:
-        return CheckpointError(f"{str(path)!r} is not a valid {FORMAT} description: {what}; the file was edited or "
-                               "is corrupt: save the model again with save_compacted")
-
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} description")
-    for key, kind in (("class", str), ("steps", list), ("summary", dict), ("masks", list)):
-        if key == "masks" and key not in description:
-            continue  # (written before compacted models kept their masks)
-        if not isinstance(description.get(key), kind):
-            raise fail(f"{key!r} must be a {kind.__name__}, got {type(description.get(key)).__name__}")
-    for i, step in enumerate(description["steps"]):
-        if not isinstance(step, dict) or not isinstance(step.get("modules"), dict) \
-                or not isinstance(step.get("fixes"), list):
-            raise fail(f"step {i} needs a 'modules' mapping and a 'fixes' list")
-        for name, change in step["modules"].items():
-            if not isinstance(change, dict) or not isinstance(change.get("kind"), str) \
-                    or not isinstance(change.get("keeps"), dict) or not isinstance(change.get("options"), dict):
-                raise fail(f"step {i}, module {name!r} needs 'kind', 'keeps' and 'options'")
-            for key, keep in change["keeps"].items():
-                if not isinstance(keep, list) or not all(type(k) is int and k >= 0 for k in keep):
-                    raise fail(f"step {i}, module {name!r}, keeps {key!r} must be a list of indices >= 0")
-    if not all(isinstance(m, str) for m in description.get("masks", [])):
-        raise fail("'masks' must list parameter names")
-    return description
-
-
 def _read_description(directory: Path) -> dict[str, Any]:
-    path = directory / DESCRIPTION
-    if not path.is_file() or not (directory / WEIGHTS).is_file():
+    if not (directory / DESCRIPTION).is_file() or not (directory / WEIGHTS).is_file():
         raise CheckpointError(f"{str(directory)!r} holds no compacted model (expected {DESCRIPTION} and {WEIGHTS})")
-    try:
-        description = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); the file is corrupt") from None
-    return _check_description(description, path)
+    return read_description(directory / DESCRIPTION, COMPACTED)
 
 
 def _read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+    return read_tensors(path, COMPACTED, device=device)[1]
 
 
 def _load_weights_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimtorch.compact import compact_
 from slimtorch.config import check_fields, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.export import OnnxModule, export_onnx
 from slimtorch.graph.run import call_model
-from slimtorch.masks import apply_masks_, is_masked, remove_masks_
+from slimtorch.masks import is_masked, remove_masks_
 from slimtorch.prune.pruner import compute_masks
 from slimtorch.quant import QuantConfig, quant_info, quantize
 from slimtorch.quant.onnx import quantize_onnx
-from slimtorch.recover import Distiller, fit
+from slimtorch.recover import fit
+from slimtorch.recover.stages import Step, Work, compact_step_, distill_, prune_step_, run_steps
 from slimtorch.report import count_params, model_state, saved_size
 
 if TYPE_CHECKING:
@@ -164,14 +164,20 @@ def distil_recovery(train_data: Dataset, train: TrainConfig, distill: DistillCon
         if distill is None:
             fit(student, train_data, train)
             return f"fine-tune {train.epochs} epoch(s), cross-entropy"
-        loss_fn = Distiller(teacher, student, distill)
-        try:
-            fit(student, train_data, train, loss_fn=loss_fn)
-        finally:
-            loss_fn.close()
+        distill_(student, teacher, train_data, train, distill=distill)
         return f"distil {train.epochs} epoch(s) from the dense model (T={distill.temperature}, alpha={distill.alpha})"
 
     return recover
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What a step measures when it leaves the model alone: a quantized copy, an ONNX Runtime session."""
+
+    model: nn.Module
+    note: str
+    onnx_of: nn.Module | None = None  # the float model an ONNX Runtime session was exported from
+    size: int | None = None
 
 
 class _Meter:
@@ -194,6 +200,13 @@ class _Meter:
         # latency_s is filled in by time_all(), once every stage exists
         self.stages.append(Stage(stage, state, params, saved_size(model) if size is None else size, 0.0,
                                  quality, note, model))
+
+    def measure(self, stage: str, work: Work, outcome: str | _Derived | None) -> None:
+        """After a step: the model it made, or the one it derived (quantized, exported) from the model."""
+        if isinstance(outcome, _Derived):
+            self(stage, outcome.model, outcome.note, onnx_of=outcome.onnx_of, size=outcome.size)
+        else:
+            self(stage, work.model, "as given" if outcome is None else outcome)
 
     def time_all(self) -> None:
         """Median latency of every stage's model, timed round-robin (one call of each per round): on a
@@ -225,28 +238,71 @@ def _float(model: nn.Module) -> nn.Module:
     return work.eval()
 
 
-def _compact(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs: Any, compactor: str) -> str:
+def _prune(work: Work, config: PipelineConfig) -> str:
+    graph = config.compactor == "graph"  # coupled (group-consistent) masks need the traced graph
+    masks = compute_masks(work.model, list(config.config_list), criterion=config.criterion,
+                          example_inputs=work.example_inputs if graph else None)
+    prune_step_(work, masks)
+    return f"{config.criterion} masks"
+
+
+def _compact(work: Work, compactor: str) -> str:
     if compactor == "graph":
-        compact_(model, masks, example_inputs=example_inputs)
+        compact_step_(work, work.masks)
         return "slimtorch.compact_ (traced graph, verified against the masked model)"
     from slimtorch.integrations.hf.compaction import compact_hf_
 
-    compact_hf_(model, masks, example_inputs=example_inputs)
+    compact_hf_(work.model, work.masks, example_inputs=work.example_inputs)
     return "compact_hf_ (heads and FFN neurons removed by slimtorch.compact_, verified; config updated)"
 
 
-def _onnx_stages(meter: _Meter, model: nn.Module, config: PipelineConfig, calibration: list[Any] | None,
-                 folder: str) -> None:
-    check = export_onnx(model, meter.example_inputs, os.path.join(folder, "float.onnx"), atol=1e-3)
-    meter("export", OnnxModule(check.path, threads=config.threads),
-          f"torch.export -> ONNX, max |diff| to PyTorch {check.max_abs_diff:.1e}", onnx_of=model, size=check.size_bytes)
-    method = config.quant.method if config.quant is not None else None
-    if method not in _ONNX_METHODS:
-        return
-    path = os.path.join(folder, f"{method}.onnx")
-    quantize_onnx(check.path, path, QuantConfig(method=method), calibration=calibration)
-    meter("quantize (ONNX Runtime)", OnnxModule(path, threads=config.threads),
-          f"{method} by ONNX Runtime on the exported file", onnx_of=model, size=os.path.getsize(path))
+def _quantize(work: Work, quant: QuantConfig, calibration: list[Any] | None) -> _Derived:
+    q = quantize(_float(work.model), quant, calibration=calibration, example_inputs=work.example_inputs)
+    info = quant_info(q)
+    return _Derived(q, f"{quant.method} by {info.backend}" if info else quant.method)
+
+
+class _Onnx:
+    """The ONNX stages: the float model exported (parity checked), then that file quantized by ONNX Runtime."""
+
+    def __init__(self, config: PipelineConfig, calibration: list[Any] | None, folder: str) -> None:
+        self.config, self.calibration, self.folder = config, calibration, folder
+        self.path = os.path.join(folder, "float.onnx")
+        self.model: nn.Module | None = None  # the float model exported (set by export, which runs first)
+
+    def export(self, work: Work) -> _Derived:
+        self.model = _float(work.model)
+        check = export_onnx(self.model, work.example_inputs, self.path, atol=1e-3)
+        return _Derived(OnnxModule(check.path, threads=self.config.threads),
+                        f"torch.export -> ONNX, max |diff| to PyTorch {check.max_abs_diff:.1e}", self.model,
+                        check.size_bytes)
+
+    def quantize(self, work: Work) -> _Derived:
+        assert self.config.quant is not None and self.model is not None
+        method = self.config.quant.method
+        path = os.path.join(self.folder, f"{method}.onnx")
+        quantize_onnx(self.path, path, QuantConfig(method=method), calibration=self.calibration)
+        return _Derived(OnnxModule(path, threads=self.config.threads), f"{method} by ONNX Runtime on the exported file",
+                        self.model, os.path.getsize(path))
+
+
+def _steps(config: PipelineConfig, recover: Recover | None, calibration: list[Any] | None,
+           folder: str) -> list[tuple[str, Step]]:
+    """The stages after the dense one, in order: each runs on a copy of the model the one before made."""
+    steps: list[tuple[str, Step]] = [("prune", lambda w: _prune(w, config))]
+    if config.compactor != "none":
+        steps.append(("compact", lambda w: _compact(w, config.compactor)))
+    if recover is not None:
+        steps.append(("recover", lambda w: recover(w.model, w.teacher)))
+    if config.quant is not None:
+        quant = config.quant
+        steps.append(("quantize", lambda w: _quantize(w, quant, calibration)))
+    if config.onnx:
+        onnx = _Onnx(config, calibration, folder)
+        steps.append(("export", onnx.export))
+        if config.quant is not None and config.quant.method in _ONNX_METHODS:
+            steps.append(("quantize (ONNX Runtime)", onnx.quantize))
+    return steps
 
 
 def run_pipeline(
@@ -265,32 +321,16 @@ def run_pipeline(
         example_inputs: one batch (tensor, tuple or dict of keyword inputs): tracing, export and latency.
         config: what each stage does.
         score: quality of a model (accuracy, cosine similarity to the dense model...), higher is better.
-        recover: ``recover(student, teacher) -> description`` trains the compacted student in place;
-            None skips the stage.
+        recover: ``recover(student, teacher) -> description`` trains the compacted student in place (the
+            teacher is the dense model); None skips the stage.
         calibration: model inputs for static int8 (PyTorch and ONNX Runtime).
     """
     batches = list(calibration) if calibration is not None else None
     meter = _Meter(example_inputs, score, config)
     dense = copy.deepcopy(model).eval()
-    meter("dense", dense, "as given")
-    graph = config.compactor == "graph"  # coupled (group-consistent) masks need the traced graph
-    masks = compute_masks(dense, list(config.config_list), criterion=config.criterion,
-                          example_inputs=example_inputs if graph else None)
-    work = copy.deepcopy(dense)
-    apply_masks_(work, masks)
-    meter("prune", work, f"{config.criterion} masks")
-    if config.compactor != "none":
-        work = copy.deepcopy(work)
-        meter("compact", work, _compact(work, masks, example_inputs, config.compactor))
-    if recover is not None:
-        work = copy.deepcopy(work)
-        meter("recover", work, recover(work, dense))
-    if config.quant is not None:
-        q = quantize(_float(work), config.quant, calibration=batches, example_inputs=example_inputs)
-        info = quant_info(q)
-        meter("quantize", q, f"{config.quant.method} by {info.backend}" if info else config.quant.method)
-    if config.onnx:
-        with tempfile.TemporaryDirectory() as folder:
-            _onnx_stages(meter, _float(work), config, batches, folder)  # sessions hold the files in memory
+    work = Work(model=dense, example_inputs=example_inputs, teacher=dense)
+    with tempfile.TemporaryDirectory() as folder:  # ONNX Runtime sessions hold their files in memory
+        run_steps(work, _steps(config, recover, batches, folder), measure=meter.measure, initial="dense",
+                  copies=True)
     meter.time_all()
-    return PipelineResult(meter.stages, masks)
+    return PipelineResult(meter.stages, work.masks)

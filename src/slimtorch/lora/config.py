@@ -1,16 +1,48 @@
-"""LoRA settings, and their translation to and from PEFT's ``adapter_config.json``."""
+"""LoRA settings; the ``peft.LoraConfig`` they become, and their translation to and from PEFT's
+``adapter_config.json``.
+
+PEFT is an optional dependency: this module imports without it, and everything that needs it asks
+:func:`require_peft`, which raises a ConfigError naming the extra to install.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import CheckpointError, ConfigError
 
-__all__ = ["LoRAConfig"]
+__all__ = ["ADAPTER", "LoRAConfig", "require_peft"]
+
+#: The name of the one adapter a model of ours carries (PEFT's default; files do not store it).
+ADAPTER = "default"
+
+#: Keys of ``adapter_config.json`` that say where an adapter came from or how PEFT should treat it, not what
+#: it computes; loading ignores them. (``megatron_core`` and ``qalora_group_size`` have non-empty defaults and
+#: only matter with ``megatron_config`` / ``use_qalora``, which are refused.)
+_PROVENANCE = frozenset({
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+    "megatron_core", "qalora_group_size", "layers_pattern", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "astra_config",
+})
+#: Initialisations that leave the base weights as they are (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA and the like
+#: change them, so their adapters only fit the base model they saved beside them).
+_PLAIN_INITS = (True, False, "gaussian", "eva")
+
+
+def require_peft(what: str) -> ModuleType:
+    """The ``peft`` module, or a ConfigError saying how to install it."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ConfigError(f"{what} runs on PEFT, which is not installed ({err}): pip install slimtorch[peft]") \
+            from None
+    return peft
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,34 +84,62 @@ class LoRAConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
         return fields_from_dict(cls, data, what="LoRA")
 
+    def peft_config(self, layers: tuple[str, ...] | None = None) -> Any:
+        """These settings as a ``peft.LoraConfig``. With ``layers`` (full module names), it targets exactly those
+        layers (one anchored pattern) instead of matching ``target_modules`` again."""
+        peft = require_peft("LoRA")
+        targets: Any = list(self.target_modules)
+        exclude = list(self.exclude_modules) or None
+        if layers is not None:
+            targets, exclude = "|".join(re.escape(name) for name in layers), None  # PEFT full-matches a string
+        return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               use_rslora=self.use_rslora, target_modules=targets, exclude_modules=exclude,
+                               bias="none")
+
     def to_peft(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content PEFT reads."""
-        return {
-            "peft_type": "LORA", "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-            "target_modules": list(self.target_modules), "exclude_modules": list(self.exclude_modules) or None,
-            "use_rslora": self.use_rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
-            "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "task_type": None,
-            "inference_mode": True, "base_model_name_or_path": None,
-        }
+        """The ``adapter_config.json`` content: what PEFT writes for these settings (every field of its
+        ``LoraConfig``, sorted), with the target names in their given order."""
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in self.peft_config().to_dict().items()}
+        data.update(target_modules=list(self.target_modules), exclude_modules=list(self.exclude_modules) or None,
+                    inference_mode=True, peft_type="LORA")  # as PeftModel.save_pretrained writes them
+        return dict(sorted(data.items()))
 
     @classmethod
     def from_peft(cls, data: Mapping[str, Any]) -> LoRAConfig:
-        """Parse a PEFT ``adapter_config.json``; settings this implementation does not have are an error."""
-        if data.get("peft_type") != "LORA":
-            raise CheckpointError(f"adapter config is peft_type={data.get('peft_type')!r}, not 'LORA'")
-        unsupported = {k: data[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if data.get(k)}
-        unsupported |= {k: data[k] for k in ("use_dora", "fan_in_fan_out") if data.get(k)}
-        if data.get("bias", "none") != "none":
-            unsupported["bias"] = data["bias"]
-        if unsupported or isinstance(data.get("target_modules"), str):
-            raise CheckpointError(f"adapter settings not supported here: {unsupported or data['target_modules']!r}; "
-                                  "merge the adapter with PEFT (merge_and_unload) instead")
+        """Parse a PEFT ``adapter_config.json``; a setting that changes what the adapter computes and that this
+        class does not have is a CheckpointError naming it."""
+        if not isinstance(data, Mapping) or data.get("peft_type") != "LORA":
+            kind = data.get("peft_type") if isinstance(data, Mapping) else type(data).__name__
+            raise CheckpointError(f"adapter config is peft_type={kind!r}, not 'LORA'")
+        unsupported = _unsupported(data)
+        if unsupported:
+            raise CheckpointError(f"adapter settings not supported here: {unsupported!r}; merge the adapter with "
+                                  "PEFT (merge_and_unload) instead")
         return cls(
             target_modules=tuple(data["target_modules"]), r=int(data.get("r", 8)),
             lora_alpha=data.get("lora_alpha", 8), lora_dropout=float(data.get("lora_dropout", 0.0)),
             use_rslora=bool(data.get("use_rslora", False)), exclude_modules=tuple(data.get("exclude_modules") or ()),
         )
 
+
+_OURS = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
+                   "exclude_modules", "bias", "init_lora_weights"})
+
+
+def _unsupported(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a PEFT adapter config that :class:`LoRAConfig` cannot represent: any key (known to this
+    version of PEFT or not) set away from its empty default, targets given as one regular expression (or none),
+    a bias, an initialisation that changed the base weights."""
+    found = {k: v for k, v in data.items() if k not in _OURS | _PROVENANCE and v not in (None, False, {}, [], "")}
+    if not isinstance(data.get("target_modules"), list):  # a regular expression, or parameters targeted instead
+        found["target_modules"] = data.get("target_modules")
+    if isinstance(data.get("exclude_modules"), str):
+        found["exclude_modules"] = data["exclude_modules"]
+    if data.get("bias", "none") != "none":
+        found["bias"] = data["bias"]
+    if data.get("init_lora_weights", True) not in _PLAIN_INITS:
+        found["init_lora_weights"] = data["init_lora_weights"]
+    return found
 
 
 def _positive(value: Any) -> bool:

@@ -1,7 +1,7 @@
-"""Saved slimtorch models: one safetensors file, never pickle.
+"""Saved slimtorch models: one safetensors file of slimtorch's container (kind ``model``), never pickle.
 
-A model file holds how to build the architecture (a :class:`~slimtorch.models.registry.ModelSpec`, as
-JSON metadata), the state dict and the masks the model carries (a masked model's; those a compacted one
+A model file holds how to build the architecture (a :class:`~slimtorch.models.registry.ModelSpec`, in
+its JSON header), the state dict and the masks the model carries (a masked model's; those a compacted one
 keeps inside the channels that stay, at its size). A compacted model also records what compaction did
 (``model.slimtorch_compaction``, JSON): loading replays those steps on a fresh model
 (:func:`slimtorch.compact.replay_`, no tracing), masks it again, then loads the weights::
@@ -22,26 +22,64 @@ keeps inside the channels that stay, at its size). A compacted model also record
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.atomic import atomic_write
 from slimtorch.checks import check_path
 from slimtorch.compact import replay_
+from slimtorch.container import (
+    DescriptionError,
+    Field,
+    Kind,
+    TensorInfo,
+    read_description,
+    read_file,
+    register_kind,
+    write_file,
+)
 from slimtorch.errors import CheckpointError, CompactionError, SlimError
-from slimtorch.io import DESCRIPTION, load_compacted_
+from slimtorch.io import COMPACTED, DESCRIPTION, check_compaction_steps, load_compacted_
 from slimtorch.masks import COMPACTION_ATTR, MASK_SUFFIX, apply_masks_, get_masks, model_state
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
 
-__all__ = ["LoadedModel", "load_model", "save_model"]
+__all__ = ["MODEL", "LoadedModel", "load_model", "save_model"]
 
-FORMAT = "slimtorch-model-v1"
 STATES = ("dense", "masked", "compacted")
+
+
+def _check_description(description: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """The state, the spec (parsed: its sizes are bounded), the compaction record of a compacted model, and
+    the tensors: ``state::<state dict key>`` and ``mask::<parameter>`` (bool) only."""
+    state = description["state"]
+    if state not in STATES:
+        raise DescriptionError(f"the model is said to be {state!r}; expected one of {list(STATES)}")
+    try:
+        ModelSpec.from_dict(description["spec"])
+    except (SlimError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise DescriptionError(f"a bad model spec ({type(err).__name__}: {err})") from None
+    if state == "compacted":
+        try:
+            check_compaction_steps((description.get("compaction") or {}).get("steps"))
+        except DescriptionError as err:
+            raise DescriptionError(f"the model was compacted but its compaction record is missing or invalid: "
+                                   f"{err}") from None
+    odd = sorted(n for n, t in tensors.items() if not n.startswith(("state::", "mask::"))
+                 or (n.startswith("mask::") and t.dtype != "BOOL"))
+    if odd:
+        raise DescriptionError(f"tensors {odd[:3]} are neither 'state::<key>' nor bool 'mask::<parameter>'")
+
+
+MODEL = register_kind(Kind(
+    name="model", version=1, title="slimtorch model file", readable="safetensors model file",
+    described="model description",
+    fix="save models with slimtorch.models.modelfile.save_model (or `slimtorch prune/compact --out`)",
+    fields=(Field("spec", dict), Field("state", str), Field("compaction", dict, required=False)),
+    check=_check_description))
 
 
 @dataclass
@@ -58,8 +96,6 @@ class LoadedModel:
 def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> None:
     """Save ``model`` (dense, masked or compacted) atomically, with the masks it carries: a masked model's,
     or the compacted-size masks a compacted model keeps (each mask once, as bool)."""
-    from safetensors.torch import save_file
-
     if getattr(model, "slimtorch_quantization", None):
         raise CheckpointError("save_model stores float models (dense, masked or compacted); save a quantized model "
                               "with slimtorch.quant.saving.save_quantized")
@@ -68,29 +104,15 @@ def save_model(path: str | Path, model: nn.Module, spec: ModelSpec) -> None:
     buffers = {name + MASK_SUFFIX for name in masks}  # the masks again, as buffers: stored once, as masks
     tensors = {f"state::{k}": v for k, v in model.state_dict().items() if k not in buffers}
     tensors.update({f"mask::{k}": v.to(torch.bool) for k, v in masks.items()})
-    flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    header = {"format": FORMAT, "spec": json.dumps(spec.to_dict()), "state": state}
+    description = {"spec": spec.to_dict(), "state": state}
     if state == "compacted":
-        header["compaction"] = json.dumps(getattr(model, COMPACTION_ATTR))  # the steps that rebuild its shapes
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+        description["compaction"] = getattr(model, COMPACTION_ATTR)  # the steps that rebuild its shapes
+    write_file(path, MODEL, description, tensors)
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"model file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors model file ({err})") from None
-
-
-def _replay_(model: nn.Module, header: Mapping[str, str], path: Path) -> None:
+def _replay_(model: nn.Module, compaction: Mapping[str, Any], path: Path) -> None:
     """Give a fresh ``model`` the shapes of the compacted one saved in ``path``."""
     try:
-        compaction = json.loads(header["compaction"])
         replay_(model, compaction["steps"])
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, CompactionError) as err:
         raise CheckpointError(f"{str(path)!r} says the model was compacted but its compaction record is missing "
@@ -103,10 +125,7 @@ def _load_compacted_folder(path: Path) -> LoadedModel:
     if not (path / DESCRIPTION).is_file():
         raise CheckpointError(f"{str(path)!r} is a folder without {DESCRIPTION}; give a model file or a folder "
                               "written by slimtorch.io.save_compacted")
-    try:
-        saved_class = json.loads((path / DESCRIPTION).read_text()).get("class")
-    except (OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{str(path / DESCRIPTION)!r} is not a readable compaction record ({err})") from None
+    saved_class = read_description(path / DESCRIPTION, COMPACTED)["class"]
     names = [n for n, (cls, _) in REFERENCE_MODELS.items() if f"{cls.__module__}.{cls.__qualname__}" == saved_class]
     if not names:
         raise CheckpointError(f"{str(path)!r} holds a compacted {saved_class}; the command line rebuilds only the "
@@ -116,18 +135,6 @@ def _load_compacted_folder(path: Path) -> LoadedModel:
     model = build_model(spec)
     load_compacted_(model, path)  # replays the recorded steps, then loads the weights; CheckpointError if not
     return LoadedModel(model, spec, "compacted", get_masks(model))
-
-
-def _spec_and_state(header: Mapping[str, str], path: Path) -> tuple[ModelSpec, str]:
-    try:
-        spec, state = ModelSpec.from_dict(json.loads(header["spec"])), header["state"]
-    except (KeyError, ValueError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{str(path)!r} has a missing or corrupt model description, a bad model spec "
-                              f"({type(err).__name__}: {err}); save the model again with "
-                              "slimtorch.models.save_model") from None
-    if state not in STATES:
-        raise CheckpointError(f"{str(path)!r} says its model is {state!r}; expected one of {list(STATES)}")
-    return spec, state
 
 
 def _build(spec: ModelSpec, path: Path) -> nn.Module:
@@ -143,16 +150,13 @@ def load_model(path: str | Path) -> LoadedModel:
     path = check_path(path, "load_model's path")
     if path.is_dir():
         return _load_compacted_folder(path)
-    header, tensors = _read(path)
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a slimtorch model file (format {header.get('format')!r}); "
-                              "save models with `slimtorch prune/compact --out` or slimtorch.models.save_model")
-    spec, state = _spec_and_state(header, path)
-    masks = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("mask::")}
-    state_dict = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("state::")}
+    contents = read_file(path, MODEL)  # header, description and tensor names checked
+    spec, state = ModelSpec.from_dict(contents.description["spec"]), contents.description["state"]
+    masks = {k.split("::", 1)[1]: v for k, v in contents.tensors.items() if k.startswith("mask::")}
+    state_dict = {k.split("::", 1)[1]: v for k, v in contents.tensors.items() if k.startswith("state::")}
     model = _build(spec, path)
     if state == "compacted":
-        _replay_(model, header, path)
+        _replay_(model, contents.description["compaction"], path)
     try:
         if masks:
             apply_masks_(model, masks)

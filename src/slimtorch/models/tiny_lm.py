@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from torch import nn
 from slimtorch.atomic import atomic_folder
 from slimtorch.data.text import Document, TextSplits, text_splits
 from slimtorch.errors import CheckpointError, ConfigError
-from slimtorch.progress import progress
+from slimtorch.recover.loop import FunctionLR, Loop, StepModule
+from slimtorch.recover.losses import causal_lm_loss
 
 __all__ = [
     "TinyLM",
@@ -175,27 +176,27 @@ def _lr_at(step: int, cfg: TinyLMConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
+def _windows(tokens: torch.Tensor, cfg: TinyLMConfig) -> Iterator[torch.Tensor]:
+    """``cfg.steps`` batches of random windows, ``(batch_size, seq_len)`` each, every one drawn afresh."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.steps):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        yield calibration_batches(tokens, num=cfg.batch_size, seq_len=cfg.seq_len, seed=seed)
+
+
 def train_lm(cfg: TinyLMConfig, splits: TextSplits | None = None) -> TinyLM:
     """Train a tokenizer and a model of ``cfg`` on the training articles (AdamW, warm-up then cosine
-    learning rate, random windows of ``seq_len`` tokens)."""
+    learning rate, gradients clipped to norm 1, random windows of ``seq_len`` tokens) with the library's
+    training loop and its next-token loss (:func:`slimtorch.recover.losses.causal_lm_loss`)."""
     splits = splits or text_splits()
     tokenizer = train_tokenizer(splits.train, cfg.vocab_size)
     train_tokens = encode_documents(tokenizer, splits.train)
     model = build_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, losses = time.perf_counter(), []
-    for step in progress(range(cfg.steps), desc="train LM"):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        batch = calibration_batches(train_tokens, num=cfg.batch_size, seq_len=cfg.seq_len,
-                                    seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.detach().item())
+    loop = Loop(StepModule(model, causal_lm_loss), opt, scheduler=FunctionLR(opt, lambda step: _lr_at(step, cfg)),
+                max_grad_norm=1.0)
+    start = time.perf_counter()
+    losses = loop.run(_windows(train_tokens, cfg), desc="train LM").step_losses
     model.eval()
     record = {
         "train_seconds": round(time.perf_counter() - start, 1),

@@ -1,5 +1,6 @@
-"""Training-loop glue: the callbacks pruning methods plug into *your* loop, and an :class:`Evaluator` for
-callers who would rather let the library drive.
+"""Training-loop glue: the callbacks pruning methods plug into a training loop (yours or the library's), and an
+:class:`Evaluator` for callers who would rather let the library drive. The library's one loop lives above
+pruning (:mod:`slimtorch.recover.loop`) and registers itself here (:func:`register_training_loop`).
 
 Every method in :mod:`slimtorch.prune` that acts during training (gradual pruning, lottery tickets,
 sparse training, network slimming) is a :class:`Callback`. In a plain loop, call its two hooks::
@@ -12,7 +13,9 @@ sparse training, network slimming) is a :class:`Callback`. In a plain loop, call
         optimizer.step()
         method.after_step(batch)          # e.g. prune on schedule, regrow, record the rewind point
 
-or hand the callbacks to :meth:`Evaluator.train_`, which runs exactly that loop::
+or hand them to the library's one training loop, which calls them exactly there:
+``slimtorch.recover.fit(..., callbacks=[method])``, or :meth:`Evaluator.train_`, which runs that loop on your
+batches::
 
     >>> import torch
     >>> from torch import nn
@@ -32,17 +35,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.checks import check_number
-from slimtorch.errors import ConfigError
-from slimtorch.progress import progress
+from slimtorch.errors import ConfigError, SlimError
 
-__all__ = ["Callback", "Evaluator", "accuracy", "cross_entropy_loss", "forward_batch"]
+__all__ = [
+    "Callback",
+    "Evaluator",
+    "TrainingLoop",
+    "accuracy",
+    "cross_entropy_loss",
+    "forward_batch",
+    "register_training_loop",
+]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 MetricFn = Callable[[nn.Module, Iterable[Any]], float]
@@ -89,6 +99,24 @@ class Callback:
 
     def after_epoch(self, epoch: int) -> None:
         """Called after each pass over the training data (``epoch`` counts from 0)."""
+
+
+class TrainingLoop(Protocol):
+    """The loop :meth:`Evaluator.train_` hands its model, batches, loss, optimizer and callbacks to."""
+
+    def __call__(self, model: nn.Module, batches: Iterable[Any], *, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                 epochs: int, max_steps: int | None, callbacks: Sequence[Callback]) -> object: ...
+
+
+#: the one training loop, filled by :mod:`slimtorch.recover.loop` when it is imported (the package imports it):
+#: pruning sits below the training tools and may not import them, so the loop registers itself here
+_TRAINING_LOOP: list[TrainingLoop] = []
+
+
+def register_training_loop(loop: TrainingLoop) -> TrainingLoop:
+    """Make ``loop`` the one :meth:`Evaluator.train_` runs (``slimtorch.recover.loop.train_`` is)."""
+    _TRAINING_LOOP[:] = [loop]
+    return loop
 
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -140,35 +168,16 @@ class Evaluator:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         """Train ``model`` in place for ``epochs`` passes (or ``max_steps`` steps, whichever ends first),
-        calling every callback's hooks; the model's train/eval mode is restored afterwards."""
+        calling every callback's hooks; the model's train/eval mode is restored afterwards. The steps are
+        those of :func:`slimtorch.recover.fit` (:mod:`slimtorch.recover.loop`): a NaN loss or a step the model
+        cannot run is an error naming the step."""
         if epochs < 0 or (max_steps is not None and max_steps < 0):
             raise ConfigError(f"need epochs >= 0 and max_steps >= 0, got epochs={epochs}, max_steps={max_steps}")
+        if not _TRAINING_LOOP:  # (the package imports slimtorch.recover, which registers it)
+            raise SlimError("no training loop is registered: import slimtorch.recover")
         opt = optimizer if optimizer is not None else self.make_optimizer(model)
-        was_training = model.training
-        model.train()
-        steps = 0
-        try:
-            for epoch in range(epochs):
-                for batch in progress(self.train_data, desc=f"train {epoch + 1}/{epochs}"):
-                    if max_steps is not None and steps >= max_steps:
-                        return
-                    self._step(model, batch, opt, callbacks)
-                    steps += 1
-                for callback in callbacks:
-                    callback.after_epoch(epoch)
-        finally:
-            model.train(was_training)
-
-    def _step(
-        self, model: nn.Module, batch: Any, opt: torch.optim.Optimizer, callbacks: Sequence[Callback]
-    ) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.loss_fn(model, batch).backward()
-        for callback in callbacks:
-            callback.after_backward(batch)
-        opt.step()
-        for callback in callbacks:
-            callback.after_step(batch)
+        _TRAINING_LOOP[0](model, self.train_data, loss_fn=self.loss_fn, optimizer=opt, epochs=epochs,
+                          max_steps=max_steps, callbacks=callbacks)
 
     def evaluate(self, model: nn.Module) -> float:
         """``metric(model, eval_data)``."""

@@ -33,6 +33,8 @@ from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_head
 from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.models.minilm import embed
 from slimtorch.prune.pruner import compute_masks
+from slimtorch.recover.loop import Loop, StepModule
+from slimtorch.recover.losses import EmbeddingDistiller
 
 __all__ = ["WorkflowConfig", "distil_embeddings_", "ffn_config", "head_config", "prune_workflow_"]
 
@@ -94,25 +96,14 @@ def ffn_config(model: nn.Module, fraction: float) -> list[dict[str, Any]]:
 def distil_embeddings_(student: nn.Module, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]], *,
                        steps: int, lr: float) -> None:
     """Train ``student`` to reproduce ``teacher``'s normalised sentence embeddings (mean squared error,
-    AdamW), cycling over ``batches``.
-
-    Regression on the teacher's embeddings is sentence-transformers' own distillation recipe; the
-    classification distiller of :mod:`slimtorch.recover` matches softened class distributions, which an
-    embedding model does not have.
-    """
+    AdamW), cycling over ``batches``, on the library's training loop with its embedding-distillation loss
+    (:class:`slimtorch.recover.losses.EmbeddingDistiller`; the classification distiller matches softened class
+    distributions, which an embedding model does not have). The student is left in eval mode."""
     if steps <= 0:
         return
-    teacher.eval()
-    student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        batch = batches[step % len(batches)]
-        with torch.no_grad():
-            target = embed(teacher, batch)  # (B, D)
-        loss = (embed(student, batch) - target).pow(2).sum(dim=1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    loop = Loop(StepModule(student, EmbeddingDistiller(teacher, embed)), opt)
+    loop.run((batches[step % len(batches)] for step in range(steps)), desc="distil embeddings")
     student.eval()
 
 

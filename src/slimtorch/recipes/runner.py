@@ -24,7 +24,6 @@ compacted model. Under ``torchrun`` every process runs the recipe (training is d
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,17 +34,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimtorch.compact import compact_
 from slimtorch.data.datasets import TensorSplit
 from slimtorch.data.sources import load_dataset
 from slimtorch.errors import ConfigError
 from slimtorch.masks import get_masks, merge_masks
 from slimtorch.models.modelfile import load_model
 from slimtorch.models.registry import REFERENCE_MODELS, ModelSpec, build_model
-from slimtorch.prune import apply_masks_, compute_masks
+from slimtorch.prune import compute_masks
 from slimtorch.recipes.schema import Recipe, Step
-from slimtorch.recover.distill import Distiller
 from slimtorch.recover.distributed import dist_info
+from slimtorch.recover.stages import Work, compact_step_, distill_, prune_step_, run_steps
 from slimtorch.recover.trainer import FitResult, evaluate_accuracy, fit
 from slimtorch.report import report
 
@@ -88,16 +86,14 @@ class RecipeResult:
         return {"stages": [asdict(s) for s in self.stages], "model": self.spec.to_dict()}
 
 
-@dataclass
-class _State:
-    """What the steps share: the model being transformed and everything known about it."""
+@dataclass(kw_only=True)
+class _State(Work):
+    """What the steps share: the model being transformed (:class:`~slimtorch.recover.stages.Work`: its masks, the
+    teacher, a batch for tracing) and the recipe's data and seed."""
 
-    model: nn.Module
     spec: ModelSpec
     data: TensorSplit
     seed: int
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    teacher: nn.Module | None = None
     compacted: bool = False
     # what made the model so far (the recipe's model, data, seed and steps up to the current one): recorded in
     # every training checkpoint, so that a resume refuses a checkpoint of a run that got there differently
@@ -113,7 +109,7 @@ class _State:
 
     @property
     def example(self) -> torch.Tensor:
-        return self.data.x_test[:MEASURE_BATCH]  # (B, C, H, W) a small batch for tracing and measuring
+        return self.example_inputs  # (B, C, H, W) a small batch of test samples for tracing and measuring
 
 
 StepRunner = Callable[[_State, Step, Path, bool], FitResult | None]
@@ -140,13 +136,10 @@ def _train(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitResu
 
 @register_step("prune")
 def _prune(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
-    if state.teacher is None:
-        state.teacher = copy.deepcopy(state.model)  # the unpruned model: the default teacher
     new = compute_masks(state.model, step.config_list, example_inputs=state.example, criterion=step.criterion,
                         seed=state.seed)
     # an earlier round's zeros stay; after a compaction the masks are the compacted model's (its own size)
-    state.masks = merge_masks(get_masks(state.model), new)
-    apply_masks_(state.model, state.masks)
+    prune_step_(state, merge_masks(get_masks(state.model), new))
 
 
 @register_step("compact")
@@ -154,7 +147,7 @@ def _compact(state: _State, step: Step, checkpoint: Path, resume: bool) -> None:
     masks = get_masks(state.model)  # the masks on the model now (a second round's are at the compacted size)
     if not masks:
         raise ConfigError("a compact step needs a prune step before it (there are no masks to compact)")
-    compact_(state.model, masks, example_inputs=state.example)  # verified on real test samples
+    compact_step_(state, masks)  # verified on real test samples
     state.compacted = True
 
 
@@ -170,13 +163,10 @@ def _teacher(state: _State, step: Step) -> nn.Module:
 @register_step("distill")
 def _distill(state: _State, step: Step, checkpoint: Path, resume: bool) -> FitResult:
     assert step.train is not None
-    torch.manual_seed(state.seed)  # projections start the same in a fresh and in a resumed run
-    distiller = Distiller(_teacher(state, step), state.model, step.distill, example_inputs=state.example)
-    try:
-        return fit(state.model, state.train_set, step.train, loss_fn=distiller, eval_data=state.test_set,
-                   checkpoint=checkpoint, resume=resume, context=state.context)
-    finally:
-        distiller.close()
+    torch.manual_seed(state.seed)  # projections (and a teacher built from a file) start the same when resumed
+    return distill_(state.model, _teacher(state, step), state.train_set, step.train, distill=step.distill,
+                    example_inputs=state.example, eval_data=state.test_set, checkpoint=checkpoint, resume=resume,
+                    context=state.context)
 
 
 def _measure(state: _State, stage: str, result: FitResult | None) -> StageResult:
@@ -232,17 +222,29 @@ def run_recipe(
     torch.manual_seed(recipe.seed)
     model, spec, masks = _initial_model(recipe, data)
     _check_fits(model, recipe, data.x_test)
-    state = _State(model, spec, data, recipe.seed, masks=dict(masks))
+    state = _State(model=model, spec=spec, data=data, seed=recipe.seed, masks=dict(masks),
+                   example_inputs=data.x_test[:MEASURE_BATCH])
     say = (lambda msg: None) if quiet or not dist_info().is_main else print
-    stages = [_measure(state, "initial", None)]
     made_of = {"model": recipe.model, "model_kwargs": dict(recipe.model_kwargs), "seed": recipe.seed,
                "data": {k: v for k, v in spec_data.to_dict().items() if k != "data_dir"}}  # (files may move)
-    for number, step in enumerate(recipe.steps, start=1):
-        say(f"[{number}/{len(recipe.steps)}] {step.kind}")
-        state.context = {"recipe": {**made_of, "steps": [s.to_dict() for s in recipe.steps[:number]]}}
-        checkpoint = Path(out_dir) / "checkpoints" / f"{number:02d}-{step.kind}.safetensors"
-        result = STEP_RUNNERS[step.kind](state, step, checkpoint, resume)
-        stages.append(_measure(state, f"{number} {step.kind}", result))
+
+    def runner(number: int, step: Step) -> Callable[[Work], FitResult | None]:
+        def run(work: Work) -> FitResult | None:
+            say(f"[{number}/{len(recipe.steps)}] {step.kind}")
+            state.context = {"recipe": {**made_of, "steps": [s.to_dict() for s in recipe.steps[:number]]}}
+            checkpoint = Path(out_dir) / "checkpoints" / f"{number:02d}-{step.kind}.safetensors"
+            return STEP_RUNNERS[step.kind](state, step, checkpoint, resume)
+
+        return run
+
+    stages: list[StageResult] = []
+
+    def measure(stage: str, work: Work, result: FitResult | None) -> None:
+        stages.append(_measure(state, stage, result))
         s = stages[-1]
-        say(f"      {s.state}: {s.params:,} params ({s.nonzero_params:,} non-zero), accuracy {s.accuracy:.2%}")
+        if stage != "initial":
+            say(f"      {s.state}: {s.params:,} params ({s.nonzero_params:,} non-zero), accuracy {s.accuracy:.2%}")
+
+    steps = [(f"{n} {step.kind}", runner(n, step)) for n, step in enumerate(recipe.steps, start=1)]
+    run_steps(state, steps, measure=measure, initial="initial")
     return RecipeResult(stages, state.model, spec, state.masks)

@@ -35,7 +35,8 @@ from slimtorch.errors import ConfigError
 from slimtorch.models import BookCNN
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.recipes.table61_report import BOOK_FIGURES, write_table61
-from slimtorch.recover.distill import DistillConfig, Distiller
+from slimtorch.recover.distill import DistillConfig
+from slimtorch.recover.stages import distill_
 from slimtorch.recover.trainer import FitResult, TrainConfig, fit
 from slimtorch.report import count_nonzero, count_params, model_state
 
@@ -120,12 +121,12 @@ class _Sweep:
         self.example = data.x_test[:2]
 
     def _fit(self, model: nn.Module, name: str, resume: bool, teacher: nn.Module | None = None) -> FitResult:
-        loss_fn = None
-        if teacher is not None and self.recipe.distill is not None:
-            loss_fn = Distiller(teacher, model, self.recipe.distill)
         checkpoint = self.out / "checkpoints" / f"{self.recipe.name}-{name}.safetensors"
-        return fit(model, self.train_set, self.recipe.train, loss_fn=loss_fn, eval_data=self.test_set,
-                   checkpoint=checkpoint, resume=resume)
+        if teacher is not None and self.recipe.distill is not None:
+            return distill_(model, teacher, self.train_set, self.recipe.train, distill=self.recipe.distill,
+                            eval_data=self.test_set, checkpoint=checkpoint, resume=resume)
+        return fit(model, self.train_set, self.recipe.train, eval_data=self.test_set, checkpoint=checkpoint,
+                   resume=resume)
 
     def warm_model(self, resume: bool) -> nn.Module:
         torch.manual_seed(self.config.seed)

@@ -1,8 +1,9 @@
-"""Training checkpoints without pickle: one safetensors file, written atomically.
+"""Training checkpoints without pickle: one safetensors file of slimtorch's container (kind ``checkpoint``),
+written atomically.
 
 Tensors (model and loss-module state, optimizer moments, torch RNG states) are safetensors entries;
 everything else (optimizer hyper-parameters, scheduler state, Python and NumPy RNG states, progress)
-is JSON in the file's metadata. The file is written to a temporary name and renamed over the old one,
+is JSON in the file's header. The file is written to a temporary name and renamed over the old one,
 so a run killed mid-write leaves the previous checkpoint intact::
 
     >>> import os, tempfile, torch
@@ -22,8 +23,8 @@ so a run killed mid-write leaves the previous checkpoint intact::
 
 from __future__ import annotations
 
-import json
 import random
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,49 +33,52 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtorch.atomic import atomic_write
+from slimtorch.container import DescriptionError, Field, Kind, TensorInfo, read_file, register_kind, write_file
 from slimtorch.errors import CheckpointError
 
-__all__ = ["load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state", "write_checkpoint"]
+__all__ = ["CHECKPOINT", "load_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state",
+           "write_checkpoint"]
 
-FORMAT = "slimtorch-checkpoint-v1"
+_OPTIMIZER_TENSOR = re.compile(r"optim\.\d+\..+")  # optim.<parameter id>.<state key>
+
+
+def _check_meta(description: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    """What loading reads, with its type: the modules' names, ``extra``, the optimizer's groups and state,
+    the scheduler's state; and every tensor under a name that says whose it is."""
+    meta = description["meta"]
+    modules = meta.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise DescriptionError("'modules' must list the names of the saved modules")
+    for key in ("extra", "optimizer", "scheduler"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise DescriptionError(f"{key!r} must be a mapping, got {type(meta[key]).__name__}")
+    optimizer = meta.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer.get("plain"), dict)
+                                      and isinstance(optimizer.get("param_groups"), list)
+                                      and all(isinstance(g, dict) for g in optimizer["param_groups"])):
+        raise DescriptionError("'optimizer' needs a 'plain' mapping and a list of 'param_groups'")
+    owners = tuple(f"{m}::" for m in [*modules, "extra"])
+    odd = sorted(n for n in tensors if ("::" in n and not n.startswith(owners))
+                 or (n.startswith("optim.") and not _OPTIMIZER_TENSOR.fullmatch(n)))
+    if odd:
+        raise DescriptionError(f"tensors {odd[:3]} belong to no saved module and to no optimizer state")
+
+
+CHECKPOINT = register_kind(Kind(
+    name="checkpoint", version=1, title="slimtorch checkpoint", readable="checkpoint",
+    fix="delete it, or run without --resume (resume=False) to start afresh", fields=(Field("meta", dict),),
+    check=_check_meta))
 
 
 def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write tensors and JSON-able ``meta`` to one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    # safetensors refuses shared or strided storage: save contiguous private copies.
-    flat = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
-    header = {"format": FORMAT, "meta": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+    write_file(path, CHECKPOINT, {"meta": meta}, tensors)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`write_checkpoint`; a missing, corrupt or foreign file is a CheckpointError."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; run without --resume to start afresh")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable checkpoint ({err}); delete it to start afresh"
-        ) from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a slimtorch checkpoint (format {header.get('format')!r})")
-    try:
-        meta = json.loads(header["meta"])
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} has a missing or corrupt description ({err}); delete it to start "
-                              "afresh") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{str(path)!r} has a corrupt description (not a mapping); delete it to start afresh")
-    return tensors, meta
+    contents = read_file(path, CHECKPOINT)
+    return contents.tensors, contents.description["meta"]
 
 
 def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -18,36 +18,28 @@ through a learned 1x1 projection where pruning left the student narrower than th
     >>> loss.dim(), bool(loss > 0)
     (0, True)
 
-A :class:`Distiller` is a ``loss_fn(model, x, y)``: it plugs into :func:`slimtorch.recover.fit`, into
-:func:`slimtorch.recover.finetune.train`, or into any loop of the user's. Its projections are
-parameters: give them to the optimizer too (``fit`` does).
+A :class:`Distiller` is a ``loss_fn(model, x, y)``: it plugs into :func:`slimtorch.recover.fit` (the training
+loop; :func:`slimtorch.recover.stages.distill_` builds one and fits), into
+:func:`slimtorch.recover.finetune.train`, or into any loop of the user's. Its projections are parameters: give
+them to the optimizer too (``fit`` does).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.checks import check_module, check_number, run_model
-from slimtorch.compact import compact_
 from slimtorch.config import check_fields
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.run import temporary_mode
-from slimtorch.masks import apply_masks_
-from slimtorch.recover.trainer import fit
 
-if TYPE_CHECKING:
-    from torch.utils.data import Dataset
-
-    from slimtorch.recover.trainer import FitResult, TrainConfig
-
-__all__ = ["DistillConfig", "Distiller", "distill_loss", "feature_pairs", "prune_and_distill_"]
+__all__ = ["DistillConfig", "Distiller", "distill_loss", "feature_pairs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,39 +260,3 @@ def feature_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
         out.append((student, teacher or student))
     return tuple(out)
 
-
-def prune_and_distill_(
-    model: nn.Module,
-    masks: Mapping[str, torch.Tensor],
-    train_data: Dataset,
-    config: TrainConfig,
-    *,
-    distill: DistillConfig | None = None,
-    eval_data: Dataset | None = None,
-    example_inputs: torch.Tensor | None = None,
-) -> FitResult:
-    """Prune ``model`` with ``masks`` and recover it by distillation from its unpruned self (the seeds'
-    recipe: the unpruned model is the teacher). With ``example_inputs`` the model is also compacted
-    (really made smaller) before training. Returns the :class:`~slimtorch.recover.FitResult`.
-
-        >>> import torch
-        >>> from torch import nn
-        >>> from torch.utils.data import TensorDataset
-        >>> from slimtorch import compute_masks
-        >>> from slimtorch.recover import TrainConfig
-        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-        >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
-        >>> masks = compute_masks(net, [{"op_names": ["0"], "sparse_ratio": 0.5}])
-        >>> result = prune_and_distill_(net, masks, data, TrainConfig(epochs=1, batch_size=8))
-        >>> int((net[0].weight.abs().sum(dim=1) == 0).sum()), result.steps
-        (8, 4)
-    """
-    teacher = copy.deepcopy(model)
-    apply_masks_(model, masks)
-    if example_inputs is not None:
-        compact_(model, masks, example_inputs=example_inputs)
-    distiller = Distiller(teacher, model, distill, example_inputs=example_inputs)
-    try:
-        return fit(model, train_data, config, loss_fn=distiller, eval_data=eval_data)
-    finally:
-        distiller.close()

@@ -1,4 +1,6 @@
-"""A plain, readable training loop and evaluation: what recovery after pruning needs at its simplest.
+"""Fine-tuning at its simplest: Adam over ``(x, y)`` batches you batch yourself (a DataLoader), on the loop
+every training runs (:mod:`slimtorch.recover.loop`). :func:`~slimtorch.recover.fit` adds seeded batching,
+checkpoints, exact resume and DDP.
 
     >>> import torch
     >>> from torch import nn
@@ -16,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimtorch.errors import ConfigError
-from slimtorch.progress import progress
 from slimtorch.prune.loop import accuracy
+from slimtorch.recover.loop import Loop, LoopState, StepModule
+from slimtorch.recover.losses import pair_loss
 
 __all__ = ["evaluate", "train", "train_epoch"]
 
@@ -29,29 +31,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
-
-
 def train_epoch(
     model: nn.Module,
     loader: Iterable[Batch],
     optimizer: torch.optim.Optimizer,
     *,
-    loss_fn: LossFn = _cross_entropy,
+    loss_fn: LossFn | None = None,
     desc: str = "train",
 ) -> float:
-    """One pass over ``loader``; returns the mean loss. ``loss_fn(model, x, y)`` defaults to cross-entropy."""
+    """One pass over ``loader`` in train mode; returns the mean loss per sample. ``loss_fn(model, x, y)``
+    defaults to cross-entropy."""
     model.train()
-    total, count = 0.0, 0
-    for x, y in progress(loader, desc=desc):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(y)
-        count += len(y)
-    return total / max(count, 1)
+    state = LoopState()
+    Loop(StepModule(model, pair_loss(loss_fn)), optimizer).run_epoch(loader, state, desc=desc)
+    return state.loss_sum / max(state.loss_count, 1)
 
 
 def train(
@@ -61,16 +54,14 @@ def train(
     epochs: int,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    loss_fn: LossFn = _cross_entropy,
+    loss_fn: LossFn | None = None,
 ) -> list[float]:
-    """Train with Adam for ``epochs``; returns the mean loss of each epoch."""
+    """Train with Adam for ``epochs`` (the model is left in train mode); returns the mean loss of each epoch."""
     if epochs < 0 or lr <= 0:
         raise ConfigError(f"need epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return [
-        train_epoch(model, loader, optimizer, loss_fn=loss_fn, desc=f"epoch {epoch + 1}/{epochs}")
-        for epoch in range(epochs)
-    ]
+    loop = Loop(StepModule(model, pair_loss(loss_fn)), optimizer)
+    return loop.run(loader, epochs=epochs, desc="epoch {epoch}/{epochs}").epoch_losses
 
 
 #: top-1 accuracy over ``(x, y)`` batches, eval mode, the previous mode restored (the pruning loop's metric)

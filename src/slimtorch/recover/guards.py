@@ -1,5 +1,6 @@
-"""What :func:`~slimtorch.recover.fit` checks before and during training: its arguments, what each step raises,
-each step's loss, and the state to put back when training fails (the model is left as it was before the call).
+"""What the training loop (:mod:`slimtorch.recover.loop`) and :func:`~slimtorch.recover.fit` check before and
+during training: their arguments, what each step raises, each step's loss, the weights after each epoch, and
+the state ``fit`` puts back when training fails (the model is left as it was before the call).
 
     >>> import torch
     >>> check_loss(torch.tensor(float("nan")), torch.ones(2, 3), step=4, epoch=0, lr=10.0)
@@ -42,27 +43,38 @@ def check_trainable(modules: Iterator[nn.Parameter]) -> None:
 
 
 @contextmanager
-def step_errors(step: int, epoch: int, index: torch.Tensor) -> Iterator[None]:
-    """What the data, the model or the loss raise on a training step becomes a TraceError naming the step."""
+def step_errors(step: int, epoch: int, index: torch.Tensor | None = None) -> Iterator[None]:
+    """What the data, the model or the loss raise on a training step becomes a TraceError naming the step (and
+    the first of its samples, given their ``index``)."""
     try:
         yield
     except SlimError:
         raise
     except Exception as err:  # the user's data, model and loss may raise anything
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise TraceError(f"training step {step + 1} of epoch {epoch + 1} failed on samples {index[:4].tolist()}... "
-                         f"({type(err).__name__}: {first}); check the data against the model (sample shapes, (x, y) "
-                         "pairs, labels within its classes) and the loss") from err
+        samples = f" on samples {index[:4].tolist()}..." if index is not None else ""
+        raise TraceError(f"training step {step + 1} of epoch {epoch + 1} failed{samples} ({type(err).__name__}: "
+                         f"{first}); check the data against the model (sample shapes, (x, y) pairs, labels within "
+                         "its classes) and the loss") from err
 
 
-def check_loss(loss: Any, x: torch.Tensor, *, step: int, epoch: int, lr: float) -> None:
-    """A NaN or infinite loss is an error naming the step and its likely cause, never a silently ruined model."""
+def _inputs(batch: Any) -> list[torch.Tensor]:
+    """The input tensors of a batch: the first item of a tuple, the values of a dict, or the tensor."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0] if batch else None
+    values = batch.values() if isinstance(batch, Mapping) else [batch]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def check_loss(loss: Any, batch: Any, *, step: int, epoch: int, lr: float) -> None:
+    """A NaN or infinite loss is an error naming the step and its likely cause (``batch``'s inputs are looked at),
+    never a silently ruined model."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
         raise ConfigError(f"the loss must be a scalar tensor, got {type(loss).__name__}{shape}")
     if bool(torch.isfinite(loss.detach())):
         return
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if any(x.is_floating_point() and not bool(torch.isfinite(x).all()) for x in _inputs(batch)):
         cause = "the batch's inputs hold NaN or infinite values: clean the training data"
     elif step == 0 and epoch == 0:
         cause = ("the inputs are finite and nothing was trained yet: the model or the loss gives it (NaN weights, a "

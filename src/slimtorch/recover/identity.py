@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,9 +99,12 @@ def _loss_identity(loss_fn: Callable[..., Any] | None) -> dict[str, Any]:
 def run_identity(
     model: nn.Module, train_data: Dataset, settings: Mapping[str, Any], *, loss_fn: Callable[..., Any] | None = None,
     eval_data: Dataset | None = None, world_size: int = 1, context: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Everything that decides what a training run of ``model`` ends with, as it reads back from JSON (tuples
-    become lists) so that a record read from a checkpoint compares equal to a fresh one."""
+    become lists) so that a record read from a checkpoint compares equal to a fresh one. The kinds of the
+    ``callbacks`` acting during training are recorded when there are any (a record without them is a run
+    without them)."""
     state = model.state_dict()
     identity = {
         "settings": dict(settings),
@@ -114,6 +117,8 @@ def run_identity(
         "loss": _loss_identity(loss_fn),
         "context": dict(context or {}),
     }
+    if callbacks:
+        identity["callbacks"] = [f"{type(c).__module__}.{type(c).__qualname__}" for c in callbacks]
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -122,6 +127,7 @@ _NAMES = {
     "masks": "the model's masks (it was pruned differently)",
     "loss": "the loss (its kind, settings or teacher)",
     "world_size": "the number of processes",
+    "callbacks": "the callbacks acting during training (pruning methods)",
 }
 
 

@@ -1,4 +1,6 @@
-"""``fit``: the training loop recovery uses, with checkpoints, exact resume and data parallelism.
+"""``fit``: training on a dataset of ``(x, y)`` samples, with seeded batches, checkpoints, exact resume and data
+parallelism, its epochs run by the one training loop (:mod:`slimtorch.recover.loop`: the steps, their guards
+and the pruning methods' callbacks).
 
     >>> import torch
     >>> from torch import nn
@@ -31,34 +33,27 @@ What it guarantees:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from slimtorch.atomic import check_output_file
 from slimtorch.errors import CheckpointError, ConfigError, SlimError
-from slimtorch.progress import progress
+from slimtorch.prune.loop import Callback
 from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy, fetch
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
 from slimtorch.recover.config import TrainConfig
 from slimtorch.recover.distributed import all_reduce_sum, dist_info
-from slimtorch.recover.guards import (
-    Start,
-    check_dataset,
-    check_loss,
-    check_trainable,
-    check_weights,
-    step_errors,
-)
+from slimtorch.recover.guards import Start, check_dataset, check_trainable
 from slimtorch.recover.identity import differences, run_identity
+from slimtorch.recover.loop import Loop, LoopState, StepModule
+from slimtorch.recover.losses import pair_loss
 
 __all__ = ["EpochStats", "FitResult", "TrainConfig", "evaluate_accuracy", "fit"]
 
@@ -94,23 +89,6 @@ class FitResult:
                 "train_seconds": self.train_seconds, "accuracy": self.accuracy}
 
 
-def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
-
-
-class _TrainStep(nn.Module):
-    """Model and loss module as one module, so that DDP synchronises the gradients of both
-    (a distiller's projections are trained parameters too)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, x, y)
-
-
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -124,36 +102,24 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
     return None
 
 
-@dataclass
-class _Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0  # steps done in the current epoch
-    global_step: int = 0
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    seconds: float = 0.0  # training seconds spent in the current epoch
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 class _Run:
     """One call of :func:`fit`: the objects it trains and how it saves and restores them."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, n_samples: int,
-                 identity: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, config: TrainConfig, n_samples: int,
+                 identity: dict[str, Any], callbacks: Sequence[Callback]) -> None:
         self.info = dist_info()
         self.model, self.config, self.identity = model, config, identity
-        self.step_module = _TrainStep(model, loss_fn)
-        self.net: nn.Module = self.step_module
+        self.step_module = StepModule(model, pair_loss(loss_fn))
+        net: nn.Module | None = None
         self.hook: TopKState | None = None
         if self.info.distributed:
-            self.net = nn.parallel.DistributedDataParallel(self.step_module)
+            net = nn.parallel.DistributedDataParallel(self.step_module)
             if config.grad_topk:
-                self.hook = register_topk_hook_(self.net, config.grad_topk)
+                self.hook = register_topk_hook_(net, config.grad_topk)
         self.steps_per_epoch = len(batch_indices(n_samples, config, 0, self.info))
         self.optimizer = _optimizer(list(self.step_module.parameters()), config)
         self.scheduler = _scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
+        self.loop = Loop(self.step_module, self.optimizer, scheduler=self.scheduler, callbacks=callbacks, net=net)
         self.modules = {"model": model, **({"loss": loss_fn} if isinstance(loss_fn, nn.Module) else {})}
         self.wrote = False  # whether a checkpoint was written by this call
 
@@ -176,7 +142,7 @@ class _Run:
                     tensors[f"residual.{rank}.{name}"] = res
         return tensors
 
-    def save(self, path: Path, progress_state: _Progress) -> None:
+    def save(self, path: Path, progress_state: LoopState) -> None:
         tensors = self._rank_tensors()  # collective: every process takes part
         if not self.info.is_main:
             return
@@ -200,13 +166,13 @@ class _Run:
                 f"{str(path)!r} was written by another run; what differs: {'; '.join(changed)}. Resume with what "
                 "that run had, or run without --resume (resume=False) to start afresh"
             )
-        progress_keys = set(_Progress.__dataclass_fields__)
+        progress_keys = set(LoopState.__dataclass_fields__)
         if not isinstance(extra.get("progress"), dict) or set(extra["progress"]) != progress_keys \
                 or not isinstance(extra.get("rng"), dict) or f"rng.{self.info.rank}" not in tensors:
             raise CheckpointError(f"{str(path)!r} lacks its progress or random states: it is corrupt; delete it, "
                                   "or run without --resume to start afresh")
 
-    def restore(self, path: Path) -> _Progress:
+    def restore(self, path: Path) -> LoopState:
         extra, tensors = load_checkpoint(path, modules=self.modules, optimizer=self.optimizer,
                                          scheduler=self.scheduler, check=lambda e, t: self._check(path, e, t))
         set_rng_state(tensors[f"rng.{self.info.rank}"], extra["rng"])
@@ -215,35 +181,24 @@ class _Run:
             self.hook.residuals = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             counters = extra["comm"] or {}
             self.hook.dense_bytes, self.hook.sent_bytes = counters.get("dense_bytes", 0), counters.get("sent_bytes", 0)
-        return _Progress(**extra["progress"])
+        return LoopState(**extra["progress"])
 
 
-def _train_epoch(run: _Run, data: Dataset, state: _Progress, checkpoint: Path | None) -> None:
+def _train_epoch(run: _Run, data: Dataset, state: LoopState, checkpoint: Path | None) -> None:
     """Train the rest of the current epoch (from ``state.step``), updating ``state`` as it goes."""
-    indices = batch_indices(len(data), run.config, state.epoch, run.info)
-    todo = indices[state.step :]
-    if run.info.is_main:
-        todo = progress(todo, desc=f"epoch {state.epoch + 1}/{run.config.epochs}", total=len(todo))
+    todo = batch_indices(len(data), run.config, state.epoch, run.info)[state.step :]
+    desc = f"epoch {state.epoch + 1}/{run.config.epochs}" if run.info.is_main else None
     every = run.config.checkpoint_every
-    for index in todo:
-        start = time.perf_counter()
-        with step_errors(state.step, state.epoch, index):
-            x, y = fetch(data, index)
-            x = augment(x, run.config.augment)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss = run.net(x, y)
-            loss.backward()
-        check_loss(loss, x, step=state.step, epoch=state.epoch, lr=run.config.lr)
-        run.optimizer.step()
-        if run.scheduler is not None:
-            run.scheduler.step()
-        state.loss_sum += float(loss.detach()) * len(y)
-        state.loss_count += len(y)
-        state.step += 1
-        state.global_step += 1
-        state.seconds += time.perf_counter() - start
+
+    def load(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = fetch(data, index)
+        return augment(x, run.config.augment), y
+
+    def saved(state: LoopState, loss: float) -> None:
         if checkpoint is not None and every and state.global_step % every == 0:
             run.save(checkpoint, state)
+
+    run.loop.run_epoch(todo, state, desc=desc, total=len(todo), fetch=load, on_step=saved)
 
 
 def fit(
@@ -256,6 +211,7 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     context: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train ``model`` in place on ``(x, y)`` samples; see the module docstring.
 
@@ -273,6 +229,9 @@ def fit(
             :class:`~slimtorch.errors.CheckpointError` naming it.
         context: what else decides the result (JSON-able, e.g. the recipe steps that made the model); it is
             recorded in the checkpoint and compared on resume.
+        callbacks: pruning methods that act during training (:class:`slimtorch.prune.Callback`: gradual
+            pruning, sparse training, movement scores...), told after every backward pass, optimizer step and
+            epoch. Their own state is not in the checkpoint, so a run with callbacks cannot be resumed.
     """
     check_dataset(model, train_data)
     if not isinstance(config, TrainConfig):
@@ -280,13 +239,16 @@ def fit(
         raise ConfigError(f"fit takes a TrainConfig, got {type(config).__name__} {config!r}; pass {fix}")
     if resume and checkpoint is None:
         raise ConfigError("resume=True needs a checkpoint path to resume from")
+    if resume and callbacks:
+        raise ConfigError("fit cannot resume a run with callbacks: their state (steps counted, masks, random "
+                          "draws) is not in the checkpoint, so the resumed run would differ; run without resume")
     # a checkpoint that cannot be written fails now, not after the first epoch
     path = check_output_file(checkpoint) if checkpoint is not None else None
     identity = None
     if path is not None:  # the model as it starts: recorded in every checkpoint, compared on resume
         identity = run_identity(model, train_data, config.to_dict(), loss_fn=loss_fn, eval_data=eval_data,
-                                world_size=dist_info().world_size, context=context)
-    run = _Run(model, loss_fn or _cross_entropy, config, len(train_data), identity or {})
+                                world_size=dist_info().world_size, context=context, callbacks=callbacks)
+    run = _Run(model, loss_fn, config, len(train_data), identity or {}, callbacks)
     check_trainable(run.step_module.parameters())
     start = Start(run.modules)
     try:
@@ -302,20 +264,20 @@ def fit(
 
 
 def _fit_epochs(run: _Run, train_data: Dataset, eval_data: Dataset | None, path: Path | None,
-                resume: bool) -> _Progress:
+                resume: bool) -> LoopState:
     if resume and path is not None and path.exists():
         state = run.restore(path)
     else:
         torch.manual_seed(run.config.seed + run.info.rank)
-        state = _Progress()
+        state = LoopState()
     run.model.train()
     while state.epoch < run.config.epochs:
         _train_epoch(run, train_data, state, path)
-        check_weights(run.step_module, epoch=state.epoch, lr=run.config.lr)
+        run.loop.end_epoch(state)  # every weight finite; the callbacks' after_epoch
         accuracy = evaluate_accuracy(run.model, eval_data) if eval_data is not None else None
         loss_sum, loss_count = all_reduce_sum([state.loss_sum, state.loss_count])
         state.history.append(asdict(EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds)))
-        state = _Progress(epoch=state.epoch + 1, global_step=state.global_step, history=state.history)
+        state = LoopState(epoch=state.epoch + 1, global_step=state.global_step, history=state.history)
         if path is not None:
             run.save(path, state)
     return state

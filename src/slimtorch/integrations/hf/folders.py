@@ -23,7 +23,9 @@ loads the weights::
 :func:`load_hf_folder` is also the safe way to load any ``save_pretrained`` folder: it never runs code
 from the folder (``auto_map`` entries and ``.py`` files are ignored, the class comes from ``transformers``
 itself), reads weights from safetensors only (a pickled ``pytorch_model.bin`` is a CheckpointError), and
-bounds the sizes in ``config.json`` before building anything.
+bounds the sizes in ``config.json`` before building anything. The layout is Hugging Face's; its files are
+read by slimtorch's container first (kind ``hf``: bounded JSON, every weight file's safetensors header
+checked, the same errors), then by ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 from slimtorch.atomic import atomic_folder
 from slimtorch.checks import MAX_PARAMETERS, check_module, check_path
 from slimtorch.compact.compact import replay_
+from slimtorch.container import Kind, inspect_tensors, read_description, read_json, register_kind
 from slimtorch.errors import CheckpointError, SlimError, SlimWarning
 from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
 from slimtorch.integrations.hf.configs import ABSENT, BEFORE_KEY
@@ -61,6 +64,10 @@ STEPS_FORMAT = "slimtorch-hf-steps-v1"
 #: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
 #: a save removes them from the config (nothing of ours runs code from a model folder).
 _OLD_REMOTE_MODULE = "slimtorch_model"
+
+HF = register_kind(Kind(
+    name="hf", version=1, title="Hugging Face model folder", readable="safetensors file of a Hugging Face model",
+    described="config", header=False, fix="save the model with save_hf_folder (or save_pretrained)"))
 
 
 def save_hf_folder(model: nn.Module, path: str | Path) -> None:
@@ -112,10 +119,7 @@ def _read_steps(path: Path) -> tuple[list[dict], dict[str, object]] | None:
     file = path / STEPS_FILE
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(file)!r} is unreadable ({err})") from None
+    data = read_json(file, HF)  # (bounded in size; unreadable JSON is a CheckpointError)
     steps, before = (data.get("steps"), data.get(BEFORE_KEY)) if isinstance(data, dict) else (None, None)
     ok = data.get("format") == STEPS_FORMAT if isinstance(data, dict) else False
     ok = ok and isinstance(steps, list) and all(isinstance(st, dict) and isinstance(st.get("modules"), dict)
@@ -170,11 +174,33 @@ _LAYER_KEY = re.compile(r"layers?$|^n_layer")
 _MAX_SIZE, _MAX_LAYERS = 1 << 24, 4096
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads: ``model.safetensors``, or the shards its index names."""
+    if (path / "model.safetensors").is_file() or not (path / "model.safetensors.index.json").is_file():
+        return [path / "model.safetensors"]
+    index = read_json(path / "model.safetensors.index.json", HF)
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(s, str) and "/" not in s for s in shards.values()):
+        raise CheckpointError(f"{str(path / 'model.safetensors.index.json')!r} has no valid 'weight_map' (names of "
+                              f"shard files in the folder); {HF.fix}")
+    return [path / name for name in sorted(set(shards.values()))]
+
+
+def _check_weights(path: Path) -> None:
+    """Every weight file's safetensors header (nothing loaded), before transformers reads them."""
+    try:
+        for file in _weight_files(path):
+            inspect_tensors(file, HF)
+    except CheckpointError as err:
+        raise CheckpointError(f"the weights in {str(path)!r} are unreadable: {err}") from None
+
+
 def _check_files(path: Path) -> None:
     """Weights from safetensors only: a folder holding only pickled weights is refused, never unpickled."""
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} has no config.json; is it a save_pretrained folder?")
+        raise CheckpointError(f"{str(path)!r} has no config.json, so it is no Hugging Face model folder; {HF.fix}")
     if any(path.glob("*.safetensors")):
+        _check_weights(path)
         return
     pickles = sorted(p.name for pattern in _PICKLES for p in path.glob(pattern))
     if pickles:
@@ -199,24 +225,20 @@ def _check_sizes(data: object, path: Path, where: str = "") -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}; a model's config holds "
                                   "finite numbers only (a NaN epsilon or scale makes every output NaN): the file "
-                                  "is corrupt or was edited")
+                                  f"is corrupt or was edited; {HF.fix}")
         elif isinstance(value, int) and not isinstance(value, bool) and _SIZE_KEY.search(key):
             bound = _MAX_LAYERS if _LAYER_KEY.search(key) else _MAX_SIZE
             if not -1 <= value <= bound:
                 raise CheckpointError(f"{str(path / 'config.json')!r} sets {where}{key}={value}, out of range "
-                                      f"(at most {bound:,}); the file is corrupt or not a real model's config")
+                                      f"(at most {bound:,}); the file is corrupt or not a real model's config: "
+                                      f"{HF.fix}")
 
 
 def _read_config(path: Path) -> object:
     """The folder's config, parsed by the ``transformers`` class its ``model_type`` names (no remote code)."""
     import transformers
 
-    try:
-        data = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"the config in {str(path)!r} is unreadable ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(path / 'config.json')!r} is not a JSON object")
+    data = read_description(path / "config.json", HF)  # a JSON object, of bounded size
     _check_sizes(data, path)
     if data.get("quantization_config") is not None:
         method = data["quantization_config"].get("quant_method") if isinstance(data["quantization_config"], dict) \
