@@ -9,8 +9,8 @@ a Linear layer's); routing is data, never channels, so the engine never removes 
 :func:`~slimtorch.integrations.hf.compaction.unit_masks` on a block ``<experts>[<e>]``) are compacted after the
 rest of the model (:func:`compact_expert_neurons_`, run by :func:`slimtorch.compact_`): a masked neuron adds
 exactly zero, so removing it is exact. The experts of a block share one tensor, so each keeps the same number of
-neurons; neurons kept for that reason stay with zero weights, and a :class:`~slimtorch.errors.SlimWarning` says
-how many.
+neurons, a multiple of 16 bytes' worth (the row stride transformers' grouped matrix products need); neurons kept
+for these reasons stay with zero weights, and a :class:`~slimtorch.errors.SlimWarning` says how many.
 
 **Whole experts.** Removing an expert changes the routing: the router no longer offers it, and the softmax over
 the remaining experts is renormalised. :func:`disabled_experts` runs a model as if those experts were removed
@@ -192,9 +192,10 @@ def _dead_neurons(m: nn.Module, masks: Mapping[str, torch.Tensor]) -> torch.Tens
     return dead
 
 
-def _neuron_keeps(dead: torch.Tensor) -> tuple[dict[str, list[int]], int]:
-    """Neurons each expert keeps (the same number for all: the most any expert needs, dead ones first to stay)."""
-    keep = int((~dead).sum(dim=1).max().clamp(min=1))
+def _neuron_keeps(dead: torch.Tensor, align: int) -> tuple[dict[str, list[int]], int]:
+    """Neurons each expert keeps (the same number for all: the most any expert needs, rounded up to a multiple of
+    ``align``; dead ones first to stay)."""
+    keep = min(-(-int((~dead).sum(dim=1).max().clamp(min=1)) // align) * align, dead.shape[1])
     keeps = {}
     for e, row in enumerate(dead):
         alive = torch.nonzero(~row).flatten().tolist()
@@ -215,12 +216,14 @@ def compact_expert_neurons_(model: nn.Module) -> None:
         dead = _dead_neurons(m, masks) if masks else None
         if dead is None or not bool(dead.any()):
             continue
-        keeps, held = _neuron_keeps(dead)
+        # grouped matrix products (transformers' experts kernels) need rows of a multiple of 16 bytes
+        keeps, held = _neuron_keeps(dead, max(1, 16 // m.down_proj.element_size()))
+        if held:  # (also when that leaves every neuron: masks that remove nothing say so)
+            warnings.warn(f"{name}: {held} expert neurons that the masks remove stay (with zero weights), so that "
+                          f"every expert keeps {len(next(iter(keeps.values())))} neurons (the same number, a multiple "
+                          "of 16 bytes)", SlimWarning, stacklevel=3)
         if all(len(v) == dead.shape[1] for v in keeps.values()):
             continue
-        if held:
-            warnings.warn(f"{name}: {held} expert neurons that the masks remove stay (with zero weights), so that "
-                          f"every expert keeps {len(next(iter(keeps.values())))} neurons", SlimWarning, stacklevel=3)
         remove_masks_(m)  # (the masks are cut with the weights, then applied again)
         index = {k: torch.tensor(v) for k, v in keeps.items()}
         _shrink_experts(m, index, {})
