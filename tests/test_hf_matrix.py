@@ -9,14 +9,12 @@ import pytest
 
 import slimtorch
 from hf_matrix import ALL, EXTRA, FAMILIES, check
-from slimtorch.errors import CompactionError, TraceError, UnsupportedOpError
+from slimtorch.errors import CompactionError, UnsupportedOpError
 
 #: families beyond the named ones that are refused, and the error that says why
 REFUSED: dict[str, type[slimtorch.SlimError]] = {
     "wav2vec2": UnsupportedOpError,  # its positional convolution's weight is computed in forward (weight norm)
     "xglm": CompactionError,  # its sinusoidal position table (a buffer) is reshaped to the full hidden size
-    "granitemoe": UnsupportedOpError,  # its router's top-k over experts held in one Linear
-    "phimoe": TraceError,  # its router returns a tuple the trace cannot follow
 }
 #: families that compact exactly when masked by Linear layer, but whose heads the unit masks do not remove
 NOT_YET = {"beit": "its heads stay: their relative position bias table is computed in the layer and passed in"}

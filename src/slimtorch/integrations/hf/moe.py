@@ -57,7 +57,7 @@ from slimtorch.masks import COMPACTION_ATTR, apply_masks_, get_masks, remove_mas
 if TYPE_CHECKING:
     from slimtorch.graph import ModuleContext
 
-__all__ = ["compact_expert_neurons_", "disabled_experts", "moe_blocks", "prune_experts_"]
+__all__ = ["compact_expert_neurons_", "disabled_experts", "moe_blocks", "prune_experts_", "router_of"]
 
 
 def _router(m: object) -> bool:
@@ -66,11 +66,22 @@ def _router(m: object) -> bool:
         and isinstance(getattr(m, "top_k", None), int)
 
 
+#: the names a mixture-of-experts block gives its router (Mixtral, Qwen-MoE, OLMoE: ``gate``; Granite: ``router``)
+_ROUTER_NAMES = ("gate", "router")
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    """The router of a mixture-of-experts block (see :func:`moe_blocks`)."""
+    return next(getattr(block, n) for n in _ROUTER_NAMES if _router(getattr(block, n, None)))
+
+
 def moe_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Every mixture-of-experts block of ``model`` (a ``gate`` router and ``experts`` with 3-D weights), by name."""
+    """Every mixture-of-experts block of ``model`` (a router, ``gate`` or ``router``, and ``experts`` with 3-D
+    weights), by name."""
     found = {}
     for name, m in model.named_modules():
-        gate, experts = getattr(m, "gate", None), getattr(m, "experts", None)
+        gate = next((r for r in (getattr(m, n, None) for n in _ROUTER_NAMES) if _router(r)), None)
+        experts = getattr(m, "experts", None)
         layout = experts_layout(experts) if isinstance(experts, nn.Module) else None
         if _router(gate) and layout is not None and gate.weight.shape[0] == layout[0]:
             found[name] = m
@@ -159,7 +170,7 @@ def register_model_experts(model: Any) -> None:
     if not isinstance(model, nn.Module):
         return
     for block in moe_blocks(model).values():
-        for module, rule, kind in ((block.gate, _router_rule, "hf_router"), (block.experts, _experts_rule,
+        for module, rule, kind in ((router_of(block), _router_rule, "hf_router"), (block.experts, _experts_rule,
                                                                              "hf_experts")):
             if type(module) not in _SEEN:
                 _SEEN.add(type(module))
@@ -247,10 +258,10 @@ def _check_experts(model: nn.Module, experts: Mapping[str, Iterable[int]]) -> di
     for name, chosen in experts.items():
         if name not in blocks:
             raise NoMatchError(f"{name!r} is no mixture-of-experts block of the model; {closest(name, blocks)}")
-        total, chosen = blocks[name].gate.weight.shape[0], sorted(set(chosen))
+        total, chosen = router_of(blocks[name]).weight.shape[0], sorted(set(chosen))
         if any(not isinstance(e, int) or not 0 <= e < total for e in chosen):
             raise ConfigError(f"expert indices of {name!r} must be in 0..{total - 1}, got {chosen}")
-        top_k = blocks[name].gate.top_k
+        top_k = router_of(blocks[name]).top_k
         if total - len(chosen) < top_k:
             raise ConfigError(f"{name!r} routes each token to {top_k} experts; removing {len(chosen)} of {total} "
                               f"would leave {total - len(chosen)}: keep at least {top_k}")
@@ -280,7 +291,7 @@ def disabled_experts(model: nn.Module, experts: Mapping[str, Iterable[int]]) -> 
     chosen = _check_experts(model, experts)
     handles = []
     for name, gone in chosen.items():
-        gate = model.get_submodule(name).gate
+        gate = router_of(model.get_submodule(name))
         mode = _RouteAround(gate.weight, gone)
         handles.append(gate.register_forward_pre_hook(lambda m, a, mode=mode: mode.__enter__() and None))
         handles.append(gate.register_forward_hook(lambda m, a, o, mode=mode: mode.__exit__(None, None, None),
@@ -295,9 +306,10 @@ def disabled_experts(model: nn.Module, experts: Mapping[str, Iterable[int]]) -> 
 def _shrink_moe(block: nn.Module, keeps: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
     """Keep experts ``keeps["experts:keep:0"]``: the router's rows and the experts' weights (dim 0)."""
     kept = torch.as_tensor(keeps["experts:keep:0"], dtype=torch.long)
-    gate, experts = block.gate, block.experts
+    gate, experts = router_of(block), block.experts
+    router = next(n for n in _ROUTER_NAMES if getattr(block, n, None) is gate)
     # every parameter of the router and of the experts has one entry per expert on dim 0
-    slice_params_(block, {f"{prefix}.{n}": {0: kept} for prefix, owner in (("gate", gate), ("experts", experts))
+    slice_params_(block, {f"{prefix}.{n}": {0: kept} for prefix, owner in ((router, gate), ("experts", experts))
                           for n, _ in owner.named_parameters()})
     gate.num_experts = experts.num_experts = len(kept)
 
@@ -318,7 +330,7 @@ def prune_experts_(model: nn.Module, experts: Mapping[str, Iterable[int]]) -> No
     before = sum(p.numel() for p in model.parameters())
     for name, gone in chosen.items():
         block = model.get_submodule(name)
-        kept = [e for e in range(block.gate.weight.shape[0]) if e not in gone]
+        kept = [e for e in range(router_of(block).weight.shape[0]) if e not in gone]
         keeps = {"experts:keep:0": kept}
         _shrink_moe(block, {k: torch.tensor(v) for k, v in keeps.items()}, {})
         step["modules"][name] = {"kind": "hf_moe", "keeps": keeps, "options": {}}
@@ -327,7 +339,7 @@ def prune_experts_(model: nn.Module, experts: Mapping[str, Iterable[int]]) -> No
                 params_after=sum(p.numel() for p in model.parameters()))
     info.setdefault("pruned_experts", {}).update({n: g for n, g in chosen.items()})
     setattr(model, COMPACTION_ATTR, info)
-    counts = {b.gate.weight.shape[0] for b in moe_blocks(model).values()}
+    counts = {router_of(b).weight.shape[0] for b in moe_blocks(model).values()}
     if len(counts) == 1 and getattr(model, "config", None) is not None:
         names = [f"{n}.experts.down_proj" for n in moe_blocks(model)]
         for key in ("num_local_experts", "num_experts"):
