@@ -16,8 +16,6 @@ REFUSED: dict[str, type[slimtorch.SlimError]] = {
     "wav2vec2": UnsupportedOpError,  # its positional convolution's weight is computed in forward (weight norm)
     "xglm": CompactionError,  # its sinusoidal position table (a buffer) is reshaped to the full hidden size
 }
-#: families that compact exactly when masked by Linear layer, but whose heads the unit masks do not remove
-NOT_YET = {"beit": "its heads stay: their relative position bias table is computed in the layer and passed in"}
 
 
 def test_the_matrix_covers_every_kind():
@@ -33,7 +31,6 @@ def test_named_family_compacts_exactly(name):
 
 def _extra(name):
     marks = [pytest.mark.slow]  # (the named families keep the default run short; these double it)
-    marks += [pytest.mark.xfail(strict=True, raises=AssertionError, reason=NOT_YET[name])] if name in NOT_YET else []
     return pytest.param(name, marks=marks)
 
 

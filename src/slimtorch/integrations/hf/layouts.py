@@ -252,8 +252,8 @@ def _qkvo(m: nn.Module) -> AttentionLayout | None:
 
 @register_layout("query/key/value")
 def _bert_like(m: nn.Module) -> AttentionLayout | None:
-    """BERT, RoBERTa, XLM-R, ELECTRA, BEiT (the output projection is a sibling); ALBERT (dense, residual and
-    LayerNorm inside)."""
+    """BERT, RoBERTa, XLM-R, ELECTRA (the output projection is a sibling); ALBERT (dense, residual and LayerNorm
+    inside); a relative position bias table of its own (BEiT's older layout)."""
     d = _int(m, "attention_head_size")
     if d is None or not _linear(m, "query", "key", "value"):
         return None

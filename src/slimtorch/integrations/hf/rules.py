@@ -356,6 +356,29 @@ def _linear_subclass_rule(ctx: ModuleContext) -> None:
     _linear_module(ctx, 1, ctx.module.out_features)
 
 
+# -- a relative position bias table outside the attention (BEiT) --------------------------------------------
+
+
+def _is_bias_table(module: nn.Module) -> bool:
+    """A module whose only parameter is a ``relative_position_bias_table`` (relative distances, heads)."""
+    params = dict(module.named_parameters())
+    return list(params) == ["relative_position_bias_table"] and params["relative_position_bias_table"].dim() == 2
+
+
+def _bias_table_rule(ctx: ModuleContext) -> None:
+    """Its output (1, heads, queries, keys) gathers rows of the table: head ``h`` of the output is column ``h``."""
+    table = _tensor(ctx.module, "relative_position_bias_table")
+    heads = ctx.graph.fresh(ctx.param("relative_position_bias_table"), 1, "out", table.shape[1])
+    if isinstance(ctx.out, torch.Tensor) and ctx.out.dim() > 1 and ctx.out.shape[1] == table.shape[1]:
+        ctx.set_labels(ctx.out, placed(heads, ctx.out.dim(), 1))
+    else:  # (an output of another shape: its heads cannot be followed)
+        ctx.graph.block(heads, f"a relative position bias of an unknown shape ({ctx.module_name})")
+
+
+def _shrink_bias_table(m: nn.Module, keeps: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
+    slice_params_(m, by_param(keeps))
+
+
 # -- registration --------------------------------------------------------------------------------------------
 
 #: attention classes handled by the rule above (extend with :func:`register_attention`)
@@ -387,6 +410,9 @@ def register_model_attention(model: Any) -> None:
         _SEEN.add(cls)
         if isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward:
             register_module_rule(cls)(_linear_subclass_rule)
+        elif _is_bias_table(module) and find_module_rule(module) is None:
+            register_module_rule(cls)(_bias_table_rule)
+            register_shrink("hf_bias_table", cls)(_shrink_bias_table)
         elif find_module_rule(module) is None and attention_layout(module) is not None:
             register_attention(cls)
 
