@@ -15,7 +15,13 @@ from slimtorch.errors import CompactionError, UnsupportedOpError
 REFUSED: dict[str, type[slimtorch.SlimError]] = {
     "wav2vec2": UnsupportedOpError,  # its positional convolution's weight is computed in forward (weight norm)
     "xglm": CompactionError,  # its sinusoidal position table (a buffer) is reshaped to the full hidden size
+    "hubert": UnsupportedOpError,  # as wav2vec2
+    "mobilebert": CompactionError,  # its bottleneck layers: the compacted model fails the check, and is restored
+    "gpt-oss": UnsupportedOpError,  # its router's top-k: experts with biases and another router layout
+    "deepseek-v3": CompactionError,  # multi-head latent attention: the compacted model fails the check, restored
 }
+#: families that compact exactly but whose parameter count differs from the one the masks imply
+COUNT_DIFFERS = {"nemotron": "its LayerNorm1P weights (x * (1 + w)) of removed channels go though no mask zeroes them"}
 
 
 def test_the_matrix_covers_every_kind():
@@ -31,6 +37,8 @@ def test_named_family_compacts_exactly(name):
 
 def _extra(name):
     marks = [pytest.mark.slow]  # (the named families keep the default run short; these double it)
+    if name in COUNT_DIFFERS:
+        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=COUNT_DIFFERS[name]))
     return pytest.param(name, marks=marks)
 
 

@@ -350,14 +350,15 @@ def _bigcode(m: nn.Module) -> AttentionLayout | None:
 
 @register_layout("query_key_value")
 def _fused_per_head(m: nn.Module) -> AttentionLayout | None:
-    """GPT-NeoX/Pythia (rows per head: query, key, value), BLOOM (the same, with ALiBi and the residual added
-    inside), Falcon (multi-query: every query head, then one key and one value; grouped: per key/value group,
-    its query heads, key and value; else per head like BLOOM)."""
+    """GPT-NeoX/Pythia and Persimmon (rows per head: query, key, value), BLOOM (the same, with ALiBi and the
+    residual added inside), Falcon (multi-query: every query head, then one key and one value; grouped: per
+    key/value group, its query heads, key and value; else per head like BLOOM)."""
     qkv, dense = getattr(m, "query_key_value", None), getattr(m, "dense", None)
     d = _int(m, "head_size", "head_dim")
     if d is None or not (isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)):
         return None
-    if not _only(m, {"query_key_value", "dense"}):
+    norms = {n for n in ("q_layernorm", "k_layernorm") if getattr(m, n, None) is not None}  # (Persimmon's)
+    if not _only(m, {"query_key_value", "dense", *norms}):
         return None
     n = qkv.out_features // d
     kind = type(m).__name__
@@ -379,7 +380,7 @@ def _fused_per_head(m: nn.Module) -> AttentionLayout | None:
     alibi = "alibi" if kind.startswith(("Bloom", "Falcon")) else None
     return AttentionLayout(*(Proj(rows("query_key_value", d, offset=k * d, stride=3 * d)) for k in range(3)),
                            columns("dense", d), heads, heads, d, alibi=alibi,
-                           residual="residual" if kind.startswith("Bloom") else None)
+                           residual="residual" if kind.startswith("Bloom") else None, refuse=_norm_refusal(m, d))
 
 
 @register_layout("Wqkv")
