@@ -64,7 +64,7 @@ QUANT = (["backend / method", "kernels", "size", "latency", "speed-up vs fp32", 
 PIPELINE = ["stage", "state", "params", "size", "latency median (best)", "speed-up median (best)"]
 EXPECTED: dict[str, list[tuple[list[str], int]]] = {
     "adversarial_counts.py": [(["table", "category", "cases", "must fail cleanly", "must succeed"], 33),
-                              (["rule family", "property tests", "exact", "keeps the channels", "either"], 12)],
+                              (["rule family", "property tests", "exact", "keeps the channels", "either"], 14)],
     "commhook.py": [(["method", "bytes sent / process", "compression", "test accuracy", "vs all-reduce",
                       "train time"], 6)],
     "compaction.py": [(["model", "library", "graph build (s)", "prune + compact (s)", "x Torch-Pruning's",
@@ -80,6 +80,10 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                         "latency ms", "x fp32", "s"], 8)],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
                          "98%"], 5)],
+    "sparse_kernels.py": [(["model", "masks", "dense file (B)", "masked, dense + bool masks (B)", "bitmask (B)",
+                            "CSR (B)", "smaller per tensor (B)", "stored / dense", "report's stored size (B)"], 7),
+                           (["layer", "batch", "dense (ms)", "50%", "70%", "80%", "90%", "95%", "98%", "99%",
+                             "break-even"], 2)],
     "stages.py": [(["stage", "fastest (ms)", "median (ms)"], 25)],
     "table61_steps.py": [(["sparsity per layer", "params (compacted)", "forward FLOPs/image", "masked step",
                            "compacted step", "compacted / dense", "book's time / dense"], 9)],
@@ -87,6 +91,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                                  "paper x dense"], 7),
                                (["model", "params", "MACs", "latency", "speed-up", "cosine mean", "cosine min",
                                  "top-1 NN", "top-10 NN"], 5)],
+    "zoo_counts.py": [(["family", "model", "input", "slimtorch", "Torch-Pruning"], 2),
+                      (["library", "models", "compacted", "exact"], 2)],
 }
 
 
@@ -138,14 +144,29 @@ def check_compaction(out: str, found: list[Table]) -> None:
     assert all(r["params"] == rows[0]["params"] for r in rows), rows  # no library failed, all removed the same
 
 
+def check_sparse_kernels(out: str, found: list[Table]) -> None:
+    storage = _records(found[0])
+    for row in storage[1:]:  # every masked model is stored smaller than dense, and report gives that size
+        stored, dense = _count(row["smaller per tensor (B)"]), _count(row["dense file (B)"])
+        assert stored < dense < _count(row["masked, dense + bool masks (B)"]), row
+        assert abs(_count(row["report's stored size (B)"]) - stored) < 4096, row  # (the file adds its header)
+
+
 def check_stages(out: str, found: list[Table]) -> None:
     times = {r["stage"]: float(r["fastest (ms)"]) for r in _records(found[0])}
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
+def check_zoo_counts(out: str, found: list[Table]) -> None:
+    per_model, counts = (_records(t) for t in found)
+    assert all(r["slimtorch"].startswith("exact: ") for r in per_model), per_model
+    assert counts[0] == {"library": "slimtorch", "models": "2", "compacted": "2", "exact": "2"}, counts
+
+
 CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
           "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
-          "stages.py": check_stages}
+          "stages.py": check_stages, "sparse_kernels.py": check_sparse_kernels,
+          "zoo_counts.py": check_zoo_counts}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

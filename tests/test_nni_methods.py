@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtorch import is_masked
+from slimtorch import ConfigError, is_masked
 from slimtorch.compat.nni import (
     ActivationAPoZRankPruner,
     ActivationMeanRankPruner,
@@ -15,6 +15,7 @@ from slimtorch.compat.nni import (
     SlimPruner,
     TaylorFOWeightPruner,
 )
+from slimtorch.masks import model_state
 from slimtorch.prune.loop import Evaluator
 
 
@@ -67,6 +68,21 @@ def test_scheduled_pruner_with_a_structured_algorithm():
     model = _net()
     _, masks = LinearPruner(model, CHANNELS, _evaluator(), total_iteration=2, pruning_algorithm="l1").compress()
     assert _kept_channels(masks["0.weight"]) == 4
+
+
+@pytest.mark.parametrize("cls", [LinearPruner, AGPPruner])
+def test_scheduled_pruners_speed_up_between_rounds(cls):
+    model = _net()
+    x = torch.randn(2, 1, 6, 6)
+    pruner = cls(model, CHANNELS, _evaluator(), total_iteration=2, pruning_algorithm="l1", dummy_input=x,
+                 speedup=True)
+    returned, _ = pruner.compress()
+    assert returned is model and model_state(model) == "compacted"
+    assert (model[0].out_channels, model[4].in_features, model[4].out_features) == (4, 4 * 4 * 4, 12)
+    assert [r["params"] for r in pruner.pruner.history] == sorted((r["params"] for r in pruner.pruner.history),
+                                                                  reverse=True)
+    with pytest.raises(ConfigError, match="example_inputs"):
+        cls(_net(), CHANNELS, _evaluator(), total_iteration=2, pruning_algorithm="l1", speedup=True).compress()
 
 
 def test_lottery_ticket_pruner():

@@ -131,7 +131,7 @@ def _prune(args: argparse.Namespace) -> int:
     text = table + (f"\n\n{seen.text}" if seen is not None else "")
     with atomic_folder(args.out) as out:
         save_masks(masks, out / "masks.safetensors")
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
         write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{text}\n")
         write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows,
                                          **({"observation": seen.data} if seen is not None else {})})
@@ -163,7 +163,8 @@ def _compact(args: argparse.Namespace) -> int:
     table = compare_markdown({"masked": masked, "compacted": compacted})
     text = f"# slimtorch compact {args.model}\n\n{table}\n\nmax |output difference|: {diff:.3g}\n"
     with atomic_folder(args.out) as out:
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)  # with the masks it keeps, if any
+        # with the masks it keeps, if any, stored sparse
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
         write_text(out / "report.md", text)
         write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(),
                                          "max_diff": diff})

@@ -17,7 +17,7 @@ from slimtorch.prune.criteria import (
     get_criterion,
     register_criterion,
 )
-from slimtorch.prune.depth import block_drop_loss, block_influence, drop_blocks_, plan_block_drop
+from slimtorch.prune.depth import block_drop_loss, block_influence, chain_layers, drop_blocks_, plan_block_drop
 from slimtorch.prune.iterative import GradualPruner
 from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
@@ -51,6 +51,7 @@ __all__ = [
     "block_drop_loss",
     "block_influence",
     "bn_l1_penalty",
+    "chain_layers",
     "collect_stats",
     "compute_masks",
     "criteria_needs",

@@ -110,6 +110,18 @@ def _keep_one(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor
                 removed[units[torch.argmax(score[units])]] = False
 
 
+def _tied_units(model: nn.Module, graph: DependencyGraph, roots: torch.Tensor) -> torch.Tensor:
+    """The units of parameters known under several names (an embedding tied to the output layer): compaction
+    cannot shrink a tied parameter, so pruning leaves its channels alone."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n for found in names.values() if len(found) > 1 for n in found}
+    labels = [m.labels.reshape(-1) for m in graph.members.values() if m.name in tied]
+    labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    return roots[labels[labels >= 0]]
+
+
 def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor]], keep: Mapping[str, torch.Tensor],
             roots: torch.Tensor, score: torch.Tensor, planned: torch.Tensor, free: torch.Tensor,
             removed: torch.Tensor) -> list[str]:
@@ -145,7 +157,7 @@ def _select(groups: list[Any], plans: list[tuple[LayerPlan, Member, torch.Tensor
     removed[chosen] = True
     short = (target - torch.bincount(group_of[chosen], minlength=len(groups))).tolist()
     return [f"{plans[in_group[i][0]][0].name} and coupled layers: {int(target[i]) - n} of the {int(target[i])} "
-            f"channels asked ({n} reach the output or an op that needs all channels)"
+            f"channels asked ({n} reach the output, an op that needs all channels or a weight tied between layers)"
             for i, n in enumerate(short) if n > 0]
 
 
@@ -195,6 +207,7 @@ def coupled_masks(
     planned = count > 0
     free = planned.clone()
     free[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = False
+    free[_tied_units(model, graph, roots)] = False
     removed = torch.zeros(roots.numel(), dtype=torch.bool)
     notes = _select(graph.groups, mapped, keep, roots, score, planned, free, removed)
     selected = removed.clone()

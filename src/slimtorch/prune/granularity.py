@@ -26,7 +26,11 @@ from torch import nn
 from slimtorch.config import Granularity
 from slimtorch.errors import ConfigError
 
-__all__ = ["UnitView", "channel_dims", "register_granularity", "unit_view"]
+__all__ = ["WEIGHT_DIMS", "UnitView", "channel_dims", "register_granularity", "unit_view"]
+
+#: (output-channel dim, input-channel dim) of the weight of layer classes whose weight is not stored (out, in)
+#: (and their subclasses): an integration adds its own (Hugging Face's ``Conv1D`` stores (in, out))
+WEIGHT_DIMS: dict[type, tuple[int, int]] = {}
 
 
 def channel_dims(module: nn.Module) -> tuple[int, int]:
@@ -39,6 +43,9 @@ def channel_dims(module: nn.Module) -> tuple[int, int]:
         return 1, 0
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return 1, 0
+    for cls in type(module).__mro__:
+        if cls in WEIGHT_DIMS:
+            return WEIGHT_DIMS[cls]
     return 0, 1
 
 

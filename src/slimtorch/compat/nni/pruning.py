@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from slimtorch.checks import check_module, check_number
+from slimtorch.compact import compact_
 from slimtorch.compat.nni.common import NNIMasks, check_evaluator
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
@@ -220,7 +221,9 @@ class SlimPruner(_Pruner):
 
 
 class _ScheduledPruner(_Pruner):
-    """Prunes over ``total_iteration`` rounds on a schedule, fine-tuning ``finetune_epochs`` after each."""
+    """Prunes over ``total_iteration`` rounds on a schedule, fine-tuning ``finetune_epochs`` after each;
+    with ``speedup=True`` (and ``dummy_input``) the model is compacted after each round's pruning
+    (:meth:`~slimtorch.prune.GradualPruner.run_`'s ``compact``)."""
 
     schedule = "linear"
 
@@ -233,7 +236,11 @@ class _ScheduledPruner(_Pruner):
         pruning_algorithm: str = "level",
         finetune_epochs: int = 1,
         dummy_input: Any = None,
+        speedup: bool = False,
     ) -> None:
+        if not isinstance(speedup, bool):
+            raise ConfigError(f"speedup must be True or False, got {speedup!r}")
+        self.speedup = speedup
         self.criterion = get_criterion(pruning_algorithm).name
         self.granularity = get_criterion(pruning_algorithm).default_granularity.to_value()
         super().__init__(model, config_list, "normal", None)
@@ -245,7 +252,8 @@ class _ScheduledPruner(_Pruner):
         )
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
-        self.pruner.run_(self.evaluator, finetune_epochs=self.finetune_epochs)
+        compact = compact_ if self.speedup else None
+        self.pruner.run_(self.evaluator, finetune_epochs=self.finetune_epochs, compact=compact)
         self.masks = NNIMasks(self.pruner.masks)
         return self.model, self.masks
 

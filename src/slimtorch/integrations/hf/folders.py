@@ -30,18 +30,22 @@ checked, the same errors), then by ``from_pretrained``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from slimtorch.atomic import atomic_folder
 from slimtorch.checks import MAX_PARAMETERS, check_module, check_path
+from slimtorch.compact.compact import replay_
 from slimtorch.container import Kind, inspect_tensors, read_description, read_json, register_kind
 from slimtorch.errors import CheckpointError, SlimError, SlimWarning
 from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
+from slimtorch.integrations.hf.configs import ABSENT, BEFORE_KEY
 from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
@@ -51,6 +55,11 @@ __all__ = ["load_hf_folder", "save_hf_folder", "shrink_to_config_"]
 #: Files of an earlier save that a new one supersedes (weights, their shards and index): not kept beside it.
 _WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+#: The compaction steps of a saved model (what each layer kept, the rewritten calls) and the config values they
+#: changed, as they were before: the loader builds the original model, replays the steps, then loads the weights.
+STEPS_FILE = "slimtorch_compaction.json"
+STEPS_FORMAT = "slimtorch-hf-steps-v1"
 
 #: The module and entry earlier versions wrote so that ``trust_remote_code`` could rebuild the shapes;
 #: a save removes them from the config (nothing of ours runs code from a model folder).
@@ -86,15 +95,39 @@ def save_hf_folder(model: nn.Module, path: str | Path) -> None:
         del config.auto_map
     try:
         # every file at once (a temporary folder renamed into place): a failure leaves the folder as it was
-        with atomic_folder(path, replaces=_WEIGHT_FILES) as staging:
+        with atomic_folder(path, replaces=(*_WEIGHT_FILES, STEPS_FILE)) as staging:
             if hasattr(model, "_first_module"):
                 model.save(str(staging))
             else:
                 model.save_pretrained(str(staging))
+            _write_steps(hf_model, staging)
     except BaseException:
         if old_map is not None and not hasattr(config, "auto_map"):
             config.auto_map = old_map  # (the model is left as it was too)
         raise
+
+
+def _write_steps(model: nn.Module, folder: Path) -> None:
+    info = getattr(model, COMPACTION_ATTR, None) or {}
+    if info.get("steps"):
+        text = json.dumps({"format": STEPS_FORMAT, "steps": info["steps"], BEFORE_KEY: info.get(BEFORE_KEY, {})})
+        (Path(folder) / STEPS_FILE).write_text(text)
+
+
+def _read_steps(path: Path) -> tuple[list[dict], dict[str, object]] | None:
+    """The steps and original config values a save recorded (None: the folder has none), checked."""
+    file = path / STEPS_FILE
+    if not file.is_file():
+        return None
+    data = read_json(file, HF)  # (bounded in size; unreadable JSON is a CheckpointError)
+    steps, before = (data.get("steps"), data.get(BEFORE_KEY)) if isinstance(data, dict) else (None, None)
+    ok = data.get("format") == STEPS_FORMAT if isinstance(data, dict) else False
+    ok = ok and isinstance(steps, list) and all(isinstance(st, dict) and isinstance(st.get("modules"), dict)
+                                                and isinstance(st.get("fixes"), list) for st in steps)
+    if not ok or not isinstance(before, dict) or not all(isinstance(k, str) for k in before):
+        raise CheckpointError(f"{str(file)!r} is not a {STEPS_FORMAT} file: it was edited or belongs to another tool")
+    _check_sizes(before, path)
+    return steps, before
 
 
 def _first_units(units: int, kv_units: int, kept: int, kept_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -238,7 +271,6 @@ def _model_class(config: object, path: Path) -> type[nn.Module]:
 
 
 def _check_param_count(model_class: type[nn.Module], config: object, path: Path) -> None:
-    import torch
 
     try:
         with torch.device("meta"):
@@ -251,15 +283,61 @@ def _check_param_count(model_class: type[nn.Module], config: object, path: Path)
                               f"{MAX_PARAMETERS:,}); the file is corrupt or not a real model's config")
 
 
-def _shrinking_class(model_class: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of ``model_class`` whose constructor shrinks the blocks to the config's recorded sizes,
-    so that Hugging Face's own ``from_pretrained`` (key renaming, tied weights, safetensors) loads it."""
+def _check_replayed(model: nn.Module) -> None:
+    """The sizes the config records for each block are the sizes the replayed steps gave it (an edited record
+    would otherwise go unnoticed: the steps decide the shapes)."""
+    record = getattr(model.config, CONFIG_KEY, None) or {}
+    specs = find_blocks(model)
+    for name, sizes in record.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise CheckpointError(f"the config records a compacted block the model lacks: {name!r}")
+        kept, kept_kv = _recorded_sizes(name, sizes, spec.units, spec.kv_units)
+        if (kept, kept_kv) != (spec.units, spec.kv_units):
+            raise CheckpointError(f"the config's {CONFIG_KEY} entry for {name!r} is {sizes!r}, but the recorded "
+                                  f"compaction steps leave it {spec.units} units and {spec.kv_units} key/value units: "
+                                  "the file was edited")
+
+
+def _set_keys(config: object, values: dict[str, object]) -> None:
+    for key, value in values.items():
+        if value == ABSENT:
+            if key in vars(config):
+                delattr(config, key)
+        else:
+            setattr(config, key, value)
+
+
+def _shrinking_class(model_class: type[nn.Module], recorded: tuple[list[dict], dict] | None) -> type[nn.Module]:
+    """A subclass of ``model_class`` whose constructor builds the compacted shapes, so that Hugging Face's own
+    ``from_pretrained`` (key renaming, tied weights, safetensors) loads it: with ``recorded`` steps, the original
+    model (the config's values before compaction) with the steps replayed; else the blocks shrunk to the sizes
+    the config records."""
 
     def __init__(self: nn.Module, config: object, *args: object) -> None:
-        model_class.__init__(self, config, *args)
-        shrink_to_config_(self)
+        if recorded is None:
+            model_class.__init__(self, config, *args)
+            shrink_to_config_(self)
+            return
+        steps, before = recorded
+        compacted = {k: getattr(config, k, ABSENT) for k in before}
+        _set_keys(config, before)
+        try:
+            model_class.__init__(self, config, *args)
+        finally:
+            _set_keys(config, compacted)
+        try:
+            with torch.device("cpu"):  # (the keep indices are read: from_pretrained may build the model on meta)
+                replay_(self, steps)
+        except SlimError:
+            raise
+        except Exception as err:  # (keep indices out of range, a module the model lacks...)
+            raise CheckpointError(f"the recorded compaction steps do not fit {model_class.__name__}: "
+                                  f"{type(err).__name__}: {err}") from None
+        _check_replayed(self)
 
-    return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": model_class.__module__})
+    namespace = {"__init__": __init__, "__module__": model_class.__module__, "slimtorch_base": model_class}
+    return type(model_class.__name__, (model_class,), namespace)
 
 
 def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
@@ -271,10 +349,11 @@ def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = No
     path = check_path(path, "load_hf_folder's folder")
     _check_files(path)
     config = _read_config(path)
+    recorded = _read_steps(path)
     model_class = model_class or _model_class(config, path)
     _check_param_count(model_class, config, path)
     try:
-        model, info = _shrinking_class(model_class).from_pretrained(
+        model, info = _shrinking_class(model_class, recorded).from_pretrained(
             str(path), config=config, output_loading_info=True, use_safetensors=True)
     except SlimError:
         raise
@@ -287,5 +366,8 @@ def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = No
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"the weights in {str(path)!r} do not match the model: {problems}")
-    setattr(model, COMPACTION_ATTR, {"loaded_from": str(path), "blocks": getattr(config, CONFIG_KEY, None) or {}})
+    loaded = {"loaded_from": str(path), "blocks": getattr(config, CONFIG_KEY, None) or {}}
+    if recorded is not None:  # (a later compaction adds its steps to these, and a save writes them all)
+        loaded.update(steps=recorded[0], **{BEFORE_KEY: recorded[1]})
+    setattr(model, COMPACTION_ATTR, loaded)
     return model.eval()
