@@ -65,6 +65,8 @@ def test_report_observes_one_model_and_compares_with_before(pruned, tmp_path, ca
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "DigitsCNN", "--before", "DigitsCNN"], "give --observe too"),
+    (["report", "DigitsCNN", "--bins", "21"], "--bins set(s) what --observe shows"),
+    (["prune", "DigitsCNN", "--sparsity", "0.5", "--out", "never-written", "--bins", "21"], "give --observe too"),
     (["report", "DigitsCNN", "--observe", "--bins", "0"], "expected a number >= 1"),
 ])
 def test_bad_observe_arguments_exit_2_with_one_line(argv, message, capsys):

@@ -22,7 +22,14 @@ from slimtorch.cli.common import (
     write_json,
     write_text,
 )
-from slimtorch.cli.observe import OBSERVE_OUTPUTS, Observation, add_observe_args, dataset_batches, observe
+from slimtorch.cli.observe import (
+    OBSERVE_OUTPUTS,
+    Observation,
+    add_observe_args,
+    check_observe_args,
+    dataset_batches,
+    observe,
+)
 from slimtorch.compact import compact_
 from slimtorch.config import load_config_list, parse_config_list
 from slimtorch.data.datasets import TensorSplit
@@ -106,6 +113,7 @@ def _random_observation(model: torch.nn.Module, before: torch.nn.Module | None, 
 def _prune(args: argparse.Namespace) -> int:
     apply_threads(args)
     check_output_folder(args.out, PRUNE_OUTPUTS)  # before any work: a folder that cannot take them fails now
+    check_observe_args(args)
     loaded = resolve_model(args.model, input_shape=args.input_shape)
     config_list = _config_list(args)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
@@ -171,8 +179,7 @@ def _report(args: argparse.Namespace) -> int:
     apply_threads(args)
     if args.out is not None:
         check_output_folder(args.out, REPORT_OUTPUTS)
-    if args.before is not None and not args.observe:
-        raise ConfigError("--before is the model the observation compares with: give --observe too")
+    check_observe_args(args)
     loaded = resolve_model(args.model, input_shape=args.input_shape, masks=args.masks)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     rep = report(loaded.model, x, runs=args.runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimtorch.cli.common import positive_int
+from slimtorch.errors import ConfigError
 from slimtorch.report import (
     activation_sparsity,
     activation_table,
@@ -21,7 +22,8 @@ from slimtorch.report import (
     weight_table,
 )
 
-__all__ = ["OBSERVE_OUTPUTS", "Observation", "add_observe_args", "dataset_batches", "observe"]
+__all__ = ["OBSERVE_OUTPUTS", "Observation", "add_observe_args", "check_observe_args", "dataset_batches",
+           "observe"]
 
 #: the figures ``--observe`` writes into ``--out``
 OBSERVE_OUTPUTS = ("weights.png", "activations.png")
@@ -31,7 +33,17 @@ def add_observe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--observe", action="store_true",
                         help="add per-layer weight histograms (before/after) and activation sparsity (share of "
                              "zeros after ReLU-like ops) as tables, JSON and weights.png / activations.png")
-    parser.add_argument("--bins", type=positive_int, default=51, help="histogram bins per layer (with --observe)")
+    parser.add_argument("--bins", type=positive_int, default=None,
+                        help="histogram bins per layer, with --observe (default 51: odd, so that 0 is inside a bin)")
+
+
+def check_observe_args(args: argparse.Namespace) -> None:
+    """--bins (and --before, where the command has it) only mean something with --observe: refuse them
+    without it rather than ignore them."""
+    given = [flag for flag, value in (("--bins", args.bins), ("--before", getattr(args, "before", None)))
+             if value is not None]
+    if given and not args.observe:
+        raise ConfigError(f"{' and '.join(given)} set(s) what --observe shows: give --observe too")
 
 
 @dataclass
@@ -42,7 +54,7 @@ class Observation:
     data: dict[str, Any]
     weights: tuple[dict, dict | None]
     activations: tuple[list, list | None]
-    title: str = field(default="")
+    title: str = ""
 
     def write_figures(self, out: Path) -> None:
         from slimtorch.report.plots import plot_activation_sparsity, plot_weight_histograms
@@ -55,9 +67,10 @@ class Observation:
 
 
 def observe(model: nn.Module, batches: Sequence[Any], *, before: nn.Module | None = None, data_label: str,
-            bins: int = 51, title: str = "model") -> Observation:
+            bins: int | None = None, title: str = "model") -> Observation:
     """Weight histograms of ``model`` (beside ``before``'s on the same bins, when given) and its activation
-    sparsity on ``batches`` (and ``before``'s), described by ``data_label``."""
+    sparsity on ``batches`` (and ``before``'s), described by ``data_label``; ``bins`` per histogram (None: 51)."""
+    bins = 51 if bins is None else bins
     if before is not None:
         first, second = compare_weight_histograms(before, model, bins=bins)
         rows, later = activation_sparsity(before, batches), activation_sparsity(model, batches)
