@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test zoo lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests $(wildcard benchmarks)
 	$(PY) -m pytest -n 2 --durations=25
+
+# every model of the zoo matrices (Ultralytics, torchvision detection/segmentation/video/flow, timm): long
+zoo: $(STAMP)
+	$(PY) -m pytest -n 2 --zoo tests/test_zoo_ultralytics.py tests/test_zoo_torchvision.py tests/test_zoo_timm.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests $(wildcard benchmarks)

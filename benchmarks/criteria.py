@@ -8,7 +8,8 @@ files are absent. One small CNN with BatchNorm (so network slimming applies) is 
 
 1. criteria: the trained model pruned at equal sparsity by each criterion, the test accuracy right
    after pruning and after the same short fine-tune (90% of single weights of every layer but the
-   first conv; 50% of the channels of both convs);
+   first conv; 50% of the channels of both convs); the second-order criteria (OBD, OBS, and OBS with
+   its update of the weights kept) and a config list scoring each entry with its own criterion among them;
 2. methods at equal fine-tuning budget where the method allows it: one-shot + fine-tune, AGP during
    fine-tuning, gradual pruning with regrowth, lottery ticket (rewound to an early step, retrained for
    the dense budget), SET and RigL (sparse from scratch for the dense budget), at 90% unstructured and
@@ -37,8 +38,16 @@ from torch import nn
 from slimtorch import apply_masks_, collect_stats, compact_, compute_masks, get_masks, remove_masks_
 from slimtorch.data import load_digits, load_mnist
 from slimtorch.models import DigitsCNN
-from slimtorch.prune import DynamicSparsity, Evaluator, GradualPruner, LotteryTicket, Schedule, StatsTracker
-from slimtorch.prune.criteria import get_criterion
+from slimtorch.prune import (
+    DynamicSparsity,
+    Evaluator,
+    GradualPruner,
+    LotteryTicket,
+    Schedule,
+    StatsTracker,
+    apply_obs_,
+    criteria_needs,
+)
 from slimtorch.prune.regularize import SlimmingRegularizer
 from slimtorch.report import model_state, report
 
@@ -97,18 +106,21 @@ def _evaluator(data, args, lr: float | None = None) -> Evaluator:
 
 
 def _stats(model, evaluator, criterion, config_list):
-    needs = get_criterion(criterion).needs
+    needs = criteria_needs(config_list, criterion)  # every entry's own criterion too
     if not needs:
         return None
     batches = list(itertools.islice(iter(evaluator.train_data), 16))
     return collect_stats(model, batches, keys=needs, loss_fn=evaluator.loss_fn, config_list=config_list)
 
 
-def _prune(model, config_list, criterion, evaluator, example):
+def _prune(model, config_list, criterion, evaluator, example, *, obs_update=False):
     stats = _stats(model, evaluator, criterion, config_list)
     # example_inputs: channel masks go through the dependency graph, so they compact exactly
     masks = compute_masks(model, config_list, criterion=criterion, stats=stats, example_inputs=example)
-    apply_masks_(model, masks)
+    if obs_update:  # OBS: the kept weights of each layer move to make up for the pruned ones
+        apply_obs_(model, masks, stats)
+    else:
+        apply_masks_(model, masks)
     return masks
 
 
@@ -125,10 +137,18 @@ def _measure(model, example, args, *, compact: bool) -> dict:
     return {"params": r.params, "nonzero": r.nonzero_params, "state": state, "ms": 1e3 * r.latency_s}
 
 
+def _per_entry(fine: list[dict]) -> list[dict]:
+    """The seeds' mixed criterion: gradient magnitude for the convolutions, weight magnitude for the linears."""
+    return [{**fine[0], "op_types": ["Conv2d"], "criterion": "gradient"},
+            {**fine[0], "op_types": ["Linear"], "criterion": "magnitude"}, *fine[1:]]
+
+
 def criteria_rows(base, evaluator, example, configs, args) -> list[dict]:
     fine, conv_cfg, norm_cfg = configs
     runs = [(c, "90% weights", fine) for c in
-            ("magnitude", "gradient", "hybrid", "taylor", "movement", "wanda", "random")]
+            ("magnitude", "gradient", "hybrid", "taylor", "movement", "wanda", "obd", "obs", "obs + update",
+             "random")]
+    runs += [("per entry: gradient convs, magnitude linears", "90% weights", _per_entry(fine))]
     runs += [(c, "50% conv channels", conv_cfg) for c in
              ("l1", "l2", "fpgm", "taylor", "apoz", "mean_activation", "random")]
     runs += [("bn_scale", "50% conv channels", norm_cfg), ("bn_scale + slimming", "50% conv channels", norm_cfg)]
@@ -138,11 +158,12 @@ def criteria_rows(base, evaluator, example, configs, args) -> list[dict]:
         start = time.perf_counter()
         if criterion.endswith("slimming"):  # network slimming: one epoch with an L1 push on BN scales first
             evaluator.train_(model, epochs=1, callbacks=[SlimmingRegularizer(model, args.slim_strength)])
-        _prune(model, cfg, criterion.split(" ")[0], evaluator, example)
+        name = "magnitude" if criterion.startswith("per entry") else criterion.split(" ")[0]
+        _prune(model, cfg, name, evaluator, example, obs_update=criterion.endswith("update"))
         pruned = evaluator.evaluate(model)
         evaluator.train_(model, max_steps=args.finetune_steps)
         tuned = evaluator.evaluate(model)
-        size = _measure(model, example, args, compact=cfg is not fine)
+        size = _measure(model, example, args, compact=scope.endswith("channels"))
         rows.append({"criterion": criterion, "scope": scope, "pruned": pruned, "tuned": tuned, **size,
                      "seconds": time.perf_counter() - start})
     return rows

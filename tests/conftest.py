@@ -26,3 +26,19 @@ def data_dir() -> Path:
     if not (DATA_DIR / "mnist_test.npz").is_file():
         pytest.skip(f"local datasets not found in {DATA_DIR} (set SLIMTORCH_DATA_DIR)")
     return DATA_DIR
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--zoo", action="store_true", default=False,
+                     help="also run the full model-zoo matrices (tests marked zoo: tens of minutes single-core)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``zoo`` (every model of a zoo through the compaction oracle) run with ``--zoo`` only; a
+    few models of each zoo run without it, so that the default suite still covers every zoo."""
+    if config.getoption("--zoo"):
+        return
+    skip = pytest.mark.skip(reason="a model-zoo matrix: run with --zoo (make zoo)")
+    for item in items:
+        if "zoo" in item.keywords:
+            item.add_marker(skip)

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("contract", ["slimtorch.masks", "slimtorch.checks"]),
     ("prune", ["slimtorch.prune"]),
     ("compact", ["slimtorch.compact"]),
-    ("io and integrations", ["slimtorch.io", "slimtorch.integrations"]),
+    ("io and integrations", ["slimtorch.io", "slimtorch.sparse", "slimtorch.integrations"]),
     ("tools", ["slimtorch.recover", "slimtorch.quant", "slimtorch.lowrank", "slimtorch.lora", "slimtorch.export",
                "slimtorch.report", "slimtorch.nn"]),
     ("models and data", ["slimtorch.models", "slimtorch.data"]),

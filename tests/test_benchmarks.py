@@ -71,13 +71,19 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                         "fastest run (s)", "x Torch-Pruning's fastest", "params", "MACs removed",
                         "latency b1 1 thread (ms)", "latency removed", "realised / MACs"], 3)],
     "criteria.py": [(["criterion", "pruned", "after pruning", "after fine-tune", "model", "params", "non-zero params",
-                      "s"], 16),
+                      "s"], 20),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
+    "quantizers.py": [(["quantizer", "method", "bits (weights / inputs)", "kernels", "accuracy", "vs fp32",
+                        "latency ms", "x fp32", "s"], 8)],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
                          "98%"], 5)],
+    "sparse_kernels.py": [(["model", "masks", "dense file (B)", "masked, dense + bool masks (B)", "bitmask (B)",
+                            "CSR (B)", "smaller per tensor (B)", "stored / dense", "report's stored size (B)"], 7),
+                           (["layer", "batch", "dense (ms)", "50%", "70%", "80%", "90%", "95%", "98%", "99%",
+                             "break-even"], 2)],
     "stages.py": [(["stage", "fastest (ms)", "median (ms)"], 25)],
     "table61_steps.py": [(["sparsity per layer", "params (compacted)", "forward FLOPs/image", "masked step",
                            "compacted step", "compacted / dense", "book's time / dense"], 9)],
@@ -85,6 +91,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                                  "paper x dense"], 7),
                                (["model", "params", "MACs", "latency", "speed-up", "cosine mean", "cosine min",
                                  "top-1 NN", "top-10 NN"], 5)],
+    "zoo_counts.py": [(["family", "model", "input", "slimtorch", "Torch-Pruning"], 2),
+                      (["library", "models", "compacted", "exact"], 2)],
 }
 
 
@@ -114,6 +122,13 @@ def check_quantize(out: str, found: list[Table]) -> None:
         assert len(ours) == 12 and all(r["kernels"] != "-" for r in ours), ours
 
 
+def check_quantizers(out: str, found: list[Table]) -> None:
+    kernels = {r["quantizer"]: r["kernels"].split(" ")[0] for r in _records(found[0])}
+    assert kernels == {"fp32": "real", "QATQuantizer": "simulated", "PtqQuantizer": "simulated",
+                       "LsqQuantizer": "simulated", "DoReFaQuantizer": "simulated", "BNNQuantizer": "simulated",
+                       "static_int8": "real", "qat_int8, converted": "real"}, kernels
+
+
 def check_sensitivity(out: str, found: list[Table]) -> None:
     assert "top-1 accuracy on 128 test images" in out  # --eval-limit holds (it counted whole batches of 500)
 
@@ -129,13 +144,29 @@ def check_compaction(out: str, found: list[Table]) -> None:
     assert all(r["params"] == rows[0]["params"] for r in rows), rows  # no library failed, all removed the same
 
 
+def check_sparse_kernels(out: str, found: list[Table]) -> None:
+    storage = _records(found[0])
+    for row in storage[1:]:  # every masked model is stored smaller than dense, and report gives that size
+        stored, dense = _count(row["smaller per tensor (B)"]), _count(row["dense file (B)"])
+        assert stored < dense < _count(row["masked, dense + bool masks (B)"]), row
+        assert abs(_count(row["report's stored size (B)"]) - stored) < 4096, row  # (the file adds its header)
+
+
 def check_stages(out: str, found: list[Table]) -> None:
     times = {r["stage"]: float(r["fastest (ms)"]) for r in _records(found[0])}
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
-CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
-          "pipeline.py": check_pipeline, "compaction.py": check_compaction, "stages.py": check_stages}
+def check_zoo_counts(out: str, found: list[Table]) -> None:
+    per_model, counts = (_records(t) for t in found)
+    assert all(r["slimtorch"].startswith("exact: ") for r in per_model), per_model
+    assert counts[0] == {"library": "slimtorch", "models": "2", "compacted": "2", "exact": "2"}, counts
+
+
+CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
+          "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
+          "stages.py": check_stages, "sparse_kernels.py": check_sparse_kernels,
+          "zoo_counts.py": check_zoo_counts}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

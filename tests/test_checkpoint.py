@@ -52,12 +52,19 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, _data(), CONFIG, checkpoint=tmp_path / "ck.safetensors")
     monkeypatch.setattr(trainer, "fetch", real_fetch)
+    _, meta = read_checkpoint(tmp_path / "ck.safetensors")
+    (done,) = meta["extra"]["progress"]["history"]  # the first epoch, finished before the kill
+    assert done["cpu_seconds"] > 0 and done["seconds"] > 0
     torch.manual_seed(99)  # a different process state: everything must come from the checkpoint
     resumed = _net()
     result = fit(resumed, _data(), CONFIG, checkpoint=tmp_path / "ck.safetensors", resume=True)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert [e.loss for e in result.epochs] == [e.loss for e in expected.epochs]
+    # training time, wall-clock and CPU, survives the kill: the first epoch's is the one measured before it
+    assert result.epochs[0].cpu_seconds == done["cpu_seconds"] and result.epochs[0].seconds == done["seconds"]
+    assert all(e.cpu_seconds > 0 for e in result.epochs) and result.train_cpu_seconds == pytest.approx(
+        sum(e.cpu_seconds for e in result.epochs))
     # a finished run resumes to its result at once
     again = fit(_net(), _data(), CONFIG, checkpoint=tmp_path / "ck.safetensors", resume=True)
     assert again.steps == result.steps and again.epochs == result.epochs
@@ -98,6 +105,24 @@ def test_bad_checkpoints_are_typed_errors(tmp_path):
         fit(_net(), _data(), other, checkpoint=path, resume=True)
     with pytest.raises(ConfigError, match="checkpoint path"):
         fit(_net(), _data(), CONFIG, resume=True)
+
+
+def test_a_checkpoint_without_cpu_seconds_still_resumes(tmp_path):
+    """Files written before training recorded CPU seconds resume; their epochs' CPU time is unknown (None)."""
+    from slimtorch.recover.checkpoint import write_checkpoint
+
+    path = tmp_path / "ck.safetensors"
+    one = TrainConfig.from_dict({**CONFIG.to_dict(), "epochs": 1})
+    fit(_net(), _data(), one, checkpoint=path)
+    tensors, meta = read_checkpoint(path)
+    progress = meta["extra"]["progress"]
+    del progress["cpu_seconds"]
+    for epoch in progress["history"]:
+        del epoch["cpu_seconds"]
+    write_checkpoint(path, tensors, meta)
+    result = fit(_net(), _data(), one, checkpoint=path, resume=True)
+    assert result.epochs[0].cpu_seconds is None and result.train_cpu_seconds is None
+    assert result.epochs[0].seconds > 0
 
 
 RECIPE = """

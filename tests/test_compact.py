@@ -176,7 +176,8 @@ def test_batchnorm_offsets_are_folded_or_kept_never_dropped():
     padded = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3,
                            padding=1)).eval()
     randomize_(padded)
-    with pytest.warns(SlimWarning, match=r"removed 0 of the 3 channels.*3 their values are not zero"):
+    with pytest.warns(SlimWarning, match=r"removed no channel.*3 output channels of '0.weight' \('3.weight' reads "
+                                         r"their values, which are not zero there, and cannot take them into its bias"):
         oracle(padded, _nni_style(padded, ["0"]), torch.randn(2, 3, 6, 6),
                params=sum(p.numel() for p in padded.parameters()))
     assert padded[0].out_channels == 6  # a BatchNorm offset seen through zero padding cannot be folded
@@ -303,7 +304,7 @@ def test_tied_weights_stay_tied_and_masked_under_every_name():
     ref = copy.deepcopy(model)
     with torch.no_grad():
         ref.a.weight.mul_(keep)  # (ref.b.weight is the same tensor)
-    with pytest.warns(SlimWarning, match="reach the output"):
+    with pytest.warns(SlimWarning, match=r"1 output channels of 'a.weight' \(a.weight is shared by layers.*tied"):
         compact_(model, {"a.weight": keep}, example_inputs=x)
     assert model.a.weight is model.b.weight
     torch.testing.assert_close(model(x), ref(x))
@@ -347,7 +348,10 @@ def test_unknown_ops_are_named_or_kept_on_request():
         warnings.simplefilter("always")
         compact_(model, masks, example_inputs=x, unknown_ops="keep")
     assert model.a.out_features == 4
-    assert any("removed 0 of the 2" in str(w.message) for w in record)
+    assert any("removed no channel" in str(w.message) and "2 output channels of 'a.weight' (unknown op 'fft_fft'"
+               in str(w.message) for w in record)
+    assert model.slimtorch_compaction["masked_channels_kept"] == [
+        {"parameter": "a.weight", "side": "output", "channels": 2, "reason": "unknown op 'fft_fft' in module '<root>'"}]
 
 
 def test_plan_is_pure():
@@ -401,7 +405,7 @@ def test_a_weight_that_keeps_a_masked_row_is_copied_masked():
     plan = plan_compaction(model, masks, example_inputs=x, measure=False)
     assert not plan.graph.measured and plan.kept
     assert set(plan.unmasked) == {"0.weight"} and "2.weight" in plan.masked
-    with pytest.warns(SlimWarning, match="reach the output"):
+    with pytest.warns(SlimWarning, match="output channels of '2.weight' \\(reaches the model output"):
         oracle(model, masks, x, params=16 * 16 * 9 + 16 + 32 * 16 * 9 + 32)
     assert torch.equal(model[2].weight[::4], torch.zeros_like(model[2].weight[::4]))
 

@@ -262,8 +262,9 @@ def test_whole_channels_kept_by_a_residual_add_are_named_with_the_reason():
     keep = torch.ones(8, dtype=torch.bool)
     keep[:3] = False
     masks = {"b.weight": keep[:, None, None, None].expand(8, 8, 3, 3).clone(), "b.bias": keep}
-    with pytest.warns(SlimWarning, match=r"removed no channel: the masks zero whole channels \(3 of 'b.weight' "
-                                         r"\(kept by 'a.weight', 'c.weight'\)\).*residual add"):
+    with pytest.warns(SlimWarning, match=r"removed no channel: the masks zero whole channels that must stay: 3 output "
+                                         r"channels of 'b.weight' \(coupled, by a residual add.* to channels that "
+                                         r"'a.weight', 'c.weight' keep\)"):
         compact_(model, masks, example_inputs=torch.randn(2, 3, 6, 6))
 
 

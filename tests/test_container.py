@@ -270,7 +270,7 @@ def _other_kind(env: Env, kind: str, artefact: Path) -> Path:
 
 
 def _newer(env: Env, kind: str, artefact: Path) -> Path:
-    _set_format(_header_file(kind, artefact), f"slimtorch-{kind}-v2")
+    _set_format(_header_file(kind, artefact), f"slimtorch-{kind}-v{container.kinds()[kind].version + 1}")
     return _header_file(kind, artefact)
 
 
@@ -336,7 +336,7 @@ EDITS = [  # edits that used to escape as untyped errors, or to fail after part 
     ("checkpoint: an optimizer tensor of no parameter", "checkpoint",
      _rename_tensor("optim.0.exp_avg", "optim.first.exp_avg"), "belong to no saved module"),
     ("model: a tensor of no state dict", "model", _rename_tensor("state::head.weight", "head.weight"),
-     "neither 'state::<key>' nor bool 'mask::<parameter>'"),
+     "neither 'state::<key>', bool 'mask::<parameter>' nor 'sparse::<parameter>::<part>'"),
     ("compacted: a class that is no string", "compacted",
      lambda p: edit_json(p / "compaction.json", lambda d: _set(d, "class", ["nn.Sequential"])),
      "'class' must be a str"),

@@ -1,5 +1,7 @@
 """The dependency graph: one test per channel rule, on small nets whose coupling is known by hand."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -615,3 +617,66 @@ def test_collector_paused_during_tracing_and_restored_after():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class CachesAnchors(nn.Module):
+    """A detector head that computes its anchors from the size of its input once and keeps them until the size
+    changes (as Ultralytics' Detect and RT-DETR heads do); its stride is a plain tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.stride, self.shape, self.cache = torch.tensor([8.0]), None, {}
+
+    def forward(self, x):
+        y = self.head(F.relu(self.conv(x)))
+        if self.shape != y.shape:
+            h, w = y.shape[2:]
+            grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).to(y)
+            self.anchors, self.shape = grid.repeat(2, 1, 1) * self.stride.to(y.device), y.shape
+            self.cache["anchors"] = self.anchors
+        return y + self.anchors
+
+
+def test_a_forward_that_caches_tensors_keeps_nothing_of_a_traced_run():
+    """The shapes-only trace ran the cache on meta tensors and left them in the model: the next run of the same
+    size found meta anchors ("Tensor on device cpu is not on the expected device meta", every YOLO model)."""
+    model, x = CachesAnchors().eval(), torch.randn(2, 3, 6, 6)
+    cache = model.cache
+    graph = build_graph(model, x, values=False)
+    assert not graph.measured and model.shape is None and not hasattr(model, "anchors") and model.cache == {}
+    assert model.cache is cache  # (a container keeps its identity)
+    model(x)
+    anchors = model.anchors
+    build_graph(model, x, values=False)
+    assert model.anchors is anchors and model.cache["anchors"] is anchors and not anchors.is_meta
+    masks = slimtorch.compute_masks(model, [{"op_names": ["conv"], "sparse_ratio": 0.5}], example_inputs=x)
+    slimtorch.compact_(model, masks, example_inputs=x)
+    assert model.conv.out_channels == 4
+
+
+class LearnableAffine(nn.Module):
+    """One learnable scale and offset for every channel (HGNetV2's ``LearnableAffineBlock``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor([1.5])), nn.Parameter(torch.tensor([0.25]))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+def test_a_one_element_parameter_shared_by_the_channels_does_not_tie_them():
+    """Its one label tied every channel it met into one unit: the conv before it was left whole, without a word
+    (HGNetV2 compacted to 1.00x)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), LearnableAffine(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(model, x, values=False)
+    assert len(torch.unique(graph.unit_of(graph.member("0.weight").labels))) == 8
+    masks = slimtorch.compute_masks(model, [{"op_names": ["0"], "sparse_ratio": 0.5}], example_inputs=x)
+    ref = copy.deepcopy(model)
+    slimtorch.apply_masks_(ref, masks)
+    slimtorch.compact_(model, masks, example_inputs=x)
+    assert model[0].out_channels == 4 and model[3].in_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from slimtorch import apply_masks_, compact_
@@ -136,6 +137,7 @@ CASES = {
     "triangle/tril_channels": (torch.tril, "tokens", "blocked"),
     "triangle/tril_spatial": (lambda y: torch.tril(y.transpose(1, 2)).transpose(1, 2), "tokens", "either"),
     "copy/copy_": (_Copy(), "image", "exact"),
+    "numbers/tensor_of_channel_count": (lambda y: y / torch.sqrt(torch.tensor(y.shape[1])), "image", "exact"),
     "uniform/zeros_like": (lambda y: y + torch.zeros_like(y), "image", "exact"),
     "uniform/new_ones": (lambda y: y * y.new_ones(y.shape), "image", "exact"),
     # rules.py: data movement (moves.py: what each records)
@@ -167,6 +169,10 @@ CASES = {
     "move/split": (lambda y: torch.cat([p * (i + 1) for i, p in enumerate(y.split(4, 1))], 1), "image", "exact"),
     "move/split_sizes": (lambda y: torch.cat([p * (i + 1) for i, p in enumerate(y.split([3, 5], 1))], 1), "image",
                          "exact"),
+    "move/tensor_split_channels": (lambda y: torch.cat([p * (i + 1) for i, p in enumerate(torch.tensor_split(y, [3],
+                                                                                                            1))], 1),
+                                   "image", "blocked"),
+    "move/tensor_split_spatial": (lambda y: torch.cat(torch.tensor_split(y, [2], 2)[::-1], 2), "image", "exact"),
     "move/chunk": (lambda y: torch.cat([p * (i + 1) for i, p in enumerate(y.chunk(2, 1))], 1), "image", "exact"),
     "move/unbind": (lambda y: sum(p * (i + 1) for i, p in enumerate(y.unbind(1))), "image", "blocked"),
     "move/cat": (lambda y: torch.cat([y, y.flip(1)], 1), "image", "exact"),
@@ -241,6 +247,20 @@ CASES = {
     "reductions/softmax_channels": (lambda y: y.softmax(1), "image", "blocked"),
     "reductions/softmax_spatial": (lambda y: y.softmax(-1), "image", "exact"),
     "reductions/normalize": (lambda y: F.normalize(y, dim=1), "image", "either"),
+    # selection.py
+    "selection/topk_channels": (lambda y: y.topk(3, dim=1).values, "image", "blocked"),
+    "selection/topk_spatial": (lambda y: y.flatten(2).topk(4, dim=2).values, "image", "exact"),
+    "selection/sort_tokens": (lambda y: y.sort(dim=1).values, "tokens", "exact"),
+    "selection/argsort_gather": (lambda y: y.gather(1, y.argsort(1)), "tokens", "exact"),
+    "selection/kthvalue_spatial": (lambda y: y.kthvalue(2, dim=-1).values, "image", "exact"),
+    "selection/nonzero_positions": (lambda y: y + y.flatten(1).gt(0).nonzero()[:, 1].float().mean(), "image",
+                                    "blocked"),
+    "selection/where_positions": (lambda y: y + torch.where(y.flatten(1) > 0)[1].float().mean(), "image", "blocked"),
+    "selection/where_values": (lambda y: torch.where(y > 0, y, y * 0.1), "image", "exact"),
+    "selection/nms_boxes": (lambda y: y * torchvision.ops.nms(y[:, :4].mean((2, 3)).abs().cumsum(1),
+                                                              y[:, 4].mean((1, 2)), 0.5).numel(), "image", "either"),
+    "selection/roi_align": (lambda y: torchvision.ops.roi_align(y, [torch.tensor([[0.0, 0.0, 3.0, 3.0]])] * y.shape[0],
+                                                                2), "image", "exact"),
     # products.py
     "products/matmul_self": (lambda y: y @ y.transpose(-1, -2), "tokens", "either"),
     "products/matmul_constant": (lambda y: y @ torch.eye(8), "tokens", "blocked"),

@@ -13,7 +13,14 @@ are NNI's, so a config list from the NNI docs or the book works unchanged::
 
 Later entries override earlier ones for the modules they match (NNI's rule); ``exclude: True`` removes
 the modules it matches from pruning. Aliases accepted: ``sparsity`` and ``sparsity_per_layer`` for
-``sparse_ratio``; ``max_sparsity_per_layer`` for ``max_sparse_ratio``.
+``sparse_ratio``; ``max_sparsity_per_layer`` for ``max_sparse_ratio``. An entry may name its own
+``criterion`` (one config list can score convolutions by gradient and linears by magnitude). NNI's
+quantization keys (``quant_types``, ``quant_bits``, ...) belong to a quantizer's config list, not here::
+
+    >>> parse_config_list([{"op_types": ["Linear"], "quant_bits": 8}])
+    Traceback (most recent call last):
+    ...
+    slimtorch.errors.ConfigError: config list entry 0: 'quant_bits' is a quantization key, and this is a pruning ...
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +152,11 @@ class PruneTarget:
     """One config-list entry: which modules, and how sparse. Validated on construction.
 
     Exactly one of ``sparse_ratio`` (each matched layer), ``total_sparsity`` (across all the layers this
-    entry matches, ranked globally, each capped by ``max_sparse_ratio``) or ``sparse_threshold`` (prune
-    every unit scoring below it) is set, unless ``exclude`` is true or the granularity is N:M.
+    entry matches, ranked globally, each capped by ``max_sparse_ratio``), ``sparse_threshold`` (prune
+    every unit scoring below it) or the pair ``weight_threshold`` + ``gradient_threshold`` (the hybrid
+    criterion's: keep a unit only where |w| and |dL/dw| both reach their threshold) is set, unless
+    ``exclude`` is true or the granularity is N:M. ``criterion`` scores this entry's layers (default: the
+    caller's criterion); its name is checked when the layers are scored.
     """
 
     op_types: tuple[str, ...] = ()
@@ -158,8 +168,10 @@ class PruneTarget:
     total_sparsity: float | None = None
     max_sparse_ratio: float | None = None
     sparse_threshold: float | None = None
+    weight_threshold: float | None = None
+    gradient_threshold: float | None = None
     granularity: Granularity | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    criterion: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("op_types", "op_names", "op_partial_names", "exclude_op_names"):
@@ -171,14 +183,22 @@ class PruneTarget:
         for name in ("sparse_ratio", "total_sparsity"):
             _check_fraction(name, getattr(self, name), upper_closed=False)
         _check_fraction("max_sparse_ratio", self.max_sparse_ratio, upper_closed=True)
-        if self.sparse_threshold is not None and (
-            not _is_number(self.sparse_threshold) or self.sparse_threshold < 0
-        ):
-            raise ConfigError(f"'sparse_threshold' must be a number >= 0, got {self.sparse_threshold!r}")
+        for name in ("sparse_threshold", "weight_threshold", "gradient_threshold"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ConfigError(f"{name!r} must be a number >= 0, got {value!r}")
+        if self.criterion is not None and (not isinstance(self.criterion, str) or not self.criterion):
+            raise ConfigError(f"'criterion' must be a criterion's name such as 'magnitude', got {self.criterion!r}")
         self._check_amounts()
 
     def _check_amounts(self) -> None:
         amounts = [k for k in ("sparse_ratio", "total_sparsity", "sparse_threshold") if getattr(self, k) is not None]
+        pair = [k for k in ("weight_threshold", "gradient_threshold") if getattr(self, k) is not None]
+        if len(pair) == 1:
+            raise ConfigError(f"{pair[0]!r} goes with its partner: the hybrid criterion keeps a weight when |w| >= "
+                              "'weight_threshold' and |dL/dw| >= 'gradient_threshold'; give both (0 leaves one free)")
+        if pair:
+            amounts.append("weight_threshold + gradient_threshold")
         if self.exclude:
             if amounts:
                 raise ConfigError(f"an 'exclude: True' entry prunes nothing; remove {amounts} from it")
@@ -197,10 +217,22 @@ class PruneTarget:
         if len(amounts) != 1:
             raise ConfigError(
                 "a config entry needs exactly one of 'sparse_ratio' (alias 'sparsity_per_layer', 'sparsity'), "
-                f"'total_sparsity' or 'sparse_threshold'; got {amounts or 'none'}"
+                "'total_sparsity', 'sparse_threshold' or 'weight_threshold' + 'gradient_threshold'; got "
+                f"{amounts or 'none'}"
             )
         if self.max_sparse_ratio is not None and self.total_sparsity is None:
             raise ConfigError("'max_sparse_ratio' caps layers under 'total_sparsity'; use it with 'total_sparsity'")
+
+    @property
+    def hybrid_thresholds(self) -> bool:
+        """True when the entry prunes by the hybrid criterion's two thresholds (weight and gradient)."""
+        return self.weight_threshold is not None
+
+    @property
+    def thresholded(self) -> bool:
+        """True when the entry prunes by a threshold (one score threshold, or the hybrid pair) rather than by
+        a sparsity: such an entry cannot be reached gradually."""
+        return self.sparse_threshold is not None or self.hybrid_thresholds
 
     @property
     def sparsity(self) -> float | None:
@@ -214,9 +246,7 @@ class PruneTarget:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "extra":
-                out.update(value)
-            elif f.name == "granularity":
+            if f.name == "granularity":
                 if value is not None:
                     out[f.name] = value.to_value()
             elif value not in (None, (), False):
@@ -229,29 +259,31 @@ class PruneTarget:
         if not isinstance(entry, Mapping):
             raise ConfigError(f"each config-list entry must be a dict, got {type(entry).__name__}: {entry!r}")
         kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
         for key, value in entry.items():
             canon = _KEY_ALIASES.get(key, key)
-            if canon in _EXTRA_KEYS:
-                extra[key] = value
-                continue
+            if canon in QUANT_KEYS:
+                raise ConfigError(
+                    f"{key!r} is a quantization key, and this is a pruning config list; give quantization settings "
+                    "to a quantizer: slimtorch.quantize(model, QuantConfig(method=..., targets=[...])) or NNI's "
+                    "quantizers in slimtorch.compat.nni.quantization (QATQuantizer, PtqQuantizer, LsqQuantizer, ...)"
+                )
             if canon not in _FIELD_NAMES:
                 raise ConfigError(f"unknown config key {key!r}; allowed keys: {sorted(ALLOWED_KEYS)}")
             if canon in kwargs:
                 raise ConfigError(f"config key {key!r} given twice (directly and through an alias)")
             kwargs[canon] = _coerce(canon, value)
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs)
 
 
-_FIELD_NAMES = {f.name for f in dataclasses.fields(PruneTarget)} - {"extra"}
+_FIELD_NAMES = {f.name for f in dataclasses.fields(PruneTarget)}
 _KEY_ALIASES = {
     "sparsity": "sparse_ratio",
     "sparsity_per_layer": "sparse_ratio",
     "max_sparsity_per_layer": "max_sparse_ratio",
 }
-#: Keys NNI accepts that only matter to other stages (quantization); kept and round-tripped untouched.
-_EXTRA_KEYS = {"quant_types", "quant_bits", "quant_dtype", "quant_scheme"}
-ALLOWED_KEYS = _FIELD_NAMES | set(_KEY_ALIASES) | _EXTRA_KEYS
+#: Keys of NNI's quantization config lists (NNI 2 and 3): refused here with a pointer to the quantizers.
+QUANT_KEYS = frozenset({"quant_types", "target_names", "quant_bits", "quant_dtype", "quant_scheme", "quant_start_step"})
+ALLOWED_KEYS = _FIELD_NAMES | set(_KEY_ALIASES)
 
 
 def _coerce(key: str, value: Any) -> Any:

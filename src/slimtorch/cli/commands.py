@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 
@@ -21,13 +22,14 @@ from slimtorch.cli.common import (
     write_json,
     write_text,
 )
+from slimtorch.cli.observe import OBSERVE_OUTPUTS, Observation, add_observe_args, dataset_batches, observe
 from slimtorch.compact import compact_
 from slimtorch.config import load_config_list, parse_config_list
 from slimtorch.data.datasets import TensorSplit
 from slimtorch.errors import CompactionError, ConfigError
 from slimtorch.io import save_masks
 from slimtorch.masks import get_masks, merge_masks
-from slimtorch.models.modelfile import save_model
+from slimtorch.models.modelfile import LoadedModel, save_model
 from slimtorch.models.registry import MAX_SAMPLE_VALUES
 from slimtorch.prune import apply_masks_, compute_masks
 from slimtorch.prune.criteria import CRITERIA
@@ -88,9 +90,17 @@ def _config_list(args: argparse.Namespace) -> list[dict] | tuple:
     return entries
 
 
-PRUNE_OUTPUTS = ("masks.safetensors", "model.safetensors", "report.md", "report.json", "layers.png")
+PRUNE_OUTPUTS = ("masks.safetensors", "model.safetensors", "report.md", "report.json", "layers.png", *OBSERVE_OUTPUTS)
 COMPACT_OUTPUTS = ("model.safetensors", "report.md", "report.json")
-REPORT_OUTPUTS = ("report.md", "report.json", "layers.png")
+REPORT_OUTPUTS = ("report.md", "report.json", "layers.png", *OBSERVE_OUTPUTS)
+RANDOM_BATCH = 64  # random samples activation sparsity is measured on when no dataset is given
+
+
+def _random_observation(model: torch.nn.Module, before: torch.nn.Module | None, shape: tuple[int, ...],
+                        args: argparse.Namespace, title: str) -> Observation:
+    x = _example(model, shape, RANDOM_BATCH)
+    label = f"{RANDOM_BATCH} random inputs; give --dataset for real data"
+    return observe(model, [x], before=before, data_label=label, bins=args.bins, title=title)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -100,6 +110,7 @@ def _prune(args: argparse.Namespace) -> int:
     config_list = _config_list(args)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     before = report(loaded.model, x, runs=args.runs)
+    unpruned = copy.deepcopy(loaded.model) if args.observe else None
     # with the example batch, coupled layers (residual adds, BN, the next layer's inputs) get consistent masks
     new = compute_masks(loaded.model, config_list, example_inputs=x, criterion=args.criterion)
     masks = merge_masks(get_masks(loaded.model), new)  # a pruned or compacted model keeps its masks' zeros
@@ -107,13 +118,21 @@ def _prune(args: argparse.Namespace) -> int:
     after = report(loaded.model, x, runs=args.runs)
     rows = sparsity_table(loaded.model, masks)
     table = compare_markdown({"before": before, "pruned (masked)": after})
+    seen = (_random_observation(loaded.model, unpruned, loaded.spec.input_shape or (), args, args.model)
+            if unpruned is not None else None)
+    text = table + (f"\n\n{seen.text}" if seen is not None else "")
     with atomic_folder(args.out) as out:
         save_masks(masks, out / "masks.safetensors")
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)
-        write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{table}\n")
-        write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows})
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
+        write_text(out / "report.md", f"# slimtorch prune {args.model}\n\n{text}\n")
+        write_json(out / "report.json", {"before": before.to_dict(), "after": after.to_dict(), "layers": rows,
+                                         **({"observation": seen.data} if seen is not None else {})})
         plot_layers(rows, out / "layers.png", title=f"{args.model}: kept per layer")
-    print(f"{table}\n\nwrote {args.out}/masks.safetensors, model.safetensors, report.md, report.json, layers.png")
+        if seen is not None:
+            seen.write_figures(out)
+    figures = ", weights.png, activations.png" if seen is not None else ""
+    print(f"{text}\n\nwrote {args.out}/masks.safetensors, model.safetensors, report.md, report.json, layers.png"
+          f"{figures}")
     return 0
 
 
@@ -136,7 +155,8 @@ def _compact(args: argparse.Namespace) -> int:
     table = compare_markdown({"masked": masked, "compacted": compacted})
     text = f"# slimtorch compact {args.model}\n\n{table}\n\nmax |output difference|: {diff:.3g}\n"
     with atomic_folder(args.out) as out:
-        save_model(out / "model.safetensors", loaded.model, loaded.spec)  # with the masks it keeps, if any
+        # with the masks it keeps, if any, stored sparse
+        save_model(out / "model.safetensors", loaded.model, loaded.spec, sparse="auto")
         write_text(out / "report.md", text)
         write_json(out / "report.json", {"masked": masked.to_dict(), "compacted": compacted.to_dict(),
                                          "max_diff": diff})
@@ -151,24 +171,48 @@ def _report(args: argparse.Namespace) -> int:
     apply_threads(args)
     if args.out is not None:
         check_output_folder(args.out, REPORT_OUTPUTS)
+    if args.before is not None and not args.observe:
+        raise ConfigError("--before is the model the observation compares with: give --observe too")
     loaded = resolve_model(args.model, input_shape=args.input_shape, masks=args.masks)
     x = _example(loaded.model, loaded.spec.input_shape or (), args.batch_size)
     rep = report(loaded.model, x, runs=args.runs)
     data: dict = {"model": args.model, **rep.to_dict()}
+    split = None
     if args.dataset is not None:
         split = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit)
         _check_dataset_fits(loaded.model, split, args.dataset)
         data["accuracy"] = evaluate_accuracy(loaded.model, torch.utils.data.TensorDataset(split.x_test, split.y_test))
     text = rep.to_markdown(args.model) + (f"\n\ntest accuracy ({args.dataset}): {data['accuracy']:.2%}"
                                            if "accuracy" in data else "")
+    seen = _report_observation(loaded, split, args) if args.observe else None
+    if seen is not None:
+        text += f"\n\n{seen.text}"
+        data["observation"] = seen.data
     if args.out is not None:
         with atomic_folder(args.out) as out:
             write_text(out / "report.md", f"# slimtorch report {args.model}\n\n{text}\n")
             write_json(out / "report.json", data)
             if loaded.masks:
                 plot_layers(sparsity_table(loaded.model, loaded.masks), out / "layers.png", title=args.model)
+            if seen is not None:
+                seen.write_figures(out)
     print(json.dumps(data, indent=2) if args.format == "json" else text)
     return 0
+
+
+def _report_observation(loaded: LoadedModel, split: TensorSplit | None, args: argparse.Namespace) -> Observation:
+    """Observe the model on the dataset's test images (random inputs without one), beside ``--before``, or
+    beside itself without ``--masks`` when those are given."""
+    before = None
+    if args.before is not None:
+        before = resolve_model(args.before, input_shape=args.input_shape).model
+    elif args.masks is not None:
+        before = resolve_model(args.model, input_shape=args.input_shape).model  # the same model, masks not applied
+    if split is None:
+        return _random_observation(loaded.model, before, loaded.spec.input_shape or (), args, args.model)
+    batches = dataset_batches(split.x_test)
+    label = f"{sum(len(b) for b in batches)} {args.dataset} test images"
+    return observe(loaded.model, batches, before=before, data_label=label, bins=args.bins, title=args.model)
 
 
 def _measure_args(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +232,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="a YAML config list (NNI keys) instead of the flags above")
     p.add_argument("--criterion", choices=sorted(CRITERIA), default="l1")
     p.add_argument("--input-shape", type=parse_shape, default=None, help="one sample's shape, e.g. 3,32,32")
+    add_observe_args(p)
     _measure_args(p)
     p.set_defaults(func=_prune)
 
@@ -204,6 +249,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--input-shape", type=parse_shape, default=None, help="one sample's shape, e.g. 3,32,32")
     r.add_argument("--format", choices=("md", "json"), default="md", help="what to print")
     r.add_argument("--out", default=None, help="folder for report.md, report.json (and layers.png if pruned)")
+    r.add_argument("--before", default=None, help="with --observe: the model before pruning (a name or file) to "
+                                                  "compare with (default with --masks: the model without them)")
+    add_observe_args(r)
     add_data_args(r)
     _measure_args(r)
     r.set_defaults(func=_report)

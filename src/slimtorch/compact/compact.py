@@ -28,14 +28,15 @@ import torch
 from torch import nn
 
 from slimtorch.compact.checks import check_arguments, check_finite, tied_parameters, verify_result
+from slimtorch.compact.explain import KeptChannels, describe_kept, kept_channels
 from slimtorch.compact.kept_masks import carried_masks, cut_masks, keep_masks_
-from slimtorch.compact.plan import CompactionPlan, coupled_channels, plan_compaction
+from slimtorch.compact.plan import CompactionPlan, plan_compaction
 from slimtorch.compact.rewrites import ShapeFixer
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.live import BlockMode, BlockOps
 from slimtorch.graph.run import call_model, collector_paused, run_state, substituted, temporary_mode
-from slimtorch.masks import COMPACTION_ATTR, is_masked, mask_factor, remove_masks_
+from slimtorch.masks import COMPACTION_ATTR, canonical_masks, is_masked, mask_factor, remove_masks_
 
 __all__ = ["AFTER_COMPACTION", "COMPACTION_ATTR", "Snapshot", "compact_", "replay_"]
 
@@ -157,7 +158,8 @@ def _apply(model: nn.Module, plan: CompactionPlan, example_inputs: Any) -> tuple
     return step, out
 
 
-def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) -> dict[str, Any]:
+def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int,
+             kept: list[KeptChannels]) -> dict[str, Any]:
     previous = getattr(model, COMPACTION_ATTR, None) or {}
     return {
         **previous,  # what other size changes recorded (dropped blocks, pruned heads) stays
@@ -166,6 +168,7 @@ def _summary(model: nn.Module, plan: CompactionPlan, step: dict, before: int) ->
         "channels_requested": plan.requested,
         "channels_removed": plan.removed_count,
         "kept_against_masks": dict(plan.kept),
+        "masked_channels_kept": [k.to_dict() for k in kept],
         "folded_biases": sorted(plan.folds),
         "zero_padded_norms": sorted(n for n, c in plan.modules.items() if "full_size" in c["options"]),
         "rewritten_calls": len(step["fixes"]),
@@ -210,6 +213,7 @@ def compact_(
     snapshot = Snapshot(model)  # (before the plan runs the model: a forward that changes attributes is undone)
     before = sum(p.numel() for p in model.parameters())
     plan = _planned(model, masks, example_inputs, unknown_ops, not verify, snapshot)
+    kept = _kept(model, plan, masks, snapshot)  # (read before the surgery: it names the model's parameters)
     carried = carried_masks(model, masks)  # what stays masked inside the kept channels, cut like its parameter
     kept_masks = _cut(model, carried, plan, snapshot)
     try:
@@ -219,32 +223,24 @@ def compact_(
             raise
         # the model did not run as traced (changed since?): restored, planned again from a measured run
         plan = _planned(model, masks, example_inputs, unknown_ops, True, snapshot)
+        kept = _kept(model, plan, masks, snapshot)
         kept_masks = _cut(model, carried, plan, snapshot)
         step = _apply_checked(model, plan, example_inputs, verify, snapshot)
     try:
         keep_masks_(model, kept_masks)
-        setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before))
+        setattr(model, COMPACTION_ATTR, _summary(model, plan, step, before, kept))
         for finish in AFTER_COMPACTION:  # (each leaves what it changes outside the model as it was if it fails)
             finish(model)
     except BaseException:
         snapshot.restore(model)
         raise
-    if plan.requested == 0 and any(not bool(m.all()) for m in masks.values()):
-        warnings.warn(_nothing_removed(model, plan, masks), SlimWarning, stacklevel=2)
+    _warn_kept(model, plan, masks, kept)
     if plan.graph.branches:
         sites = ", ".join(dict.fromkeys(plan.graph.branches))
         warnings.warn(
             f"the model's forward turns values computed from its channels into Python values ({sites}), which may "
             "choose what it runs next: compaction followed, and checked, the path the example inputs take. Inputs "
             "that take another path run code compaction did not see; check the compacted model on such inputs.",
-            SlimWarning,
-            stacklevel=2,
-        )
-    if plan.kept:
-        reasons = "; ".join(f"{n} {why}" for why, n in plan.kept.items())
-        warnings.warn(
-            f"compaction removed {plan.removed_count} of the {plan.requested} channels the masks prune; kept: "
-            f"{reasons}. The compacted model computes exactly what the masked one does.",
             SlimWarning,
             stacklevel=2,
         )
@@ -273,22 +269,41 @@ def _cut(model: nn.Module, carried: Mapping[str, torch.Tensor], plan: Compaction
         raise
 
 
-def _nothing_removed(model: nn.Module, plan: CompactionPlan, masks: Mapping[str, torch.Tensor]) -> str:
-    """Why masks that zero something removed no channel: coupled channels kept elsewhere, or no whole channel."""
-    coupled = coupled_channels(model, plan, masks)
-    if coupled:
-        which = "; ".join(f"{n} of {name!r}" + (f" (kept by {', '.join(map(repr, keep))})" if keep else "")
-                          for name, n, keep in coupled)
-        return (f"compaction removed no channel: the masks zero whole channels ({which}), but each is coupled, by a "
-                "residual add, a concatenation or another op that ties channels across layers, to channels that "
-                "other parameters' masks keep; a channel goes only when every layer that produces it (or every "
-                "layer that reads it) is masked there. The masks stay on the model. To remove them, mask "
-                "the whole coupled group, e.g. with compute_masks(..., example_inputs=...), which extends a pruned "
-                "channel to every parameter coupled with it.")
-    return ("compaction removed no channel: the masks zero no whole channel of a layer's weights (they mask single "
-            "weights, or only normalisation parameters such as BatchNorm scales); the masks stay on the model. "
-            "To remove channels, mask whole output rows of the layers, e.g. with compute_masks(..., "
-            "example_inputs=...), which extends a pruned channel to every parameter that produces it.")
+def _kept(model: nn.Module, plan: CompactionPlan, masks: Mapping[str, torch.Tensor],
+          snapshot: Snapshot) -> list[KeptChannels]:
+    """The masked channels ``plan`` keeps (see :mod:`slimtorch.compact.explain`); the model is restored on a failure."""
+    try:
+        return kept_channels(model, plan, canonical_masks(model, masks))
+    except BaseException:
+        snapshot.restore(model)
+        raise
+
+
+def _warn_kept(model: nn.Module, plan: CompactionPlan, masks: Mapping[str, torch.Tensor],
+               kept: list[KeptChannels]) -> None:
+    """Say which masked channels stay, how many and why; when nothing went although the masks zero something,
+    say that too."""
+    if plan.removed_count == 0 and any(not bool(m.all()) for m in masks.values()):
+        if kept:
+            coupled = any(k.reason.startswith("coupled") for k in kept)
+            message = (f"compaction removed no channel: the masks zero whole channels that must stay: "
+                       f"{describe_kept(kept)}. The masks stay on the model."
+                       + (" A channel goes only when every layer that produces it (or every layer that reads it) is "
+                          "masked there; compute_masks(..., example_inputs=...) extends a pruned channel to every "
+                          "parameter coupled with it." if coupled else ""))
+        else:
+            message = ("compaction removed no channel: the masks zero no whole channel of a layer's weights (they "
+                       "mask single weights, or only normalisation parameters such as BatchNorm scales); the masks "
+                       "stay on the model. To remove channels, mask whole output rows of the layers, e.g. with "
+                       "compute_masks(..., example_inputs=...), which extends a pruned channel to every parameter "
+                       "that produces it.")
+    elif kept:
+        message = (f"compaction removed {plan.removed_count} channels, and kept {sum(k.channels for k in kept)} "
+                   f"that the masks zero whole: {describe_kept(kept)}. The compacted model computes exactly what "
+                   "the masked one does; those channels stay, masked.")
+    else:
+        return
+    warnings.warn(message, SlimWarning, stacklevel=4)  # (the caller of compact_, past its decorator)
 
 
 def _apply_checked(model: nn.Module, plan: CompactionPlan, example_inputs: Any, verify: bool,

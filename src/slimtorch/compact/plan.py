@@ -24,15 +24,28 @@ import torch
 from torch import nn
 
 from slimtorch.compact.checks import check_arguments, check_example_inputs, check_not_tied
+from slimtorch.compact.sinks import check_sinks, fold_deltas, reads_values, requests
 from slimtorch.compact.surgery import CLAIMS_CHILDREN, shrink_kind
 from slimtorch.errors import CompactionError
 from slimtorch.graph import DependencyGraph, Member, build_graph
-from slimtorch.graph.graph import PerMember, Sink, label_table
+from slimtorch.graph.graph import PerMember, label_table
 from slimtorch.graph.live import Cut, LiveBlocks, live_blocks, masked
 from slimtorch.graph.replay import known_structure
 from slimtorch.masks import Masks, canonical_masks, check_masks, is_masked
 
-__all__ = ["CompactionPlan", "coupled_channels", "plan_compaction"]
+__all__ = ["CompactionPlan", "Requests", "plan_compaction"]
+
+
+@dataclass
+class Requests:
+    """What the masks ask for: the root of every label (``roots``), per member key which of its slices the masks
+    zero whole (``dead``), per unit whether the masks ask to remove it (``asked``), and for each asked unit that
+    stays, why (``why``: unit -> text)."""
+
+    roots: torch.Tensor
+    dead: dict[tuple, torch.Tensor]
+    asked: torch.Tensor
+    why: dict[int, str]
 
 
 @dataclass
@@ -59,6 +72,8 @@ class CompactionPlan:
     unmasked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # the masks the surgery cuts down to entries they all keep (nothing of them stays masked afterwards)
     whole: set[str] = field(default_factory=set, repr=False)
+    # what the masks asked for, per unit and per member, and why a requested unit stays
+    requests: Requests | None = field(default=None, repr=False)
 
     @property
     def cuts(self) -> dict[int, Cut]:
@@ -77,145 +92,13 @@ class CompactionPlan:
         return {"modules": modules, "fixes": self.fixes}
 
 
-def _dead(member: Member, mask: torch.Tensor | None,
-          alive: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> torch.Tensor:
-    """Per label of ``member``: is the weight slice it indexes entirely masked? ``alive``: the live rows and
-    columns of masks, found already (:class:`~slimtorch.graph.live.LiveBlocks`). (In numpy: on a layer's
-    mask its reductions take a fraction of torch's fixed cost per call, and a model has a hundred of them.)"""
-    size = member.labels.numel()
-    if mask is None:
-        return torch.zeros(size, dtype=torch.bool)
-    if member.groups == 1 and member.dim in (0, 1) and alive and (found := alive.get(member.name)) is not None \
-            and found[member.dim].size == size:
-        return torch.from_numpy(~found[member.dim])
-    keep = mask.detach().bool().cpu().numpy()
-    if keep.size == 0:
-        return torch.ones(size, dtype=torch.bool)
-    if member.groups > 1:
-        moved = np.moveaxis(keep, (member.other_dim, member.dim), (0, 1))  # (other, dim, rest...)
-        g = member.groups
-        alive = moved.reshape(g, moved.shape[0] // g, moved.shape[1], -1).any(axis=(1, 3))  # (groups, dim)
-        return torch.from_numpy(~alive.reshape(-1))
-    others = tuple(d for d in range(keep.ndim) if d != member.dim)
-    return torch.from_numpy(~(keep.any(axis=others) if others else keep))
+_EQUAL = "to keep equal channel counts (conv groups, heads, chunks, layers)"
 
 
-def _requests(
-    graph: DependencyGraph, masks: Mapping[str, torch.Tensor], params: dict[str, torch.Tensor],
-    alive: Mapping[str, tuple[np.ndarray, np.ndarray]],
-) -> tuple[torch.Tensor, dict[tuple, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``(roots, dead, requested, independent)``: the root of every label; per member key, which of its
-    slices are masked (:func:`_dead`, for :func:`_check_sinks`); and per unit, whether the masks ask to
-    remove it, and whether every weight slice producing it is masked (its values do not depend on the input)."""
-    roots = graph.uf.roots()
-    dead: dict[tuple, torch.Tensor] = {}
-    n = roots.numel()
-    all_ = {r: torch.ones(n, dtype=torch.int8) for r in ("out", "in")}
-    any_ = {r: torch.zeros(n, dtype=torch.bool) for r in ("out", "in")}
-    found: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {"out": ([], []), "in": ([], [])}
-    for m in graph.members.values():
-        if m.role not in all_ or m.is_buffer or m.name not in params or params[m.name].dim() < 2:
-            continue
-        dead[m.key] = _dead(m, masks.get(m.name), alive)
-        found[m.role][0].append(m.labels.reshape(-1))
-        found[m.role][1].append(dead[m.key])
-    for role, (labels, flags) in found.items():  # every member of a role at once
-        if labels:
-            flat = torch.cat(labels)
-            valid = flat >= 0
-            units = roots[flat[valid]]
-            any_[role][units] = True
-            all_[role].scatter_reduce_(0, units, torch.cat(flags)[valid].to(torch.int8), "amin")
-    independent = any_["out"] & all_["out"].bool()
-    return roots, dead, independent | (any_["in"] & all_["in"].bool()), independent
-
-
-@dataclass
-class _Fold:
-    member: tuple
-    position: int
-    value: float
-    unit: int
-
-
-def _check_sinks(graph: DependencyGraph, roots: torch.Tensor, requested: torch.Tensor, independent: torch.Tensor,
-                 masks: Mapping[str, torch.Tensor],
-                 dead_of: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, list[_Fold]]:
-    """Per unit: may it go as far as its sinks are concerned; and the constants to fold if it does."""
-    allowed = torch.ones(roots.numel(), dtype=torch.bool)
-    requested_at, independent_at = label_table(requested, roots), label_table(independent, roots)
-    consumers = [s for s in graph.sinks if s.kind == "consumer"]
-    folds: list[_Fold] = []
-    if consumers:  # all at once (a model has one per layer): a few ops instead of a dozen per sink
-        labels, dead = _consumed(graph, consumers, masks, dead_of)
-        owner = torch.repeat_interleave(torch.tensor([s.labels.numel() for s in consumers]))
-        asked, independent_here = requested_at[labels], independent_at[labels]
-        units = roots[labels.clamp(min=0)]
-        zero = (torch.cat([s.absmax.reshape(-1) for s in consumers]) == 0) & independent_here
-        vmin = torch.cat([s.vmin.reshape(-1) for s in consumers])
-        foldable = torch.tensor([s.foldable and not graph.training for s in consumers])[owner]
-        const = (vmin == torch.cat([s.vmax.reshape(-1) for s in consumers])) & vmin.isfinite() & independent_here \
-            & foldable
-        allowed[units[asked & ~(dead | zero | const)]] = False
-        starts = torch.cumsum(torch.tensor([0] + [s.labels.numel() for s in consumers]), 0)
-        folds = [_Fold(consumers[i].member, p - int(starts[i]), float(vmin[p]), int(units[p]))
-                 for p, i in zip(*[t.tolist() for t in _where(asked & ~dead & ~zero & const, owner)], strict=True)]
-    for sink in graph.sinks:
-        if sink.kind == "consumer":
-            continue
-        labels = sink.labels.reshape(-1)
-        asked = requested_at[labels]
-        if not bool(asked.any()):
-            continue
-        units = roots[labels.clamp(min=0)]
-        zero = (sink.absmax.reshape(-1) == 0) & independent_at[labels]
-        if sink.kind == "pair":
-            other = sink.other
-            other_units = roots[other.labels.reshape(-1).clamp(min=0)]
-            zero_a = torch.ones_like(allowed).scatter_reduce_(0, units, zero, "amin")
-            other_zero = (other.absmax.reshape(-1) == 0) & independent[other_units]
-            zero_b = torch.ones_like(allowed).scatter_reduce_(0, other_units, other_zero, "amin")
-            ok = (zero_a | zero_b)[units]
-        else:
-            ok = zero
-        allowed[units[asked & ~ok]] = False
-    return allowed, folds
-
-
-def _consumed(graph: DependencyGraph, consumers: list[Sink], masks: Mapping[str, torch.Tensor],
-              dead_of: dict[tuple, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labels of every consumer sink, concatenated, and whether the weight slice reading each is masked."""
-    labels = torch.cat([s.labels.reshape(-1) for s in consumers])
-    return labels, torch.cat([_dead_at(graph.members[s.member], masks, dead_of) for s in consumers])
-
-
-def _reads_values(graph: DependencyGraph, sinks: list[Sink], roots: torch.Tensor, requested: torch.Tensor,
-                  masks: Mapping[str, torch.Tensor], dead_of: dict[tuple, torch.Tensor]) -> bool:
-    """Would :func:`_check_sinks` read a measured value of ``sinks``? Only where a requested channel is
-    consumed by a weight slice that is not masked, or reaches a sink of another kind."""
-    requested_at = label_table(requested, roots)
-    consumers = [s for s in sinks if s.kind == "consumer"]
-    if consumers:
-        labels, dead = _consumed(graph, consumers, masks, dead_of)
-        if bool((requested_at[labels] & ~dead).any()):
-            return True
-    others = [one for s in sinks if s.kind != "consumer" for one in (s, s.other) if one is not None]
-    return any(bool(requested_at[one.labels.reshape(-1)].any()) for one in others)
-
-
-def _where(flags: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions where ``flags`` holds, and the owner of each."""
-    positions = torch.nonzero(flags).flatten()
-    return positions, owner[positions]
-
-
-def _dead_at(member: Member, masks: Mapping[str, torch.Tensor], dead_of: dict[tuple, torch.Tensor]) -> torch.Tensor:
-    found = dead_of.get(member.key)
-    return found if found is not None else _dead(member, masks.get(member.name))
-
-
-def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, kept: dict[str, int]) -> None:
-    """Give back removed units until every equal-count constraint and rectangular slice holds (in place)."""
+def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor, kept: dict[str, int],
+             why: dict[int, str]) -> None:
+    """Give back removed units until every equal-count constraint and rectangular slice holds (in place); ``why``
+    gets the reason of each unit given back."""
     for _ in range(50):
         before = int(removed.sum())
         removed_at = label_table(removed, roots)
@@ -228,8 +111,8 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
             back = torch.unique(roots[rows[excess]])
             removed[back] = False
             removed_at = label_table(removed, roots)
-            kept["to keep equal channel counts (conv groups, heads, chunks, layers)"] = (
-                kept.get("to keep equal channel counts (conv groups, heads, chunks, layers)", 0) + back.numel())
+            kept[_EQUAL] = kept.get(_EQUAL, 0) + back.numel()
+            why.update(dict.fromkeys(back.tolist(), _EQUAL))
         for m in graph.members.values():
             if m.role != "element":
                 continue
@@ -243,6 +126,7 @@ def _enforce(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor,
                 removed[back] = False
                 removed_at = label_table(removed, roots)
                 kept[f"so that {m.name} keeps a rectangular block"] = back.numel()
+                why.update(dict.fromkeys(back.tolist(), f"so that {m.name} keeps a rectangular block"))
         if int(removed.sum()) == before:
             return
     raise CompactionError("could not satisfy the channel constraints of the graph; please report this model")
@@ -345,21 +229,6 @@ def _fixes(graph: DependencyGraph, roots: torch.Tensor, removed: torch.Tensor) -
     return out
 
 
-def _fold_deltas(model: nn.Module, folds: list[_Fold], removed: torch.Tensor,
-                 params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bias changes that carry removed constant channels: bias += sum over the kernel of W[:, c] * value."""
-    deltas: dict[str, torch.Tensor] = {}
-    for fold in folds:
-        if not bool(removed[fold.unit]):
-            continue
-        weight_name = fold.member[0]
-        bias_name = weight_name.rsplit(".", 1)[0] + ".bias" if "." in weight_name else "bias"
-        column = params[weight_name].detach().select(1, fold.position)  # (out, *kernel)
-        delta = column.reshape(column.shape[0], -1).sum(dim=1) * fold.value
-        deltas[bias_name] = deltas.get(bias_name, 0) + delta
-    return deltas
-
-
 def plan_compaction(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -394,26 +263,30 @@ def plan_compaction(
     known = None if measure else known_structure(trace, model, example_inputs, unknown_ops, cover=True)
     if known is not None:
         graph, sinks = known
-        roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
-        if _reads_values(graph, sinks, roots, requested, masks, dead):
+        roots, dead, requested, independent = requests(graph, masks, params, live.alive)
+        if reads_values(graph, sinks, roots, requested, masks, dead):
             known = None  # (a requested channel's values matter somewhere: they must be measured)
+    why: dict[int, str] = {}  # unit -> why it stays although requested
     if known is None:
         masked = _masked(params, masks)
         graph = build_graph(model, example_inputs, params=masked, unknown_ops=unknown_ops, cover=True, live=live,
                             trace=trace)
-        roots, dead, requested, independent = _requests(graph, masks, params, live.alive)
-        allowed, folds = _check_sinks(graph, roots, requested, independent, masks, dead)
+        roots, dead, requested, independent = requests(graph, masks, params, live.alive)
+        allowed, folds = check_sinks(graph, roots, requested, independent, masks, dead, why)
     else:  # no sink reads a requested channel: every one is allowed, none is folded
         allowed, folds = torch.ones_like(requested), []
+    reasons = graph.blocked_units()
     blocked = torch.zeros_like(requested)
-    blocked[torch.tensor(sorted(graph.blocked_units()), dtype=torch.long)] = True
+    blocked[torch.tensor(sorted(reasons), dtype=torch.long)] = True
     removed = requested & allowed & ~blocked
     kept: dict[str, int] = {}
-    for why, which in (("their values are not zero where they are used and cannot be folded", requested & ~allowed),
-                       ("they reach the output or an op that depends on every channel", requested & allowed & blocked)):
+    for text, which in (("their values are not zero where they are used and cannot be folded", requested & ~allowed),
+                        ("they reach the output or an op that depends on every channel",
+                         requested & allowed & blocked)):
         if int(which.sum()):
-            kept[why] = int(which.sum())
-    _enforce(graph, roots, removed, kept)
+            kept[text] = int(which.sum())
+    why.update((u, reasons[u]) for u in torch.nonzero(requested & allowed & blocked).flatten().tolist())
+    _enforce(graph, roots, removed, kept, why)
     members, gone, counts = graph.removed_per_member(removed)
     _check_not_emptied(members, counts)
     check_not_tied(model, members, counts)
@@ -428,7 +301,7 @@ def plan_compaction(
         graph=graph,
         removed=removed,
         modules=_module_changes(model, members, gone, counts),
-        folds=_fold_deltas(model, folds, removed, masked | {n: p for n, p in params.items() if n not in masked}),
+        folds=fold_deltas(model, folds, removed, masked | {n: p for n, p in params.items() if n not in masked}),
         fixes=_fixes(graph, roots, removed),
         requested=int(requested.sum()),
         kept=kept,
@@ -436,26 +309,8 @@ def plan_compaction(
         live=live,
         unmasked=unmasked,
         whole=whole,
+        requests=Requests(roots, dead, requested, {u: t for u, t in why.items() if not removed[u]}),
     )
-
-
-def coupled_channels(model: nn.Module, plan: CompactionPlan,
-                     masks: Mapping[str, torch.Tensor]) -> list[tuple[str, int, list[str]]]:
-    """Whole channels that the masks zero in one parameter but that no request removes, because the channels
-    they are tied to (by a residual add, a concatenation...) are kept by another parameter's mask:
-    ``(parameter, how many, the parameters that keep them)``, for each parameter that zeroes any."""
-    masks = canonical_masks(model, masks)
-    roots, dead, requested, _ = _requests(plan.graph, masks, dict(model.named_parameters()), plan.live.alive)
-    zeroed: dict[str, set[int]] = {}  # parameter -> units it zeroes whole, not requested
-    keeping: dict[int, set[str]] = {}  # unit -> parameters whose slices of it are not masked
-    for key, flags in dead.items():
-        labels = plan.graph.members[key].labels.reshape(-1)
-        valid = labels >= 0
-        for unit, is_dead in zip(roots[labels[valid]].tolist(), flags[valid].tolist(), strict=True):
-            if not requested[unit]:
-                (zeroed.setdefault(key[0], set()).add(unit) if is_dead else keeping.setdefault(unit, set()).add(key[0]))
-    return [(name, len(units), sorted(set().union(*(keeping.get(u, set()) for u in units)) - {name}))
-            for name, units in sorted(zeroed.items())]
 
 
 def _masked(params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],

@@ -14,7 +14,7 @@ trace=...)``).
     64
 """
 
-from slimtorch.graph import layer_rules, module_rules, moves, products, reductions  # noqa: F401  (register the rules)
+from slimtorch.graph import layer_rules, module_rules, moves, products, reductions, selection  # noqa: F401  (rules)
 from slimtorch.graph.build import build_graph
 from slimtorch.graph.callsites import FixSite, apply_fix
 from slimtorch.graph.context import ModuleContext, OpContext

@@ -195,8 +195,8 @@ def apply_fix(fix: dict[str, Any], args: tuple, kwargs: dict) -> tuple[tuple, di
         return (args[0], tuple(fix["dims"])), {k: v for k, v in kwargs.items() if k != "dim"}
     if kind == "scalar":
         new = list(args)
-        for pos, value in fix["values"].items():
-            if int(pos) < len(new) and isinstance(new[int(pos)], float):
+        for pos, value in fix["values"].items():  # (a float in arithmetic, a number made a tensor)
+            if int(pos) < len(new) and type(new[int(pos)]) in (int, float):
                 new[int(pos)] = value
         return tuple(new), kwargs
     raise ValueError(f"unknown fix kind {kind!r}")

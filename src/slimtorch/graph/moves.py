@@ -65,6 +65,13 @@ def _after_split(ctx: OpContext, source: torch.Tensor | None, labels: list) -> N
     ctx.graph.fix_sites.append(FixSite(ctx.site, "split", source, {"dim": dim, "sizes": sizes, "as_list": as_list}))
 
 
+@after_move("tensor_split")
+def _after_tensor_split(ctx: OpContext, source: torch.Tensor | None, labels: list) -> None:
+    """Split at positions (or into sections whose sizes depend on the count): along channels, blocked."""
+    if _dim_arg(ctx, 2) in varying_dims(source):
+        ctx.block(source, "tensor_split along channels (it splits at positions of the full tensor)")
+
+
 @after_move("chunk")
 def _after_chunk(ctx: OpContext, source: torch.Tensor | None, labels: list) -> None:
     dim = _dim_arg(ctx, 2)

@@ -31,8 +31,23 @@ from slimtorch.graph.callsites import FixSite
 from slimtorch.graph.context import ModuleContext, OpContext, tensors_in
 from slimtorch.graph.labels import broadcast_merge, collapse, union_rows, varying_dims
 
-__all__ = ["MOVE_EXTRA", "TRACE_PREPARERS", "VALUE_FREE", "after_move", "aligned", "bind_positions", "find_module_rule",
-           "find_rule", "nary", "note_grid", "op_name", "register_module_rule", "register_rule"]
+__all__ = [
+    "MOVE_EXTRA",
+    "NUMBER_FACTORIES",
+    "TRACE_PREPARERS",
+    "VALUE_FREE",
+    "after_move",
+    "aligned",
+    "bind_positions",
+    "find_module_rule",
+    "find_rule",
+    "nary",
+    "note_grid",
+    "note_number",
+    "op_name",
+    "register_module_rule",
+    "register_rule",
+]
 
 Rule = Callable[[OpContext], None]
 ModuleRule = Callable[[ModuleContext], None]
@@ -136,6 +151,19 @@ def note_scalars(ctx: OpContext) -> None:
         ctx.graph.fix_sites.append(FixSite(ctx.site, "scalar", None, {"values": values}))
 
 
+#: factories of a tensor from a Python number: ``torch.tensor(C)`` where C is a channel count (RAFT divides its
+#: correlation volume by ``sqrt(torch.tensor(C))``) is a size that compaction would change. Their numbers are
+#: noted as :func:`note_scalars` notes floats (they make no channels, so their rules would never run).
+NUMBER_FACTORIES = frozenset(["tensor", "as_tensor", "scalar_tensor"])
+
+
+def note_number(ctx: OpContext) -> None:
+    """A tensor made from one Python number: pinned, like a float in arithmetic, where compaction changes it."""
+    value = ctx.args[0] if ctx.args else None
+    if type(value) in (int, float):
+        ctx.graph.fix_sites.append(FixSite(ctx.site, "scalar", None, {"values": {"0": value}}))
+
+
 #: ops whose rules read only labels and shapes, never the values of their tensor arguments
 VALUE_FREE = frozenset(_UNARY) | frozenset(_NARY) | frozenset(_TRIANGLE)
 
@@ -153,7 +181,11 @@ def nary(ctx: OpContext) -> None:
         return
     rank = outs[0].dim()
     tensors = tensors_in((ctx.args, ctx.kwargs))
-    parts = [aligned(ctx.labels(t), rank) for t in tensors]
+    # A one-element parameter or buffer (a learnable scale or offset, as in HGNetV2's affine blocks) is shared by
+    # every channel it meets: it is no channel, and its one label would tie all of them into one unit that no
+    # pruning can split (the layers before it were then left whole without a word).
+    parts = [None if t.numel() == 1 and ctx.param_name(t) is not None else aligned(ctx.labels(t), rank)
+             for t in tensors]
     merged = broadcast_merge(ctx.uf, parts)
     ctx.set_output(merged)
     note_grid(ctx, merged)
@@ -210,7 +242,7 @@ def _uniform(ctx: OpContext) -> None:
         ctx.set_labels(t, torch.full([1] * t.dim(), -1, dtype=torch.long))
 
 
-@register_rule("new_tensor", "argwhere", "nonzero")
+@register_rule("new_tensor")
 def _constant(ctx: OpContext) -> None:
     ctx.set_output(None)  # a fresh tensor: its values do not come from any channel
 
@@ -231,7 +263,8 @@ def note_grid(ctx: OpContext, labels: torch.Tensor | None) -> None:
 _MOVE = [
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
     "unsqueeze_", "expand", "expand_as", "broadcast_to", "repeat", "tile", "narrow", "select", "__getitem__",
-    "split", "split_with_sizes", "chunk", "unbind", "cat", "concat", "concatenate", "stack", "hstack",
+    "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "cat", "concat", "concatenate", "stack",
+    "hstack",
     "vstack", "roll", "flip", "fliplr", "flipud", "rot90", "pad", "pixel_unshuffle", "index_select", "gather",
     "take_along_dim", "repeat_interleave", "unfold", "diagonal", "atleast_1d", "atleast_2d", "atleast_3d",
 ]

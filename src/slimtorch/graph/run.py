@@ -15,7 +15,8 @@ from torch import nn
 from slimtorch.graph.shapes import to_meta
 
 __all__ = [
-    "args_kwargs", "call_model", "collector_paused", "named_tensors", "run_state", "substituted", "temporary_mode",
+    "args_kwargs", "attributes_kept", "call_model", "collector_paused", "named_tensors", "run_state", "substituted",
+    "temporary_mode",
 ]
 
 
@@ -68,6 +69,44 @@ def substituted(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterato
     finally:
         for store, key, t in reversed(swapped):
             store[key] = t
+
+
+_CONTAINERS = (dict, list, set)
+
+
+@contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as they were before the block, after it: a forward pass that caches what it
+    computes (a detector's anchors and strides, kept until the input size changes; an attention bias cache)
+    would otherwise keep what a traced run made, meta tensors in a shapes-only one, or values computed from
+    masked weights, and a later run would use them. Containers (a cache dict, hook dicts) keep their identity
+    and get their items back."""
+    saved = []
+    for module in model.modules():
+        state = module.__dict__
+        saved.append((state, dict(state), [(v, v.copy()) for v in state.values() if type(v) in _CONTAINERS or
+                                           isinstance(v, _CONTAINERS)]))
+    try:
+        yield
+    finally:
+        for state, before, containers in saved:
+            _refill(state, before)
+            for container, items in containers:
+                _refill(container, items)
+
+
+def _refill(container: Any, items: Any) -> None:
+    """``container`` given back ``items`` (a copy of what it held), in place, when it changed."""
+    if isinstance(container, dict):
+        if container.keys() != items.keys() or any(container[k] is not v for k, v in items.items()):
+            container.clear()
+            container.update(items)
+    elif isinstance(container, list):
+        if len(container) != len(items) or any(a is not b for a, b in zip(container, items, strict=True)):
+            container[:] = items
+    elif container != items:  # (a set)
+        container.clear()
+        container.update(items)
 
 
 @contextmanager

@@ -31,8 +31,8 @@ from slimtorch.errors import SlimError, TraceError, UnsupportedOpError
 from slimtorch.graph.context import PLAIN_TYPES, ModuleContext, OpContext, tensors_in
 from slimtorch.graph.graph import DependencyGraph
 from slimtorch.graph.live import Block, BlockOps
-from slimtorch.graph.rules import VALUE_FREE, find_module_rule, find_rule, op_name
-from slimtorch.graph.run import call_model, run_state, substituted
+from slimtorch.graph.rules import NUMBER_FACTORIES, VALUE_FREE, find_module_rule, find_rule, note_number, op_name
+from slimtorch.graph.run import attributes_kept, call_model, run_state, substituted
 from slimtorch.graph.shapes import check_meta, shape_of
 
 __all__ = ["Frame", "Tracer", "run_traced", "trace_once"]
@@ -163,6 +163,8 @@ class Tracer(TorchFunctionMode):
         if self.measuring:
             self._follow_values(name, site[0], inputs, out)
         if not leaves and not any(self._has(t) for t in inputs):
+            if name in NUMBER_FACTORIES:
+                note_number(OpContext(self, func, args, kwargs, out, site))
             return
         ctx = OpContext(self, func, args, kwargs, out, site)
         rule = find_rule(func)
@@ -247,7 +249,12 @@ class Tracer(TorchFunctionMode):
 
 def run_traced(model: nn.Module, tracer: Tracer, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
     """Run ``model`` on ``example_inputs`` with ``state`` swapped in, under ``tracer``, every module's forward
-    wrapped by it (and given back after, as it was)."""
+    wrapped by it (and given back after, as it was), every module's attributes kept as they were."""
+    with attributes_kept(model):
+        return _run_wrapped(model, tracer, state, example_inputs)
+
+
+def _run_wrapped(model: nn.Module, tracer: Tracer, state: dict[str, torch.Tensor], example_inputs: Any) -> Any:
     wrapped = []  # (module, its own instance-level forward if it had one)
     try:
         for name, module in model.named_modules():

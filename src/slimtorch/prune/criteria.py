@@ -19,18 +19,19 @@ Weight criteria need only the weights: ``l1``, ``l2``, ``magnitude`` (alias ``le
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimtorch.config import Granularity
+from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.prune.granularity import UnitView
 from slimtorch.prune.stats import expand_input_stat
 
-__all__ = ["CRITERIA", "Criterion", "ScoreContext", "get_criterion", "register_criterion"]
+__all__ = ["CRITERIA", "Criterion", "ScoreContext", "criteria_needs", "get_criterion", "register_criterion"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ScoreContext:
     view: UnitView
     stats: Mapping[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    target: PruneTarget | None = None  # the config entry governing the layer (its thresholds, say)
 
     def stat(self, key: str, criterion: str) -> torch.Tensor:
         """A statistic by name, or a clear error saying how to provide it."""
@@ -68,6 +70,7 @@ class Criterion:
     needs: tuple[str, ...] = ()
     doc: str = ""
     size_power: float = 1.0
+    thresholds: bool = False  # reads an entry's weight_threshold + gradient_threshold (scores >= 1 are kept)
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -80,20 +83,23 @@ def register_criterion(
     needs: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
     size_power: float = 1.0,
+    thresholds: bool = False,
 ) -> Callable[[CriterionFn], CriterionFn]:
     """Register ``fn(units, ctx) -> scores`` under ``name`` (and aliases).
 
     ``needs`` names the statistics the criterion reads from ``ctx.stats``. ``size_power`` says how a
     score grows with the unit size (1: a sum over the unit's weights, 0: a mean or a per-unit quantity,
     0.5: a Euclidean norm); global ranking divides scores by ``unit_size ** size_power`` so that units
-    of different sizes in different layers compare fairly.
+    of different sizes in different layers compare fairly. ``thresholds``: the criterion reads an entry's
+    ``weight_threshold`` and ``gradient_threshold`` (``ctx.target``) and scores a unit >= 1 exactly when
+    it is to be kept (the hybrid criterion); other criteria refuse such an entry.
     """
 
     def deco(fn: CriterionFn) -> CriterionFn:
         gran = Granularity.parse(default_granularity)
         assert gran is not None
         doc = next(iter((fn.__doc__ or "").strip().splitlines()), "")  # first line; functions may have none
-        crit = Criterion(name, fn, gran, needs, doc, size_power)
+        crit = Criterion(name, fn, gran, needs, doc, size_power, thresholds)
         for key in (name, *aliases):
             CRITERIA[key] = crit
         return fn
@@ -108,6 +114,18 @@ def get_criterion(name: str | Criterion) -> Criterion:
     if name not in CRITERIA:
         raise ConfigError(f"unknown criterion {name!r}; available: {sorted(CRITERIA)}")
     return CRITERIA[name]
+
+
+def criteria_needs(config_list: Sequence[Mapping[str, Any] | PruneTarget], default: str | Criterion) -> tuple[str, ...]:
+    """The statistics that scoring ``config_list`` needs: those of each entry's own ``criterion`` and of
+    ``default`` for the entries without one (what to pass as ``keys=`` to ``collect_stats``).
+
+    >>> criteria_needs([{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "criterion": "taylor"},
+    ...                 {"op_types": ["Linear"], "sparse_ratio": 0.5}], "wanda")
+    ('grad_sq', 'input_norm')
+    """
+    names = [t.criterion or default for t in parse_config_list(config_list) if not t.exclude]
+    return tuple(dict.fromkeys(k for n in names for k in get_criterion(n).needs))
 
 
 @register_criterion("l1", default_granularity="out_channel", aliases=("l1_norm",))
@@ -173,13 +191,26 @@ def gradient(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     return _unit_stat(ctx, "grad_sq", "gradient").sqrt().mean(dim=1)
 
 
-@register_criterion("hybrid", default_granularity="fine", needs=("grad_sq",), size_power=0.0)
+def _over(value: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``value / threshold``, with a threshold of 0 passing everything (+inf)."""
+    return value / threshold if threshold > 0 else torch.full_like(value, float("inf"))
+
+
+@register_criterion("hybrid", default_granularity="fine", needs=("grad_sq",), size_power=0.0, thresholds=True)
 def hybrid(units: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
-    """Weight and gradient magnitude together: the smaller of mean |w| and RMS gradient, each relative to
-    its layer mean, so a unit survives only if large in both. ``sparse_threshold: t`` keeps exactly the
-    units with |w| >= t * mean|w| and |g| >= t * mean|g| (two thresholds, one per quantity)."""
+    """Weight and gradient magnitude together, as the seeds define it: a weight is kept only where
+    |w| >= ``weight_threshold`` and |dL/dw| >= ``gradient_threshold`` (two thresholds of the entry; the
+    gradient is the RMS over the batches, |dL/dw| for one batch; a unit's values are its means). With a
+    sparsity instead, units are ranked by the smaller of mean |w| and gradient, each relative to its layer
+    mean, so a unit survives only if large in both."""
     weight = units.abs().mean(dim=1)
     grad = _unit_stat(ctx, "grad_sq", "hybrid").sqrt().mean(dim=1)
+    target = ctx.target
+    if target is not None and target.hybrid_thresholds:
+        assert target.weight_threshold is not None and target.gradient_threshold is not None
+        # (float64: value / threshold >= 1 exactly where value >= threshold)
+        return torch.minimum(_over(weight.double(), target.weight_threshold),
+                             _over(grad.double(), target.gradient_threshold))
     return torch.minimum(weight / weight.mean().clamp_min(_TINY), grad / grad.mean().clamp_min(_TINY))
 
 

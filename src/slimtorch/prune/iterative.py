@@ -36,21 +36,25 @@ from torch import nn
 from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
-from slimtorch.masks import apply_masks_
-from slimtorch.prune.criteria import Criterion, get_criterion
+from slimtorch.masks import Masks, apply_masks_, get_masks
+from slimtorch.prune.criteria import Criterion, criteria_needs, get_criterion
 from slimtorch.prune.layer_plan import LayerPlan
 from slimtorch.prune.loop import Callback, Evaluator
-from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
+from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep, units_to_prune
 from slimtorch.prune.schedule import Schedule
 from slimtorch.prune.stats import Stats, StatsTracker, collect_stats
 from slimtorch.select import select_modules
 
-__all__ = ["CALIBRATION_BATCHES", "GradualPruner", "force_pruned", "scale_targets", "weight_sparsity"]
+__all__ = ["CALIBRATION_BATCHES", "GradualPruner", "force_pruned", "relative_to_origin", "scale_targets",
+           "weight_sparsity"]
 
 #: Batches of training data used for a criterion's statistics when the library drives and none are given.
 CALIBRATION_BATCHES = 16
 
 StatsSource = StatsTracker | Callable[[], Stats] | None
+#: Compaction between rounds, called as ``compact(model, masks, example_inputs=...)``: :func:`slimtorch.compact_`
+#: (pruning sits below compaction, so the caller hands it in).
+Compactor = Callable[..., None]
 
 
 def scale_targets(
@@ -64,7 +68,7 @@ def scale_targets(
     for t in targets:
         if t.exclude:
             out.append(t)
-        elif t.sparse_threshold is not None or (t.granularity and t.granularity.implied_sparsity is not None):
+        elif t.thresholded or (t.granularity and t.granularity.implied_sparsity is not None):
             raise ConfigError(
                 "gradual methods need 'sparse_ratio' or 'total_sparsity' entries; a threshold or an N:M "
                 f"pattern fixes the sparsity at once (entry selecting {t.op_types or t.op_names or t.op_partial_names})"
@@ -144,6 +148,7 @@ class GradualPruner(Callback):
         scale_targets(self.targets, lambda s: s)  # reject thresholds and N:M now
         select_modules(model, self.targets)  # a bad selector fails here, not mid-training
         self.criterion = get_criterion(criterion)
+        self.needs = criteria_needs(self.targets, self.criterion)  # every entry's criterion, not only the default
         self.schedule = schedule
         self.stats = stats
         self.regrow = regrow
@@ -152,6 +157,9 @@ class GradualPruner(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0
         self.history: list[dict[str, float]] = []
+        # Per layer, (units, weights) before the first round: with compaction between rounds, each round's
+        # sparsity is reached against these sizes, not the compacted ones.
+        self.origin: dict[str, tuple[int, int]] = {}
 
     def step(self) -> None:
         """Count one training step (call it after ``optimizer.step()``); prune when the schedule says so."""
@@ -165,9 +173,12 @@ class GradualPruner(Callback):
     def prune_to_(self, step: int, *, stats: Stats | None = None) -> None:
         """Prune to the schedule's sparsity at ``step`` now (statistics from ``stats`` or the source)."""
         targets = scale_targets(self.targets, lambda s: self.schedule.sparsity(step, s))
-        if stats is None and self.criterion.needs:
+        if stats is None and self.needs:
             stats = self._read_stats()
         plans = plan_layers(self.model, targets, self.criterion, stats=stats, seed=step)
+        if not self.origin:
+            self.origin = {p.name: (p.view.num_units, p.module._parameters[p.param].numel()) for p in plans}
+        plans = relative_to_origin(plans, self.origin)
         if not self.regrow and self.masks:
             plans = [force_pruned(p, self.masks) for p in plans]
         masks = masks_from_keep(self.model, plans, unit_keep(plans), example_inputs=self.example_inputs)
@@ -176,12 +187,13 @@ class GradualPruner(Callback):
         else:
             apply_masks_(self.model, masks)
         self.masks = masks
-        self.sparsity = weight_sparsity(masks, plans)
+        self.sparsity = _origin_sparsity(masks, plans, self.origin)
 
     def _read_stats(self) -> Stats:
         if self.stats is None:
             raise ConfigError(
-                f"criterion {self.criterion.name!r} needs statistics {list(self.criterion.needs)}; pass "
+                f"criterion {self.criterion.name!r} (with the entries' own criteria) needs statistics "
+                f"{list(self.needs)}; pass "
                 "stats=StatsTracker(model, keys=...) (or a function returning them), or use run_()"
             )
         if isinstance(self.stats, StatsTracker):
@@ -196,17 +208,29 @@ class GradualPruner(Callback):
         self.masks = {} if regrow else self.masks
         self.prune_to_(max(self.schedule.end, self.steps))
 
-    def run_(self, evaluator: Evaluator, *, finetune_epochs: int = 1, warmup_epochs: int = 0) -> None:
+    def run_(self, evaluator: Evaluator, *, finetune_epochs: int = 1, warmup_epochs: int = 0,
+             compact: Compactor | None = None) -> None:
         """Let the library drive: train ``warmup_epochs`` first (for an untrained model), then for each
         round 0..``schedule.end`` where the schedule prunes something, prune and fine-tune
-        ``finetune_epochs``. ``self.history`` gets one row per round (sparsity, metric with eval data)."""
+        ``finetune_epochs``. ``self.history`` gets one row per round (sparsity, metric with eval data).
+
+        ``compact=slimtorch.compact_`` compacts the model after each round's pruning, so that fine-tuning
+        and the next round run on the smaller model (NNI's scheduled pruners with ``speedup=True``); each
+        round still reaches the schedule's sparsity of the layers' sizes before the first round, and the
+        history's rows add the parameter count."""
+        self._check_compact(compact)
         evaluator.train_(self.model, epochs=warmup_epochs)
         for round_ in range(self.schedule.end + 1):
             if not self.schedule.is_pruning_step(round_) or self.schedule.sparsity(round_, 1.0) == 0.0:
                 continue
             self.prune_to_(round_, stats=self._round_stats(evaluator))
-            evaluator.train_(self.model, epochs=finetune_epochs)
             row = {"round": float(round_), "sparsity": self.sparsity}
+            if compact is not None:
+                merged = Masks({**get_masks(self.model), **self.masks}, trace=getattr(self.masks, "trace", None))
+                compact(self.model, merged, example_inputs=self.example_inputs)
+                self.masks = get_masks(self.model)  # what the compacted model keeps masked, at its size
+                row["params"] = float(sum(p.numel() for p in self.model.parameters()))
+            evaluator.train_(self.model, epochs=finetune_epochs)
             if evaluator.eval_data is not None:
                 row["metric"] = evaluator.evaluate(self.model)
             self.history.append(row)
@@ -216,15 +240,69 @@ class GradualPruner(Callback):
                 self.history.append({"round": float(self.schedule.end), "sparsity": self.sparsity,
                                      "metric": evaluator.evaluate(self.model)})
 
+    def _check_compact(self, compact: Compactor | None) -> None:
+        if compact is None:
+            return
+        if not callable(compact):
+            raise ConfigError(f"compact must be a function such as slimtorch.compact_, got {type(compact).__name__}")
+        if self.example_inputs is None:
+            raise ConfigError("compacting between rounds traces the model: give GradualPruner example_inputs=...")
+        if self.regrow:
+            raise ConfigError("regrow=True lets pruned weights grow back, which a compacted model cannot: use "
+                              "regrow=False to compact between rounds")
+        if isinstance(self.stats, StatsTracker):
+            raise ConfigError("a StatsTracker keeps statistics at the sizes before compaction; leave stats=None "
+                              "so that run_ collects them on the compacted model each round")
+
     def _round_stats(self, evaluator: Evaluator) -> Stats | None:
-        if not self.criterion.needs:
+        if not self.needs:
             return None
         if self.stats is not None:
             return self._read_stats()
         batches = _take(evaluator.train_data, CALIBRATION_BATCHES)
         return collect_stats(
-            self.model, batches, keys=self.criterion.needs, loss_fn=evaluator.loss_fn, config_list=self.targets
+            self.model, batches, keys=self.needs, loss_fn=evaluator.loss_fn, config_list=self.targets
         )
+
+
+def relative_to_origin(plans: Sequence[LayerPlan], origin: Mapping[str, tuple[int, int]]) -> list[LayerPlan]:
+    """``plans`` whose targets reach their sparsity against the layers' sizes in ``origin`` (units, weights)
+    rather than their current ones: what compaction already removed counts as pruned. Unchanged layers keep
+    their plans. A ``sparse_ratio`` becomes the share of the current units still to prune; a
+    ``total_sparsity`` the share of the current weights of its entry's layers still to prune."""
+    out = list(plans)
+    shrunk = {p.name for p in plans if p.name in origin and p.view.num_units != origin[p.name][0]}
+    shrunk |= {p.name for p in plans if p.name in origin and p.module._parameters[p.param].numel() != origin[p.name][1]}
+    if not shrunk:
+        return out
+    pools: dict[int, list[int]] = {}
+    for i, plan in enumerate(out):
+        target = plan.target
+        if target.sparse_ratio is not None and plan.name in shrunk:
+            units, now = origin[plan.name][0], plan.view.num_units
+            count = max(0, units_to_prune(units, target.sparse_ratio, structured=plan.view.structured) - (units - now))
+            out[i] = dataclasses.replace(plan, target=dataclasses.replace(target, sparse_ratio=count / now))
+        elif target.total_sparsity is not None:
+            pools.setdefault(plan.entry, []).append(i)
+    for members in pools.values():
+        before = sum(origin[out[i].name][1] for i in members if out[i].name in origin)
+        now = sum(out[i].module._parameters[out[i].param].numel() for i in members)
+        target = out[members[0]].target
+        wanted = max(0.0, 1.0 - (1.0 - (target.total_sparsity or 0.0)) * before / now) if now else 0.0
+        for i in members:
+            out[i] = dataclasses.replace(out[i], target=dataclasses.replace(target, total_sparsity=wanted))
+    return out
+
+
+def _origin_sparsity(masks: Mapping[str, torch.Tensor], plans: Sequence[LayerPlan],
+                     origin: Mapping[str, tuple[int, int]]) -> float:
+    """Share of the planned layers' weights pruned, against their sizes before the first round."""
+    before = sum(origin[p.name][1] for p in plans if p.name in origin)
+    if not before:
+        return weight_sparsity(masks, plans)
+    kept = sum(int(masks[p.weight_name].sum()) if p.weight_name in masks else p.module._parameters[p.param].numel()
+               for p in plans)
+    return 1.0 - kept / before
 
 
 @torch.no_grad()

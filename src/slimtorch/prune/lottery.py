@@ -34,7 +34,7 @@ from slimtorch.checks import check_example_finite
 from slimtorch.config import PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
 from slimtorch.masks import MASK_SUFFIX, apply_masks_, get_masks
-from slimtorch.prune.criteria import Criterion, get_criterion
+from slimtorch.prune.criteria import Criterion, criteria_needs, get_criterion
 from slimtorch.prune.iterative import force_pruned, scale_targets, weight_sparsity
 from slimtorch.prune.loop import Callback, Evaluator
 from slimtorch.prune.pruner import masks_from_keep, plan_layers, unit_keep
@@ -75,10 +75,10 @@ class LotteryTicket(Callback):
         self.targets = scale_targets(parse_config_list(config_list), lambda s: s)
         select_modules(model, self.targets)
         self.criterion = get_criterion(criterion)
-        if self.criterion.needs:
+        if needs := criteria_needs(self.targets, self.criterion):
             raise ConfigError(
-                f"lottery tickets rank the trained weights; criterion {self.criterion.name!r} needs statistics "
-                f"{list(self.criterion.needs)}: use a weight criterion such as 'magnitude' or 'l1'"
+                f"lottery tickets rank the trained weights; the criteria of this config list need statistics "
+                f"{list(needs)}: use weight criteria such as 'magnitude' or 'l1'"
             )
         if example_inputs is not None:
             check_example_finite(example_inputs, "LotteryTicket")

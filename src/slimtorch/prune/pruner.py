@@ -42,7 +42,7 @@ from slimtorch.prune.coupled import coupled_masks
 from slimtorch.prune.criteria import Criterion, ScoreContext, get_criterion
 from slimtorch.prune.granularity import unit_view
 from slimtorch.prune.layer_plan import LayerPlan, layer_masks
-from slimtorch.select import select_modules, weight_param_name
+from slimtorch.select import Selected, select_modules, weight_param_name
 
 __all__ = ["LayerPlan", "compute_masks", "masks_from_keep", "plan_layers", "unit_keep", "units_to_prune"]
 
@@ -67,30 +67,18 @@ def plan_layers(
     check_materialized(model, "pruning")
     check_not_quantized(model, "pruning")
     check_number(seed, "seed", low=0, high=2**63 - 1, integer=True)
-    crit = get_criterion(criterion)
+    default = get_criterion(criterion)
     selected = select_modules(model, config_list)
     generator = torch.Generator().manual_seed(seed)
     plans = []
     with torch.no_grad():
         for name, sel in selected.items():
-            gran = sel.target.granularity or crit.default_granularity
-            param = weight_param_name(sel.module)
-            assert param is not None  # select_modules only returns modules that own a weight
-            weight = sel.module._parameters[param].detach()
-            view = unit_view(sel.module, weight.shape, gran)
-            ctx = ScoreContext(name, sel.module, view, (stats or {}).get(name, {}), generator)
-            for key in crit.needs:
-                ctx.stat(key, crit.name)
-            scores = crit.fn(view.units(weight), ctx)
-            if not isinstance(scores, torch.Tensor) or scores.shape != (view.num_units,):
-                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                raise ConfigError(f"criterion {crit.name!r} returned {got} for layer {name!r}; a criterion returns "
-                                  f"one score per unit, a tensor of shape ({view.num_units},)")
-            plans.append(LayerPlan(name, sel.module, sel.target, sel.entry, view,
-                                   scores.detach().to("cpu", torch.float64), param, crit.size_power))
+            crit = get_criterion(sel.target.criterion) if sel.target.criterion else default
+            plans.append(_plan_layer(name, sel, crit, (stats or {}).get(name, {}), generator))
     # (one check for every layer: a NaN anywhere is rare, and then the first layer with one is named)
     if plans and bool(torch.cat([p.scores for p in plans]).isnan().any()):
         plan = next(p for p in plans if bool(p.scores.isnan().any()))
+        crit = get_criterion(plan.target.criterion) if plan.target.criterion else default
         weight = plan.module._parameters[plan.param]
         if not bool(torch.isfinite(weight).all()):
             raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {plan.name!r}: its weight holds "
@@ -98,6 +86,30 @@ def plan_layers(
                               "model, or exclude the layer")
         raise ConfigError(f"criterion {crit.name!r} gave NaN scores for layer {plan.name!r}; check its statistics")
     return plans
+
+
+def _plan_layer(name: str, sel: Selected, crit: Criterion, stats: Mapping[str, torch.Tensor],
+                generator: torch.Generator) -> LayerPlan:
+    """One selected layer cut into units and scored by ``crit``."""
+    if sel.target.hybrid_thresholds and not crit.thresholds:
+        raise ConfigError(f"layer {name!r} is selected by an entry with 'weight_threshold' and 'gradient_threshold', "
+                          f"which the hybrid criterion reads, but it is scored by {crit.name!r}: add 'criterion': "
+                          "'hybrid' to the entry (or give it a 'sparse_ratio' instead)")
+    gran = sel.target.granularity or crit.default_granularity
+    param = weight_param_name(sel.module)
+    assert param is not None  # select_modules only returns modules that own a weight
+    weight = sel.module._parameters[param].detach()
+    view = unit_view(sel.module, weight.shape, gran)
+    ctx = ScoreContext(name, sel.module, view, stats, generator, sel.target)
+    for key in crit.needs:
+        ctx.stat(key, crit.name)
+    scores = crit.fn(view.units(weight), ctx)
+    if not isinstance(scores, torch.Tensor) or scores.shape != (view.num_units,):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ConfigError(f"criterion {crit.name!r} returned {got} for layer {name!r}; a criterion returns "
+                          f"one score per unit, a tensor of shape ({view.num_units},)")
+    return LayerPlan(name, sel.module, sel.target, sel.entry, view, scores.detach().to("cpu", torch.float64), param,
+                     crit.size_power)
 
 
 def _keep_lowest_pruned(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -175,8 +187,9 @@ def unit_keep(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
         target, view = plan.target, plan.view
         if view.group_size:
             keep[plan.name] = _n_m_keep(plan)
-        elif target.sparse_threshold is not None:
-            keep[plan.name] = plan.scores >= target.sparse_threshold
+        elif target.thresholded:
+            # the hybrid pair: its criterion scores a unit >= 1 exactly where both thresholds are reached
+            keep[plan.name] = plan.scores >= (1.0 if target.hybrid_thresholds else target.sparse_threshold)
             if view.structured and not keep[plan.name].any():
                 keep[plan.name][plan.scores.argmax()] = True  # never empty a structured layer
         elif target.total_sparsity is not None:
@@ -235,8 +248,9 @@ def compute_masks(
             The masks then carry the graph's shapes-only trace, which :func:`~slimtorch.compact_` replays
             instead of tracing the model again (:class:`~slimtorch.masks.Masks`).
         criterion: a registered criterion name (``"l1"``, ``"l2"``, ``"fpgm"``, ``"magnitude"``,
-            ``"random"``, ...). Its default granularity applies where an entry gives none: the norm
-            criteria default to whole output channels (as NNI's norm pruners), magnitude to single weights.
+            ``"random"``, ...) for the entries that name none (``"criterion"`` in an entry scores its layers).
+            Its default granularity applies where an entry gives none: the norm criteria default to whole
+            output channels (as NNI's norm pruners), magnitude to single weights.
         stats: per-layer statistics for data-driven criteria, ``{layer_name: {"grad": ...}}``.
         seed: seed of the random criterion.
     """

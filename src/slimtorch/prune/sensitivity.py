@@ -157,7 +157,8 @@ def _layer_target(target: PruneTarget, name: str, module: nn.Module, sparsity: f
     """The entry's granularity, applied to this one layer at ``sparsity``."""
     return dataclasses.replace(
         target, op_types=(type(module).__name__,), op_names=(name,), op_partial_names=(), exclude_op_names=(),
-        sparse_ratio=sparsity, total_sparsity=None, max_sparse_ratio=None, sparse_threshold=None,
+        sparse_ratio=sparsity, total_sparsity=None, max_sparse_ratio=None, sparse_threshold=None, weight_threshold=None,
+        gradient_threshold=None,
     )
 
 

@@ -24,16 +24,21 @@ import torch
 
 from slimtorch.errors import ConfigError
 
-__all__ = ["sparsegpt_solve"]
+__all__ = ["damped_inverse", "sparsegpt_solve"]
+
+
+def damped_inverse(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """``(H + damp * mean(diag H) * I)^-1`` in float64 (the dampening keeps a Hessian of few or correlated
+    calibration inputs invertible; an all-zero Hessian is damped by ``damp`` alone)."""
+    h = hessian.double().clone()
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp * (float(h.diagonal().mean()) or 1.0)
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))  # (in, in)
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``), float64."""
-    h = hessian.double().clone()
-    diag = torch.arange(h.shape[0])
-    h[diag, diag] += damp * float(h.diagonal().mean())
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))  # (in, in)
-    return torch.linalg.cholesky(inv, upper=True)
+    """Upper Cholesky factor ``U`` of the damped ``H^-1`` (``U^T U = H^-1``), float64."""
+    return torch.linalg.cholesky(damped_inverse(hessian, damp), upper=True)
 
 
 def _block_mask(w: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -84,12 +89,16 @@ def sparsegpt_solve(
     pattern: tuple[int, int] | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New weight and keep mask (True = kept) of a ``(out, in)`` weight given the ``(in, in)`` Hessian of
     its inputs. Pure: ``weight`` is not changed.
 
     Args:
-        sparsity: fraction of weights pruned in each block of columns (ignored when ``pattern`` is set).
+        sparsity: fraction of weights pruned in each block of columns (ignored when ``pattern`` or ``keep``
+            is set).
+        keep: a given ``(out, in)`` keep mask: only the updates of the weights it keeps are computed (the
+            optimal brain surgeon step for a mask chosen by any criterion).
         pattern: ``(n, m)`` to keep ``n`` of every ``m`` consecutive input weights of each row (2:4).
         block_size: columns processed together (lazy batched updates; also the mask-selection block).
         damp: dampening added to the Hessian's diagonal, as a fraction of its mean (numerical stability).
@@ -100,6 +109,8 @@ def sparsegpt_solve(
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     n, m = pattern or (0, 0)
+    if keep is not None and (keep.shape != weight.shape or pattern is not None):
+        raise ConfigError(f"keep must be a {tuple(weight.shape)} mask and excludes pattern; got {tuple(keep.shape)}")
     if pattern is not None and (not 0 < n < m or weight.shape[1] % m or block_size % m):
         raise ConfigError(f"pattern {n}:{m} needs 0 < n < m with m dividing the {weight.shape[1]} inputs and the "
                           f"block size {block_size}")
@@ -109,11 +120,15 @@ def sparsegpt_solve(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     factor = _inverse_hessian_factor(h, damp)
+    given = keep
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, w.shape[1], block_size):
         end = min(start + block_size, w.shape[1])
         hinv = factor[start:end, start:end]
-        flags = None if m else _block_mask(w[:, start:end], hinv.diagonal(), sparsity)
+        if given is not None:
+            flags = ~given[:, start:end].to(device=w.device, dtype=torch.bool)
+        else:
+            flags = None if m else _block_mask(w[:, start:end], hinv.diagonal(), sparsity)
         block, prune, errors = _prune_block(w[:, start:end], hinv, flags, (n, m))
         w[:, start:end] = block
         w[:, end:] -= errors @ factor[start:end, end:]  # lazy update of every later column at once

@@ -18,13 +18,15 @@ Inside your own training loop, a :class:`StatsTracker` accumulates the same stat
 forward and backward pass while it is open (movement pruning tracks ``"movement"`` this way).
 
 Keys (:data:`STAT_KEYS`): weight-shaped ``"grad"`` (mean gradient per backward pass), ``"grad_sq"``
-(mean squared gradient), ``"movement"`` (-sum of w * dL/dw); per input feature ``"input_norm"`` (L2
-norm over all samples and positions); per output channel ``"apoz"`` (share of zeros after the
-activation) and ``"mean_activation"``.
+(mean squared gradient), ``"movement"`` (-sum of w * dL/dw), ``"hessian_diag"`` (the diagonal of the
+loss Hessian, :func:`collect_stats` only); per input feature ``"input_norm"`` (L2 norm over all samples
+and positions); ``"input_hessian"`` (the layer-wise Hessian of the inputs, for OBS); per output channel
+``"apoz"`` (share of zeros after the activation) and ``"mean_activation"``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +40,7 @@ from slimtorch.errors import ConfigError
 from slimtorch.prune.loop import LossFn, forward_batch
 from slimtorch.select import prunable_modules, select_modules, weight_param_name
 
-__all__ = ["STAT_KEYS", "Stats", "StatsTracker", "collect_stats", "expand_input_stat"]
+__all__ = ["STAT_KEYS", "Stats", "StatsTracker", "collect_stats", "expand_input_stat", "layer_inputs"]
 
 Stats = dict[str, dict[str, torch.Tensor]]
 
@@ -46,12 +48,16 @@ STAT_KEYS = {
     "grad": "mean gradient of the weight per backward pass (weight-shaped)",
     "grad_sq": "mean squared gradient of the weight per backward pass (weight-shaped)",
     "movement": "-sum over backward passes of weight * gradient (weight-shaped)",
+    "hessian_diag": "diagonal of the loss Hessian, mean over batches of z * (H z) for a random +-1 probe z "
+                    "(Hutchinson's estimator; weight-shaped; collect_stats only)",
     "input_norm": "L2 norm of each input feature over all samples and positions",
+    "input_hessian": "2 X^T X / n of the layer's inputs X (rows: samples and positions; a convolution's unfolded "
+                     "patches), one (fan_in, fan_in) matrix per group: (groups, fan_in, fan_in)",
     "apoz": "share of zero activations of each output channel",
     "mean_activation": "mean activation of each output channel",
 }
-_GRAD_KEYS = frozenset({"grad", "grad_sq", "movement"})
-_INPUT_KEYS = frozenset({"input_norm"})
+_GRAD_KEYS = frozenset({"grad", "grad_sq", "movement", "hessian_diag"})
+_INPUT_KEYS = frozenset({"input_norm", "input_hessian"})
 _OUTPUT_KEYS = frozenset({"apoz", "mean_activation"})
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -107,6 +113,10 @@ class StatsTracker:
         activation: str | Callable[[torch.Tensor], torch.Tensor] = "relu",
     ) -> None:
         self.keys = _check_keys(keys)
+        if "hessian_diag" in self.keys:
+            raise ConfigError("'hessian_diag' needs a second backward pass through the loss, which a training loop "
+                              "does not make: collect it with collect_stats(model, batches, keys=('hessian_diag',), "
+                              "loss_fn=...)")
         self.activation = _activation(activation)
         if config_list is None:
             self.layers = prunable_modules(model)
@@ -115,6 +125,7 @@ class StatsTracker:
         self._sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self._counts: dict[str, dict[str, int]] = {name: {} for name in self.layers}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.paused = False  # (collect_stats' second backward pass, for hessian_diag, is not a gradient to record)
         try:
             for name, module in self.layers.items():
                 self._attach(name, module)
@@ -147,6 +158,8 @@ class StatsTracker:
 
     def _grad_hook(self, name: str, weight: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if self.paused:
+                return
             g = grad.detach().float()
             if "grad" in self.keys:
                 self._add(name, "grad", g, 1)
@@ -164,6 +177,9 @@ class StatsTracker:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if "input_norm" in self.keys and isinstance(x, torch.Tensor) and x.is_floating_point():
                 self._add(name, "input_norm", _per_feature(x, dim).pow(2).sum(dim=0), 0)
+            if "input_hessian" in self.keys and isinstance(x, torch.Tensor) and x.is_floating_point():
+                rows = layer_inputs(mod, x.detach())  # (groups, rows, fan_in)
+                self._add(name, "input_hessian", 2 * rows.transpose(1, 2) @ rows, rows.shape[1])
             if not isinstance(output, torch.Tensor) or not (_OUTPUT_KEYS & set(self.keys)):
                 return
             act = _per_feature(self.activation(output.detach()), dim)  # (positions, C)
@@ -182,6 +198,8 @@ class StatsTracker:
             for key, total in sums.items():
                 if key == "input_norm":
                     layer[key] = total.sqrt()
+                elif key == "input_hessian":
+                    layer[key] = total / max(self._counts[name][key], 1)
                 elif key == "movement":
                     layer[key] = total.clone()
                 else:
@@ -233,11 +251,12 @@ def collect_stats(
                           f"{type(batches).__name__}")
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     count = 0
-    with StatsTracker(model, keys=keys, config_list=config_list, activation=activation) as tracker:
-        weights = list(tracker.weights.values())
+    hessian: dict[str, torch.Tensor] | None = {} if "hessian_diag" in keys else None
+    tracked = tuple(k for k in keys if k != "hessian_diag") or ("grad",)  # (the tracker selects the layers)
+    with StatsTracker(model, keys=tracked, config_list=config_list, activation=activation) as tracker:
         try:
             for batch in batches:
-                _one_batch(model, batch, count, weights, loss_fn if needs_grad else None)
+                _one_batch(model, batch, count, tracker, loss_fn if needs_grad else None, hessian)
                 count += 1
         finally:
             with torch.no_grad():
@@ -246,12 +265,17 @@ def collect_stats(
                         buf.copy_(saved[name])
     if count == 0:
         raise ConfigError("collect_stats got no batches; pass at least one calibration batch")
-    return tracker.stats()
+    stats = {name: {k: v for k, v in layer.items() if k in keys} for name, layer in tracker.stats().items()}
+    for name, total in (hessian or {}).items():
+        stats.setdefault(name, {})["hessian_diag"] = total / count
+    return {name: layer for name, layer in stats.items() if layer}
 
 
-def _one_batch(model: nn.Module, batch: Any, index: int, weights: list[torch.Tensor], loss_fn: LossFn | None) -> None:
+def _one_batch(model: nn.Module, batch: Any, index: int, tracker: StatsTracker, loss_fn: LossFn | None,
+               hessian: dict[str, torch.Tensor] | None) -> None:
     """Run one batch (forward, and backward through ``loss_fn`` when gradients are wanted); a batch the model
-    cannot take, or one with NaN or infinite values (statistics of NaN rank nothing), is an error naming it."""
+    cannot take, or one with NaN or infinite values (statistics of NaN rank nothing), is an error naming it.
+    ``hessian`` (when wanted) accumulates each layer's ``z * (H z)``."""
     what = f"collect_stats batch {index}"
     check_finite_inputs(batch, what)
     with model_errors(batch, what):
@@ -263,7 +287,61 @@ def _one_batch(model: nn.Module, batch: Any, index: int, weights: list[torch.Ten
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ConfigError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                               f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} on {what}")
-        torch.autograd.grad(loss, weights, allow_unused=True)
+        weights = tracker.weights
+        if hessian is None:
+            torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            return
+        _hutchinson(loss, weights, index, tracker, hessian)
+
+
+def _hutchinson(loss: torch.Tensor, weights: Mapping[str, torch.Tensor], index: int, tracker: StatsTracker,
+                hessian: dict[str, torch.Tensor]) -> None:
+    """One Rademacher probe ``z`` per batch (seeded by the batch index): ``z * (H z)`` estimates the Hessian's
+    diagonal without bias (Hutchinson 1989), ``H z`` coming from a second backward pass through the gradient."""
+    names = [n for n, w in weights.items() if w.requires_grad]
+    params = [weights[n] for n in names]
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    gen = torch.Generator().manual_seed(index)
+    probes = [torch.randint(0, 2, params[i].shape, generator=gen).to(params[i]) * 2 - 1 for i in used]
+    tracker.paused = True  # the second pass computes H z, not a gradient: the trackers' hooks must not see it
+    try:
+        products = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used], grad_outputs=probes,
+                                       allow_unused=True)
+    finally:
+        tracker.paused = False
+    for i, z, hz in zip(used, probes, products, strict=True):
+        value = z.detach().float() * (hz.detach().float() if hz is not None else 0.0)
+        hessian[names[i]] = value if names[i] not in hessian else hessian[names[i]] + value
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer's weight multiplies, per group: ``(groups, rows, fan_in)``. A Linear's inputs (every
+    sample and position a row); a convolution's unfolded patches, in the order of a flattened filter
+    ``(in/groups, k1, k2, ...)``, so that ``rows @ weight.reshape(out, -1).T`` is the layer's output."""
+    x = x.float()
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    if not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise ConfigError(f"'input_hessian' is measured for Linear and Conv1d/2d/3d layers, not "
+                          f"{type(module).__name__}")
+    if module.padding_mode != "zeros":
+        raise ConfigError(f"'input_hessian' supports zero padding only, got padding_mode={module.padding_mode!r}")
+    dims, kernel = x.dim() - 2, module.kernel_size
+    if module.padding == "same":  # torch pads the extra element at the end
+        total = [d * (k - 1) for d, k in zip(module.dilation, kernel, strict=True)]
+        pad = [(t // 2, t - t // 2) for t in total]
+    else:
+        pad = [(0, 0)] * dims if module.padding == "valid" else [(p, p) for p in module.padding]
+    x = F.pad(x, [p for pair in reversed(pad) for p in pair])  # F.pad lists the last dim first
+    for d in range(dims):  # (N, C, *spatial) -> (N, C, *out, *window): one sliding window per spatial dim
+        span = module.dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, module.stride[d])
+    taps = tuple(slice(None, None, dil) for dil in module.dilation)  # the dilated taps of each window
+    x = x[(Ellipsis, *taps)]  # (N, C, *out, *kernel)
+    x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, *out, C, *kernel)
+    count = math.prod(x.shape[: 1 + dims])  # N * prod(out): one row per sample and output position
+    return x.reshape(count, module.groups, -1).transpose(0, 1)  # (groups, rows, C/groups * prod(kernel))
 
 
 def expand_input_stat(module: nn.Module, stat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

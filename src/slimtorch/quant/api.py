@@ -29,6 +29,7 @@ from slimtorch.quant.batches import model_inputs
 from slimtorch.quant.config import QUANT_ATTR, QuantConfig, QuantInfo, QuantMethod, get_method, quant_info
 from slimtorch.quant.lowbit import LowBitConv2d, LowBitLinear
 from slimtorch.quant.methods import quiet_torch_ao
+from slimtorch.quant.targets import plan_quant_layers
 from slimtorch.select import select_layers as select_layers_by
 from slimtorch.select import type_names
 
@@ -39,6 +40,8 @@ def select_layers(model: nn.Module, config: QuantConfig) -> tuple[str, ...]:
     """Names of the layers ``config`` quantizes, in model order (pure). A selector that matches nothing,
     or a selected layer the method cannot quantize, is an error; nothing is skipped silently."""
     spec = config.spec
+    if spec.defaults is not None:
+        return tuple(plan_quant_layers(model, config.quant_targets()))
     chosen = select_layers_by(
         model,
         op_types=config.op_types or spec.default_op_types,
@@ -106,9 +109,21 @@ def _apply_keeping_masks(model: nn.Module, spec: QuantMethod, config: QuantConfi
     return result
 
 
+def _bits(spec: QuantMethod, config: QuantConfig) -> tuple[int, int | None]:
+    """(weight bits, activation bits or None) the model really has: from the config list where there is one
+    (the widest setting; float weights count as 32 bits)."""
+    if spec.defaults is None:
+        return spec.weight_bits, spec.activation_bits
+    targets = [t for t in config.quant_targets() if not t.exclude]
+    weights = [t.weight.bits for t in targets if t.weight is not None]
+    activations = [s.bits for t in targets for s in (t.input, t.output) if s is not None]
+    return max(weights, default=32), max(activations, default=None)
+
+
 def _attach(model: nn.Module, spec: QuantMethod, config: QuantConfig, layers: tuple[str, ...],
             source: nn.Module) -> None:
-    info = QuantInfo(spec.name, spec.backend, spec.kernels, spec.weight_bits, spec.activation_bits, layers, spec.note)
+    weight_bits, activation_bits = _bits(spec, config)
+    info = QuantInfo(spec.name, spec.backend, spec.kernels, weight_bits, activation_bits, layers, spec.note)
     # The config travels with the record: saving and loading (slimtorch.quant.saving) rebuild the layers from it.
     setattr(model, QUANT_ATTR, {**info.to_dict(), "config": config.to_dict()})
     # Graph-rebuilding methods return a new module: what compaction recorded must survive quantization.
@@ -148,9 +163,11 @@ def quantize(
     return result
 
 
-def quantize_(model: nn.Module, config: QuantConfig) -> None:
+def quantize_(model: nn.Module, config: QuantConfig, *, calibration: Iterable[Any] | None = None) -> None:
     """Quantize ``model`` in place (methods that swap layers: dynamic_int8, fp16, bf16, int4_weight,
-    binary_weight). Every replacement is planned before any is made, so a failure leaves the model intact.
+    binary_weight, and the fake-quantization methods). Every replacement is planned before any is made, so a
+    failure leaves the model intact. ``calibration`` (model inputs, as for :func:`quantize`) is what
+    ``ptq_minmax`` sets its ranges from; the other fake-quantization methods start from its first batch.
 
     >>> import torch
     >>> from torch import nn
@@ -175,7 +192,8 @@ def quantize_(model: nn.Module, config: QuantConfig) -> None:
         )
     layers = select_layers(model, config)
     _check_weights(model, layers)
-    _apply_keeping_masks(model, spec, config, layers, None)
+    batches = None if calibration is None else model_inputs(model, calibration, "calibration")
+    _apply_keeping_masks(model, spec, config, layers, batches)
     _attach(model, spec, config, layers, model)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from slimtorch.config import fields_from_dict, fields_to_dict
 from slimtorch.errors import ConfigError, closest
+from slimtorch.quant.targets import QuantTarget, TensorQuant, parse_quant_targets
 
 __all__ = [
     "QUANT_ATTR",
@@ -57,6 +58,8 @@ class QuantMethod:
     default_op_types: tuple[str, ...]
     note: str
     cpu_only: bool = False  # its kernels exist on CPU alone (torch.ao's int8)
+    #: the settings of each tensor kind a config-list entry leaves out; None: the method takes no ``targets``
+    defaults: Mapping[str, TensorQuant] | None = None
 
 
 _METHODS: dict[str, QuantMethod] = {}
@@ -73,13 +76,15 @@ def register_quant_method(
     default_op_types: tuple[str, ...] | None = None,
     note: str = "",
     cpu_only: bool = False,
+    defaults: Mapping[str, TensorQuant] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``fn(model, config, layer_names, batches) -> model`` as quantization method ``name``.
 
     ``bits`` is (weight bits, activation bits or None for weight-only); ``kernels`` is ``"real"`` or
     ``"simulated"`` and ends up in every :class:`QuantInfo` of a model quantized this way. The layers a
     config selects by default are ``default_op_types`` (all of ``layer_types`` when None); ``cpu_only``
-    methods refuse a model on another device.
+    methods refuse a model on another device. A method with ``defaults`` (the settings of ``"weight"``,
+    ``"input"`` and ``"output"`` tensors) takes NNI-style ``targets`` (:mod:`slimtorch.quant.targets`).
     """
     if kernels not in ("real", "simulated"):
         raise ConfigError(f"kernels must be 'real' or 'simulated', got {kernels!r}")
@@ -87,7 +92,7 @@ def register_quant_method(
     def deco(fn: ApplyFn) -> ApplyFn:
         _METHODS[name] = QuantMethod(
             name, fn, backend, kernels, bits[0], bits[1], in_place, layer_types,
-            layer_types if default_op_types is None else default_op_types, note, cpu_only,
+            layer_types if default_op_types is None else default_op_types, note, cpu_only, defaults,
         )
         return fn
 
@@ -119,9 +124,17 @@ class QuantConfig:
     ``qat_int4_weight``/``qat_binary_weight``  float weights trained through 4-/1-bit fake quantization
                        (straight-through gradients); :func:`convert_qat` packs them
 
+    ``qat_minmax``     k-bit weights and activations, ranges observed while training (NNI's QAT)
+    ``ptq_minmax``     k-bit weights and activations, ranges from calibration batches (NNI's PTQ)
+    ``dorefa``/``bnn``/``lsq``  DoReFa-Net, binarised networks (±1 weights and activations), learned step
+                       sizes: fake-quantized for training (see :mod:`slimtorch.quant.fakequant`)
+
     ``op_types``/``op_names`` restrict the layers (empty: the method's default), ``exclude_op_names``
     keeps layers in float. ``per_channel=False`` (one scale per tensor) is for ``dynamic_int8`` only; static
     and QAT int8 always use per-channel weights. ``group_size`` is the int4 group along each weight row.
+    ``targets`` (the last five methods) is an NNI quantization config list (dicts with ``quant_types``,
+    ``quant_bits``, ``quant_dtype``, ``quant_scheme``, ``granularity``, or :class:`QuantTarget`), parsed
+    on construction; without it the method quantizes the weights and inputs of the selected layers.
     """
 
     method: str
@@ -130,6 +143,7 @@ class QuantConfig:
     exclude_op_names: tuple[str, ...] = ()
     per_channel: bool = True
     group_size: int = 32
+    targets: tuple[QuantTarget, ...] = ()
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -144,6 +158,27 @@ class QuantConfig:
         g = self.group_size
         if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
             raise ConfigError(f"'group_size' must be an even integer >= 2 (e.g. 32 or 128), got {g!r}")
+        if self.targets:
+            defaults = self.spec.defaults
+            if defaults is None:
+                takers = sorted(n for n, m in _METHODS.items() if m.defaults)
+                raise ConfigError(f"{self.method} takes no 'targets' (a quantization config list); use its op_types / "
+                                  f"op_names, or a method that does: {takers}")
+            if self.op_types or self.op_names or self.exclude_op_names:
+                raise ConfigError("give the layers either in 'targets' (their op_types / op_names) or in op_types / "
+                                  "op_names / exclude_op_names, not both")
+            object.__setattr__(self, "targets", parse_quant_targets(self.targets, defaults=defaults))
+
+    def quant_targets(self) -> tuple[QuantTarget, ...]:
+        """The config list the method applies: ``targets``, or the weights and inputs of the selected layers."""
+        defaults = self.spec.defaults
+        if defaults is None:
+            raise ConfigError(f"{self.method} is not configured by a quantization config list")
+        if self.targets:
+            return self.targets
+        return (QuantTarget(op_types=self.op_types or self.spec.default_op_types, op_names=self.op_names,
+                            exclude_op_names=self.exclude_op_names, weight=defaults["weight"],
+                            input=defaults["input"]),)
 
     @property
     def spec(self) -> QuantMethod:
@@ -152,7 +187,11 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists) that :meth:`from_dict` accepts back."""
-        return fields_to_dict(self)
+        out = fields_to_dict(self)
+        out["targets"] = [t.to_dict() for t in self.targets]
+        if not self.targets:
+            del out["targets"]  # (the methods without config lists: the dict they always had)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:

@@ -7,19 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from slimtorch.atomic import save_figure
+from slimtorch.report.plots import pyplot
 
 __all__ = ["plot_layers", "plot_stages"]
-
-
-def pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("PNG plots need matplotlib: pip install 'slimtorch[plot]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_layers(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "kept per layer") -> None:

@@ -80,6 +80,7 @@ class LoopState:
     loss_sum: float = 0.0  # over the current epoch's samples
     loss_count: int = 0
     seconds: float = 0.0  # training seconds spent in the current epoch
+    cpu_seconds: float | None = 0.0  # CPU seconds of the same steps (None: resumed from a file without them)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -162,7 +163,7 @@ class Loop:
         for item in items:
             if max_steps is not None and state.global_step >= max_steps:
                 return False
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with step_errors(state.step, state.epoch, item if fetch is not None else None):
                 batch = fetch(item) if fetch is not None else item
                 loss = self._forward_backward(batch)
@@ -174,6 +175,8 @@ class Loop:
             state.step += 1
             state.global_step += 1
             state.seconds += time.perf_counter() - start
+            if state.cpu_seconds is not None:
+                state.cpu_seconds += time.process_time() - start_cpu
             if on_step is not None:
                 on_step(state, value)
         return True

@@ -66,11 +66,15 @@ class EpochStats:
     loss: float
     accuracy: float | None
     seconds: float
+    #: CPU seconds of the process (all its threads) over the same steps; None for an epoch resumed from a
+    #: checkpoint that did not record them
+    cpu_seconds: float | None = None
 
 
 @dataclass
 class FitResult:
-    """Per-epoch loss, accuracy and training seconds (evaluation excluded), and the comm-hook byte counts."""
+    """Per-epoch loss, accuracy and training seconds (evaluation excluded: wall-clock and CPU time), and the
+    comm-hook byte counts."""
 
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
@@ -81,12 +85,19 @@ class FitResult:
         return sum(e.seconds for e in self.epochs)
 
     @property
+    def train_cpu_seconds(self) -> float | None:
+        """CPU seconds of training (wall-clock seconds mislead on a shared machine); None if an epoch lacks them."""
+        cpu = [e.cpu_seconds for e in self.epochs]
+        return None if any(c is None for c in cpu) else sum(cpu)  # type: ignore[misc]
+
+    @property
     def accuracy(self) -> float | None:
         return self.epochs[-1].accuracy if self.epochs else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"epochs": [asdict(e) for e in self.epochs], "steps": self.steps, "comm": self.comm,
-                "train_seconds": self.train_seconds, "accuracy": self.accuracy}
+                "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                "accuracy": self.accuracy}
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -167,7 +178,8 @@ class _Run:
                 "that run had, or run without --resume (resume=False) to start afresh"
             )
         progress_keys = set(LoopState.__dataclass_fields__)
-        if not isinstance(extra.get("progress"), dict) or set(extra["progress"]) != progress_keys \
+        saved_keys = set(extra["progress"]) | {"cpu_seconds"} if isinstance(extra.get("progress"), dict) else None
+        if saved_keys != progress_keys \
                 or not isinstance(extra.get("rng"), dict) or f"rng.{self.info.rank}" not in tensors:
             raise CheckpointError(f"{str(path)!r} lacks its progress or random states: it is corrupt; delete it, "
                                   "or run without --resume to start afresh")
@@ -181,7 +193,7 @@ class _Run:
             self.hook.residuals = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             counters = extra["comm"] or {}
             self.hook.dense_bytes, self.hook.sent_bytes = counters.get("dense_bytes", 0), counters.get("sent_bytes", 0)
-        return LoopState(**extra["progress"])
+        return LoopState(**{"cpu_seconds": None, **extra["progress"]})  # (older files lack cpu_seconds)
 
 
 def _train_epoch(run: _Run, data: Dataset, state: LoopState, checkpoint: Path | None) -> None:
@@ -276,7 +288,8 @@ def _fit_epochs(run: _Run, train_data: Dataset, eval_data: Dataset | None, path:
         run.loop.end_epoch(state)  # every weight finite; the callbacks' after_epoch
         accuracy = evaluate_accuracy(run.model, eval_data) if eval_data is not None else None
         loss_sum, loss_count = all_reduce_sum([state.loss_sum, state.loss_count])
-        state.history.append(asdict(EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds)))
+        stats = EpochStats(state.epoch, loss_sum / max(loss_count, 1), accuracy, state.seconds, state.cpu_seconds)
+        state.history.append(asdict(stats))
         state = LoopState(epoch=state.epoch + 1, global_step=state.global_step, history=state.history)
         if path is not None:
             run.save(path, state)

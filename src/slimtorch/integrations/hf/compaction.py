@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +36,17 @@ from slimtorch.integrations.hf.configs import BEFORE_KEY, CONFIG_KEY, sync_confi
 from slimtorch.integrations.hf.moe import compact_expert_neurons_
 from slimtorch.integrations.hf.rules import HEADS_ATTR, slice_params_
 from slimtorch.integrations.hf.units import BlockSpec, Slice, find_blocks
-from slimtorch.masks import COMPACTION_ATTR, get_masks, is_masked
+from slimtorch.masks import COMPACTION_ATTR, apply_masks_, get_masks, is_masked
 
 __all__ = [
     "CONFIG_KEY",
+    "PARTIAL_HEADS",
     "BlockPlan",
     "after_compaction_",
     "compact_hf_",
     "example_inputs_for",
     "format_pruned_heads",
+    "resolve_partial_heads",
     "shrink_block_",
     "unit_masks",
 ]
@@ -192,8 +195,13 @@ def example_inputs_for(model: nn.Module, batch: int = 2, length: int = 8) -> dic
     return out
 
 
+#: What compaction does with a head its masks prune only in part (the seeds' workflow restores it).
+PARTIAL_HEADS = ("keep", "restore", "prune")
+
+
 def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, *,
-                example_inputs: Any = None) -> None:
+                example_inputs: Any = None, partial_heads: str = "keep",
+                original: Mapping[str, torch.Tensor] | None = None) -> None:
     """Remove every head and FFN neuron of a Hugging Face ``model`` that ``masks`` prune, through
     :func:`slimtorch.compact_` (which bakes the remaining masked weights to zero and checks that the
     result computes what the masked model does, restoring the model otherwise).
@@ -201,12 +209,129 @@ def compact_hf_(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = Non
     With ``masks=None`` the masks applied to the model (``apply_masks_``) are used; ``example_inputs``
     default to :func:`example_inputs_for`. Records the pruned heads in ``model.slimtorch_compaction``
     and the kept sizes in ``model.config``.
+
+    ``partial_heads`` says what becomes of an attention head the masks prune only in part (a head whose
+    output they do not zero): ``"keep"`` it with its masked weights at zero, ``"restore"`` it whole (its
+    masks dropped, its weights as in ``original``, the state dict from before masking, which a model that
+    carries applied masks needs: their zeros are in its weights) or ``"prune"`` it whole
+    (:func:`resolve_partial_heads`).
     """
     masks = dict(masks) if masks is not None else {}
     if is_masked(model):
         masks = {**get_masks(model), **masks}
+    if partial_heads != "keep":
+        resolved = resolve_partial_heads(model, masks, partial_heads)
+        with _restored_on_failure(model):
+            _restore_weights_(model, masks, resolved, original)
+            masks = resolved
+            _compact(model, masks, example_inputs)
+        return
+    _compact(model, masks, example_inputs)
+
+
+def _compact(model: nn.Module, masks: Mapping[str, torch.Tensor], example_inputs: Any) -> None:
     inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
     compact_(model, masks, example_inputs=inputs)
+
+
+@contextmanager
+def _restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """Undo the weights and masks a restore wrote when compaction then fails (compaction undoes its own)."""
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    old_masks = get_masks(model)
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in values and param.shape == values[name].shape:
+                    param.copy_(values[name])
+        if old_masks:
+            apply_masks_(model, old_masks)
+        raise
+
+
+def _restore_weights_(model: nn.Module, masks: Mapping[str, torch.Tensor], resolved: Mapping[str, torch.Tensor],
+                      original: Mapping[str, torch.Tensor] | None) -> None:
+    """Give the entries ``resolved`` keeps but ``masks`` pruned their values from ``original`` (checked whole
+    first); a masked model gets the resolved masks."""
+    params = dict(model.named_parameters())
+    grown = {n: resolved[n].bool() & ~masks[n].to(resolved[n].device).bool() for n in resolved if n in masks}
+    grown = {n: g for n, g in grown.items() if bool(g.any())}
+    if grown and is_masked(model):
+        if original is None:
+            raise ConfigError(f"restoring partly masked heads needs their weights from before masking (the applied "
+                              f"masks zeroed them, e.g. in {sorted(grown)[0]!r}): pass original=<the unpruned "
+                              "model's state_dict()>, or compact with partial_heads='keep' or 'prune'")
+        for name in grown:
+            if name not in original or tuple(original[name].shape) != tuple(params[name].shape):
+                raise ConfigError(f"original has no {name!r} of shape {tuple(params[name].shape)}; pass the "
+                                  "state_dict() of this model before it was masked")
+        with torch.no_grad():
+            for name, mask in grown.items():
+                value = original[name].to(device=params[name].device, dtype=params[name].dtype)
+                params[name].copy_(torch.where(mask.to(value.device), value, params[name].detach()))
+    if is_masked(model):
+        apply_masks_(model, {n: m for n, m in resolved.items() if n in get_masks(model)})
+
+
+def _unit_state(spec: BlockSpec, name: str, masks: Mapping[str, torch.Tensor], unit: int) -> str:
+    """``"pruned"`` (one way of zeroing the head is fully masked), ``"partial"`` or ``"whole"``."""
+    def kept(s: Slice) -> torch.Tensor | None:
+        mask = masks.get(f"{name}.{s.param}" if name else s.param)
+        return None if mask is None else _unit_view(mask, s)[s.positions(unit // spec.group if s.kv else unit)]
+
+    if any(all((k := kept(s)) is not None and not bool(k.any()) for s in way) for way in spec.zeroing):
+        return "pruned"
+    slices = [kept(s) for s in (*spec.producers, *spec.consumers) if not s.kv]
+    return "partial" if any(k is not None and not bool(k.all()) for k in slices) else "whole"
+
+
+def resolve_partial_heads(model: nn.Module, masks: Mapping[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """``masks`` with every attention head they prune only in part restored whole (``mode="restore"``: its
+    entries kept) or pruned whole (``"prune"``: as :func:`unit_masks` prunes it), as the seeds' workflow
+    does after movement pruning. Heads they prune whole and all other masks stay as they are. Pure.
+
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        ...                             intermediate_size=64))
+        >>> masks = unit_masks(bert, {"encoder.layer.0.attention": [1]})
+        >>> masks["encoder.layer.0.attention.self.query.weight"][16:18] = False   # two rows of head 2
+        >>> restored = resolve_partial_heads(bert, masks, "restore")
+        >>> bool(restored["encoder.layer.0.attention.self.query.weight"][16:24].all())
+        True
+        >>> [bool(restored["encoder.layer.0.attention.self.value.weight"][8 * h].any()) for h in range(4)]
+        [True, False, True, True]
+    """
+    if mode not in PARTIAL_HEADS:
+        raise ConfigError(f"partial_heads must be one of {list(PARTIAL_HEADS)}, got {mode!r}")
+    out = {n: m.bool().clone() for n, m in masks.items()}
+    if mode == "keep":
+        return out
+    for name, spec in find_blocks(model).items():
+        if spec.kind != "attention":
+            continue
+        states = [_unit_state(spec, name, out, unit) for unit in range(spec.units)]
+        partial = [u for u, state in enumerate(states) if state == "partial"]
+        if mode == "prune" and partial:
+            pruned = [u for u, state in enumerate(states) if state == "pruned"]
+            whole = unit_masks(model, {name: [*pruned, *partial]})
+            out.update({k: out[k] & m if k in out else m for k, m in whole.items()})
+        elif partial:
+            _restore_units(spec, name, out, partial)
+    return out
+
+
+def _restore_units(spec: BlockSpec, name: str, masks: dict[str, torch.Tensor], units: list[int]) -> None:
+    """Keep every entry of ``units`` (and of the key/value heads they read) in ``masks``, in place."""
+    for s in (*spec.producers, *spec.consumers):
+        key = f"{name}.{s.param}" if name else s.param
+        if key not in masks:
+            continue
+        view = _unit_view(masks[key], s)  # (units * width, rest...) shares memory with the mask
+        for unit in sorted({u // spec.group for u in units} if s.kv else set(units)):
+            view[s.positions(unit)] = True
 
 
 def unit_masks(model: nn.Module, units: Mapping[str, Iterable[int]]) -> dict[str, torch.Tensor]:

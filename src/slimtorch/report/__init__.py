@@ -1,4 +1,6 @@
-"""Measurements: parameters, non-zeros, MACs/FLOPs, saved size, CPU latency and throughput.
+"""Measurements: parameters, non-zeros, MACs/FLOPs, saved size, CPU latency and throughput; and observation:
+weight histograms and activation sparsity per layer (:mod:`slimtorch.report.observe`, figures in
+:mod:`slimtorch.report.plots`).
 
 Every report says what it looked at: a *dense* model, a *masked* one (pruned values are zero but the
 model is exactly as large and as slow as before) or a *compacted* one (really smaller)::
@@ -28,13 +30,28 @@ from slimtorch.checks import check_materialized, check_module, check_number, mod
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.run import call_model, temporary_mode
 from slimtorch.io import plain_state
-from slimtorch.masks import COMPACTION_ATTR, check_mask_values, model_state
+from slimtorch.masks import COMPACTION_ATTR, MASK_SUFFIX, check_mask_values, get_masks, model_state
 from slimtorch.quant.config import quant_info
+from slimtorch.report.observe import (
+    ActivationSparsity,
+    WeightHistogram,
+    activation_sparsity,
+    activation_table,
+    compare_weight_histograms,
+    weight_histograms,
+    weight_table,
+)
+from slimtorch.sparse import split_state
 
 __all__ = [
     "COMPACTION_ATTR",
+    "ActivationSparsity",
     "Report",
+    "WeightHistogram",
+    "activation_sparsity",
+    "activation_table",
     "compare_markdown",
+    "compare_weight_histograms",
     "count_flops",
     "count_nonzero",
     "count_params",
@@ -44,6 +61,8 @@ __all__ = [
     "report",
     "saved_size",
     "sparsity_table",
+    "weight_histograms",
+    "weight_table",
 ]
 
 def _cpu_sdpa_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -130,9 +149,12 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     return int(fc.get_total_flops()) + quantized[0]
 
 
-def saved_size(model: nn.Module) -> int:
-    """Bytes of the model's weights saved as safetensors (masks and other buffers included; quantized
-    weights as their integers plus scales)."""
+def saved_size(model: nn.Module, *, sparse: bool = True) -> int:
+    """Bytes of the model's weights saved as safetensors (buffers included; quantized weights as their
+    integers plus scales). A masked weight counts as stored sparse: its kept values and their positions (a
+    bitmask or CSR indices, whichever is smaller: :mod:`slimtorch.sparse.storage`, as
+    ``save_model(..., sparse="auto")`` writes it). ``sparse=False``: every weight dense and no masks, the
+    size of the same model unpruned."""
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -144,7 +166,11 @@ def saved_size(model: nn.Module) -> int:
             continue
         seen.add(key)
         tensors[name] = t.detach().cpu().contiguous()
-    return len(save(tensors))
+    masks = get_masks(model)
+    dense, kept, stored = split_state(tensors, masks if sparse else {}, "auto", mask_suffix=MASK_SUFFIX)
+    dense = {k: v for k, v in dense.items() if not (k.endswith(MASK_SUFFIX) and k[:-len(MASK_SUFFIX)] in masks)}
+    dense.update({f"{k}::{part}": t for k, (parts, _) in stored.items() for part, t in parts.items()})
+    return len(save({**dense, **{f"{k}::mask": v for k, v in kept.items()}}))
 
 
 def measure_latency(
@@ -191,7 +217,9 @@ def _batch_size(example_inputs: Any) -> int:
 
 @dataclass(frozen=True)
 class Report:
-    """What :func:`report` measured. ``latency_s`` is the median of ``runs`` calls."""
+    """What :func:`report` measured. ``latency_s`` is the median of ``runs`` calls. ``size_bytes`` is the
+    size of the weights as stored (masked weights sparse), ``dense_size_bytes`` that of the same weights
+    unpruned (dense, without masks)."""
 
     state: str
     params: int
@@ -203,6 +231,7 @@ class Report:
     batch_size: int
     threads: int
     quantization: str | None = None
+    dense_size_bytes: int | None = None  # the same weights unpruned (size_bytes: as stored, masked ones sparse)
 
     @property
     def macs(self) -> int:
@@ -246,6 +275,7 @@ def report(
             nonzero_params=count_nonzero(model),
             flops=flops,
             size_bytes=saved_size(model),
+            dense_size_bytes=saved_size(model, sparse=False),
             latency_s=latency,
             throughput=batch / latency if latency else None,
             batch_size=batch,
@@ -263,6 +293,14 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.4g}{unit}"
 
 
+def _size(r: Report) -> str:
+    """The stored size, and the dense one beside it when masked weights stored sparse make them differ."""
+    stored = _fmt(r.size_bytes, "B")
+    if r.dense_size_bytes is None or r.dense_size_bytes == r.size_bytes:
+        return stored
+    return f"{stored} (dense {_fmt(r.dense_size_bytes, 'B')})"
+
+
 def compare_markdown(reports: Mapping[str, Report]) -> str:
     """A Markdown table of several reports side by side; ratios are against the first one."""
     names = list(reports)
@@ -278,7 +316,7 @@ def compare_markdown(reports: Mapping[str, Report]) -> str:
         state = f"{r.state}, {r.quantization.split(':')[0]}" if r.quantization else r.state
         lines.append(
             f"| {name} | {state} | {_fmt(r.params)} | {_fmt(r.nonzero_params)} | {_fmt(r.macs)} | "
-            f"{_fmt(r.size_bytes, 'B')} | {_fmt(r.latency_s * 1e3 if r.latency_s else None, ' ms')} | "
+            f"{_size(r)} | {_fmt(r.latency_s * 1e3 if r.latency_s else None, ' ms')} | "
             f"{_fmt(r.throughput, '/s')} | {r.params / base.params:.3f} | "
             f"{(r.macs / base.macs) if base.macs else float('nan'):.3f} | {speedup} |"
         )

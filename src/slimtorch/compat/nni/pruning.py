@@ -1,13 +1,14 @@
-"""NNI-style names, so code written for NNI's compression API runs with a changed import.
+"""NNI's ``pruning`` module: the pruners, with NNI's names and call pattern.
 
-    from slimtorch.compat.nni import L1NormPruner          # was: from nni.compression.pytorch.pruning import ...
-    pruner = L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5}])
+    from slimtorch.compat.nni import pruning     # was: from nni.compression.pytorch import pruning
+    pruner = pruning.L1NormPruner(model, [{"op_types": ["Conv2d"], "sparsity_per_layer": 0.5}])
     _, masks = pruner.compress()       # the model now computes as pruned (same shapes)
     pruner._unwrap_model()             # bake the zeros in, drop the masking hooks
 
 Differences from NNI, on purpose: a config entry that matches nothing is an error (NNI ignores it), and
 masks are slimtorch's flat ``{"conv1.weight": mask}`` dict; ``masks["conv1"]["weight"]`` (NNI's nested
-form) works too.
+form) works too. Where NNI takes a trainer, an optimizer and a loss, the data-driven and scheduled pruners
+take one :class:`~slimtorch.prune.loop.Evaluator`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 from torch import nn
 
 from slimtorch.checks import check_module, check_number
-from slimtorch.compact import compact_
+from slimtorch.compat.nni.common import NNIMasks, check_evaluator
 from slimtorch.config import Granularity, PruneTarget, parse_config_list
 from slimtorch.errors import ConfigError
-from slimtorch.io import load_masks
 from slimtorch.masks import apply_masks_, remove_masks_
 from slimtorch.prune.criteria import get_criterion
 from slimtorch.prune.iterative import GradualPruner
@@ -46,39 +46,13 @@ __all__ = [
     "LevelPruner",
     "LinearPruner",
     "LotteryTicketPruner",
-    "ModelSpeedup",
     "MovementPruner",
     "NNIMasks",
     "SlimPruner",
     "TaylorFOWeightPruner",
+    "TaylorPruner",
+    "TaylorWeightPruner",
 ]
-
-
-class NNIMasks(dict):
-    """Flat masks ``{"fc1.weight": mask}`` that also answer NNI's nested lookup ``masks["fc1"]["weight"]``."""
-
-    def _nested(self, module_name: str) -> dict[str, torch.Tensor]:
-        prefix = module_name + "."
-        return {k[len(prefix) :]: v for k, v in super().items() if k.startswith(prefix) and "." not in k[len(prefix) :]}
-
-    def __getitem__(self, key: str) -> Any:
-        if dict.__contains__(self, key):
-            return dict.__getitem__(self, key)
-        nested = self._nested(key)
-        if nested:
-            return nested
-        raise KeyError(key)
-
-    def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or (isinstance(key, str) and bool(self._nested(key)))
-
-
-def _check_evaluator(evaluator: Any) -> Evaluator:
-    """Where NNI takes a trainer, these pruners take one Evaluator; checked when the pruner is made."""
-    if not isinstance(evaluator, Evaluator):
-        raise ConfigError(f"evaluator must be a slimtorch Evaluator (training data, loss, optimizer settings), got "
-                          f"{type(evaluator).__name__}; pass Evaluator(train_data=loader)")
-    return evaluator
 
 
 class _Pruner:
@@ -184,7 +158,7 @@ class _DataPruner(_Pruner):
     ) -> None:
         super().__init__(model, config_list, mode, dummy_input)
         check_number(training_batches, "training_batches", low=1, integer=True)
-        self.evaluator = _check_evaluator(evaluator)
+        self.evaluator = check_evaluator(evaluator)
         self.training_batches = training_batches
 
     def _stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -198,6 +172,10 @@ class TaylorFOWeightPruner(_DataPruner):
 
     criterion = "taylor"
     keys = ("grad_sq",)
+
+
+#: NNI 3's name (``nni.compression.pruning.TaylorPruner``) and the name seed texts use for the same pruner.
+TaylorPruner = TaylorWeightPruner = TaylorFOWeightPruner
 
 
 class ActivationAPoZRankPruner(_DataPruner):
@@ -233,7 +211,7 @@ class SlimPruner(_Pruner):
     ) -> None:
         super().__init__(model, config_list, mode, dummy_input)
         check_number(training_epochs, "training_epochs", low=0, integer=True)
-        self.evaluator, self.training_epochs = _check_evaluator(evaluator), training_epochs
+        self.evaluator, self.training_epochs = check_evaluator(evaluator), training_epochs
         self.regularizer = SlimmingRegularizer(model, scale)
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
@@ -260,7 +238,7 @@ class _ScheduledPruner(_Pruner):
         self.granularity = get_criterion(pruning_algorithm).default_granularity.to_value()
         super().__init__(model, config_list, "normal", None)
         check_number(finetune_epochs, "finetune_epochs", low=0, integer=True)
-        self.evaluator, self.finetune_epochs = _check_evaluator(evaluator), finetune_epochs
+        self.evaluator, self.finetune_epochs = check_evaluator(evaluator), finetune_epochs
         schedule = Schedule(kind=self.schedule, start=0, end=total_iteration)
         self.pruner = GradualPruner(
             model, self.config_list, schedule=schedule, criterion=self.criterion, example_inputs=dummy_input
@@ -301,7 +279,7 @@ class LotteryTicketPruner(_Pruner):
         self.granularity = get_criterion(pruning_algorithm).default_granularity.to_value()
         super().__init__(model, config_list, "normal", None)
         check_number(finetune_epochs, "finetune_epochs", low=0, integer=True)
-        self.evaluator, self.finetune_epochs = _check_evaluator(evaluator), finetune_epochs
+        self.evaluator, self.finetune_epochs = check_evaluator(evaluator), finetune_epochs
         self.ticket = LotteryTicket(model, self.config_list, rounds=total_iteration, criterion=self.criterion)
 
     def compress(self) -> tuple[nn.Module, NNIMasks]:
@@ -329,7 +307,7 @@ class MovementPruner(_Pruner):
     ) -> None:
         super().__init__(model, config_list, "normal", None)
         check_number(training_epochs, "training_epochs", low=0, integer=True)
-        self.evaluator, self.training_epochs = _check_evaluator(evaluator), training_epochs
+        self.evaluator, self.training_epochs = check_evaluator(evaluator), training_epochs
         schedule = Schedule(kind="agp", start=warm_up_step, end=cool_down_beginning_step, every=1)
         self.tracker = StatsTracker(model, keys=("movement",), config_list=self.config_list)
         try:
@@ -349,44 +327,3 @@ class MovementPruner(_Pruner):
         self.pruner.finish_()
         self.masks = NNIMasks(self.pruner.masks)
         return self.model, self.masks
-
-
-def _flat_masks(model: nn.Module, masks: Any) -> dict[str, torch.Tensor]:
-    """slimtorch's flat masks from flat ones, NNI's nested ``{module or name: {param: mask}}``, or a file."""
-    if isinstance(masks, (str, bytes)) or hasattr(masks, "__fspath__"):
-        return load_masks(masks)
-    if not isinstance(masks, Mapping):
-        raise ConfigError(f"masks must be a dict or a safetensors file path, got {type(masks).__name__}")
-    if isinstance(masks, NNIMasks) or not all(isinstance(v, Mapping) for v in masks.values()):
-        return dict(masks.items())
-    names = {id(m): n for n, m in model.named_modules()}
-    flat = {}
-    for module, params in masks.items():
-        prefix = names.get(id(module), module) if isinstance(module, nn.Module) else module
-        if isinstance(module, nn.Module) and id(module) not in names:
-            raise ConfigError(f"a mask key is a {type(module).__name__} that is not part of the model; key the masks "
-                              "by the model's own modules or their names")
-        for param, mask in params.items():
-            flat[f"{prefix}.{param}" if prefix else param] = mask
-    return flat
-
-
-class ModelSpeedup:
-    """NNI's ``ModelSpeedup``: make the masked model really smaller (:func:`slimtorch.compact_`).
-
-    ``masks`` may be slimtorch's flat ``{"conv1.weight": mask}``, NNI's nested ``{"conv1": {"weight": mask}}``
-    (keys may also be the modules themselves) or the path of a safetensors mask file. Unlike NNI, masked
-    BatchNorm offsets are folded or kept (outputs stay the same), the result is left in the mode it was in,
-    and hard-coded shapes in ``forward`` (``x.view(-1, 4 * 4 * 50)``) are rewritten so the model runs.
-    """
-
-    def __init__(self, model: nn.Module, dummy_input: Any, masks: Any) -> None:
-        check_module(model, "ModelSpeedup")
-        self.model = model
-        self.dummy_input = dummy_input
-        self.masks = _flat_masks(model, masks)
-
-    def speedup_model(self) -> nn.Module:
-        """Compact the model in place; returns it for convenience."""
-        compact_(self.model, self.masks, example_inputs=self.dummy_input)
-        return self.model
