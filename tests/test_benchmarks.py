@@ -64,7 +64,7 @@ QUANT = (["backend / method", "kernels", "size", "latency", "speed-up vs fp32", 
 PIPELINE = ["stage", "state", "params", "size", "latency median (best)", "speed-up median (best)"]
 EXPECTED: dict[str, list[tuple[list[str], int]]] = {
     "adversarial_counts.py": [(["table", "category", "cases", "must fail cleanly", "must succeed"], 33),
-                              (["rule family", "property tests", "exact", "keeps the channels", "either"], 12)],
+                              (["rule family", "property tests", "exact", "keeps the channels", "either"], 14)],
     "commhook.py": [(["method", "bytes sent / process", "compression", "test accuracy", "vs all-reduce",
                       "train time"], 6)],
     "compaction.py": [(["model", "library", "graph build (s)", "prune + compact (s)", "x Torch-Pruning's",
