@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.data.text import news_stories, split_sentences
+from slimtorch.data.text import heldout_story, news_stories, split_sentences
 from slimtorch.errors import ConfigError
 
 __all__ = [
@@ -175,9 +175,11 @@ def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor, *, k: 
 
 
 def heldout_sentences(count: int = 256, *, min_words: int = 8, max_words: int = 40) -> list[str]:
-    """``count`` sentences from the news stories (a register the distillation text, Wikipedia, does not
-    cover), the first sentences of each story in turn, so that many stories are represented."""
-    per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words) for d in news_stories()]
+    """``count`` sentences from the held-out news stories (:func:`~slimtorch.data.text.heldout_story`: never
+    in :func:`~slimtorch.data.text.sentence_splits`' training text), the first sentences of each story in
+    turn, so that many stories are represented."""
+    per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words)
+                 for i, d in enumerate(news_stories()) if heldout_story(i)]
     picked: list[str] = []
     depth = 0
     while len(picked) < count and any(depth < len(s) for s in per_story):
