@@ -23,6 +23,7 @@ from torch import nn
 
 from slimtorch.data.text import heldout_story, news_stories, split_sentences
 from slimtorch.errors import ConfigError
+from slimtorch.recover.transformer_distill import mean_pool
 
 __all__ = [
     "Agreement",
@@ -94,12 +95,6 @@ def sentence_transformer(model: nn.Module | None = None, *, path: str | None = N
     if model is not None:
         st[0].model = model
     return st.eval()
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states ``(B, T, D)`` over the tokens the mask ``(B, T)`` keeps -> ``(B, D)``."""
-    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
 
 
 def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
