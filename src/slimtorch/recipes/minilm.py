@@ -59,10 +59,12 @@ from slimtorch.recover.transformer_distill import (
 __all__ = [
     "WorkflowConfig",
     "distil_embeddings_",
+    "distil_phase_",
     "drop_least_influential_",
     "ffn_config",
     "head_config",
     "pack_sentences",
+    "prune_phase_",
     "prune_workflow_",
 ]
 
@@ -240,6 +242,37 @@ def drop_least_influential_(model: nn.Module, tokens: torch.Tensor, count: int, 
     return drop_layers_(model, order[:count])
 
 
+def _loss(cache: TeacherCache, cfg: WorkflowConfig, layer_map: Sequence[int] | None) -> EncoderDistiller:
+    return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
+                                                                              attention=cfg.attention_weight))
+
+
+def prune_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache) -> list[int] | None:
+    """Steps 1 and 2 of the workflow, then compaction: drop layers, prune heads and neurons gradually while
+    distilling (the first ``cfg.pruning_steps`` steps). Returns the teacher layer each remaining layer stands for
+    (None: the depth is unchanged)."""
+    layer_map = drop_least_influential_(model, tokens, cfg.drop_layers) if cfg.drop_layers else None
+    done = cfg.pruning_steps * cfg.batch_size
+    if done:
+        gradual = _Gradual(model, cfg)
+        _train(model, _slice(tokens, 0, done), cfg, _loss(cache, cfg, layer_map), callbacks=[gradual])
+        gradual.prune_(1.0)  # the final sparsities, whatever the schedule's last step was
+        compact_hf_(model)
+    model.eval()
+    return layer_map
+
+
+def distil_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache,
+                  layer_map: Sequence[int] | None, *, checkpoint: str | Path | None = None) -> None:
+    """Step 3: distil the compacted model for the steps left after the pruning phase, through
+    :func:`~slimtorch.recover.fit` (resumed from ``checkpoint`` when it exists)."""
+    path = Path(checkpoint) if checkpoint is not None else None
+    start = cfg.pruning_steps * cfg.batch_size
+    _train(model, _slice(tokens, start, cfg.steps * cfg.batch_size), cfg, _loss(cache, cfg, layer_map),
+           checkpoint=path, schedule="cosine")
+    model.eval()
+
+
 def prune_workflow_(model: nn.Module, data: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
                     cfg: WorkflowConfig, *, teacher: nn.Module | None = None, cache: TeacherCache | None = None,
                     checkpoint: str | Path | None = None) -> list[str]:
@@ -251,17 +284,7 @@ def prune_workflow_(model: nn.Module, data: torch.Tensor | Sequence[Mapping[str,
     tokens = _packed(data)
     if cache is None:
         cache = TeacherCache(teacher if teacher is not None else copy.deepcopy(model).eval())
-    layer_map = drop_least_influential_(model, tokens, cfg.drop_layers) if cfg.drop_layers else None
-    loss = EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
-                                                                              attention=cfg.attention_weight))
+    layer_map = prune_phase_(model, tokens, cfg, cache)
     layers = [s.name for s in find_blocks(model).values() if s.kind == "attention"]
-    done = cfg.pruning_steps * cfg.batch_size
-    if done:
-        gradual = _Gradual(model, cfg)
-        _train(model, _slice(tokens, 0, done), cfg, loss, callbacks=[gradual])
-        gradual.prune_(1.0)  # the final sparsities, whatever the schedule's last step was
-        compact_hf_(model)
-    path = Path(checkpoint) if checkpoint is not None else None
-    _train(model, _slice(tokens, done, cfg.steps * cfg.batch_size), cfg, loss, checkpoint=path, schedule="cosine")
-    model.eval()
+    distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint)
     return format_pruned_heads((getattr(model, COMPACTION_ATTR, None) or {}).get("pruned_heads", {}), layers)
