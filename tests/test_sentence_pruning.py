@@ -19,6 +19,7 @@ from slimtorch.integrations.hf.importance import (  # noqa: E402
     drop_layers_,
     layer_influence,
 )
+from slimtorch.integrations.hf.units import find_blocks  # noqa: E402
 from slimtorch.recover.transformer_distill import (  # noqa: E402
     DistilWeights,
     EncoderDistiller,
@@ -136,3 +137,87 @@ def test_layers_cannot_be_dropped_after_compaction_nor_all_of_them():
     with pytest.raises(ConfigError, match="before compacting"):
         drop_layers_(model, [2])
     assert len(model.encoder.layer) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence_folder(tmp_path_factory):
+    """A sentence-transformers folder of a random 3-layer BERT with all-MiniLM-L6-v2's tokenizer."""
+    st_lib = pytest.importorskip("sentence_transformers")
+    from slimtorch.models.minilm import minilm_path
+
+    root = tmp_path_factory.mktemp("st")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    bert = _bert(vocab=tokenizer.vocab_size)
+    bert.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    try:  # where recent releases keep the modules; older ones have them in sentence_transformers.models
+        from sentence_transformers.sentence_transformer import modules
+    except ImportError:
+        from sentence_transformers import models as modules
+    st = st_lib.SentenceTransformer(modules=[modules.Transformer(str(root / "hf")), modules.Pooling(32, "mean"),
+                                             modules.Normalize()], device="cpu")
+    st.save(str(root / "st"))
+    return root / "st"
+
+
+def _embed(model, tokenizer, sentences):
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+SENTENCES = ["The cat sat on the mat.", "Stocks fell sharply on Monday after the announcement."]
+
+
+def test_a_folder_with_fewer_heads_opens_with_our_loader_and_computes_the_same(tiny_sentence_folder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from slimtorch.integrations.hf.sentence import load_sentence_folder, needs_our_loader, save_sentence_folder
+
+    st = load_sentence_folder(tiny_sentence_folder)
+    model = copy.deepcopy(st[0].model)
+    compact_hf_(model, unit_masks(model, {"encoder.layer.0.attention": [1, 2], "encoder.layer.2": range(9)}))
+    save_sentence_folder(model, st, tmp_path / "heads")
+    assert needs_our_loader(model) and st[0].model is not model  # the template keeps its own transformer
+    again = load_sentence_folder(tmp_path / "heads")
+    torch.testing.assert_close(again.encode(SENTENCES, convert_to_tensor=True), _embed(model, st.tokenizer, SENTENCES))
+    with pytest.raises(RuntimeError):  # the config cannot say that layer 0 has 2 heads of width 8
+        SentenceTransformer(str(tmp_path / "heads"), device="cpu")
+
+
+def test_a_folder_with_fewer_layers_opens_with_sentence_transformers_itself(tiny_sentence_folder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from slimtorch.integrations.hf.sentence import load_sentence_folder, needs_our_loader, save_sentence_folder
+
+    st = load_sentence_folder(tiny_sentence_folder)
+    model = copy.deepcopy(st[0].model)
+    drop_layers_(model, [1])
+    save_sentence_folder(model, st, tmp_path / "layers")
+    assert not needs_our_loader(model)
+    plain = SentenceTransformer(str(tmp_path / "layers"), device="cpu")
+    torch.testing.assert_close(plain.encode(SENTENCES, convert_to_tensor=True), _embed(model, st.tokenizer, SENTENCES))
+
+
+def test_prune_sentence_command_writes_a_smaller_folder_and_resumes(tiny_sentence_folder, tmp_path, capsys):
+    from slimtorch.integrations.hf.sentence import load_sentence_folder
+
+    source_files = sorted(p.name for p in tiny_sentence_folder.iterdir())
+    args = ["prune-sentence", str(tiny_sentence_folder), str(tmp_path / "out"), "--heads", "0.5", "--ffn", "0.25",
+            "--drop-layers", "1", "--steps", "4", "--batch-size", "4", "--prune-every", "1", "--work",
+            str(tmp_path / "work"), "--threads", "1"]
+    assert main(args) == 0
+    assert "open it with slimtorch.integrations.hf.sentence.load_sentence_folder" in capsys.readouterr().out
+    out = load_sentence_folder(tmp_path / "out")
+    model = out[0].model
+    assert model.config.num_hidden_layers == 2
+    assert sum(s.units for s in find_blocks(model).values() if s.kind == "attention") == 4
+    first = out.encode(SENTENCES, convert_to_tensor=True)
+    assert sorted(p.name for p in tiny_sentence_folder.iterdir()) == source_files  # the source is only read
+    assert (tmp_path / "work" / "pruned" / "slimtorch_workflow.json").is_file()
+    assert main([*args[:2], str(tmp_path / "again"), *args[3:], "--resume"]) == 0  # all done: loaded, not redone
+    torch.testing.assert_close(load_sentence_folder(tmp_path / "again").encode(SENTENCES, convert_to_tensor=True),
+                               first)
+    assert main([*args, "--resume", "--heads", "0.25"]) == 2  # other settings than the work folder's
+    assert "other settings" in capsys.readouterr().err
