@@ -53,6 +53,15 @@ def test_workflow_drops_layers_and_prunes_the_rest():
     assert sum(s.units for s in find_blocks(model).values() if s.kind == "attention") == 6  # a quarter of 2 x 4 gone
 
 
+def test_attention_maps_can_be_distilled_too():
+    model = _bert()
+    kernel = model.config._attn_implementation
+    prune_workflow_(model, _batches(), WorkflowConfig(head_sparsity=0.25, ffn_sparsity=0.0, steps=4, batch_size=4,
+                                                      prune_every=1, attention_weight=1.0))
+    assert sum(s.units for s in find_blocks(model).values() if s.kind == "attention") == 6
+    assert model.config._attn_implementation == kernel
+
+
 def test_the_gradual_phase_raises_the_sparsity_in_steps(monkeypatch):
     from slimtorch.recipes import minilm
 

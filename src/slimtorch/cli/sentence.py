@@ -24,7 +24,8 @@ def _run(args: argparse.Namespace) -> int:
     apply_threads(args)
     cfg = WorkflowConfig(head_sparsity=args.heads, ffn_sparsity=args.ffn, drop_layers=args.drop_layers,
                          steps=args.steps, batch_size=args.batch_size, prune_every=args.prune_every, lr=args.lr,
-                         head_criterion=args.head_criterion, ffn_criterion=args.ffn_criterion, seed=args.seed)
+                         head_criterion=args.head_criterion, ffn_criterion=args.ffn_criterion, seed=args.seed,
+                         hidden_weight=args.hidden_weight, attention_weight=args.attention_weight)
     result = prune_sentence_folder(args.source, args.out, cfg, work=args.work, resume=args.resume)
     print(json.dumps(result.to_dict()))
     loader = ("SentenceTransformer(folder)" if result.plain_loader else
@@ -50,6 +51,9 @@ def add_sentence_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--head-criterion", choices=UNIT_CRITERIA, default="movement")
     p.add_argument("--ffn-criterion", choices=UNIT_CRITERIA, default="taylor")
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state loss")
+    p.add_argument("--attention-weight", type=float, default=0.0, help="weight of the attention-map loss (0: "
+                   "off; otherwise attention runs unfused while distilling, slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for the pruned model and checkpoints (makes it resumable)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from --work")

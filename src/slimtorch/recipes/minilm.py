@@ -66,6 +66,7 @@ __all__ = [
     "pack_sentences",
     "prune_phase_",
     "prune_workflow_",
+    "teacher_cache",
 ]
 
 
@@ -242,6 +243,21 @@ def drop_least_influential_(model: nn.Module, tokens: torch.Tensor, count: int, 
     return drop_layers_(model, order[:count])
 
 
+def _eager_attention_(model: nn.Module) -> None:
+    """Attention computed as softmax(QK^T) explicitly, so that the model can return its attention maps (the
+    fused kernel computes none)."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ConfigError(f"{type(model).__name__} cannot switch to eager attention; set attention_weight=0")
+    model.set_attn_implementation("eager")
+
+
+def teacher_cache(teacher: nn.Module, cfg: WorkflowConfig) -> TeacherCache:
+    """The teacher's cache for ``cfg`` (with attention maps when ``cfg.attention_weight`` > 0)."""
+    if cfg.attention_weight > 0:
+        _eager_attention_(teacher)
+    return TeacherCache(teacher, attentions=cfg.attention_weight > 0)
+
+
 def _loss(cache: TeacherCache, cfg: WorkflowConfig, layer_map: Sequence[int] | None) -> EncoderDistiller:
     return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
                                                                               attention=cfg.attention_weight))
@@ -283,8 +299,13 @@ def prune_workflow_(model: nn.Module, data: torch.Tensor | Sequence[Mapping[str,
     last phase resumes. Returns the per-layer pruned-head lines."""
     tokens = _packed(data)
     if cache is None:
-        cache = TeacherCache(teacher if teacher is not None else copy.deepcopy(model).eval())
+        cache = teacher_cache(teacher if teacher is not None else copy.deepcopy(model).eval(), cfg)
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if cfg.attention_weight > 0:
+        _eager_attention_(model)
     layer_map = prune_phase_(model, tokens, cfg, cache)
     layers = [s.name for s in find_blocks(model).values() if s.kind == "attention"]
     distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint)
+    if cfg.attention_weight > 0 and previous is not None:
+        model.set_attn_implementation(previous)  # the kernel it had (eager only to return the maps)
     return format_pruned_heads((getattr(model, COMPACTION_ATTR, None) or {}).get("pruned_heads", {}), layers)

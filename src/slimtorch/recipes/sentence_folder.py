@@ -23,7 +23,7 @@ from slimtorch.data.text import sentence_splits
 from slimtorch.errors import CheckpointError
 from slimtorch.integrations.hf.folders import load_hf_folder, save_hf_folder
 from slimtorch.integrations.hf.sentence import load_sentence_folder, needs_our_loader, save_sentence_folder
-from slimtorch.recipes.minilm import WorkflowConfig, distil_phase_, pack_sentences, prune_phase_
+from slimtorch.recipes.minilm import WorkflowConfig, distil_phase_, pack_sentences, prune_phase_, teacher_cache
 from slimtorch.recover.transformer_distill import TeacherCache
 
 __all__ = ["SentenceRun", "prune_sentence_folder"]
@@ -83,14 +83,18 @@ def prune_sentence_folder(source: str | Path, out: str | Path, cfg: WorkflowConf
     before = sum(p.numel() for p in teacher.parameters())
     model = copy.deepcopy(teacher)
     tokens = pack_sentences(st.tokenizer, _sentences(cfg.steps * cfg.batch_size, cfg.seed), max_length=max_length)
-    cache = TeacherCache(teacher)
+    cache = teacher_cache(teacher, cfg)
     work_path = Path(work) if work is not None else None
     model, layer_map = _pruned(model, tokens, cfg, cache, work_path, resume)
+    if cfg.attention_weight > 0:
+        model.set_attn_implementation("eager")
     if hasattr(model, "embeddings"):
         model.embeddings.requires_grad_(False)  # the encoder is distilled: a third of the step time
     checkpoint = work_path / "distil.ckpt" if work_path is not None else None
     if checkpoint is not None and not resume and checkpoint.exists():
         checkpoint.unlink()  # a fresh run: an earlier run's checkpoint must not be resumed
     distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint)
+    if cfg.attention_weight > 0:
+        model.set_attn_implementation("sdpa")  # back to the fused kernel for use
     save_sentence_folder(model, st, out)
     return SentenceRun(before, sum(p.numel() for p in model.parameters()), layer_map, not needs_our_loader(model))
