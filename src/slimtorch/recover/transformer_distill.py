@@ -18,7 +18,7 @@ teacher on the same sentences, cost only the student's steps. Batches are ``(x, 
     ...                             intermediate_size=32, vocab_size=50)).eval()
     >>> x = pack_tokens({"input_ids": torch.randint(1, 50, (3, 5)), "attention_mask": torch.ones(3, 5)})
     >>> loss = EncoderDistiller(TeacherCache(bert))
-    >>> round(float(loss(bert, x, torch.arange(3))), 4)   # the teacher is its own perfect student
+    >>> round(float(loss(bert, x, torch.arange(3)).detach()), 4)   # the teacher is its own perfect student
     0.0
 """
 
