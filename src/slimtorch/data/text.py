@@ -24,9 +24,12 @@ from pathlib import Path
 
 __all__ = [
     "Document",
+    "SentenceSplits",
     "TextSplits",
     "clean_wikitext",
     "news_stories",
+    "review_sentences",
+    "sentence_splits",
     "split_documents",
     "split_sentences",
     "text_splits",
@@ -35,6 +38,7 @@ __all__ = [
 
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS_FILES = ("lee_background.cor", "lee.cor")
+_REVIEW_FILE = "pang_lee_polarity.cor"  # one labelled movie-review sentence a line: "__label__neg text ."
 # Sections that hold lists of references and links rather than prose.
 _TAIL_SECTIONS = re.compile(
     r"^=+\s*(references|notes|external links|bibliography|see also|further reading|sources|footnotes)\s*=+\s*$",
@@ -164,3 +168,56 @@ def split_sentences(text: str, *, min_words: int = 5, max_words: int = 60) -> li
                 line_pieces.append(part)
         pieces.extend(line_pieces)
     return [p for p in pieces if min_words <= len(p.split()) <= max_words]
+
+
+@functools.lru_cache(maxsize=1)
+def review_sentences() -> tuple[str, ...]:
+    """The short movie-review sentences of gensim's polarity sample (lower-cased and tokenised as shipped:
+    a third register, informal, beside encyclopaedia and news)."""
+    lines = _gensim_data(_REVIEW_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    return tuple(line.split(" ", 1)[1].strip() for line in lines if line.startswith("__label__") and " " in line)
+
+
+@dataclass(frozen=True)
+class SentenceSplits:
+    """Deduplicated sentences for distillation (``train``) and for measuring (``heldout``): no sentence
+    and no document is in both."""
+
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+
+def heldout_story(index: int) -> bool:
+    """Whether news story ``index`` is held out (every fifth story: 70 of the 350)."""
+    return index % 5 == 4
+
+
+def _dedup(sentences: list[str], exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    seen = set(exclude)
+    out = []
+    for s in sentences:
+        key = " ".join(s.lower().split())  # whitespace and case do not make a sentence new
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_splits(*, min_words: int = 6, max_words: int = 40) -> SentenceSplits:
+    """All the offline English text as sentences: Wikipedia's training and validation articles, the news
+    stories that are not held out (:func:`heldout_story`) and the movie-review sentences for training;
+    the held-out news stories and Wikipedia's test articles for measuring. Sentence-split, deduplicated
+    (a training sentence that also occurs in held-out text is dropped from training)."""
+    wiki = text_splits()
+    stories = news_stories()
+
+    def sentences(docs) -> list[str]:
+        return [s for d in docs for s in split_sentences(d.text, min_words=min_words, max_words=max_words)]
+
+    heldout = _dedup(sentences(d for i, d in enumerate(stories) if heldout_story(i)) + sentences(wiki.test))
+    reviews = [s for s in review_sentences() if min_words <= len(s.split()) <= max_words]
+    train = (sentences(wiki.train) + sentences(wiki.val) + sentences(d for i, d in enumerate(stories)
+                                                                      if not heldout_story(i)) + reviews)
+    held_keys = frozenset(" ".join(s.lower().split()) for s in heldout)
+    return SentenceSplits(_dedup(train, held_keys), heldout)

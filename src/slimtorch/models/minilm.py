@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtorch.data.text import news_stories, split_sentences
+from slimtorch.data.text import heldout_story, news_stories, split_sentences
 from slimtorch.errors import ConfigError
+from slimtorch.recover.transformer_distill import mean_pool
 
 __all__ = [
     "Agreement",
@@ -94,12 +95,6 @@ def sentence_transformer(model: nn.Module | None = None, *, path: str | None = N
     if model is not None:
         st[0].model = model
     return st.eval()
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token states ``(B, T, D)`` over the tokens the mask ``(B, T)`` keeps -> ``(B, D)``."""
-    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
 
 
 def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -175,9 +170,11 @@ def embedding_agreement(reference: torch.Tensor, candidate: torch.Tensor, *, k: 
 
 
 def heldout_sentences(count: int = 256, *, min_words: int = 8, max_words: int = 40) -> list[str]:
-    """``count`` sentences from the news stories (a register the distillation text, Wikipedia, does not
-    cover), the first sentences of each story in turn, so that many stories are represented."""
-    per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words) for d in news_stories()]
+    """``count`` sentences from the held-out news stories (:func:`~slimtorch.data.text.heldout_story`: never
+    in :func:`~slimtorch.data.text.sentence_splits`' training text), the first sentences of each story in
+    turn, so that many stories are represented."""
+    per_story = [split_sentences(d.text, min_words=min_words, max_words=max_words)
+                 for i, d in enumerate(news_stories()) if heldout_story(i)]
     picked: list[str] = []
     depth = 0
     while len(picked) < count and any(depth < len(s) for s in per_story):

@@ -1,15 +1,22 @@
-"""The seeds' transformer workflow on a sentence-embedding BERT (all-MiniLM-L6-v2): attention heads first,
-recover by distillation, then FFN neurons, recover again, sparsity raised over several steps.
+"""The seeds' transformer workflow on a sentence-embedding BERT (all-MiniLM-L6-v2), distilling all along.
 
-1. Heads: each head is scored as the block of its output-projection columns (``granularity [-1, head
-   width]``), ranked across all layers (``total_sparsity``), so layers lose different numbers of heads;
-   fully masked heads are physically removed (:func:`~slimtorch.integrations.hf.compaction.compact_hf_`).
-2. Distillation from the original model between steps.
-3. FFN: whole neurons of the first FFN layer (output channels of ``intermediate.dense``) per layer;
-   removing them removes the second layer's inputs.
+One run of ``steps`` distillation steps from the unpruned model (:class:`~slimtorch.recover.transformer_distill.
+EncoderDistiller`: the sentence embedding and every layer's hidden states, the teacher's outputs cached):
 
-The criterion is any registered one (``"l1"``; gradient-based ones such as ``"taylor"`` take their
-statistics through ``stats_fn``)::
+1. Depth (optional, ``drop_layers``): the layers that change their input least (``1 - cos(in, out)``,
+   :func:`~slimtorch.integrations.hf.importance.layer_influence`) are removed first; each kept layer is then
+   distilled towards the teacher layer it was.
+2. Width, gradually: while distilling, every head and FFN neuron accumulates an importance score
+   (:class:`~slimtorch.integrations.hf.importance.UnitScores`: movement for heads and first-order Taylor for FFN
+   neurons by default, as the seeds use them; gradient head importance and L1 selectable). Every
+   ``prune_every`` steps the sparsity rises along a cubic schedule (Zhu & Gupta 2017) and the lowest-scoring
+   units are masked (heads ranked across layers, neurons in each layer), until ``prune_until`` of the steps.
+3. The masked heads and neurons are then removed (:func:`~slimtorch.integrations.hf.compaction.compact_hf_`) and
+   the smaller model is distilled for the remaining steps, through :func:`~slimtorch.recover.fit`, whose
+   checkpoints make this phase resumable.
+
+The config lists of the one-shot path stay available (``head_config`` ranks heads as blocks of the output
+projection's columns, ``ffn_config`` the first FFN layer's output channels)::
 
     >>> from transformers import BertConfig, BertModel
     >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -21,44 +28,93 @@ statistics through ``stats_fn``)::
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from slimtorch.errors import ConfigError
-from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads
+from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads, unit_masks
+from slimtorch.integrations.hf.importance import UNIT_CRITERIA, UnitScores, choose_units, drop_layers_, layer_influence
 from slimtorch.integrations.hf.units import find_blocks
+from slimtorch.masks import COMPACTION_ATTR, apply_masks_
 from slimtorch.models.minilm import embed
-from slimtorch.prune.pruner import compute_masks
+from slimtorch.prune.loop import Callback
+from slimtorch.prune.schedule import Schedule
 from slimtorch.recover.loop import Loop, StepModule
 from slimtorch.recover.losses import EmbeddingDistiller
+from slimtorch.recover.trainer import TrainConfig, fit
+from slimtorch.recover.transformer_distill import (
+    DistilWeights,
+    EncoderDistiller,
+    TeacherCache,
+    pack_tokens,
+    unpack_tokens,
+)
 
-__all__ = ["WorkflowConfig", "distil_embeddings_", "ffn_config", "head_config", "prune_workflow_"]
-
-StatsFn = Callable[[nn.Module, list[dict[str, Any]]], Mapping[str, Mapping[str, torch.Tensor]]]
+__all__ = [
+    "WorkflowConfig",
+    "distil_embeddings_",
+    "distil_phase_",
+    "drop_least_influential_",
+    "ffn_config",
+    "head_config",
+    "pack_sentences",
+    "prune_phase_",
+    "prune_workflow_",
+    "teacher_cache",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkflowConfig:
-    """Targets (fractions of the original heads and FFN neurons), steps, and distillation budget."""
+    """The workflow's settings.
+
+    ``head_sparsity`` / ``ffn_sparsity``: shares of the original heads and FFN neurons removed; ``drop_layers``:
+    whole layers removed first. ``steps`` distillation steps of ``batch_size`` sentences in all; the sparsity
+    rises every ``prune_every`` steps until ``prune_until`` of the steps (then the model is compacted and
+    distilled on). ``head_criterion`` / ``ffn_criterion``: ``movement``, ``taylor``, ``gradient`` or ``l1``.
+    ``hidden_weight`` / ``attention_weight``: weights of the hidden-state and attention-map losses (the
+    embedding's squared error and cosine weigh 1)."""
 
     head_sparsity: float = 0.5
     ffn_sparsity: float = 0.5
-    steps: int = 3
-    distil_steps: int = 100
-    lr: float = 1e-4
-    criterion: str = "l1"
+    drop_layers: int = 0
+    steps: int = 400
+    batch_size: int = 32
+    prune_every: int = 10
+    prune_until: float = 0.6
+    lr: float = 3e-4
+    head_criterion: str = "movement"
+    ffn_criterion: str = "taylor"
+    hidden_weight: float = 1.0
+    attention_weight: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for key in ("head_sparsity", "ffn_sparsity"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.steps < 1 or self.distil_steps < 0 or not self.lr > 0:
-            raise ConfigError(f"need steps >= 1, distil_steps >= 0 and lr > 0, got {self.steps}, "
-                              f"{self.distil_steps}, {self.lr}")
+        for key in ("head_criterion", "ffn_criterion"):
+            if getattr(self, key) not in UNIT_CRITERIA:
+                raise ConfigError(f"{key} must be one of {list(UNIT_CRITERIA)}, got {getattr(self, key)!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.prune_every < 1 or self.drop_layers < 0 or not self.lr > 0:
+            raise ConfigError(f"need steps, batch_size, prune_every >= 1, drop_layers >= 0 and lr > 0, got "
+                              f"{self.steps}, {self.batch_size}, {self.prune_every}, {self.drop_layers}, {self.lr}")
+        if not 0.0 < self.prune_until <= 1.0:
+            raise ConfigError(f"prune_until must be in (0, 1] (a share of the steps), got {self.prune_until}")
+        DistilWeights(hidden=self.hidden_weight, attention=self.attention_weight)  # checks both
+
+    @property
+    def pruning_steps(self) -> int:
+        """Steps of the gradual phase (0 when no head or neuron goes)."""
+        if not (self.head_sparsity or self.ffn_sparsity):
+            return 0
+        return max(1, round(self.steps * self.prune_until))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,36 +163,149 @@ def distil_embeddings_(student: nn.Module, teacher: nn.Module, batches: Sequence
     student.eval()
 
 
-def _fraction_of_remaining(target: float, original: int, remaining: int) -> float:
-    """Sparsity to apply to the ``remaining`` units so that ``target`` of the ``original`` ones are gone."""
-    return max(0.0, min(1.0, (remaining - original * (1.0 - target)) / remaining)) if remaining else 0.0
+def pack_sentences(tokenizer: Any, sentences: Sequence[str], *, max_length: int = 64) -> torch.Tensor:
+    """Tokenise ``sentences`` into one packed ``(N, 2, max_length)`` tensor of ids and attention masks
+    (:func:`~slimtorch.recover.transformer_distill.pack_tokens`)."""
+    if not sentences:
+        raise ConfigError("the workflow needs at least one sentence to distil on")
+    batch = tokenizer(list(sentences), padding="max_length", truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    return pack_tokens(batch)
 
 
-def _stage_(model: nn.Module, teacher: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: WorkflowConfig,
-            kind: str, stats_fn: StatsFn | None) -> None:
-    """Raise one kind's sparsity over ``cfg.steps`` steps, compacting and distilling after each."""
-    target = cfg.head_sparsity if kind == "attention" else cfg.ffn_sparsity
-    original = sum(s.units for s in find_blocks(model).values() if s.kind == kind)
-    for step in range(1, cfg.steps + 1):
-        remaining = sum(s.units for s in find_blocks(model).values() if s.kind == kind)
-        fraction = _fraction_of_remaining(target * step / cfg.steps, original, remaining)
-        if fraction <= 0:
-            continue
-        config = head_config(model, fraction) if kind == "attention" else ffn_config(model, fraction)
-        stats = stats_fn(model, batches) if stats_fn is not None else None
-        compact_hf_(model, compute_masks(model, config, criterion=cfg.criterion, stats=stats))
-        distil_embeddings_(model, teacher, batches, steps=cfg.distil_steps, lr=cfg.lr)
-
-
-def prune_workflow_(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: WorkflowConfig, *,
-                    teacher: nn.Module | None = None, stats_fn: StatsFn | None = None) -> list[str]:
-    """Prune heads, then FFN neurons, of ``model`` in place, distilling from ``teacher`` (default: a copy
-    of the model as it is now) on tokenised ``batches``. Returns the per-layer pruned-head lines."""
-    if not batches:
+def _packed(data: torch.Tensor | Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Packed tokens from a packed tensor or a list of tokenised batches (padded to the longest)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    if not data:
         raise ConfigError("the workflow needs at least one tokenised batch of sentences")
-    teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
-    layers = [s.name for s in _attention(model)]
-    _stage_(model, teacher, batches, cfg, "attention", stats_fn)
-    _stage_(model, teacher, batches, cfg, "ffn", stats_fn)
+    packs = [pack_tokens(b) for b in data]
+    length = max(p.shape[2] for p in packs)
+    return torch.cat([nn.functional.pad(p, (0, length - p.shape[2])) for p in packs])
+
+
+def _slice(tokens: torch.Tensor, start: int, stop: int) -> TensorDataset:
+    """Sentences ``start..stop`` of the stream that cycles over ``tokens``, with their indices (the teacher
+    cache's keys) as targets."""
+    index = torch.arange(start, stop) % len(tokens)  # (stop - start,)
+    return TensorDataset(tokens[index], index)
+
+
+class _Gradual(Callback):
+    """Masks the lowest-scoring heads and neurons every ``prune_every`` steps, along a cubic schedule."""
+
+    def __init__(self, model: nn.Module, cfg: WorkflowConfig) -> None:
+        self.model, self.step = model, 0
+        self.schedule = Schedule(kind="agp", start=0, end=cfg.pruning_steps, every=min(cfg.prune_every,
+                                                                                         cfg.pruning_steps))
+        self.trackers = {kind: UnitScores(model, crit, kinds=(kind,)) for kind, crit, share in
+                         (("attention", cfg.head_criterion, cfg.head_sparsity),
+                          ("ffn", cfg.ffn_criterion, cfg.ffn_sparsity)) if share > 0}
+        self.targets = {"attention": cfg.head_sparsity, "ffn": cfg.ffn_sparsity}
+        self.removed: dict[str, list[int]] = {}
+
+    def after_backward(self, batch: Any) -> None:
+        for tracker in self.trackers.values():
+            tracker.after_backward(batch)
+
+    def after_step(self, batch: Any) -> None:
+        self.step += 1
+        if self.schedule.is_pruning_step(self.step):
+            self.prune_(self.schedule.sparsity(self.step, 1.0))
+
+    def prune_(self, progress: float) -> None:
+        """Mask the units that ``progress`` (share of the final sparsities) asks for."""
+        for kind, tracker in self.trackers.items():
+            specs = tracker.specs.values()
+            per_layer = kind == "ffn"
+            total = next(iter(specs)).units if per_layer else sum(s.units for s in specs)
+            count = int(self.targets[kind] * progress * total + 1e-9)
+            self.removed.update(choose_units(tracker.scores(), count, per_layer=per_layer, removed=self.removed))
+        apply_masks_(self.model, unit_masks(self.model, self.removed))
+
+
+def _train(model: nn.Module, data: TensorDataset, cfg: WorkflowConfig, loss: EncoderDistiller, *,
+           callbacks: Sequence[Callback] = (), checkpoint: Path | None = None, schedule: str = "constant") -> None:
+    if len(data) == 0:
+        return
+    config = TrainConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adamw", schedule=schedule,
+                         seed=cfg.seed, checkpoint_every=50 if checkpoint is not None else 0)
+    fit(model, data, config, loss_fn=loss, callbacks=callbacks, checkpoint=checkpoint,
+        resume=checkpoint is not None, context={"workflow": cfg.to_dict()})
+
+
+def drop_least_influential_(model: nn.Module, tokens: torch.Tensor, count: int, *, sample: int = 256) -> list[int]:
+    """Remove the ``count`` layers that change their input least on the first ``sample`` sentences; returns
+    the original indices of the layers kept."""
+    batches = [unpack_tokens(tokens[i : i + 32]) for i in range(0, min(sample, len(tokens)), 32)]
+    influence = layer_influence(model, batches)
+    order = sorted(range(len(influence)), key=lambda i: (influence[i], i))
+    return drop_layers_(model, order[:count])
+
+
+def _eager_attention_(model: nn.Module) -> None:
+    """Attention computed as softmax(QK^T) explicitly, so that the model can return its attention maps (the
+    fused kernel computes none)."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ConfigError(f"{type(model).__name__} cannot switch to eager attention; set attention_weight=0")
+    model.set_attn_implementation("eager")
+
+
+def teacher_cache(teacher: nn.Module, cfg: WorkflowConfig) -> TeacherCache:
+    """The teacher's cache for ``cfg`` (with attention maps when ``cfg.attention_weight`` > 0)."""
+    if cfg.attention_weight > 0:
+        _eager_attention_(teacher)
+    return TeacherCache(teacher, attentions=cfg.attention_weight > 0)
+
+
+def _loss(cache: TeacherCache, cfg: WorkflowConfig, layer_map: Sequence[int] | None) -> EncoderDistiller:
+    return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
+                                                                              attention=cfg.attention_weight))
+
+
+def prune_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache) -> list[int] | None:
+    """Steps 1 and 2 of the workflow, then compaction: drop layers, prune heads and neurons gradually while
+    distilling (the first ``cfg.pruning_steps`` steps). Returns the teacher layer each remaining layer stands for
+    (None: the depth is unchanged)."""
+    layer_map = drop_least_influential_(model, tokens, cfg.drop_layers) if cfg.drop_layers else None
+    done = cfg.pruning_steps * cfg.batch_size
+    if done:
+        gradual = _Gradual(model, cfg)
+        _train(model, _slice(tokens, 0, done), cfg, _loss(cache, cfg, layer_map), callbacks=[gradual])
+        gradual.prune_(1.0)  # the final sparsities, whatever the schedule's last step was
+        compact_hf_(model)
     model.eval()
-    return format_pruned_heads(model.slimtorch_compaction.get("pruned_heads", {}), layers)
+    return layer_map
+
+
+def distil_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache,
+                  layer_map: Sequence[int] | None, *, checkpoint: str | Path | None = None) -> None:
+    """Step 3: distil the compacted model for the steps left after the pruning phase, through
+    :func:`~slimtorch.recover.fit` (resumed from ``checkpoint`` when it exists)."""
+    path = Path(checkpoint) if checkpoint is not None else None
+    start = cfg.pruning_steps * cfg.batch_size
+    _train(model, _slice(tokens, start, cfg.steps * cfg.batch_size), cfg, _loss(cache, cfg, layer_map),
+           checkpoint=path, schedule="cosine")
+    model.eval()
+
+
+def prune_workflow_(model: nn.Module, data: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
+                    cfg: WorkflowConfig, *, teacher: nn.Module | None = None, cache: TeacherCache | None = None,
+                    checkpoint: str | Path | None = None) -> list[str]:
+    """Drop layers, then prune heads and FFN neurons of ``model`` gradually while distilling it from
+    ``teacher`` (default: a copy of the model as it is now), then compact it and distil on, in place, on the
+    sentences ``data`` (packed tokens, see :func:`pack_sentences`, or tokenised batches). ``cache``: a
+    :class:`TeacherCache` to share between runs on the same sentences. ``checkpoint``: file through which the
+    last phase resumes. Returns the per-layer pruned-head lines."""
+    tokens = _packed(data)
+    if cache is None:
+        cache = teacher_cache(teacher if teacher is not None else copy.deepcopy(model).eval(), cfg)
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if cfg.attention_weight > 0:
+        _eager_attention_(model)
+    layer_map = prune_phase_(model, tokens, cfg, cache)
+    layers = [s.name for s in find_blocks(model).values() if s.kind == "attention"]
+    distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint)
+    if cfg.attention_weight > 0 and previous is not None:
+        model.set_attn_implementation(previous)  # the kernel it had (eager only to return the maps)
+    return format_pruned_heads((getattr(model, COMPACTION_ATTR, None) or {}).get("pruned_heads", {}), layers)
