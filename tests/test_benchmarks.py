@@ -74,6 +74,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                       "s"], 16),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
+    "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "peak RSS (GiB)",
+                       "above imports (GiB)", "one layer fp32 (GiB)", "weights fp32 (GiB)"], 4)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
@@ -134,7 +136,14 @@ def check_stages(out: str, found: list[Table]) -> None:
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
-CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
+def check_llm_scale(out: str, found: list[Table]) -> None:
+    rows = _records(found[0])
+    assert [r["point"] for r in rows] == ["stream:magnitude", "stream:sparsegpt:2:4", "memory:magnitude",
+                                          "memory:sparsegpt:2:4"], rows
+    assert all(float(r["peak RSS (GiB)"]) > 0 for r in rows), rows  # every point ran in its own process
+
+
+CHECKS = {"llm_scale.py": check_llm_scale, "criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
           "pipeline.py": check_pipeline, "compaction.py": check_compaction, "stages.py": check_stages}
 
 
