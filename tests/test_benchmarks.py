@@ -143,8 +143,9 @@ def check_llm_scale(out: str, found: list[Table]) -> None:
     assert all(float(r["peak RSS (GiB)"]) > 0 for r in rows), rows  # every point ran in its own process
 
 
-CHECKS = {"llm_scale.py": check_llm_scale, "criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
-          "pipeline.py": check_pipeline, "compaction.py": check_compaction, "stages.py": check_stages}
+CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "sensitivity.py": check_sensitivity,
+          "llm_scale.py": check_llm_scale, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
+          "stages.py": check_stages}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM
 
 from slimtorch.errors import ConfigError
 from slimtorch.integrations.hf import streamed
-from slimtorch.integrations.hf.streamed import RECORD, stream_one_shot_prune
+from slimtorch.integrations.hf.streamed import stream_one_shot_prune
+from slimtorch.integrations.hf.streaming import RECORD
 from slimtorch.models.tiny_lm import TinyLMConfig, build_model
 from slimtorch.prune.oneshot import apply_one_shot_, one_shot_prune
 
@@ -66,7 +67,7 @@ def test_streamed_equals_in_memory_and_loads_with_from_pretrained(source, tmp_pa
 
 def test_an_interrupted_run_resumes_after_the_last_layer_written(source, tmp_path, monkeypatch):
     path, model = source
-    real, calls = streamed.prune_layer_, []
+    real, calls = streamed.prune_layer_, []  # (the step calls it through the module)
 
     def failing(layer, inputs, *args, **kwargs):
         calls.append(1)
