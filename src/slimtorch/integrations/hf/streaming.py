@@ -43,7 +43,9 @@ from slimtorch.integrations.hf.folders import hf_folder_spec, hf_weight_files
 from slimtorch.progress import progress_bar
 from slimtorch.prune.oneshot import capture_layer_inputs, decoder_layers
 
-__all__ = ["RECORD", "LayerStep", "ShardedWeights", "StreamRun", "meta_skeleton", "shard_name", "stream_layers"]
+__all__ = ["RECORD", "Inputs", "LayerStep", "ShardedWeights", "StreamRun", "check_calibration", "load_layer",
+           "meta_skeleton", "shard_name",
+           "stream_layers"]
 
 #: The progress record of an unfinished run, in the output folder (removed when the folder is complete).
 RECORD = "slimtorch-stream.json"
@@ -145,7 +147,7 @@ def _resume_inputs(output: Path, done: int, inputs: list[tuple[tuple, dict]]) ->
     return [((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(hidden, inputs, strict=True)]
 
 
-def _load_layer(skeleton_layer: nn.Module, stored: dict[str, torch.Tensor], where: str) -> nn.Module:
+def load_layer(skeleton_layer: nn.Module, stored: dict[str, torch.Tensor], where: str) -> nn.Module:
     """A float32 copy of one decoder layer holding the ``stored`` tensors (names relative to the layer)."""
     layer = copy.deepcopy(skeleton_layer).to_empty(device="cpu")
     expected = set(layer.state_dict())
@@ -188,7 +190,7 @@ def _identity(source: Path, settings: dict[str, Any], calibration: torch.Tensor 
     return {"source": str(source.resolve()), **settings, "calibration": calib}
 
 
-def _check_calibration(calibration: torch.Tensor | None, what: str) -> None:
+def check_calibration(calibration: torch.Tensor | None, what: str) -> None:
     if (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long
             or not calibration.numel()):
         raise ConfigError(f"{what} needs calibration token ids, a (samples, seq_len) int64 tensor; got "
@@ -251,7 +253,7 @@ def stream_layers(
     config.json the output changes (sizes of a compacted model)."""
     source, output = check_path(source, "the source folder"), check_path(output, "the output folder")
     if calibration is not None:
-        _check_calibration(calibration, settings.get("method", "this method"))
+        check_calibration(calibration, settings.get("method", "this method"))
     if output.resolve() == source.resolve():
         raise ConfigError(f"the output folder must differ from the source folder {str(source)!r}")
     weights = ShardedWeights(source)
@@ -266,7 +268,7 @@ def stream_layers(
         for index in range(done, count):
             start, where = time.perf_counter(), f"{prefix}.{index}."
             stored = {k[len(where):]: weights.get(k) for k in weights.names() if k.startswith(where)}  # stored dtype
-            tensors, inputs, note = step(index, _load_layer(layer_list[index], stored, where[:-1]), stored, inputs)
+            tensors, inputs, note = step(index, load_layer(layer_list[index], stored, where[:-1]), stored, inputs)
             record["bytes"].append(_write_layer(output, shard_name(index, count + 1),
                                                 {where + k: v for k, v in tensors.items()}))
             record["names"].append(sorted(tensors))
