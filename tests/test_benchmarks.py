@@ -76,6 +76,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                       "latency ms", "s"], 11)],
     "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "peak RSS (GiB)",
                        "above imports (GiB)", "one layer fp32 (GiB)", "weights fp32 (GiB)"], 4)],
+    "llm_structured.py": [(["pruned", "method", "params", "params removed", "perplexity", "x dense",
+                            "after LoRA recovery", "x dense", "prune s", "recovery s"], 12)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
