@@ -7,9 +7,9 @@
     PYTHONPATH=src python benchmarks/llm_scale.py --results /tmp/llm/results.jsonl --plot docs/img/llm_scale.png
     PYTHONPATH=src python benchmarks/llm_scale.py --smoke     # a tiny shape, every kind of point, seconds
 
-Models are written first with random weights (normal, std 0.02; float16 on disk, in shards of about 2 GB
-that cut across decoder layers, as ``save_pretrained`` does), in the shapes of TinyLlama-1.1B and
-LLaMA-2-7B and two smaller ones. Each point runs in a fresh Python process, which reports its wall time,
+Models are written first with random weights (normal, std 0.02, cut from one pool of 16M draws at random
+offsets; float16 on disk, in shards of about 2 GB that cut across decoder layers, as ``save_pretrained``
+does), in the shapes of TinyLlama-1.1B and LLaMA-2-7B and two smaller ones. Each point runs in a fresh Python process, which reports its wall time,
 CPU seconds (user + system, ``resource.getrusage``) and peak resident memory (``ru_maxrss``, which counts
 the pages of memory-mapped files read); the memory after importing torch and transformers is reported
 apart. Calibration is random token ids (the weights are random too: these points measure cost, not
@@ -49,6 +49,8 @@ SHAPES = {
     "7b": (4096, 32, 32, 32, 11008, 32000),  # LLaMA-2-7B
 }
 SHARD_BYTES = 2 << 30
+POOL = 1 << 24  # random values the weights are cut from
+STRUCTURED = 0.25  # fraction of the heads and of the FFN neurons removed by the structured points
 RAM_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -93,6 +95,16 @@ def parameters(size: str) -> int:
     return sum(torch.Size(shape).numel() for _, shape in tensor_shapes(size))
 
 
+def random_weight(pool: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A weight of ``shape`` cut from ``pool`` at a random offset (wrapping around): normal values at the
+    cost of a copy (these points measure cost, not quality)."""
+    count = torch.Size(shape).numel()
+    start = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+    reps = (start + count) // pool.numel() + 1
+    flat = pool.repeat(reps)[start : start + count] if reps > 1 else pool[start : start + count]
+    return flat.reshape(shape).clone()
+
+
 def write_model(size: str, path: Path) -> None:
     """A random LLaMA of ``size`` as a sharded ``save_pretrained`` folder, one tensor in memory at a time
     besides the shard being filled."""
@@ -101,6 +113,7 @@ def write_model(size: str, path: Path) -> None:
     from slimtorch.atomic import atomic_folder
 
     gen = torch.Generator().manual_seed(0)
+    pool = (torch.randn(POOL, generator=gen) * 0.02).half()  # values every weight is cut from (cheap to write)
     names = tensor_shapes(size)
     groups, current, filled = [], [], 0
     for name, shape in names:  # shards of about SHARD_BYTES (2 bytes a value)
@@ -115,7 +128,7 @@ def write_model(size: str, path: Path) -> None:
         weight_map = {}
         for i, group in enumerate(groups):
             file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-            shard = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02).half()
+            shard = {name: torch.ones(shape).half() if len(shape) == 1 else random_weight(pool, shape, gen)
                      for name, shape in group}
             save_file(shard, str(staging / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
@@ -128,6 +141,7 @@ def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
     """One point, in this process (the child): its costs."""
     from transformers import LlamaForCausalLM
 
+    from slimtorch.integrations.hf.llm_structured import stream_structured_prune
     from slimtorch.integrations.hf.streamed import stream_one_shot_prune
     from slimtorch.prune.oneshot import one_shot_prune
 
@@ -139,6 +153,10 @@ def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
         if point.kind == "stream":
             run = stream_one_shot_prune(source, Path(tmp) / "out", calib, method=point.method, pattern=point.pattern,
                                         batch_size=calibration[0])
+            extra["layer_seconds"] = list(run.layer_seconds)
+        elif point.kind == "structured":
+            run = stream_structured_prune(source, Path(tmp) / "out", calib, heads=STRUCTURED, neurons=STRUCTURED,
+                                          importance=point.method, batch_size=calibration[0])
             extra["layer_seconds"] = list(run.layer_seconds)
         else:
             model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -265,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", help="where the random models are written (reused when there)")
     parser.add_argument("--sizes", default="50m,350m", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--methods", default="magnitude,wanda", help="one-shot methods, 'wanda:2:4' for N:M")
-    parser.add_argument("--kinds", default="stream,memory", help="stream (layer by layer) and/or memory")
+    parser.add_argument("--kinds", default="stream,memory", help="stream (layer by layer), memory; structured "
+                        "(streamed heads + FFN, with --methods flap or wanda)")
     parser.add_argument("--calibration", type=int, default=4, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     parser.add_argument("--results", help="JSON-lines file: finished points appended, skipped when run again")
