@@ -10,15 +10,18 @@
 Models are written first with random weights (normal, std 0.02, cut from one pool of 16M draws at random
 offsets; float16 on disk, in shards of about 2 GB that cut across decoder layers, as ``save_pretrained``
 does), in the shapes of TinyLlama-1.1B and LLaMA-2-7B and two smaller ones. Each point runs in a fresh
-Python process, which reports its wall time, CPU seconds (user + system, ``resource.getrusage``) and peak resident memory (``ru_maxrss``, which counts
-the pages of memory-mapped files read); the memory after importing torch and transformers is reported
-apart. Calibration is random token ids (the weights are random too: these points measure cost, not
-quality). With ``--results``, finished points are appended to a JSON-lines file and skipped when the
-command is run again, so a long sweep can be resumed; ``--plot`` draws the curves from that file.
+Python process, which reports its wall time, CPU seconds (user + system, ``resource.getrusage``) and peak
+resident memory (``ru_maxrss``, which counts the pages of memory-mapped files read); the memory after
+importing torch and transformers is reported apart. Calibration is random token ids (the weights are
+random too: these points measure cost, not quality). With ``--results``, finished points are appended to
+a JSON-lines file and skipped when the command is run again, so a long sweep can be resumed; ``--plot``
+draws the curves from that file.
 
 Points: ``stream:<method>`` (:func:`slimtorch.integrations.hf.streamed.stream_one_shot_prune`, the
 output folder deleted after), ``memory:<method>`` (``from_pretrained`` in float32, then
-:func:`slimtorch.prune.oneshot.one_shot_prune`; skipped where the float32 weights would not fit in RAM).
+:func:`slimtorch.prune.oneshot.one_shot_prune`; skipped where the float32 weights would not fit in RAM),
+``structured:<importance>`` (:func:`slimtorch.integrations.hf.llm_structured.stream_structured_prune`, a
+quarter of the heads and of the FFN neurons of every layer, compacted).
 """
 
 from __future__ import annotations
