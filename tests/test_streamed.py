@@ -4,6 +4,7 @@ after an interruption, and refuses what it cannot do without touching the source
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,3 +107,12 @@ def test_streamed_pruning_refuses_bad_arguments(source, tmp_path):
         stream_one_shot_prune(path, tmp_path / "b", _calibration(), method="obs")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     stream_one_shot_prune(path, tmp_path / "c", None, method="magnitude")  # magnitude reads no calibration
+
+
+def test_the_progress_bar_counts_layers_and_shows_each_layers_time(source, tmp_path, monkeypatch, capsys):
+    path, _ = source
+    monkeypatch.setenv("SLIMTORCH_PROGRESS", "1")
+    stream_one_shot_prune(path, tmp_path / "out", None, method="magnitude")
+    err = capsys.readouterr().err
+    assert f"magnitude pruning, layer by layer:   0%|          | 0/{TINY.layers}" in err
+    assert re.search(r"\| [1-3]/3 .*layer [0-2]: \d+\.\d s\]", err), err  # tqdm redraws at most every 0.1 s
