@@ -11,7 +11,8 @@ Models are written first with random weights (normal, std 0.02, cut from one poo
 offsets; float16 on disk, in shards of about 2 GB that cut across decoder layers, as ``save_pretrained``
 does), in the shapes of TinyLlama-1.1B and LLaMA-2-7B and two smaller ones. Each point runs in a fresh
 Python process, which reports its wall time, CPU seconds (user + system, ``resource.getrusage``) and peak
-resident memory (``ru_maxrss``, which counts the pages of memory-mapped files read); the memory after
+resident memory (``VmHWM`` of ``/proc/self/status``, which counts the pages of memory-mapped files read;
+not ``ru_maxrss``, which a child inherits from the process that forked it); the memory after
 importing torch and transformers is reported apart. Calibration is random token ids (the weights are
 random too: these points measure cost, not quality). With ``--results``, finished points are appended to
 a JSON-lines file and skipped when the command is run again, so a long sweep can be resumed; ``--plot``
@@ -140,6 +141,15 @@ def write_model(size: str, path: Path) -> None:
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it was started (its own, unlike ``ru_maxrss``,
+    which Linux carries over from the parent through fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (no /proc: the inherited bound)
+
+
 def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
     """One point, in this process (the child): its costs."""
     from transformers import LlamaForCausalLM
@@ -148,7 +158,7 @@ def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
     from slimtorch.integrations.hf.streamed import stream_one_shot_prune
     from slimtorch.prune.oneshot import one_shot_prune
 
-    imported_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    imported_rss = peak_rss()
     calib = torch.randint(0, SHAPES[point.size][5], calibration, generator=torch.Generator().manual_seed(0))
     start, cpu = time.perf_counter(), time.process_time()
     extra = {}
@@ -168,7 +178,7 @@ def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
     return {"key": point.key, "size": point.size, "kind": point.kind, "method": point.method,
             "pattern": point.pattern, "params": parameters(point.size), "wall_s": round(time.perf_counter() - start, 2),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "prune_cpu_s": round(time.process_time() - cpu, 1),
-            "peak_rss": usage.ru_maxrss * 1024, "import_rss": imported_rss, "threads": torch.get_num_threads(),
+            "peak_rss": peak_rss(), "import_rss": imported_rss, "threads": torch.get_num_threads(),
             "calibration": list(calibration), **extra}
 
 
