@@ -106,6 +106,22 @@ def test_a_layer_that_changes_nothing_has_no_influence_and_dropping_it_changes_n
         torch.testing.assert_close(shallow(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_kept_heads_divide_the_hidden_size_so_that_from_pretrained_accepts_the_config(tmp_path):
+    from transformers import LlamaConfig
+
+    from slimtorch.integrations.hf.llm_structured import kept_counts
+
+    gqa = LlamaConfig(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=344)
+    assert kept_counts(gqa, 0.2, 0.2) == (4, 2, 275)  # 3 per group (6 heads) does not divide 128: 2 per group
+    mha = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008)
+    assert kept_counts(mha, 0.25, 0.25)[:2] == (16, 16)  # 24 does not divide 4096
+    cfg = TinyLMConfig(vocab_size=96, hidden_size=48, layers=1, heads=4, kv_heads=4, intermediate_size=32,
+                       seq_len=16)
+    _saved(cfg, tmp_path / "src")  # 3 of 4 heads kept: 48 = 3 x 16, allowed
+    stream_structured_prune(tmp_path / "src", tmp_path / "out", _calibration(cfg), heads=0.25, neurons=0.0)
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "out").config.num_attention_heads == 3
+
+
 def test_structured_pruning_refuses_bad_arguments(tmp_path):
     _saved(MHA, tmp_path / "src")
     calib = _calibration(MHA)
