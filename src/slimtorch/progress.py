@@ -44,7 +44,8 @@ class Bar:
                 from tqdm.auto import tqdm
             except ImportError:
                 return
-            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+            # redrawn at every step (a step is a layer: seconds), so that every step's note is shown
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, mininterval=0)
 
     def step(self, note: str = "") -> None:
         if self._bar is not None:
