@@ -74,6 +74,10 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                       "s"], 20),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
+    "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "peak RSS (GiB)",
+                       "above imports (GiB)", "one layer fp32 (GiB)", "weights fp32 (GiB)"], 4)],
+    "llm_structured.py": [(["pruned", "method", "params", "params removed", "perplexity", "x dense",
+                            "after LoRA recovery", "x dense", "prune s", "recovery s"], 12)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
     "quantizers.py": [(["quantizer", "method", "bits (weights / inputs)", "kernels", "accuracy", "vs fp32",
@@ -157,6 +161,13 @@ def check_stages(out: str, found: list[Table]) -> None:
     assert times["compute_masks, in all"] > 0 and times["compact_, in all"] > 0, times
 
 
+def check_llm_scale(out: str, found: list[Table]) -> None:
+    rows = _records(found[0])
+    assert [r["point"] for r in rows] == ["stream:magnitude", "stream:sparsegpt:2:4", "memory:magnitude",
+                                          "memory:sparsegpt:2:4"], rows
+    assert all(float(r["peak RSS (GiB)"]) > 0 for r in rows), rows  # every point ran in its own process
+
+
 def check_zoo_counts(out: str, found: list[Table]) -> None:
     per_model, counts = (_records(t) for t in found)
     assert all(r["slimtorch"].startswith("exact: ") for r in per_model), per_model
@@ -165,7 +176,7 @@ def check_zoo_counts(out: str, found: list[Table]) -> None:
 
 CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
           "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
-          "stages.py": check_stages, "sparse_kernels.py": check_sparse_kernels,
+          "stages.py": check_stages, "llm_scale.py": check_llm_scale, "sparse_kernels.py": check_sparse_kernels,
           "zoo_counts.py": check_zoo_counts}
 
 

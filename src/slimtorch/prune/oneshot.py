@@ -38,7 +38,8 @@ from slimtorch.prune.criteria import ScoreContext, get_criterion
 from slimtorch.prune.granularity import unit_view
 from slimtorch.prune.sparsegpt import sparsegpt_solve
 
-__all__ = ["ONE_SHOT_METHODS", "OneShotResult", "apply_one_shot_", "decoder_layers", "one_shot_prune"]
+__all__ = ["ONE_SHOT_METHODS", "ONE_SHOT_STATS", "OneShotResult", "apply_one_shot_", "capture_layer_inputs",
+           "decoder_layers", "one_shot_prune", "parse_one_shot", "prune_layer_", "register_one_shot", "run_layer"]
 
 #: ``fn(weight (out, in), xtx (in, in) = sum of x x^T over calibration tokens, tokens, sparsity, pattern)
 #: -> (new weight, keep mask)``; ``pattern`` is ``(n, m)`` or None.
@@ -46,13 +47,20 @@ OneShotFn = Callable[
     [torch.Tensor, torch.Tensor, int, float, "tuple[int, int] | None"], tuple[torch.Tensor, torch.Tensor]
 ]
 ONE_SHOT_METHODS: dict[str, OneShotFn] = {}
+#: What a method reads of its inputs (a method missing here reads ``"full"``): ``"none"`` (no calibration
+#: at all: the layers are not even run), ``"diag"`` (``xtx`` is the ``(in,)`` diagonal, the squared input
+#: norms: an ``(in, in)`` matrix is never built) or ``"full"`` (``xtx`` is the ``(in, in)`` matrix).
+ONE_SHOT_STATS: dict[str, str] = {}
 
 
-def register_one_shot(name: str) -> Callable[[OneShotFn], OneShotFn]:
-    """Register a one-shot layer pruning method under ``name``."""
+def register_one_shot(name: str, *, stats: str = "full") -> Callable[[OneShotFn], OneShotFn]:
+    """Register a one-shot layer pruning method under ``name``; ``stats`` says what of ``X^T X`` it reads."""
+    if stats not in ("none", "diag", "full"):
+        raise ConfigError(f"stats must be 'none', 'diag' or 'full', got {stats!r}")
 
     def deco(fn: OneShotFn) -> OneShotFn:
         ONE_SHOT_METHODS[name] = fn
+        ONE_SHOT_STATS[name] = stats
         return fn
 
     return deco
@@ -83,17 +91,18 @@ def _criterion_scores(name: str, weight: torch.Tensor, stats: dict[str, torch.Te
     return view.from_units(crit.fn(view.units(weight), ctx)[:, None])
 
 
-@register_one_shot("magnitude")
+@register_one_shot("magnitude", stats="none")
 def _magnitude(weight, xtx, tokens, sparsity, pattern):
     """|w|, ranked over the whole layer (the papers' magnitude baseline)."""
     keep = _keep_top(_criterion_scores("magnitude", weight, {}), sparsity, pattern, per_row=False)
     return weight * keep, keep
 
 
-@register_one_shot("wanda")
+@register_one_shot("wanda", stats="diag")
 def _wanda(weight, xtx, tokens, sparsity, pattern):
     """|w| times the L2 norm of its input feature over the calibration tokens, ranked per output row."""
-    norms = xtx.diagonal().clamp_min(0).sqrt().to(weight.dtype)  # (in,): ||X_j||_2
+    squares = xtx.diagonal() if xtx.dim() == 2 else xtx  # (in,): sum over tokens of x_j^2
+    norms = squares.clamp_min(0).sqrt().to(weight.dtype)  # (in,): ||X_j||_2
     stats = {"input_norm": norms}
     keep = _keep_top(_criterion_scores("wanda", weight, stats), sparsity, pattern, per_row=True)
     return weight * keep, keep
@@ -131,7 +140,7 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass at the first decoder layer."""
 
 
-def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+def capture_layer_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) the first decoder layer receives for each batch of token ids."""
     captured: list[tuple[tuple, dict]] = []
 
@@ -149,7 +158,7 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[torch.Tens
     return captured
 
 
-def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """Each batch's inputs passed through ``layer``: the next layer's inputs (hidden states replaced)."""
     out = []
     for args, kwargs in inputs:
@@ -159,25 +168,65 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple
     return out
 
 
-def _gram(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]]) -> dict[str, Any]:
-    """Per linear: [sum of x x^T (in, in) in float64, number of tokens] over all batches."""
+def _gram(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]],
+          stats: str) -> dict[str, Any]:
+    """Per linear: [sum of x x^T (in, in), or of x^2 (in,) for ``stats="diag"``, in float64; number of tokens]."""
     acc: dict[str, list] = {name: [0.0, 0] for name in linears}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
-            acc[name][0] = acc[name][0] + x.T @ x
+            acc[name][0] = acc[name][0] + (x.T @ x if stats == "full" else x.pow(2).sum(dim=0))
             acc[name][1] += x.shape[0]
 
         return hook
 
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in linears.items()]
     try:
-        _run_layer(layer, inputs)
+        run_layer(layer, inputs)
     finally:
         for h in handles:
             h.remove()
     return acc
+
+
+def parse_one_shot(method: str, sparsity: float, pattern: str | None) -> tuple[int, int] | None:
+    """Check one-shot arguments; the ``(n, m)`` of an ``"N:M"`` pattern, or None."""
+    if method not in ONE_SHOT_METHODS:
+        raise ConfigError(f"unknown one-shot method {method!r}; available: {sorted(ONE_SHOT_METHODS)}")
+    gran = Granularity.parse(pattern) if pattern is not None else None
+    if gran is not None and gran.kind != "n:m":
+        raise ConfigError(f"pattern must be an 'N:M' string such as '2:4', got {pattern!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    return (gran.n, gran.m) if gran is not None else None
+
+
+def prune_layer_(
+    layer: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    method: str,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    *,
+    store_dtype: torch.dtype | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Prune every linear of one decoder layer in place from its calibration ``inputs`` (the (args, kwargs)
+    it receives; unused by methods that read no statistics); ``{linear name: (new weight, keep mask)}``.
+    ``store_dtype``: the weights are rounded to it (the dtype they will be saved in), so that the next
+    layer is calibrated on what is saved."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    stats = ONE_SHOT_STATS.get(method, "full")
+    grams = _gram(layer, linears, inputs, stats) if stats != "none" else {n: [None, 0] for n in linears}
+    out = {}
+    for name, linear in linears.items():
+        xtx, tokens = grams.pop(name)  # (in, in) float64 each: freed as soon as used
+        new_weight, keep = ONE_SHOT_METHODS[method](linear.weight.detach(), xtx, tokens, sparsity, nm)
+        if store_dtype is not None:
+            new_weight = new_weight.to(store_dtype).to(linear.weight.dtype)
+        linear.weight.copy_(new_weight)
+        out[name] = (new_weight.detach().clone(), keep.bool())
+    return out
 
 
 def one_shot_prune(
@@ -197,32 +246,20 @@ def one_shot_prune(
         sparsity: fraction pruned (unstructured); ignored when ``pattern`` is given.
         pattern: ``"2:4"`` (or any ``"N:M"``) for semi-structured sparsity.
     """
-    if method not in ONE_SHOT_METHODS:
-        raise ConfigError(f"unknown one-shot method {method!r}; available: {sorted(ONE_SHOT_METHODS)}")
-    gran = Granularity.parse(pattern) if pattern is not None else None
-    if gran is not None and gran.kind != "n:m":
-        raise ConfigError(f"pattern must be an 'N:M' string such as '2:4', got {pattern!r}")
-    nm = (gran.n, gran.m) if gran is not None else None
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    nm = parse_one_shot(method, sparsity, pattern)
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
     weights: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        inputs = _capture_inputs(model, layers[0], list(calibration.split(batch_size)))
+        inputs = capture_layer_inputs(model, layers[0], list(calibration.split(batch_size)))
         for index, original in enumerate(layers):
             layer = copy.deepcopy(original)  # pruned on a copy: the user's model stays as it is
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            grams = _gram(layer, linears, inputs)
-            for name, linear in linears.items():
-                xtx, tokens = grams[name]
-                new_weight, keep = ONE_SHOT_METHODS[method](linear.weight.detach(), xtx, tokens, sparsity, nm)
-                linear.weight.copy_(new_weight)
+            for name, (new_weight, keep) in prune_layer_(layer, inputs, method, sparsity, nm).items():
                 key = f"{prefix}.{index}.{name}.weight"
-                weights[key], masks[key] = new_weight.detach().clone(), keep.bool()
-            inputs = _run_layer(layer, inputs)
+                weights[key], masks[key] = new_weight, keep
+            inputs = run_layer(layer, inputs)
     model.train(was_training)
     return OneShotResult(method, sparsity if nm is None else 1 - nm[0] / nm[1], pattern, weights, masks)
 

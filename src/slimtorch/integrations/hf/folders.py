@@ -49,7 +49,7 @@ from slimtorch.integrations.hf.configs import ABSENT, BEFORE_KEY
 from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
-__all__ = ["load_hf_folder", "save_hf_folder", "shrink_to_config_"]
+__all__ = ["hf_folder_spec", "hf_weight_files", "load_hf_folder", "save_hf_folder", "shrink_to_config_"]
 
 
 #: Files of an earlier save that a new one supersedes (weights, their shards and index): not kept beside it.
@@ -184,6 +184,12 @@ def _weight_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{str(path / 'model.safetensors.index.json')!r} has no valid 'weight_map' (names of "
                               f"shard files in the folder); {HF.fix}")
     return [path / name for name in sorted(set(shards.values()))]
+
+
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` folder, every header checked (nothing loaded)."""
+    _check_files(path)
+    return _weight_files(path)
 
 
 def _check_weights(path: Path) -> None:
@@ -338,6 +344,17 @@ def _shrinking_class(model_class: type[nn.Module], recorded: tuple[list[dict], d
 
     namespace = {"__init__": __init__, "__module__": model_class.__module__, "slimtorch_base": model_class}
     return type(model_class.__name__, (model_class,), namespace)
+
+
+def hf_folder_spec(path: str | Path) -> tuple[object, type[nn.Module]]:
+    """The config and model class of a ``save_pretrained`` folder, checked as :func:`load_hf_folder` checks
+    them (weights' headers, bounded sizes, a class of ``transformers`` itself); no weight is loaded."""
+    path = check_path(path, "the model folder")
+    _check_files(path)
+    config = _read_config(path)
+    model_class = _model_class(config, path)
+    _check_param_count(model_class, config, path)
+    return config, model_class
 
 
 def load_hf_folder(path: str | Path, *, model_class: type[nn.Module] | None = None) -> nn.Module:
