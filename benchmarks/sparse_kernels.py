@@ -1,6 +1,6 @@
 """Where sparse storage and sparse CPU kernels pay: bytes stored and Linear latency against sparsity.
 
-    flock /work/notes/cpu.lock env PYTHONPATH=src python benchmarks/sparse_kernels.py
+    PYTHONPATH=src python benchmarks/sparse_kernels.py            # on an otherwise idle machine
     PYTHONPATH=src python benchmarks/sparse_kernels.py --smoke     # tiny layers, few runs: checks that it works
 
 1. Storage: models masked at several sparsities (fine-grained and 2:4), saved as a model file with the
