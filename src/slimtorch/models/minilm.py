@@ -72,14 +72,14 @@ def sentence_transformer(model: nn.Module | None = None, *, path: str | None = N
     from sentence_transformers import SentenceTransformer
 
     from slimtorch.integrations.hf.folders import load_hf_folder
-    from slimtorch.integrations.hf.sentence import offline
+    from slimtorch.integrations.hf.sentence import offline, set_transformer
 
     if model is None and path is not None:
         model = load_hf_folder(path)
     with offline():
         st = SentenceTransformer(minilm_path(), device="cpu")
     if model is not None:
-        st[0].model = model
+        set_transformer(st[0], model)
     return st.eval()
 
 

@@ -26,7 +26,7 @@ from slimtorch.checks import check_path
 from slimtorch.errors import CheckpointError
 from slimtorch.integrations.hf.folders import load_hf_folder, save_hf_folder
 
-__all__ = ["load_sentence_folder", "needs_our_loader", "save_sentence_folder"]
+__all__ = ["load_sentence_folder", "needs_our_loader", "offline", "save_sentence_folder", "set_transformer"]
 
 
 @contextlib.contextmanager
@@ -43,7 +43,7 @@ def offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def _set_transformer(first: Any, model: nn.Module) -> None:
+def set_transformer(first: Any, model: nn.Module) -> None:
     """Put ``model`` in a sentence-transformers ``Transformer`` module (``auto_model`` is a read-only alias of
     ``model`` in recent releases, the attribute itself in older ones)."""
     if isinstance(getattr(type(first), "auto_model", None), property) or not hasattr(first, "auto_model"):
@@ -67,7 +67,7 @@ def save_sentence_folder(model: nn.Module, template: Any, path: str | Path) -> N
     st = copy.copy(template)  # (the modules are shared; only the first is swapped, on a shallow copy of it)
     first = copy.copy(template[0])
     first._modules = dict(first._modules)
-    _set_transformer(first, model)
+    set_transformer(first, model)
     st._modules = dict(template._modules)
     st._modules[next(iter(st._modules))] = first
     save_hf_folder(st, path)
@@ -96,5 +96,5 @@ def load_sentence_folder(path: str | Path) -> Any:
                                      model_kwargs={"ignore_mismatched_sizes": True})
     finally:
         hf_logging.set_verbosity(verbosity)
-    _set_transformer(st[0], model)
+    set_transformer(st[0], model)
     return st.eval()
