@@ -295,23 +295,59 @@ def layer_bytes(size: str) -> int:
     return 4 * sum(torch.Size(s).numel() for n, s in tensor_shapes(size) if n.startswith("model.layers.0."))
 
 
+def layer_parameters(size: str) -> int:
+    """The parameters of the decoder layers: what is pruned (the embeddings and output head are copied)."""
+    return sum(torch.Size(s).numel() for n, s in tensor_shapes(size) if n.startswith("model.layers."))
+
+
+def topk_table() -> str:
+    """CPU seconds of the magnitude criterion's ranking (``torch.topk`` of half of one whole matrix) and of a
+    matmul on 512 tokens, per million weights, for the FFN matrix of each shape: a cost per weight that
+    grows with the matrix (``n log n``) makes pruning time grow faster than the parameters."""
+    lines = ["| shape | FFN matrix | topk, ms per M weights | matmul (512 tokens), ms per M weights |",
+             "|---|---|---:|---:|"]
+    for size in ("50m", "350m", "1.1b", "7b"):
+        hidden, inter = SHAPES[size][0], SHAPES[size][4]
+        w = torch.randn(hidden, inter, generator=torch.Generator().manual_seed(0))
+        reps = max(1, 4_000_000 // w.numel())
+        cpu = time.process_time()
+        for _ in range(reps):
+            torch.topk(w.abs().reshape(1, -1), w.numel() // 2, dim=1, largest=False)
+        ranking = (time.process_time() - cpu) / reps
+        x = torch.randn(512, inter)
+        cpu = time.process_time()
+        for _ in range(reps):
+            x @ w.T
+        matmul = (time.process_time() - cpu) / reps
+        per_m = 1e9 / w.numel()  # seconds per weight -> ms per million weights
+        lines.append(f"| {size} | {hidden} x {inter} | {ranking * per_m:.0f} | {matmul * per_m:.1f} |")
+    return "\n".join(lines)
+
+
+def point_name(row: dict) -> str:
+    """A row's point (``stream:wanda``), or the label a results file gives it (a run of older code)."""
+    return row.get("label", row["key"].split(" ", 1)[1])
+
+
 def table(rows: list[dict]) -> str:
     """The points as a Markdown table; the ratios are the memory above the imports over the weights'
     bytes, in float32 and as stored (float16)."""
-    lines = ["| model | params | point | wall (s) | CPU (s) | CPU s / B params | peak RSS (GiB) | above imports (GiB) "
-             "| ÷ fp32 weights | ÷ fp16 weights | one layer fp32 (GiB) | weights fp32 (GiB) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # wall, CPU: the pruning, not the imports
+    lines = ["| model | params | point | wall (s) | CPU (s) | CPU s / B params | CPU s / B layer params "
+             "| peak RSS (GiB) | above imports (GiB) | ÷ fp32 weights | ÷ fp16 weights | one layer fp32 (GiB) "
+             "| weights fp32 (GiB) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # wall, CPU: the pruning alone
     for r in rows:
         size, params = r["size"], r["params"]
-        fixed = f"| {size} | {params / 1e6:,.1f}M | {r['key'].split(' ', 1)[1]} |"
+        fixed = f"| {size} | {params / 1e6:,.1f}M | {point_name(r)} |"
         if "skipped" in r:
-            lines.append(f"{fixed} {r['skipped']} | - | - | - | - | - | - | {gib(layer_bytes(size))} | "
+            lines.append(f"{fixed} {r['skipped']} | - | - | - | - | - | - | - | {gib(layer_bytes(size))} | "
                          f"{gib(4 * params)} |")
             continue
-        above = r["peak_rss"] - r["import_rss"]
-        lines.append(f"{fixed} {r['wall_s']:.1f} | {r['prune_cpu_s']:.1f} | {r['prune_cpu_s'] / params * 1e9:.1f} | "
-                     f"{gib(r['peak_rss'])} | {gib(above)} | {above / (4 * params):.2f} | {above / (2 * params):.2f} | "
-                     f"{gib(layer_bytes(size))} | {gib(4 * params)} |")
+        above, cpu = r["peak_rss"] - r["import_rss"], r["prune_cpu_s"]
+        lines.append(f"{fixed} {r['wall_s']:.1f} | {cpu:.1f} | {cpu / params * 1e9:.1f} | "
+                     f"{cpu / layer_parameters(size) * 1e9:.1f} | {gib(r['peak_rss'])} | {gib(above)} | "
+                     f"{above / (4 * params):.2f} | {above / (2 * params):.2f} | {gib(layer_bytes(size))} | "
+                     f"{gib(4 * params)} |")
     return "\n".join(lines)
 
 
@@ -324,9 +360,10 @@ def plot(rows: list[dict], path: str) -> None:
     from slimtorch.atomic import save_figure
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    kinds = sorted({r["key"].split(" ", 1)[1] for r in rows if "skipped" not in r})
+    kinds = sorted({point_name(r) for r in rows if "skipped" not in r})
     for kind in kinds:
-        pts = sorted((r["params"], r) for r in rows if r["key"].split(" ", 1)[1] == kind and "skipped" not in r)
+        pts = sorted(((r["params"], r) for r in rows if point_name(r) == kind and "skipped" not in r),
+                     key=lambda p: p[0])
         xs = [p / 1e9 for p, _ in pts]
         ax_t.plot(xs, [r["prune_cpu_s"] for _, r in pts], "o-", label=kind)
         ax_m.plot(xs, [r["peak_rss"] / 2**30 for _, r in pts], "o-", label=kind)
@@ -403,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", help="JSON-lines file: finished points appended, skipped when run again")
     parser.add_argument("--delete-models", default="", help="sizes whose model folder is deleted after its points")
     parser.add_argument("--plot", help="draw the curves of --results into this image")
+    parser.add_argument("--topk", action="store_true", help="CPU cost per weight of ranking and of a matmul, by "
+                        "the shapes' FFN matrix (why time grows faster than the parameters)")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, every kind of point (figures meaningless)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -415,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     print(f"<!-- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {date.today()}, RAM {gib(RAM_BYTES)} GiB -->")
+    if args.topk:
+        print(topk_table())
+        return
     if args.smoke:
         args.sizes = ["smoke"]
         args.points = SMOKE + (["torch-pruning:ffn"] if importlib.util.find_spec("torch_pruning") else [])
