@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -56,6 +57,9 @@ SHARD_BYTES = 2 << 30
 POOL = 1 << 24  # random values the weights are cut from
 STRUCTURED = 0.25  # fraction of the heads and of the FFN neurons removed by the structured points
 RAM_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+#: The points of ``--smoke`` (and Torch-Pruning's FFN compaction where it is installed).
+SMOKE = ["stream:magnitude", "stream:sparsegpt:2:4", "memory:magnitude", "memory:sparsegpt:2:4", "structured:flap",
+         "structured:flap:ffn", "layers:block"]
 
 
 @dataclass(frozen=True)
@@ -141,39 +145,121 @@ def write_model(size: str, path: Path) -> None:
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def peak_rss() -> int:
+def peak_rss(field: str = "VmHWM") -> int:
     """This process's peak resident memory in bytes since it was started (its own, unlike ``ru_maxrss``,
-    which Linux carries over from the parent through fork and exec)."""
+    which Linux carries over from the parent through fork and exec); ``field="VmRSS"``: the memory now."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (no /proc: the inherited bound)
 
 
-def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
-    """One point, in this process (the child): its costs."""
+class RssTrace:
+    """The resident memory sampled every ``every`` seconds by a thread, as (seconds, bytes) pairs: a
+    streamed run's memory should rise and fall with each layer, never climb from layer to layer."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append((round(time.perf_counter() - self._start, 1), peak_rss("VmRSS")))
+
+    def stop(self) -> list[tuple[float, int]]:
+        """The samples, at most 400 (evenly thinned)."""
+        self._stop.set()
+        self._thread.join()
+        return self.samples[:: len(self.samples) // 400 + 1]
+
+
+def _one_shot(point: Point, source: Path, out: Path, calib: torch.Tensor) -> dict:
     from transformers import LlamaForCausalLM
 
-    from slimtorch.integrations.hf.llm_structured import stream_structured_prune
     from slimtorch.integrations.hf.streamed import stream_one_shot_prune
     from slimtorch.prune.oneshot import one_shot_prune
 
+    if point.kind == "stream":
+        run = stream_one_shot_prune(source, out, calib, method=point.method, pattern=point.pattern,
+                                    batch_size=calib.shape[0])
+        return {"layer_seconds": list(run.layer_seconds)}
+    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+    one_shot_prune(model, calib, method=point.method, pattern=point.pattern, batch_size=calib.shape[0])
+    return {}
+
+
+def _structured(point: Point, source: Path, out: Path, calib: torch.Tensor) -> dict:
+    """Streamed heads + FFN neurons (``pattern="ffn"``: FFN neurons only), or whole layers dropped."""
+    from slimtorch.integrations.hf.llm_structured import block_influence, stream_drop_layers, stream_structured_prune
+
+    if point.kind == "layers":  # the quarter of the layers of least block influence
+        influence = block_influence(source, calib, batch_size=calib.shape[0])
+        drop = sorted(range(len(influence)), key=influence.__getitem__)[: max(1, len(influence) // 4)]
+        stream_drop_layers(source, out, drop)
+        return {"dropped": sorted(drop)}
+    heads = 0.0 if point.pattern == "ffn" else STRUCTURED
+    run = stream_structured_prune(source, out, calib, heads=heads, neurons=STRUCTURED, importance=point.method,
+                                  batch_size=calib.shape[0])
+    return {"layer_seconds": list(run.layer_seconds), "kept_heads": len(run.heads[0]),
+            "kept_neurons": len(run.neurons[0])}
+
+
+def _torch_pruning(point: Point, source: Path, out: Path, calib: torch.Tensor) -> dict:
+    """Torch-Pruning's compaction as its LLM example calls it (``BasePruner``, group magnitude importance,
+    ``round_to=4``, a few tokens to trace), on the whole float32 model in memory, then saved. ``ffn``: the
+    FFN neurons alone (attention linears, embeddings and head ignored, so the width stays); ``heads``: query
+    heads (``num_heads``, ``prune_num_heads``, head dimensions kept) and FFN neurons."""
+    import torch_pruning as tp
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    config, ignored, num_heads = model.config, [model.lm_head, model.model.embed_tokens], {}
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if point.method == "ffn":
+            ignored += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        else:
+            num_heads.update({attn.q_proj: config.num_attention_heads, attn.k_proj: config.num_key_value_heads,
+                              attn.v_proj: config.num_key_value_heads})
+    importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+    pruner = tp.pruner.BasePruner(
+        model, example_inputs=calib[:1, :8], importance=importance,
+        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=STRUCTURED, ignored_layers=ignored,
+        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio=STRUCTURED,
+        round_to=4)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    config.intermediate_size = mlp.gate_proj.out_features
+    config.num_attention_heads = attn.q_proj.out_features // config.head_dim
+    config.num_key_value_heads = attn.k_proj.out_features // config.head_dim
+    model.save_pretrained(out)
+    return {"kept_heads": config.num_attention_heads, "kept_neurons": config.intermediate_size}
+
+
+RUNNERS = {"stream": _one_shot, "memory": _one_shot, "structured": _structured, "layers": _structured,
+           "torch-pruning": _torch_pruning}
+
+
+def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
+    """One point, in this process (the child): its costs."""
+    from transformers import LlamaForCausalLM  # noqa: F401  (imported before the memory after imports is read)
+
+    from slimtorch.integrations.hf.llm_structured import stream_structured_prune  # noqa: F401
+    from slimtorch.integrations.hf.streamed import stream_one_shot_prune  # noqa: F401
+
+    if point.kind == "torch-pruning":
+        import torch_pruning  # noqa: F401
     imported_rss = peak_rss()
+    trace = RssTrace()
     calib = torch.randint(0, SHAPES[point.size][5], calibration, generator=torch.Generator().manual_seed(0))
     start, cpu = time.perf_counter(), time.process_time()
-    extra = {}
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
-        if point.kind == "stream":
-            run = stream_one_shot_prune(source, Path(tmp) / "out", calib, method=point.method, pattern=point.pattern,
-                                        batch_size=calibration[0])
-            extra["layer_seconds"] = list(run.layer_seconds)
-        elif point.kind == "structured":
-            run = stream_structured_prune(source, Path(tmp) / "out", calib, heads=STRUCTURED, neurons=STRUCTURED,
-                                          importance=point.method, batch_size=calibration[0])
-            extra["layer_seconds"] = list(run.layer_seconds)
-        else:
-            model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
-            one_shot_prune(model, calib, method=point.method, pattern=point.pattern, batch_size=calibration[0])
+        extra = RUNNERS[point.kind](point, source, Path(tmp) / "out", calib)
+    extra["rss_trace"] = trace.stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"key": point.key, "size": point.size, "kind": point.kind, "method": point.method,
             "pattern": point.pattern, "params": parameters(point.size), "wall_s": round(time.perf_counter() - start, 2),
@@ -182,13 +268,18 @@ def run_point(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
             "calibration": list(calibration), **extra}
 
 
-def measure(point: Point, source: Path, calibration: tuple[int, int]) -> dict:
-    """``run_point`` in a fresh process (its own peak memory), with this copy of slimtorch."""
+def measure(point: Point, source: Path, calibration: tuple[int, int], timeout: float | None = None) -> dict:
+    """``run_point`` in a fresh process (its own peak memory), with this copy of slimtorch; a point that
+    has no result within ``timeout`` seconds is stopped and recorded as such."""
     package = Path(importlib.util.find_spec("slimtorch").origin).resolve().parents[1]  # src/ of this copy
     env = {**os.environ, "PYTHONPATH": str(package), "SLIMTORCH_PROGRESS": "0"}
     spec = json.dumps({"point": point.__dict__, "source": str(source), "calibration": list(calibration)})
-    done = subprocess.run([sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True,
-                          check=False)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child", spec], env=env, capture_output=True, text=True,
+                              check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"key": point.key, "size": point.size, "params": parameters(point.size),
+                "skipped": f"no result in {timeout:.0f} s (stopped)"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{point.key} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -204,18 +295,58 @@ def layer_bytes(size: str) -> int:
     return 4 * sum(torch.Size(s).numel() for n, s in tensor_shapes(size) if n.startswith("model.layers.0."))
 
 
+def layer_parameters(size: str) -> int:
+    """The parameters of the decoder layers: what is pruned (the embeddings and output head are copied)."""
+    return sum(torch.Size(s).numel() for n, s in tensor_shapes(size) if n.startswith("model.layers."))
+
+
+def topk_table() -> str:
+    """CPU seconds of the magnitude criterion's ranking (``torch.topk`` of half of one whole matrix) and of a
+    matmul on 512 tokens, per million weights, for the FFN matrix of each shape: a cost per weight that
+    grows with the matrix (``n log n``) makes pruning time grow faster than the parameters."""
+    lines = ["| shape | FFN matrix | topk, ms per M weights | matmul (512 tokens), ms per M weights |",
+             "|---|---|---:|---:|"]
+    for size in ("50m", "350m", "1.1b", "7b"):
+        hidden, inter = SHAPES[size][0], SHAPES[size][4]
+        w = torch.randn(hidden, inter, generator=torch.Generator().manual_seed(0))
+        reps = max(1, 4_000_000 // w.numel())
+        cpu = time.process_time()
+        for _ in range(reps):
+            torch.topk(w.abs().reshape(1, -1), w.numel() // 2, dim=1, largest=False)
+        ranking = (time.process_time() - cpu) / reps
+        x = torch.randn(512, inter)
+        cpu = time.process_time()
+        for _ in range(reps):
+            x @ w.T
+        matmul = (time.process_time() - cpu) / reps
+        per_m = 1e9 / w.numel()  # seconds per weight -> ms per million weights
+        lines.append(f"| {size} | {hidden} x {inter} | {ranking * per_m:.0f} | {matmul * per_m:.1f} |")
+    return "\n".join(lines)
+
+
+def point_name(row: dict) -> str:
+    """A row's point (``stream:wanda``), or the label a results file gives it (a run of older code)."""
+    return row.get("label", row["key"].split(" ", 1)[1])
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | point | wall (s) | CPU (s) | CPU s / B params | peak RSS (GiB) | above imports (GiB) "
-             "| one layer fp32 (GiB) | weights fp32 (GiB) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # wall and CPU: the pruning, not the imports
+    """The points as a Markdown table; the ratios are the memory above the imports over the weights'
+    bytes, in float32 and as stored (float16)."""
+    lines = ["| model | params | point | wall (s) | CPU (s) | CPU s / B params | CPU s / B layer params "
+             "| peak RSS (GiB) | above imports (GiB) | ÷ fp32 weights | ÷ fp16 weights | one layer fp32 (GiB) "
+             "| weights fp32 (GiB) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # wall, CPU: the pruning alone
     for r in rows:
         size, params = r["size"], r["params"]
-        fixed = f"| {size} | {params / 1e6:,.1f}M | {r['key'].split(' ', 1)[1]} |"
+        fixed = f"| {size} | {params / 1e6:,.1f}M | {point_name(r)} |"
         if "skipped" in r:
-            lines.append(f"{fixed} {r['skipped']} | - | - | - | - | {gib(layer_bytes(size))} | {gib(4 * params)} |")
+            lines.append(f"{fixed} {r['skipped']} | - | - | - | - | - | - | - | {gib(layer_bytes(size))} | "
+                         f"{gib(4 * params)} |")
             continue
-        lines.append(f"{fixed} {r['wall_s']:.1f} | {r['prune_cpu_s']:.1f} | {r['prune_cpu_s'] / params * 1e9:.1f} | "
-                     f"{gib(r['peak_rss'])} | {gib(r['peak_rss'] - r['import_rss'])} | {gib(layer_bytes(size))} | "
+        above, cpu = r["peak_rss"] - r["import_rss"], r["prune_cpu_s"]
+        lines.append(f"{fixed} {r['wall_s']:.1f} | {cpu:.1f} | {cpu / params * 1e9:.1f} | "
+                     f"{cpu / layer_parameters(size) * 1e9:.1f} | {gib(r['peak_rss'])} | {gib(above)} | "
+                     f"{above / (4 * params):.2f} | {above / (2 * params):.2f} | {gib(layer_bytes(size))} | "
                      f"{gib(4 * params)} |")
     return "\n".join(lines)
 
@@ -229,9 +360,10 @@ def plot(rows: list[dict], path: str) -> None:
     from slimtorch.atomic import save_figure
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    kinds = sorted({r["key"].split(" ", 1)[1] for r in rows if "skipped" not in r})
+    kinds = sorted({point_name(r) for r in rows if "skipped" not in r})
     for kind in kinds:
-        pts = sorted((r["params"], r) for r in rows if r["key"].split(" ", 1)[1] == kind and "skipped" not in r)
+        pts = sorted(((r["params"], r) for r in rows if point_name(r) == kind and "skipped" not in r),
+                     key=lambda p: p[0])
         xs = [p / 1e9 for p, _ in pts]
         ax_t.plot(xs, [r["prune_cpu_s"] for _, r in pts], "o-", label=kind)
         ax_m.plot(xs, [r["peak_rss"] / 2**30 for _, r in pts], "o-", label=kind)
@@ -250,13 +382,13 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
-def points(sizes: list[str], kinds: list[str], methods: list[str]) -> list[Point]:
+def points(size: str, args: argparse.Namespace) -> list[Point]:
+    """The points of ``size``: ``--points`` (``kind:method[:pattern]`` each) or every kind with every method."""
+    specs = args.points or [f"{kind}:{method}" for kind in args.kinds for method in args.methods]
     out = []
-    for size in sizes:
-        for kind in kinds:
-            for method in methods:
-                name, _, pattern = method.partition(":")
-                out.append(Point(size, kind, name, pattern or None))
+    for spec in specs:
+        kind, method, pattern = [*spec.split(":", 2), ""][:3]
+        out.append(Point(size, kind, method, pattern or None))
     return out
 
 
@@ -266,22 +398,22 @@ def sweep(args: argparse.Namespace, root: Path) -> list[dict]:
         done = {r["key"]: r for r in map(json.loads, Path(args.results).read_text().splitlines())}
     rows = []
     for size in args.sizes:
-        todo = [p for p in points([size], args.kinds, args.methods) if p.key not in done]
+        todo = [p for p in points(size, args) if p.key not in done]
         path = root / size
         if todo and not path.exists():
             start = time.perf_counter()
             write_model(size, path)
             print(f"<!-- wrote {size} ({parameters(size) / 1e9:.2f}B parameters) in "
                   f"{time.perf_counter() - start:.0f} s -->")
-        for point in points([size], args.kinds, args.methods):
+        for point in points(size, args):
             if point.key in done:
                 rows.append(done[point.key])
                 continue
-            if point.kind == "memory" and 4 * parameters(size) * 1.5 > RAM_BYTES:
+            if point.kind in ("memory", "torch-pruning") and 4 * parameters(size) * 1.5 > RAM_BYTES:
                 row = {"key": point.key, "size": size, "params": parameters(size),
                        "skipped": f"does not fit ({gib(4 * parameters(size))} GiB of float32 weights)"}
             else:
-                row = measure(point, path, (args.calibration, args.seq_len))
+                row = measure(point, path, (args.calibration, args.seq_len), args.timeout)
             rows.append(row)
             if args.results:
                 with open(args.results, "a") as f:
@@ -297,12 +429,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="50m,350m", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--methods", default="magnitude,wanda", help="one-shot methods, 'wanda:2:4' for N:M")
     parser.add_argument("--kinds", default="stream,memory", help="stream (layer by layer), memory; structured "
-                        "(streamed heads + FFN, with --methods flap or wanda)")
+                        "(streamed heads + FFN, with --methods flap or wanda; 'flap:ffn' for FFN neurons alone); "
+                        "layers (--methods block: a quarter of the layers dropped by block influence); "
+                        "torch-pruning (--methods ffn or heads: Torch-Pruning's compaction in memory)")
+    parser.add_argument("--points", default="", help="kind:method[:pattern], comma-separated, instead of every "
+                        "--kinds with every --methods (e.g. structured:flap,layers:block,torch-pruning:ffn)")
+    parser.add_argument("--timeout", type=float, help="seconds after which a point is stopped and recorded so")
     parser.add_argument("--calibration", type=int, default=4, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample")
     parser.add_argument("--results", help="JSON-lines file: finished points appended, skipped when run again")
     parser.add_argument("--delete-models", default="", help="sizes whose model folder is deleted after its points")
     parser.add_argument("--plot", help="draw the curves of --results into this image")
+    parser.add_argument("--topk", action="store_true", help="CPU cost per weight of ranking and of a matmul, by "
+                        "the shapes' FFN matrix (why time grows faster than the parameters)")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, every kind of point (figures meaningless)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -311,12 +450,16 @@ def main(argv: list[str] | None = None) -> None:
         row = run_point(Point(**spec["point"]), Path(spec["source"]), tuple(spec["calibration"]))
         print("RESULT " + json.dumps(row))
         return
-    for name in ("sizes", "methods", "kinds", "delete_models"):
+    for name in ("sizes", "methods", "kinds", "points", "delete_models"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     print(f"<!-- {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {date.today()}, RAM {gib(RAM_BYTES)} GiB -->")
+    if args.topk:
+        print(topk_table())
+        return
     if args.smoke:
-        args.sizes, args.methods, args.kinds = ["smoke"], ["magnitude", "sparsegpt:2:4"], ["stream", "memory"]
+        args.sizes = ["smoke"]
+        args.points = SMOKE + (["torch-pruning:ffn"] if importlib.util.find_spec("torch_pruning") else [])
         args.calibration, args.seq_len = 2, 16
         with tempfile.TemporaryDirectory() as tmp:
             rows = sweep(args, Path(tmp))

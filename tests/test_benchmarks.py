@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import re
 import runpy
 from pathlib import Path
@@ -74,8 +75,10 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                       "s"], 20),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
-    "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "peak RSS (GiB)",
-                       "above imports (GiB)", "one layer fp32 (GiB)", "weights fp32 (GiB)"], 4)],
+    "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "CPU s / B layer params",
+                       "peak RSS (GiB)",
+                       "above imports (GiB)", "÷ fp32 weights", "÷ fp16 weights", "one layer fp32 (GiB)",
+                       "weights fp32 (GiB)"], 7 + bool(importlib.util.find_spec("torch_pruning")))],
     "llm_structured.py": [(["pruned", "method", "params", "params removed", "perplexity", "x dense",
                             "after LoRA recovery", "x dense", "prune s", "recovery s"], 12)],
     "pipeline.py": [([*PIPELINE, "top-1", "what ran"], 7), ([*PIPELINE, "cosine", "what ran"], 7)],
@@ -163,8 +166,11 @@ def check_stages(out: str, found: list[Table]) -> None:
 
 def check_llm_scale(out: str, found: list[Table]) -> None:
     rows = _records(found[0])
-    assert [r["point"] for r in rows] == ["stream:magnitude", "stream:sparsegpt:2:4", "memory:magnitude",
-                                          "memory:sparsegpt:2:4"], rows
+    expected = ["stream:magnitude", "stream:sparsegpt:2:4", "memory:magnitude", "memory:sparsegpt:2:4",
+                "structured:flap", "structured:flap:ffn", "layers:block"]
+    if importlib.util.find_spec("torch_pruning"):  # Torch-Pruning's compaction beside ours where installed
+        expected.append("torch-pruning:ffn")
+    assert [r["point"] for r in rows] == expected, rows
     assert all(float(r["peak RSS (GiB)"]) > 0 for r in rows), rows  # every point ran in its own process
 
 

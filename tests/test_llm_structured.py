@@ -136,3 +136,48 @@ def test_structured_pruning_refuses_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="distinct layers"):
         stream_drop_layers(tmp_path / "src", tmp_path / "a", [5])
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("run", ["structured", "influence", "drop"])
+def test_one_layer_at_a_time_the_previous_layer_is_freed_before_the_next_is_read(tmp_path, monkeypatch, run):
+    """The memory model's promise: when a decoder layer's first tensor is read, nothing of the layer
+    before it (its tensors as stored, its float32 copy) is alive any more."""
+    import gc
+    import re
+    import weakref
+
+    from slimtorch.integrations.hf import llm_structured, streaming
+
+    _saved(GQA, tmp_path / "src")
+    alive: dict[int, list[weakref.ref]] = {}  # layer index -> what was read or built for it
+    stale: list[str] = []
+    get, load = streaming.ShardedWeights.get, streaming.load_layer
+
+    def tracked_get(self, key: str) -> torch.Tensor:
+        index = int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", key)) else None
+        if index is not None and index not in alive:  # the first tensor of a layer: the one before is gone?
+            gc.collect()
+            stale.extend(f"layer {i} while reading layer {index}" for i, refs in alive.items()
+                         if any(r() is not None for r in refs))
+            alive[index] = []
+        tensor = get(self, key)
+        if index is not None:
+            alive[index].append(weakref.ref(tensor))
+        return tensor
+
+    def tracked_load(skeleton_layer, stored, where):
+        layer = load(skeleton_layer, stored, where)
+        alive[int(where.rpartition(".")[2])] += [weakref.ref(p) for p in layer.parameters()]
+        return layer
+
+    monkeypatch.setattr(streaming.ShardedWeights, "get", tracked_get)
+    monkeypatch.setattr(streaming, "load_layer", tracked_load)
+    monkeypatch.setattr(llm_structured, "load_layer", tracked_load)
+    if run == "structured":
+        stream_structured_prune(tmp_path / "src", tmp_path / "out", _calibration(GQA), heads=0.5, neurons=0.5)
+    elif run == "influence":
+        block_influence(tmp_path / "src", _calibration(GQA))
+    else:
+        stream_drop_layers(tmp_path / "src", tmp_path / "out", [1])
+    assert sorted(alive) == (list(range(GQA.layers)) if run != "drop" else [0, 2])
+    assert stale == []

@@ -266,6 +266,7 @@ def block_influence(source: str | Path, calibration: torch.Tensor, *, batch_size
                        for a, b in zip(inputs, after, strict=True)]
             influence.append(1.0 - float(torch.cat(cosines).double().mean()))
             inputs = after
+            del stored  # freed before the next layer is read
     return influence
 
 
@@ -294,6 +295,7 @@ def stream_drop_layers(source: str | Path, output: str | Path, drop: list[int]) 
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, name))
             total += sum(v.numel() * v.element_size() for v in tensors.values())
+            del tensors  # freed before the next layer is read
         for file in sorted(source.iterdir()):  # the tokenizer and generation config (never code)
             if file.suffix in (".json", ".txt", ".model", ".jinja") and file.name not in ("config.json", INDEX):
                 shutil.copyfile(file, staging / file.name)

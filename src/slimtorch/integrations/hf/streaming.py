@@ -148,14 +148,19 @@ def _resume_inputs(output: Path, done: int, inputs: list[tuple[tuple, dict]]) ->
 
 
 def load_layer(skeleton_layer: nn.Module, stored: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """A float32 copy of one decoder layer holding the ``stored`` tensors (names relative to the layer)."""
+    """A float32 copy of one decoder layer holding the ``stored`` tensors (names relative to the layer),
+    filled one tensor at a time (cast while copied: no float32 copy of the layer beside the layer)."""
     layer = copy.deepcopy(skeleton_layer).to_empty(device="cpu")
-    expected = set(layer.state_dict())
-    if expected != set(stored) or len(expected) != len(list(layer.parameters())) + len(list(layer.buffers())):
+    own = layer.state_dict()  # the layer's own tensors, detached
+    if set(own) != set(stored) or len(own) != len(list(layer.parameters())) + len(list(layer.buffers())):
         raise ConfigError(f"decoder layer {where!r} holds {sorted(stored)[:4]}..., its class expects "
-                          f"{sorted(expected)[:4]}... (and no buffer outside its weights); streamed pruning needs "
+                          f"{sorted(own)[:4]}... (and no buffer outside its weights); streamed pruning needs "
                           "a LLaMA-shaped layer")
-    layer.load_state_dict({k: v.float() for k, v in stored.items()}, strict=True)
+    for name, tensor in stored.items():
+        if own[name].shape != tensor.shape:  # (copy_ would broadcast)
+            raise ConfigError(f"{where}.{name} is {tuple(tensor.shape)} in the folder, its layer expects "
+                              f"{tuple(own[name].shape)}; the folder does not match its config.json")
+        own[name].copy_(tensor)
     return layer.eval()
 
 
@@ -277,6 +282,7 @@ def stream_layers(
             record["layers_done"] = index + 1
             _save_progress(output, record, inputs if calibration is not None and index + 1 < count else None)
             bar.step(f"layer {index}: {record['seconds'][-1]:.1f} s")
+            del stored, tensors  # freed before the next layer is read, not when its tensors replace them
         bar.close()
     _finish(source, output, weights, prefix, record, config_update or {})
     return StreamRun(output, count, done, tuple(record["seconds"]), tuple(record["notes"]))
