@@ -127,7 +127,7 @@ def task_table(args) -> None:
     _, tokenizer = load_minilm_classifier(len(REGISTERS))
     train, test = task_data(tokenizer, args.smoke)
     dense, tokenizer, times = dense_classifier(args, train)
-    runs = 1 if args.smoke else 30
+    runs = 1 if args.smoke else 20
     examples = {n: {"input_ids": test[0][:n, 0], "attention_mask": test[0][:n, 1]} for n in (1, 8)}
     examples = {n: {k: v[:, : int(e["attention_mask"].sum(dim=1).max())] for k, v in e.items()}
                 for n, e in examples.items()}
@@ -159,9 +159,9 @@ def task_table(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps of the dense classifier")
+    parser.add_argument("--finetune-steps", type=int, default=250, help="fine-tuning steps of the dense classifier")
     parser.add_argument("--finetune-lr", type=float, default=2e-4, help="fine-tuning learning rate (AdamW)")
-    parser.add_argument("--steps", type=int, default=200, help="pruning and training steps per setting")
+    parser.add_argument("--steps", type=int, default=150, help="pruning and training steps per setting")
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate while pruning (AdamW)")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per step")
     parser.add_argument("--prune-every", type=int, default=5, help="steps between sparsity increases")

@@ -74,11 +74,18 @@ class TaskConfig(WorkflowConfig):
                           logits=self.logit_weight)  # at least one term
 
 
-def _check_labels(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _check_labels(tokens: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """The labels as a long tensor, once they fit the packed ``tokens`` and ``model``'s classes (checked before
+    anything changes the model)."""
     loss = LabelLoss(labels)  # checks the labels' type and values
-    if tokens.dim() != 3 or tokens.shape[1] != 2 or len(tokens) != len(labels):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[1] != 2 \
+            or len(tokens) != len(labels):
         raise ConfigError(f"need packed tokens (sentences, 2, tokens) and one label per sentence, got tokens "
-                          f"{tuple(tokens.shape)} and {len(labels)} labels")
+                          f"{tuple(getattr(tokens, 'shape', ()))} and {len(labels)} labels")
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if classes is not None and int(loss.labels.max()) >= classes:
+        raise ConfigError(f"label {int(loss.labels.max())} is not one of the {classes} classes the classifier "
+                          "scores (config.num_labels); check the labels against the model")
     return loss.labels
 
 
@@ -100,7 +107,7 @@ def finetune_classifier_(model: nn.Module, tokens: torch.Tensor, labels: torch.T
                          batch_size: int = 32, lr: float = 1e-4, seed: int = 0) -> None:
     """Fine-tune a sequence classifier on the labelled sentences (cross-entropy, AdamW, cosine decay;
     ``steps`` batches, cycling over the data in a fixed shuffle), in place; left in eval mode."""
-    labels = _check_labels(tokens, labels)
+    labels = _check_labels(tokens, labels, model)
     check_number(steps, "steps", low=1, integer=True)
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))  # (N,)
     index = order[torch.arange(steps * batch_size) % len(tokens)]  # (steps * batch_size,)
@@ -118,7 +125,7 @@ def prune_classifier_(model: nn.Module, tokens: torch.Tensor, labels: torch.Tens
     ``model`` as it is now); ``cache``: its outputs, to share between runs on the same sentences. Returns the
     per-layer pruned-head lines."""
     check_module(model, "prune_classifier_")
-    labels = _check_labels(tokens, labels)
+    labels = _check_labels(tokens, labels, model)
     if cfg.distil and cache is None:
         cache = teacher_cache(teacher if teacher is not None else copy.deepcopy(model).eval(), cfg)
     return prune_workflow_(model, tokens, cfg, cache=cache, checkpoint=checkpoint,
@@ -131,15 +138,17 @@ def predict(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 64) -> 
     meanwhile)."""
     was_training = model.training
     model.eval()
+    # sentences of similar lengths batched together: each batch is cut to its longest, so less padding runs
+    order = torch.argsort(tokens[:, 1].sum(dim=1), stable=True)  # (N,)
     try:
-        out = [model(**unpack_tokens(tokens[i : i + batch_size])).logits.argmax(dim=-1)
+        out = [model(**unpack_tokens(tokens[order[i : i + batch_size]])).logits.argmax(dim=-1)
                for i in range(0, len(tokens), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return torch.empty_like(order).scatter_(0, order, torch.cat(out))
 
 
 def accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64) -> float:
     """Share of the packed sentences ``tokens`` that the classifier puts in their ``labels``' class."""
-    labels = _check_labels(tokens, labels)
+    labels = _check_labels(tokens, labels, model)
     return float((predict(model, tokens, batch_size=batch_size) == labels).double().mean())
