@@ -46,6 +46,9 @@ SETTINGS: dict[str, dict[str, object]] = {
     "heads50-ffn50": {"head_sparsity": 0.5, "ffn_sparsity": 0.5},
     "layers3": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 3},
 }
+#: the control, on request (``--settings unpruned``): nothing pruned, the same training steps as a setting gets, so
+#: that a pruned row can be told apart from what the extra training alone does to the dense classifier
+CONTROL = {"unpruned": {"head_sparsity": 0.0, "ffn_sparsity": 0.0}}
 
 
 def task_data(tokenizer, smoke: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -114,7 +117,7 @@ def prune_one(dense, train, cache, setting: str, distil: bool, args) -> tuple[to
     model = copy.deepcopy(dense)
     model.bert.embeddings.requires_grad_(False)
     cfg = TaskConfig(steps=args.steps, batch_size=args.batch_size, prune_every=args.prune_every, lr=args.lr,
-                     distil=distil, **SETTINGS[setting])
+                     distil=distil, **(SETTINGS | CONTROL)[setting])
     times = _timed(f"{setting} {'distilled' if distil else 'labels only'}",
                    lambda: prune_classifier_(model, *train, cfg, cache=cache if distil else None))
     model.bert.embeddings.requires_grad_(True)
@@ -149,7 +152,7 @@ def task_table(args) -> None:
     print(line, flush=True)
     cache = TeacherCache(dense)  # the teacher runs once per sentence, for every distilled setting
     for setting in args.settings:
-        for distil in (True, False):
+        for distil in {"both": (True, False), "yes": (True,), "no": (False,)}[args.distil]:
             model, times = prune_one(dense, train, cache, setting, distil, args)
             label = "logits + hidden states" if distil else "none (labels)"
             print(_row(setting, label, model, test, examples, base, dense_acc, runs, times)[0], flush=True)
@@ -166,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per step")
     parser.add_argument("--prune-every", type=int, default=5, help="steps between sparsity increases")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=[*SETTINGS, *CONTROL], default=list(SETTINGS))
+    parser.add_argument("--distil", choices=("both", "yes", "no"), default="both",
+                        help="make each setting distilled, trained on the labels, or both")
     parser.add_argument("--dense", default=None, help="folder of the fine-tuned dense classifier: read if it is "
                         "there, else written after fine-tuning")
     parser.add_argument("--save", default=None, help="folder to write each pruned classifier to, by setting")
