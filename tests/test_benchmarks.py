@@ -85,6 +85,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
     "quantize.py": [(["kernel", "latency", "speed-up vs fp32"], 5), QUANT, QUANT],
     "quantizers.py": [(["quantizer", "method", "bits (weights / inputs)", "kernels", "accuracy", "vs fp32",
                         "latency ms", "x fp32", "s"], 8)],
+    "sentence_task.py": [(["model", "distillation", "params", "MACs", "latency 1", "latency 8", "speed-up",
+                           "accuracy", "vs dense", "training"], 7)],
     "sensitivity.py": [(["layer", "weights", "10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%", "95%",
                          "98%"], 5)],
     "sparse_kernels.py": [(["model", "masks", "dense file (B)", "masked, dense + bool masks (B)", "bitmask (B)",
@@ -174,6 +176,15 @@ def check_llm_scale(out: str, found: list[Table]) -> None:
     assert all(float(r["peak RSS (GiB)"]) > 0 for r in rows), rows  # every point ran in its own process
 
 
+def check_sentence_task(out: str, found: list[Table]) -> None:
+    rows = _records(found[0])
+    assert [(r["model"], r["distillation"]) for r in rows] == [("dense (fine-tuned)", "-")] + [
+        (s, d) for s in ("heads25-ffn25", "heads50-ffn50", "layers3")
+        for d in ("logits + hidden states", "none (labels)")], rows
+    dense = float(rows[0]["params"].rstrip("M"))
+    assert all(float(r["params"].rstrip("M")) < dense for r in rows[1:]), rows  # every pruned model is smaller
+
+
 def check_zoo_counts(out: str, found: list[Table]) -> None:
     per_model, counts = (_records(t) for t in found)
     assert all(r["slimtorch"].startswith("exact: ") for r in per_model), per_model
@@ -183,7 +194,7 @@ def check_zoo_counts(out: str, found: list[Table]) -> None:
 CHECKS = {"criteria.py": check_criteria, "quantize.py": check_quantize, "quantizers.py": check_quantizers,
           "sensitivity.py": check_sensitivity, "pipeline.py": check_pipeline, "compaction.py": check_compaction,
           "stages.py": check_stages, "llm_scale.py": check_llm_scale, "sparse_kernels.py": check_sparse_kernels,
-          "zoo_counts.py": check_zoo_counts}
+          "zoo_counts.py": check_zoo_counts, "sentence_task.py": check_sentence_task}
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

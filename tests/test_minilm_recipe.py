@@ -110,3 +110,12 @@ def test_workflow_config_validates_and_round_trips():
         WorkflowConfig.from_dict({"heads": 0.5})
     with pytest.raises(ConfigError, match="batch"):
         prune_workflow_(_bert(), [], WorkflowConfig())
+
+
+def test_a_phase_without_a_teacher_or_a_loss_is_refused():
+    from slimtorch.recipes.minilm import prune_phase_
+    from slimtorch.recover.transformer_distill import pack_tokens
+
+    model = _bert()
+    with pytest.raises(ConfigError, match="loss factory"):
+        prune_phase_(model, pack_tokens(_batches(1)[0]), WorkflowConfig(steps=2, batch_size=2), None)

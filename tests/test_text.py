@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from slimtorch.data.text import (
+    REGISTERS,
     Document,
     news_stories,
+    register_splits,
+    sentence_splits,
     split_documents,
     split_sentences,
     text_splits,
@@ -51,3 +54,16 @@ def test_shipped_corpora_are_real_clean_prose():
     assert all(d.source == "news" for d in news)
     sentences = [s for d in news[:20] for s in split_sentences(d.text)]
     assert len(sentences) > 100
+
+
+def test_the_register_task_tests_on_the_held_out_text_and_never_trains_on_it():
+    pytest.importorskip("gensim")
+    task, held = register_splits(), sentence_splits().heldout
+    key = lambda s: " ".join(s.lower().split())  # noqa: E731  (how the splits deduplicate)
+    assert task.test.texts[: len(held)] == held  # the held-out sentences, in order, then the held-out reviews
+    assert {key(s) for s in task.train.texts}.isdisjoint({key(s) for s in task.test.texts})
+    for part in (task.train, task.test):
+        assert len(part.texts) == len(part.labels) == len({key(s) for s in part.texts})
+        assert set(part.labels) == set(range(len(REGISTERS)))
+    assert set(task.test.labels[: len(held)]) == {0, 1}  # held-out text: encyclopaedia and news
+    assert task.train.labels.count(1) > 1000 and task.test.labels.count(2) > 20

@@ -23,11 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "REGISTERS",
     "Document",
+    "LabelledSentences",
+    "RegisterSplits",
     "SentenceSplits",
     "TextSplits",
     "clean_wikitext",
     "news_stories",
+    "register_splits",
     "review_sentences",
     "sentence_splits",
     "split_documents",
@@ -192,11 +196,15 @@ def heldout_story(index: int) -> bool:
     return index % 5 == 4
 
 
+def _key(sentence: str) -> str:
+    return " ".join(sentence.lower().split())  # whitespace and case do not make a sentence new
+
+
 def _dedup(sentences: list[str], exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
     seen = set(exclude)
     out = []
     for s in sentences:
-        key = " ".join(s.lower().split())  # whitespace and case do not make a sentence new
+        key = _key(s)
         if key not in seen:
             seen.add(key)
             out.append(s)
@@ -219,5 +227,63 @@ def sentence_splits(*, min_words: int = 6, max_words: int = 40) -> SentenceSplit
     reviews = [s for s in review_sentences() if min_words <= len(s.split()) <= max_words]
     train = (sentences(wiki.train) + sentences(wiki.val) + sentences(d for i, d in enumerate(stories)
                                                                       if not heldout_story(i)) + reviews)
-    held_keys = frozenset(" ".join(s.lower().split()) for s in heldout)
+    held_keys = frozenset(_key(s) for s in heldout)
     return SentenceSplits(_dedup(train, held_keys), heldout)
+
+
+#: the classes of :func:`register_splits`, by label
+REGISTERS = ("encyclopaedia", "news", "review")
+
+
+@dataclass(frozen=True)
+class LabelledSentences:
+    """Sentences and the index of the class of each (into :data:`REGISTERS`)."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RegisterSplits:
+    """A three-way text classification task: in which register a sentence is written (``classes``)."""
+
+    train: LabelledSentences
+    test: LabelledSentences
+    classes: tuple[str, ...] = REGISTERS
+
+
+def _labelled(groups: list[tuple[int, list[str]]], exclude: frozenset[str] = frozenset()) -> LabelledSentences:
+    """Sentences of every ``(label, sentences)`` group in turn, deduplicated as :func:`sentence_splits` does
+    (the first occurrence keeps its label; sentences in ``exclude``, by key, are dropped)."""
+    seen, texts, labels = set(exclude), [], []
+    for label, sentences in groups:
+        for s in sentences:
+            if _key(s) not in seen:
+                seen.add(_key(s))
+                texts.append(s)
+                labels.append(label)
+    return LabelledSentences(tuple(texts), tuple(labels))
+
+
+@functools.lru_cache(maxsize=4)
+def register_splits(*, min_words: int = 6, max_words: int = 40) -> RegisterSplits:
+    """Which register a sentence is written in: encyclopaedia (Wikipedia), news (the Lee corpus) or movie review
+    (gensim's polarity sample). The test sentences are exactly :func:`sentence_splits`' held-out ones (held-out
+    news stories, Wikipedia's test articles), labelled, plus every fifth review; training takes the rest of the
+    sentences of the other documents and reviews (none that also occurs in test text). Classes are unbalanced,
+    as the text is (far more encyclopaedia than news, a few hundred reviews)."""
+    wiki, stories = text_splits(), news_stories()
+    reviews = review_sentences()
+
+    def sentences(docs) -> list[str]:
+        return [s for d in docs for s in split_sentences(d.text, min_words=min_words, max_words=max_words)]
+
+    def review_part(held: bool) -> list[str]:
+        return [s for i, s in enumerate(reviews) if (i % 5 == 4) == held and min_words <= len(s.split()) <= max_words]
+
+    test = _labelled([(1, sentences(d for i, d in enumerate(stories) if heldout_story(i))), (0, sentences(wiki.test)),
+                      (2, review_part(True))])
+    train = _labelled([(0, sentences(wiki.train) + sentences(wiki.val)),
+                       (1, sentences(d for i, d in enumerate(stories) if not heldout_story(i))),
+                       (2, review_part(False))], frozenset(_key(s) for s in test.texts))
+    return RegisterSplits(train, test)

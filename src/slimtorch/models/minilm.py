@@ -30,6 +30,7 @@ __all__ = [
     "encode",
     "heldout_sentences",
     "load_minilm",
+    "load_minilm_classifier",
     "mean_pool",
     "minilm_path",
     "sentence_transformer",
@@ -59,6 +60,33 @@ def load_minilm(path: str | None = None) -> tuple[nn.Module, Any]:
 
     with offline():
         model = load_hf_folder(path) if path else AutoModel.from_pretrained(minilm_path(), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    return model.eval(), tokenizer
+
+
+def load_minilm_classifier(num_labels: int, *, path: str | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 as a ``BertForSequenceClassification`` (eval mode) with a new head of ``num_labels``
+    classes (the pooler's ``[CLS]`` state, then a linear layer initialised from ``seed``), or the classifier
+    saved at ``path`` (:func:`~slimtorch.integrations.hf.folders.load_hf_folder`: safetensors only, no code from
+    the folder runs), with all-MiniLM-L6-v2's tokenizer."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from slimtorch.integrations.hf.folders import load_hf_folder
+    from slimtorch.integrations.hf.sentence import offline
+
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ConfigError(f"a classifier needs num_labels >= 2 (an int), got {num_labels!r}")
+    with offline():
+        if path:
+            model = load_hf_folder(path)
+            if getattr(model.config, "num_labels", None) != num_labels:
+                raise ConfigError(f"the classifier at {path} scores {model.config.num_labels} classes, not "
+                                  f"{num_labels}")
+        else:
+            with torch.random.fork_rng():  # the new head's initial weights, the caller's generator untouched
+                torch.manual_seed(seed)
+                model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels,
+                                                                      use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     return model.eval(), tokenizer
 

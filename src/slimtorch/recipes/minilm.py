@@ -28,7 +28,7 @@ projection's columns, ``ffn_config`` the first FFN layer's output channels)::
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from slimtorch.recover.transformer_distill import (
 )
 
 __all__ = [
+    "LossFactory",
     "WorkflowConfig",
     "distil_embeddings_",
     "distil_phase_",
@@ -125,6 +126,11 @@ class WorkflowConfig:
         if unknown:
             raise ConfigError(f"unknown workflow keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
         return cls(**data)
+
+
+#: the training loss ``loss(model, x, y)`` of a workflow phase, made from the teacher layer each student layer
+#: stands for (None: the depth is unchanged); the default distils the encoder (:class:`EncoderDistiller`)
+LossFactory = Callable[[Sequence[int] | None], Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 def _attention(model: nn.Module) -> list[Any]:
@@ -258,54 +264,64 @@ def teacher_cache(teacher: nn.Module, cfg: WorkflowConfig) -> TeacherCache:
     return TeacherCache(teacher, attentions=cfg.attention_weight > 0)
 
 
-def _loss(cache: TeacherCache, cfg: WorkflowConfig, layer_map: Sequence[int] | None) -> EncoderDistiller:
+def _loss(cache: TeacherCache | None, cfg: WorkflowConfig, layer_map: Sequence[int] | None,
+          loss: LossFactory | None) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    if loss is not None:
+        return loss(layer_map)
+    if cache is None:
+        raise ConfigError("the workflow trains with a loss: pass the teacher's cache (distillation of the encoder) "
+                          "or a loss factory")
     return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
                                                                               attention=cfg.attention_weight))
 
 
-def prune_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache) -> list[int] | None:
+def prune_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache | None, *,
+                 loss: LossFactory | None = None) -> list[int] | None:
     """Steps 1 and 2 of the workflow, then compaction: drop layers, prune heads and neurons gradually while
-    distilling (the first ``cfg.pruning_steps`` steps). Returns the teacher layer each remaining layer stands for
-    (None: the depth is unchanged)."""
+    distilling (the first ``cfg.pruning_steps`` steps) from ``cache``'s teacher, or training with ``loss``.
+    Returns the teacher layer each remaining layer stands for (None: the depth is unchanged)."""
     layer_map = drop_least_influential_(model, tokens, cfg.drop_layers) if cfg.drop_layers else None
     done = cfg.pruning_steps * cfg.batch_size
     if done:
         gradual = _Gradual(model, cfg)
-        _train(model, _slice(tokens, 0, done), cfg, _loss(cache, cfg, layer_map), callbacks=[gradual])
+        _train(model, _slice(tokens, 0, done), cfg, _loss(cache, cfg, layer_map, loss), callbacks=[gradual])
         gradual.prune_(1.0)  # the final sparsities, whatever the schedule's last step was
         compact_hf_(model)
     model.eval()
     return layer_map
 
 
-def distil_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache,
-                  layer_map: Sequence[int] | None, *, checkpoint: str | Path | None = None) -> None:
-    """Step 3: distil the compacted model for the steps left after the pruning phase, through
-    :func:`~slimtorch.recover.fit` (resumed from ``checkpoint`` when it exists)."""
+def distil_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache | None,
+                  layer_map: Sequence[int] | None, *, checkpoint: str | Path | None = None,
+                  loss: LossFactory | None = None) -> None:
+    """Step 3: distil the compacted model (or train it with ``loss``) for the steps left after the pruning
+    phase, through :func:`~slimtorch.recover.fit` (resumed from ``checkpoint`` when it exists)."""
     path = Path(checkpoint) if checkpoint is not None else None
     start = cfg.pruning_steps * cfg.batch_size
-    _train(model, _slice(tokens, start, cfg.steps * cfg.batch_size), cfg, _loss(cache, cfg, layer_map),
+    _train(model, _slice(tokens, start, cfg.steps * cfg.batch_size), cfg, _loss(cache, cfg, layer_map, loss),
            checkpoint=path, schedule="cosine")
     model.eval()
 
 
 def prune_workflow_(model: nn.Module, data: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
                     cfg: WorkflowConfig, *, teacher: nn.Module | None = None, cache: TeacherCache | None = None,
-                    checkpoint: str | Path | None = None) -> list[str]:
+                    checkpoint: str | Path | None = None, loss: LossFactory | None = None) -> list[str]:
     """Drop layers, then prune heads and FFN neurons of ``model`` gradually while distilling it from
     ``teacher`` (default: a copy of the model as it is now), then compact it and distil on, in place, on the
     sentences ``data`` (packed tokens, see :func:`pack_sentences`, or tokenised batches). ``cache``: a
     :class:`TeacherCache` to share between runs on the same sentences. ``checkpoint``: file through which the
-    last phase resumes. Returns the per-layer pruned-head lines."""
+    last phase resumes. ``loss``: trains with the loss it makes instead of the encoder distiller (no teacher is
+    then needed; a task's classifier, :mod:`slimtorch.recipes.classifier`). Returns the per-layer pruned-head
+    lines."""
     tokens = _packed(data)
-    if cache is None:
+    if cache is None and loss is None:
         cache = teacher_cache(teacher if teacher is not None else copy.deepcopy(model).eval(), cfg)
     previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if cfg.attention_weight > 0:
         _eager_attention_(model)
-    layer_map = prune_phase_(model, tokens, cfg, cache)
+    layer_map = prune_phase_(model, tokens, cfg, cache, loss=loss)
     layers = [s.name for s in find_blocks(model).values() if s.kind == "attention"]
-    distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint)
+    distil_phase_(model, tokens, cfg, cache, layer_map, checkpoint=checkpoint, loss=loss)
     if cfg.attention_weight > 0 and previous is not None:
         model.set_attn_implementation(previous)  # the kernel it had (eager only to return the maps)
     return format_pruned_heads((getattr(model, COMPACTION_ATTR, None) or {}).get("pruned_heads", {}), layers)

@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtorch.checks import check_module
+from slimtorch.checks import check_module, check_number
 from slimtorch.errors import ConfigError
+from slimtorch.recover.distill import distill_loss
 
-__all__ = ["DistilWeights", "EncoderDistiller", "TeacherCache", "mean_pool", "pack_tokens", "unpack_tokens"]
+__all__ = ["DistilWeights", "EncoderDistiller", "LabelLoss", "TeacherCache", "mean_pool", "pack_tokens",
+           "unpack_tokens"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,8 @@ def _forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], attentions: b
 
 class TeacherCache:
     """The teacher's outputs per sentence index, computed on first use: mean-pooled embedding (float32), every
-    layer's hidden states (float16, trimmed to the sentence's tokens) and, when ``attentions``, each layer's
-    head-averaged attention map."""
+    layer's hidden states (float16, trimmed to the sentence's tokens), a classifier's logits (float32) when the
+    teacher returns them and, when ``attentions``, each layer's head-averaged attention map."""
 
     def __init__(self, teacher: nn.Module, *, attentions: bool = False) -> None:
         check_module(teacher, "the distillation teacher")
@@ -85,10 +87,13 @@ class TeacherCache:
         out = _forward(self.teacher, inputs, self.attentions)
         mask = inputs["attention_mask"]
         pooled = mean_pool(out.hidden_states[-1], mask)  # (B, D)
+        logits = getattr(out, "logits", None)  # (B, classes) of a sequence classifier, else None
         for row, key in enumerate(keys):
             n = int(mask[row].sum())
             item = {"pooled": pooled[row].float(),
                     "hidden": torch.stack([h[row, :n] for h in out.hidden_states[1:]]).half()}  # (L, n, D)
+            if logits is not None:
+                item["logits"] = logits[row].float()
             if self.attentions:
                 item["attn"] = torch.stack([a[row].mean(dim=0)[:n, :n] for a in out.attentions]).half()  # (L, n, n)
             self._items[key] = item
@@ -109,13 +114,16 @@ class TeacherCache:
 class DistilWeights:
     """Weights of the loss terms: ``embedding`` (squared error of the mean-pooled embedding relative to the
     teacher's norm), ``cosine`` (1 - cosine of the two embeddings), ``hidden`` (each mapped layer's squared
-    error relative to the teacher's, averaged over layers) and ``attention`` (squared error of the
-    head-averaged attention maps; needs attention maps from the model, 0 turns it off)."""
+    error relative to the teacher's, averaged over layers), ``attention`` (squared error of the
+    head-averaged attention maps; needs attention maps from the model, 0 turns it off) and ``logits`` (a
+    classifier's softened class distribution: :func:`~slimtorch.recover.distill.distill_loss`, KL divergence
+    at a temperature, mixed with the labels' cross-entropy as the distiller's ``alpha`` says)."""
 
     embedding: float = 1.0
     cosine: float = 1.0
     hidden: float = 1.0
     attention: float = 0.0
+    logits: float = 0.0
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
@@ -147,14 +155,25 @@ class EncoderDistiller:
         cache: the teacher and its outputs.
         layer_map: the teacher layer (0-based) each student layer matches; None: the same index (equal depth).
         weights: the loss terms' weights.
+        temperature: softens both class distributions of the ``logits`` term (Hinton et al. 2015).
+        alpha: share of the ``logits`` term that is the KL divergence; the rest is the cross-entropy with
+            ``labels[y]`` (``labels``: the class of every sentence index; needed when ``alpha < 1``).
     """
 
     def __init__(self, cache: TeacherCache, *, layer_map: Sequence[int] | None = None,
-                 weights: DistilWeights | None = None) -> None:
+                 weights: DistilWeights | None = None, temperature: float = 2.0, alpha: float = 1.0,
+                 labels: torch.Tensor | None = None) -> None:
         self.cache, self.weights = cache, weights or DistilWeights()
         self.layer_map = None if layer_map is None else [int(i) for i in layer_map]
         if self.weights.attention > 0 and not cache.attentions:
             raise ConfigError("an attention-map loss needs TeacherCache(teacher, attentions=True)")
+        check_number(temperature, "temperature (1 to 8 is usual)", low=0.0, low_open=True)
+        check_number(alpha, "alpha (the KL share of the logits term)", low=0.0, high=1.0)
+        if self.weights.logits > 0 and alpha < 1.0 and labels is None:
+            raise ConfigError(f"alpha={alpha} mixes in the labels' cross-entropy: pass labels (the class of every "
+                              "sentence index), or alpha=1.0 for the teacher's distribution alone")
+        self.temperature, self.alpha = temperature, alpha
+        self.labels = None if labels is None else LabelLoss(labels)
 
     def _hidden(self, student_states: Sequence[torch.Tensor], targets: list[dict[str, Any]],
                 mask: torch.Tensor) -> torch.Tensor:
@@ -183,12 +202,61 @@ class EncoderDistiller:
         w = self.weights
         out = _forward(student, inputs, w.attention > 0)
         mask = inputs["attention_mask"]
-        pooled = mean_pool(out.hidden_states[-1], mask)  # (B, D)
-        target = torch.stack([t["pooled"] for t in targets])  # (B, D)
-        loss = w.embedding * ((pooled - target).pow(2).sum(dim=1) / target.pow(2).sum(dim=1).clamp_min(1e-9)).mean()
-        loss = loss + w.cosine * (1.0 - F.cosine_similarity(pooled, target, dim=1)).mean()
+        loss = out.hidden_states[-1].new_zeros(())
+        if w.embedding > 0 or w.cosine > 0:
+            pooled = mean_pool(out.hidden_states[-1], mask)  # (B, D)
+            target = torch.stack([t["pooled"] for t in targets])  # (B, D)
+            relative = (pooled - target).pow(2).sum(dim=1) / target.pow(2).sum(dim=1).clamp_min(1e-9)  # (B,)
+            loss = loss + w.embedding * relative.mean()
+            loss = loss + w.cosine * (1.0 - F.cosine_similarity(pooled, target, dim=1)).mean()
         if w.hidden > 0:
             loss = loss + w.hidden * self._hidden(out.hidden_states[1:], targets, mask)
         if w.attention > 0:
             loss = loss + w.attention * self._attention(out.attentions, targets, mask)
+        if w.logits > 0:
+            loss = loss + w.logits * self._logits(out, targets, y)
         return loss
+
+    def _logits(self, out: Any, targets: list[dict[str, Any]], keys: torch.Tensor) -> torch.Tensor:
+        if getattr(out, "logits", None) is None or any("logits" not in t for t in targets):
+            raise ConfigError("a logits loss needs a sequence classifier (a model that returns logits) as student "
+                              "and as teacher; set the logits weight to 0 for an encoder")
+        teacher = torch.stack([t["logits"] for t in targets])  # (B, classes)
+        # (B,) the labels' cross-entropy is weighed by 1 - alpha: with alpha = 1 they are never read
+        labels = self.labels.of(keys) if self.labels is not None else teacher.argmax(dim=-1)
+        return distill_loss(out.logits, teacher, labels, temperature=self.temperature, alpha=self.alpha)
+
+
+class LabelLoss:
+    """``loss(model, x, y)`` for :func:`~slimtorch.recover.fit`: the cross-entropy of a sequence classifier's
+    logits on the packed batch ``x`` against ``labels[y]`` (``y``: sentence indices, as the distillers take
+    them), so that the same data trains a classifier with or without a teacher.
+
+    >>> import torch
+    >>> LabelLoss(torch.tensor([0, 2, 1])).labels.tolist()
+    [0, 2, 1]
+    """
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
+                or labels.numel() == 0:
+            raise ConfigError(f"labels must be a non-empty 1-D integer tensor (the class of every sentence index), "
+                              f"got {labels!r:.80}")
+        if int(labels.min()) < 0:
+            raise ConfigError(f"labels must be class indices >= 0, got {int(labels.min())}")
+        self.labels = labels.long()
+
+    def of(self, keys: torch.Tensor) -> torch.Tensor:
+        """The labels of the sentence indices ``keys``."""
+        if keys.numel() and not 0 <= int(keys.min()) <= int(keys.max()) < len(self.labels):
+            raise ConfigError(f"sentence indices {int(keys.min())}..{int(keys.max())} do not all have a label "
+                              f"(labels for 0..{len(self.labels) - 1}); the data and the labels must match")
+        return self.labels[keys.long()]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(**unpack_tokens(x)).logits  # (B, classes)
+        labels = self.of(y)  # (B,)
+        if int(labels.max()) >= logits.shape[-1]:
+            raise ConfigError(f"label {int(labels.max())} is not one of the {logits.shape[-1]} classes the model "
+                              "scores; check the labels against the classifier's num_labels")
+        return F.cross_entropy(logits, labels)
