@@ -26,7 +26,9 @@ AUGMENTS = ("none", "flip", "flip-crop")
 class TrainConfig:
     """Hyper-parameters of :func:`~slimtorch.recover.fit`. ``batch_size`` is the global batch (split across processes);
     ``checkpoint_every`` counts steps (0: at the end of each epoch only); ``grad_topk`` is the fraction
-    of each gradient sent under DDP (0: dense all-reduce); ``augment`` flips images left-right
+    of each gradient sent under DDP (0: dense all-reduce); ``fsdp`` shards parameters, gradients and optimizer
+    state over the processes of a ``torchrun`` launch instead of replicating them (FSDP2, for a model one
+    process cannot hold; :mod:`slimtorch.recover.distributed`); ``augment`` flips images left-right
     (``"flip"``) and also shifts them by up to 4 pixels (``"flip-crop"``), drawn from torch's global RNG."""
 
     epochs: int
@@ -40,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     grad_topk: float = 0.0
     augment: str = "none"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         # numbers first, each of its type (a string "0.1" or a float epoch count would fail mid-training)
@@ -55,6 +58,9 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (isinstance(self.fsdp, bool), f"fsdp must be True or False, got {self.fsdp!r}"),
+            (not (self.fsdp and self.grad_topk), "grad_topk compresses DDP's gradient all-reduce; FSDP reduces "
+             "gradient shards instead: set grad_topk=0 with fsdp=True"),
         ]
         for ok, message in checks:
             if not ok:
