@@ -74,6 +74,8 @@ EXPECTED: dict[str, list[tuple[list[str], int]]] = {
                       "s"], 20),
                     (["method", "pruned", "training epochs", "accuracy", "model", "params", "non-zero params",
                       "latency ms", "s"], 11)],
+    "llm_recover.py": [(["recovery", "parameters", "held by process 0", "loss, first epoch", "loss, last epoch",
+                         "steps", "CPU s", "peak RSS MiB"], 2)],
     "llm_scale.py": [(["model", "params", "point", "wall (s)", "CPU (s)", "CPU s / B params", "peak RSS (GiB)",
                        "above imports (GiB)", "one layer fp32 (GiB)", "weights fp32 (GiB)"], 4)],
     "llm_structured.py": [(["pruned", "method", "params", "params removed", "perplexity", "x dense",
