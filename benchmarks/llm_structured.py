@@ -64,6 +64,7 @@ def recover(model: torch.nn.Module, windows: torch.Tensor, steps: int, batch_siz
             loss_fn: Callable = next_token_loss) -> torch.nn.Module:
     """LoRA on every decoder linear, ``steps`` optimizer steps of ``loss_fn`` (next-token loss by default),
     merged back."""
+    torch.manual_seed(0)  # the same adapters for every recovery, whichever ran before
     add_lora_(model, LoRAConfig(r=8, lora_alpha=16, target_modules=LINEARS))
     data = TensorDataset(windows[: steps * batch_size], windows[: steps * batch_size])
     fit(model.train(), data, TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3, optimizer="adamw",
@@ -85,15 +86,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="weight of the distillation term (the next-token loss gets 1 - alpha)")
+    parser.add_argument("--importance", default="flap,wanda",
+                        help="comma-separated structured importances, of flap (with bias compensation) and wanda")
+    parser.add_argument("--one-shot", default="wanda,sparsegpt",
+                        help="comma-separated one-shot methods for the rows beside (empty: none)")
     parser.add_argument("--lm", choices=("default", "small"), default="default",
                         help="the 3.8M tiny LLaMA, or a smaller one quicker to train (1.2M)")
     parser.add_argument("--test-tokens", type=int, default=0, help="perplexity on the first N test tokens (0: all)")
     parser.add_argument("--smoke", action="store_true", help="a tiny LM, a few steps: checks that the table works")
     args = parser.parse_args(argv)
-    args.recovery = [r for r in args.recovery.split(",") if r]
-    unknown = sorted(set(args.recovery) - set(RECOVERIES))
-    if unknown:
-        parser.error(f"unknown recovery {unknown}; choose from {sorted(RECOVERIES)}")
+    args.recovery, args.importance, args.one_shot = ([v for v in text.split(",") if v] for text in
+                                                     (args.recovery, args.importance, args.one_shot))
+    for values, known in ((args.recovery, RECOVERIES), (args.importance, ("flap", "wanda")),
+                          (args.one_shot, ("magnitude", "wanda", "sparsegpt"))):
+        if set(values) - set(known):
+            parser.error(f"unknown {sorted(set(values) - set(known))}; choose from {sorted(known)}")
     return args
 
 
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         lm.model.save_pretrained(source)
         losses = {"lora": next_token_loss, "distill": CausalLMDistiller(
             lm.model, DistillConfig(temperature=args.temperature, alpha=args.alpha))}
-        for index, (what, method, prune) in enumerate(pruning_runs(source, calib, cfg.layers, batch)):
+        runs = pruning_runs(source, calib, cfg.layers, batch, args.importance, args.one_shot)
+        for index, (what, method, prune) in enumerate(runs):
             print(row(Path(tmp) / f"run{index}", what, method, prune, [losses[r] for r in args.recovery],
                       lambda m: perplexity(m, test, seq_len=cfg.seq_len), (dense_ppl, dense_params),
                       lambda m, loss: recover(m, windows, args.recovery_steps, batch, loss)), flush=True)
@@ -157,18 +165,21 @@ def row(out: Path, what: str, method: str, prune: Callable, losses: list[Callabl
     return f"{line} {seconds:.1f} | {time.process_time() - start:.0f} |"
 
 
-def pruning_runs(source: Path, calib: torch.Tensor, layers: int, batch: int) -> list[tuple[str, str, Callable]]:
-    """(what is pruned, method, ``prune(output folder)``) of every row after the dense one."""
-    runs = [(f"{r:.0%} heads + FFN", f"structured {imp}{' + bias' if comp else ''}",
-             lambda out, r=r, imp=imp, comp=comp: stream_structured_prune(
-                 source, out, calib, heads=r, neurons=r, importance=imp, bias_compensation=comp, batch_size=batch))
-            for r in (0.2, 0.35, 0.5) for imp, comp in (("flap", True), ("wanda", False))]
+def pruning_runs(source: Path, calib: torch.Tensor, layers: int, batch: int, importances: list[str],
+                 one_shot: list[str]) -> list[tuple[str, str, Callable]]:
+    """(what is pruned, method, ``prune(output folder)``) of every row after the dense one. FLAP importance
+    comes with its bias compensation, structured Wanda without."""
+    runs = [(f"{r:.0%} heads + FFN", f"structured {imp}{' + bias' if imp == 'flap' else ''}",
+             lambda out, r=r, imp=imp: stream_structured_prune(
+                 source, out, calib, heads=r, neurons=r, importance=imp, bias_compensation=imp == "flap",
+                 batch_size=batch))
+            for r in (0.2, 0.35, 0.5) for imp in importances]
     drop = max(1, layers // 4)
     runs.append((f"{drop} of {layers} layers", "block influence", lambda out: stream_drop_layers(
         source, out, drop_lowest(block_influence(source, calib, batch_size=batch), drop))))
     runs += [(f"{p or '50%'} of weights", f"one-shot {m}", lambda out, m=m, p=p: stream_one_shot_prune(
         source, out, calib, method=m, pattern=p, batch_size=batch))
-        for m in ("wanda", "sparsegpt") for p in (None, "2:4")]
+        for m in one_shot for p in (None, "2:4")]
     return runs
 
 
