@@ -31,7 +31,7 @@ What it guarantees:
   top-k gradient compression (``grad_topk``); process 0 writes the checkpoints. With ``fsdp=True`` the model,
   its gradients and optimizer state are sharded over the processes instead (FSDP2, for a model one process
   cannot hold): the checkpoints hold the full state, gathered for process 0, and the model stays sharded
-  after ``fit``, on a failure too (its shards put back; :func:`~slimtorch.recover.distributed.full_state_dict`
+  after ``fit``, a failed one too (:func:`~slimtorch.recover.distributed.full_state_dict`
   gathers its weights).
 """
 
