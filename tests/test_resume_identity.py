@@ -125,3 +125,17 @@ def test_a_dataset_of_images_has_a_stable_identity():
     # (an image's repr holds its memory address: the digest must come from its pixels)
     assert dataset_identity(_ImageData(1)) == dataset_identity(_ImageData(1))
     assert dataset_identity(_ImageData(1))["content"] != dataset_identity(_ImageData(2))["content"]
+
+
+def test_a_run_started_before_fsdp_existed_resumes(tmp_path):
+    """A new TrainConfig field at its default is left out of the run's identity: a checkpoint whose recorded
+    settings predate the field (here ``fsdp``) still resumes; one with the field switched on is another run."""
+    recorded = CONFIG.to_dict()
+    assert "fsdp" not in recorded and TrainConfig.from_dict(recorded) == CONFIG
+    assert TrainConfig(epochs=2, batch_size=16, lr=0.01, seed=0, fsdp=True).to_dict()["fsdp"] is True
+    path = tmp_path / "ck.safetensors"
+    first = fit(_net(), _data(), CONFIG, checkpoint=path)
+    _, meta = read_checkpoint(path)
+    assert '"fsdp"' not in json.dumps(meta), "the checkpoint records what a run before the field recorded"
+    resumed = fit(_net(), _data(), CONFIG, checkpoint=path, resume=True)
+    assert resumed.epochs == first.epochs

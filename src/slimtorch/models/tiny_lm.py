@@ -195,11 +195,12 @@ def train_lm(cfg: TinyLMConfig, splits: TextSplits | None = None) -> TinyLM:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     loop = Loop(StepModule(model, causal_lm_loss), opt, scheduler=FunctionLR(opt, lambda step: _lr_at(step, cfg)),
                 max_grad_norm=1.0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     losses = loop.run(_windows(train_tokens, cfg), desc="train LM").step_losses
     model.eval()
     record = {
         "train_seconds": round(time.perf_counter() - start, 1),
+        "train_cpu_seconds": round(time.process_time() - start_cpu, 1),  # (wall time misleads on a shared machine)
         "train_tokens": int(train_tokens.numel()),
         "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
         "val_perplexity": round(perplexity(model, encode_documents(tokenizer, splits.val), seq_len=cfg.seq_len), 3),

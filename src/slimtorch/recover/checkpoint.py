@@ -125,19 +125,22 @@ def set_rng_state(torch_state: torch.Tensor, plain: Mapping[str, Any]) -> None:
 def save_checkpoint(
     path: str | Path,
     *,
-    modules: Mapping[str, nn.Module],
-    optimizer: torch.optim.Optimizer | None = None,
+    modules: Mapping[str, nn.Module | Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     extra: Mapping[str, Any] | None = None,
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save modules' state dicts, optimizer and scheduler state and ``extra`` (JSON) atomically to ``path``."""
+    """Save modules' state dicts, optimizer and scheduler state and ``extra`` (JSON) atomically to ``path``.
+    A module or the optimizer may be given as its state dict already (a sharded model's, gathered whole)."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
-        tensors.update({f"{prefix}::{k}": v for k, v in module.state_dict().items()})
+        state = module if isinstance(module, Mapping) else module.state_dict()
+        tensors.update({f"{prefix}::{k}": v for k, v in state.items()})
     meta: dict[str, Any] = {"modules": list(modules), "extra": dict(extra or {})}
     if optimizer is not None:
-        optim_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        optim_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+        optim_tensors, meta["optimizer"] = _flatten_optimizer(optim_state)
         tensors.update(optim_tensors)
     if scheduler is not None:
         meta["scheduler"] = scheduler.state_dict()

@@ -22,11 +22,17 @@ SCHEDULES = ("constant", "cosine")
 AUGMENTS = ("none", "flip", "flip-crop")
 
 
+#: fields of TrainConfig added after the last release, with their defaults (see ``TrainConfig.to_dict``)
+_ADDED_SINCE_RELEASE: dict[str, Any] = {"fsdp": False}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Hyper-parameters of :func:`~slimtorch.recover.fit`. ``batch_size`` is the global batch (split across processes);
     ``checkpoint_every`` counts steps (0: at the end of each epoch only); ``grad_topk`` is the fraction
-    of each gradient sent under DDP (0: dense all-reduce); ``augment`` flips images left-right
+    of each gradient sent under DDP (0: dense all-reduce); ``fsdp`` shards parameters, gradients and optimizer
+    state over the processes of a ``torchrun`` launch instead of replicating them (FSDP2, for a model one
+    process cannot hold; :mod:`slimtorch.recover.distributed`); ``augment`` flips images left-right
     (``"flip"``) and also shifts them by up to 4 pixels (``"flip-crop"``), drawn from torch's global RNG."""
 
     epochs: int
@@ -40,6 +46,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     grad_topk: float = 0.0
     augment: str = "none"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         # numbers first, each of its type (a string "0.1" or a float epoch count would fail mid-training)
@@ -55,13 +62,22 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (isinstance(self.fsdp, bool), f"fsdp must be True or False, got {self.fsdp!r}"),
+            (not (self.fsdp and self.grad_topk), "grad_topk compresses DDP's gradient all-reduce; FSDP reduces "
+             "gradient shards instead: set grad_topk=0 with fsdp=True"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # a run's identity (what resume compares) is this dict: fields added since a release are left out at
+        # their default, so that a checkpoint written before they existed still resumes
+        for key, default in _ADDED_SINCE_RELEASE.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:

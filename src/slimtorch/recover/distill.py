@@ -39,7 +39,7 @@ from slimtorch.config import check_fields
 from slimtorch.errors import ConfigError, NoMatchError, closest
 from slimtorch.graph.run import temporary_mode
 
-__all__ = ["DistillConfig", "Distiller", "distill_loss", "feature_pairs"]
+__all__ = ["CausalLMDistiller", "DistillConfig", "Distiller", "distill_loss", "feature_pairs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +244,51 @@ class Distiller(nn.Module):
         if self._captures and cfg.feature_weight > 0:
             loss = loss + cfg.feature_weight * self.feature_loss()
         return loss
+
+
+class CausalLMDistiller:
+    """``loss_fn(student, x, y)`` for a causal language model learning from its unpruned self: at every position
+    of the ``(B, T)`` token ids ``x``, the KL divergence between the teacher's and the student's softened
+    next-token distributions (:func:`distill_loss`, averaged over the ``B * T`` positions, scaled by ``T**2``),
+    plus ``1 - alpha`` times the next-token cross-entropy (``alpha=1``: the teacher alone). ``y`` is not read
+    (the targets are ``x`` shifted by one), so a ``TensorDataset(ids, ids)`` is what :func:`~slimtorch.recover.fit`
+    takes. The teacher's logits are computed on the fly, under ``no_grad``: nothing is stored between steps.
+
+        >>> import copy, torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> ids = torch.randint(0, 32, (2, 8))
+        >>> loss = CausalLMDistiller(lm, DistillConfig(temperature=2.0, alpha=1.0))
+        >>> round(float(loss(copy.deepcopy(lm), ids, ids)), 6)   # a copy of the teacher: nothing to learn
+        0.0
+    """
+
+    def __init__(self, teacher: nn.Module, config: DistillConfig | None = None) -> None:
+        check_module(teacher, "CausalLMDistiller's teacher")
+        if config is not None and not isinstance(config, DistillConfig):
+            raise ConfigError(f"CausalLMDistiller takes a DistillConfig, got a {type(config).__name__} ({config!r})")
+        self.config = config or DistillConfig(temperature=2.0, alpha=1.0)
+        if self.config.features:
+            raise ConfigError(f"CausalLMDistiller matches next-token distributions only; features "
+                              f"{list(self.config.features)} are not supported: leave DistillConfig.features empty")
+        self.teacher = teacher.eval()
+
+    def __call__(self, student: nn.Module, x: torch.Tensor, y: Any = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.is_floating_point():
+            what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(f"CausalLMDistiller needs a (batch, tokens) tensor of token ids, got {what}")
+        if student is self.teacher:
+            raise ConfigError("the teacher and the student are the same model object: keep the unpruned model "
+                              "(or a copy of it) as the teacher")
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=x).logits  # (B, T, vocab)
+        student_logits = student(input_ids=x).logits  # (B, T, vocab)
+        # position t predicts token t + 1; the last position has no target (-100: ignored by the cross-entropy)
+        target = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)  # (B, T)
+        vocab = student_logits.shape[-1]
+        return distill_loss(student_logits.reshape(-1, vocab).float(), teacher_logits.reshape(-1, vocab).float(),
+                            target.reshape(-1), temperature=self.config.temperature, alpha=self.config.alpha)
 
 
 def feature_pairs(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:

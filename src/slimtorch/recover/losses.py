@@ -3,7 +3,8 @@
 * classification: :func:`cross_entropy` on ``(x, y)`` batches (``fit``'s default);
 * distillation from a teacher: :class:`~slimtorch.recover.distill.Distiller`, a ``loss_fn(model, x, y)``, as
   :func:`pair_loss` makes it (any ``loss_fn(model, x, y)``: what :func:`~slimtorch.recover.fit` takes);
-* a causal language model's next-token loss: :func:`causal_lm_loss` on batches of token ids;
+* a causal language model's next-token loss: :func:`causal_lm_loss` on batches of token ids, and its
+  distillation from the unpruned model: :class:`~slimtorch.recover.distill.CausalLMDistiller`;
 * embedding distillation: :class:`EmbeddingDistiller`, the student's embeddings regressed on the teacher's.
 
     >>> import torch

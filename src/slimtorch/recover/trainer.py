@@ -28,7 +28,11 @@ What it guarantees:
   tensors and train/eval flags they had when ``fit`` was called (:mod:`slimtorch.recover.guards`).
 * **Data parallel**: under ``torchrun`` (after :func:`~slimtorch.recover.distributed.init_distributed`)
   each process trains on its share of every batch under ``DistributedDataParallel``, optionally with
-  top-k gradient compression (``grad_topk``); process 0 writes the checkpoints.
+  top-k gradient compression (``grad_topk``); process 0 writes the checkpoints. With ``fsdp=True`` the model,
+  its gradients and optimizer state are sharded over the processes instead (FSDP2, for a model one process
+  cannot hold): the checkpoints hold the full state, gathered for process 0, and the model stays sharded
+  after ``fit``, a failed one too (:func:`~slimtorch.recover.distributed.full_state_dict`
+  gathers its weights).
 """
 
 from __future__ import annotations
@@ -49,7 +53,13 @@ from slimtorch.recover.batches import augment, batch_indices, evaluate_accuracy,
 from slimtorch.recover.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from slimtorch.recover.commhook import TopKState, register_topk_hook_
 from slimtorch.recover.config import TrainConfig
-from slimtorch.recover.distributed import all_reduce_sum, dist_info
+from slimtorch.recover.distributed import (
+    all_reduce_sum,
+    dist_info,
+    full_optimizer_state,
+    full_state_dict,
+    shard_fsdp_,
+)
 from slimtorch.recover.guards import Start, check_dataset, check_trainable
 from slimtorch.recover.identity import differences, run_identity
 from slimtorch.recover.loop import Loop, LoopState, StepModule
@@ -123,7 +133,9 @@ class _Run:
         self.step_module = StepModule(model, pair_loss(loss_fn))
         net: nn.Module | None = None
         self.hook: TopKState | None = None
-        if self.info.distributed:
+        if config.fsdp:  # sharded in place: the step module runs as it is, gathering each block in turn
+            shard_fsdp_(self.step_module, model)
+        elif self.info.distributed:
             net = nn.parallel.DistributedDataParallel(self.step_module)
             if config.grad_topk:
                 self.hook = register_topk_hook_(net, config.grad_topk)
@@ -153,15 +165,27 @@ class _Run:
                     tensors[f"residual.{rank}.{name}"] = res
         return tensors
 
+    def _full_states(self) -> tuple[dict[str, Any], Any]:
+        """The modules' and the optimizer's state, gathered whole for process 0 when they are sharded
+        (collective under FSDP)."""
+        if not self.config.fsdp:
+            return dict(self.modules), self.optimizer
+        root = full_state_dict(self.step_module)  # keys "model.<name>", "loss.loss_fn.<name>" (see StepModule)
+        prefixes = {"model": "model.", "loss": "loss.loss_fn."}
+        states = {key: {k[len(prefixes[key]):]: v for k, v in root.items() if k.startswith(prefixes[key])}
+                  for key in self.modules}
+        return states, full_optimizer_state(self.step_module, self.optimizer)
+
     def save(self, path: Path, progress_state: LoopState) -> None:
         tensors = self._rank_tensors()  # collective: every process takes part
+        modules, optimizer = self._full_states()
         if not self.info.is_main:
             return
         _, plain = rng_state()
         extra = {"progress": asdict(progress_state), "config": self.config.to_dict(), "rng": plain,
                  "world_size": self.info.world_size, "comm": self.hook.stats() if self.hook else None,
                  "identity": self.identity}
-        save_checkpoint(path, modules=self.modules, optimizer=self.optimizer, scheduler=self.scheduler,
+        save_checkpoint(path, modules=modules, optimizer=optimizer, scheduler=self.scheduler,
                         extra=extra, extra_tensors=tensors)
         self.wrote = True
 
@@ -254,6 +278,7 @@ def fit(
     if resume and callbacks:
         raise ConfigError("fit cannot resume a run with callbacks: their state (steps counted, masks, random "
                           "draws) is not in the checkpoint, so the resumed run would differ; run without resume")
+    _check_fsdp(config, resume=resume, eval_data=eval_data, callbacks=callbacks)
     # a checkpoint that cannot be written fails now, not after the first epoch
     path = check_output_file(checkpoint) if checkpoint is not None else None
     identity = None
@@ -273,6 +298,19 @@ def fit(
         raise
     comm = run.hook.stats() if run.hook is not None else None
     return FitResult([EpochStats(**h) for h in state.history], state.global_step, comm)
+
+
+def _check_fsdp(config: TrainConfig, *, resume: bool, eval_data: Dataset | None,
+                callbacks: Sequence[Callback]) -> None:
+    """What FSDP training does not do (yet), refused before the model is sharded."""
+    if not config.fsdp:
+        return
+    refused = [(resume, "resume=True (the checkpoint holds the gathered state; fit does not shard it back)"),
+               (eval_data is not None, "eval_data (score the gathered model after fit: full_state_dict)"),
+               (bool(callbacks), "callbacks (pruning methods read and write whole weights; FSDP holds shards)")]
+    for bad, what in refused:
+        if bad:
+            raise ConfigError(f"fit with fsdp=True does not take {what}; drop it, or train with fsdp=False")
 
 
 def _fit_epochs(run: _Run, train_data: Dataset, eval_data: Dataset | None, path: Path | None,
