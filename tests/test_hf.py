@@ -276,3 +276,32 @@ def test_recorded_steps_replay_on_a_fresh_model():
     with torch.no_grad():
         torch.testing.assert_close(_output(fresh.eval(), inputs), _output(model, inputs))
     assert fresh.transformer.h[0].attn.num_heads == 3 and fresh.transformer.h[1].mlp.c_fc.nf == 96
+
+
+def test_a_fresh_process_loads_a_head_pruned_folder(tmp_path):
+    """Loading replays the recorded steps, the attention's among them, whose shrink function is registered when
+    a trace starts: a process that loads a folder before it has traced anything must find it too."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    model, inputs = _bert()
+    masks = unit_masks(model, {"encoder.layer.0.attention": [1]})
+    _oracle(model, inputs, masks, engine=True)
+    save_hf_folder(model, tmp_path / "pruned")
+    with torch.no_grad():
+        save_file({**inputs, "expected": _output(model, inputs).contiguous()}, tmp_path / "io.safetensors")
+    code = (
+        "import sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "from slimtorch.integrations.hf.folders import load_hf_folder\n"
+        "m = load_hf_folder(sys.argv[1]).eval()\n"
+        "io = load_file(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    out = m(input_ids=io['input_ids'], attention_mask=io['attention_mask']).last_hidden_state\n"
+        "torch.testing.assert_close(out, io['expected'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned"), str(tmp_path / "io.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
