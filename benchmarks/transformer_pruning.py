@@ -106,6 +106,8 @@ SETTINGS: dict[str, dict[str, object]] = {
     "heads50-ffn50": {"head_sparsity": 0.5, "ffn_sparsity": 0.5},
     "layers4": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 2},
     "layers3": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 3},
+    # the same, also matching the batch's sentence-to-sentence similarities (what nearest neighbours read)
+    "layers3-sim": {"head_sparsity": 0.0, "ffn_sparsity": 0.0, "drop_layers": 3, "similarity_weight": 10.0},
     "layers4-heads25-ffn25": {"head_sparsity": 0.25, "ffn_sparsity": 0.25, "drop_layers": 2},
     "heads50-ffn50-l1": {"head_sparsity": 0.5, "ffn_sparsity": 0.5, "head_criterion": "l1", "ffn_criterion": "l1"},
     # the plain baseline: L1 scores, the whole sparsity reached in the first 2% of the steps, then distilled

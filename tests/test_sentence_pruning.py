@@ -221,3 +221,37 @@ def test_prune_sentence_command_writes_a_smaller_folder_and_resumes(tiny_sentenc
                                first)
     assert main([*args, "--resume", "--heads", "0.25"]) == 2  # other settings than the work folder's
     assert "other settings" in capsys.readouterr().err
+
+
+def test_the_similarity_term_reads_relations_between_sentences_only():
+    """The batch-similarity loss is zero for the teacher itself and for any rotation of its embeddings (their
+    pairwise cosines are the same), where the embedding terms are not; it is positive for another model."""
+    teacher = _bert()
+    x, y = pack_tokens(_inputs()), torch.arange(4)
+    only_relations = EncoderDistiller(TeacherCache(teacher), weights=DistilWeights(
+        embedding=0.0, cosine=0.0, hidden=0.0, similarity=1.0))
+    assert float(only_relations(copy.deepcopy(teacher), x, y).detach()) == pytest.approx(0.0, abs=1e-6)
+    rotated = copy.deepcopy(teacher)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))  # (32, 32) orthogonal
+    with torch.no_grad():  # the last layer's output LayerNorm, rotated: every token state turns by q
+        norm = rotated.encoder.layer[-1].output.LayerNorm
+        rotated.encoder.layer[-1].output.LayerNorm = torch.nn.Sequential(norm, torch.nn.Linear(32, 32, bias=False))
+        rotated.encoder.layer[-1].output.LayerNorm[1].weight.copy_(q)
+    assert float(only_relations(rotated, x, y).detach()) == pytest.approx(0.0, abs=1e-5)
+    embedding_only = EncoderDistiller(TeacherCache(teacher), weights=DistilWeights(hidden=0.0))
+    assert float(embedding_only(rotated, x, y).detach()) > 0.1
+    other = _bert()
+    torch.nn.init.normal_(other.encoder.layer[-1].output.dense.weight, std=0.5)
+    assert float(only_relations(other, x, y).detach()) > 1e-6  # (random BERTs pool to near-parallel vectors)
+    with pytest.raises(ConfigError, match="similarity"):
+        DistilWeights(similarity=-1.0)
+
+
+def test_the_workflow_passes_the_similarity_weight_and_old_settings_still_read():
+    from slimtorch.recipes.minilm import WorkflowConfig
+
+    cfg = WorkflowConfig(similarity_weight=2.0)
+    assert WorkflowConfig.from_dict(cfg.to_dict()) == cfg
+    assert "similarity_weight" not in WorkflowConfig().to_dict()  # what a run before the field recorded
+    with pytest.raises(ConfigError, match="similarity"):
+        WorkflowConfig(similarity_weight=-0.5)

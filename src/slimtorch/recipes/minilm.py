@@ -79,8 +79,8 @@ class WorkflowConfig:
     whole layers removed first. ``steps`` distillation steps of ``batch_size`` sentences in all; the sparsity
     rises every ``prune_every`` steps until ``prune_until`` of the steps (then the model is compacted and
     distilled on). ``head_criterion`` / ``ffn_criterion``: ``movement``, ``taylor``, ``gradient`` or ``l1``.
-    ``hidden_weight`` / ``attention_weight``: weights of the hidden-state and attention-map losses (the
-    embedding's squared error and cosine weigh 1)."""
+    ``hidden_weight`` / ``attention_weight`` / ``similarity_weight``: weights of the hidden-state, attention-map
+    and batch-similarity losses (the embedding's squared error and cosine weigh 1)."""
 
     head_sparsity: float = 0.5
     ffn_sparsity: float = 0.5
@@ -94,6 +94,7 @@ class WorkflowConfig:
     ffn_criterion: str = "taylor"
     hidden_weight: float = 1.0
     attention_weight: float = 0.0
+    similarity_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,7 +109,8 @@ class WorkflowConfig:
                               f"{self.steps}, {self.batch_size}, {self.prune_every}, {self.drop_layers}, {self.lr}")
         if not 0.0 < self.prune_until <= 1.0:
             raise ConfigError(f"prune_until must be in (0, 1] (a share of the steps), got {self.prune_until}")
-        DistilWeights(hidden=self.hidden_weight, attention=self.attention_weight)  # checks both
+        DistilWeights(hidden=self.hidden_weight, attention=self.attention_weight,
+                      similarity=self.similarity_weight)  # checks all three
 
     @property
     def pruning_steps(self) -> int:
@@ -118,7 +120,12 @@ class WorkflowConfig:
         return max(1, round(self.steps * self.prune_until))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # the settings a run's checkpoint records: a field added since a release is left out at its default,
+        # so that a run started before it existed still resumes
+        if data["similarity_weight"] == 0.0:
+            del data["similarity_weight"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkflowConfig:
@@ -271,8 +278,8 @@ def _loss(cache: TeacherCache | None, cfg: WorkflowConfig, layer_map: Sequence[i
     if cache is None:
         raise ConfigError("the workflow trains with a loss: pass the teacher's cache (distillation of the encoder) "
                           "or a loss factory")
-    return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(hidden=cfg.hidden_weight,
-                                                                              attention=cfg.attention_weight))
+    return EncoderDistiller(cache, layer_map=layer_map, weights=DistilWeights(
+        hidden=cfg.hidden_weight, attention=cfg.attention_weight, similarity=cfg.similarity_weight))
 
 
 def prune_phase_(model: nn.Module, tokens: torch.Tensor, cfg: WorkflowConfig, cache: TeacherCache | None, *,

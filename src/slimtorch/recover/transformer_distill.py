@@ -117,13 +117,16 @@ class DistilWeights:
     error relative to the teacher's, averaged over layers), ``attention`` (squared error of the
     head-averaged attention maps; needs attention maps from the model, 0 turns it off) and ``logits`` (a
     classifier's softened class distribution: :func:`~slimtorch.recover.distill.distill_loss`, KL divergence
-    at a temperature, mixed with the labels' cross-entropy as the distiller's ``alpha`` says)."""
+    at a temperature, mixed with the labels' cross-entropy as the distiller's ``alpha`` says) and ``similarity``
+    (squared error of the batch's sentence-to-sentence cosine similarities: the relations that nearest-neighbour
+    search reads, as in relational distillation, Park et al. 2019)."""
 
     embedding: float = 1.0
     cosine: float = 1.0
     hidden: float = 1.0
     attention: float = 0.0
     logits: float = 0.0
+    similarity: float = 0.0
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
@@ -131,6 +134,16 @@ class DistilWeights:
                 raise ConfigError(f"distillation weight {key!r} must be a number >= 0, got {value!r}")
         if not any(asdict(self).values()):
             raise ConfigError("at least one distillation weight must be > 0")
+
+
+def _similarity_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the two ``(B, D)`` batches' cosine-similarity matrices ``(B, B)``, off the
+    diagonal (a batch of one has no pair: zero)."""
+    s, t = F.normalize(student, dim=1), F.normalize(teacher.to(student.dtype), dim=1)
+    off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)  # (B, B)
+    if not off.any():
+        return s.new_zeros(())
+    return (s @ s.T - t @ t.T)[off].pow(2).mean()
 
 
 def _padded(items: Sequence[torch.Tensor], length: int, *, square: bool = False) -> torch.Tensor:
@@ -209,6 +222,9 @@ class EncoderDistiller:
             relative = (pooled - target).pow(2).sum(dim=1) / target.pow(2).sum(dim=1).clamp_min(1e-9)  # (B,)
             loss = loss + w.embedding * relative.mean()
             loss = loss + w.cosine * (1.0 - F.cosine_similarity(pooled, target, dim=1)).mean()
+        if w.similarity > 0:
+            loss = loss + w.similarity * _similarity_error(mean_pool(out.hidden_states[-1], mask),
+                                                           torch.stack([t["pooled"] for t in targets]))
         if w.hidden > 0:
             loss = loss + w.hidden * self._hidden(out.hidden_states[1:], targets, mask)
         if w.attention > 0:
