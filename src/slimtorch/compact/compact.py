@@ -35,6 +35,7 @@ from slimtorch.compact.rewrites import ShapeFixer
 from slimtorch.compact.surgery import SHRINKS, reusing
 from slimtorch.errors import CompactionError, SlimError, SlimWarning
 from slimtorch.graph.live import BlockMode, BlockOps
+from slimtorch.graph.rules import TRACE_PREPARERS
 from slimtorch.graph.run import call_model, collector_paused, run_state, substituted, temporary_mode
 from slimtorch.masks import COMPACTION_ATTR, canonical_masks, is_masked, mask_factor, remove_masks_
 
@@ -111,6 +112,8 @@ def _keeps(change: dict[str, Any]) -> dict[str, torch.Tensor]:
 def replay_(model: nn.Module, steps: list[dict[str, Any]]) -> list[Any]:
     """Apply recorded compaction steps (:meth:`CompactionPlan.to_dict`) to ``model``'s shapes: the
     surgery and the call rewrites, not the values (a checkpoint loads those). Returns hook handles."""
+    for prepare in TRACE_PREPARERS:  # integrations register their shrink functions here, as when a trace starts:
+        prepare(model)               # a process may load a compacted model before it has traced anything
     handles: list[Any] = []
     for step in steps:
         for name, change in step["modules"].items():

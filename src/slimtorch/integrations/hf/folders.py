@@ -46,7 +46,6 @@ from slimtorch.container import Kind, inspect_tensors, read_description, read_js
 from slimtorch.errors import CheckpointError, SlimError, SlimWarning
 from slimtorch.integrations.hf.compaction import CONFIG_KEY, BlockPlan, shrink_block_
 from slimtorch.integrations.hf.configs import ABSENT, BEFORE_KEY
-from slimtorch.integrations.hf.rules import register_model_attention
 from slimtorch.integrations.hf.units import find_blocks
 from slimtorch.masks import COMPACTION_ATTR, is_masked, without_masks
 
@@ -333,9 +332,6 @@ def _shrinking_class(model_class: type[nn.Module], recorded: tuple[list[dict], d
             model_class.__init__(self, config, *args)
         finally:
             _set_keys(config, compacted)
-        # the attention classes' shrink functions are registered when a trace starts; a process that loads a
-        # folder without having traced anything needs them registered here
-        register_model_attention(self)
         try:
             with torch.device("cpu"):  # (the keep indices are read: from_pretrained may build the model on meta)
                 replay_(self, steps)
