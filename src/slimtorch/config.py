@@ -46,6 +46,7 @@ __all__ = [
     "parse_config_list",
     "parse_yaml",
     "read_yaml",
+    "recorded_fields",
 ]
 
 #: Named granularities (the unit that is kept or pruned as a whole). Besides these, ``"N:M"`` strings
@@ -415,6 +416,22 @@ def check_fields(cls: type, data: Mapping[str, Any], *, what: str) -> None:
     unknown = sorted(k for k in data if k not in allowed)
     if unknown:
         raise ConfigError(f"unknown {what} key(s) {unknown}; allowed keys: {allowed}")
+
+
+def recorded_fields(config: Any, added: Mapping[str, Any]) -> dict[str, Any]:
+    """The config dataclass ``config`` as a plain dict, as a run's checkpoint records it, leaving out each
+    field of ``added`` (fields added since a release, with their defaults) that is at its default: a run
+    recorded before the field existed then still matches, and resumes.
+
+        >>> @dataclass
+        ... class C:
+        ...     lr: float = 0.1
+        ...     new: bool = False
+        >>> recorded_fields(C(), {"new": False}), recorded_fields(C(new=True), {"new": False})
+        ({'lr': 0.1}, {'lr': 0.1, 'new': True})
+    """
+    data = dataclasses.asdict(config)
+    return {k: v for k, v in data.items() if k not in added or v != added[k]}
 
 
 def fields_from_dict(cls: type, data: Mapping[str, Any], *, what: str) -> Any:

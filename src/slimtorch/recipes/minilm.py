@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimtorch.config import check_fields, recorded_fields
 from slimtorch.errors import ConfigError
 from slimtorch.integrations.hf.compaction import compact_hf_, format_pruned_heads, unit_masks
 from slimtorch.integrations.hf.importance import UNIT_CRITERIA, UnitScores, choose_units, drop_layers_, layer_influence
@@ -120,18 +121,11 @@ class WorkflowConfig:
         return max(1, round(self.steps * self.prune_until))
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        # the settings a run's checkpoint records: a field added since a release is left out at its default,
-        # so that a run started before it existed still resumes
-        if data["similarity_weight"] == 0.0:
-            del data["similarity_weight"]
-        return data
+        return recorded_fields(self, {"similarity_weight": 0.0})  # (added since the release)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkflowConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown workflow keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
+        check_fields(cls, data, what="workflow")
         return cls(**data)
 
 

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from slimtorch.checks import check_number
-from slimtorch.config import check_fields
+from slimtorch.config import check_fields, recorded_fields
 from slimtorch.errors import ConfigError
 
 __all__ = ["AUGMENTS", "OPTIMIZERS", "SCHEDULES", "TrainConfig"]
@@ -71,13 +71,7 @@ class TrainConfig:
                 raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        # a run's identity (what resume compares) is this dict: fields added since a release are left out at
-        # their default, so that a checkpoint written before they existed still resumes
-        for key, default in _ADDED_SINCE_RELEASE.items():
-            if data[key] == default:
-                del data[key]
-        return data
+        return recorded_fields(self, _ADDED_SINCE_RELEASE)  # (a run's identity: what resume compares)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
